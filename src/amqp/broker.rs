@@ -1,0 +1,265 @@
+//! [`Broker`]: the one handle to RabbitMQ that every part holds.
+//!
+//! It owns the deadpool-lapin pool (publishing connections, named
+//! `switchboard/<instance>/publish`), a small set of confirm-mode channels
+//! shared round-robin by every publisher (confirms pipeline on each channel,
+//! so concurrent publishers never wait for each other's confirms), and opens
+//! dedicated connections for consumers (`switchboard/<instance>/<role>`), so
+//! that the pool never recycles a connection that carries consumers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deadpool_lapin::lapin::{
+    self, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
+use deadpool_lapin::{Pool, PoolConfig, Runtime};
+use tokio::sync::Mutex;
+
+use super::topology;
+use super::wire::{self, Names};
+use crate::error::{Error, Result};
+use crate::settings::AmqpSettings;
+
+/// A message to publish. `mandatory` makes an unroutable message an error
+/// ([`Error::NoRoute`]) instead of a silent drop.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    /// Exchange; `""` is the default exchange.
+    pub exchange: &'a str,
+    /// Routing key.
+    pub routing_key: &'a str,
+    /// Body, untouched.
+    pub payload: &'a [u8],
+    /// Properties (see [`wire`]).
+    pub properties: BasicProperties,
+    /// Whether an unroutable message is an error.
+    pub mandatory: bool,
+}
+
+/// The handle to the broker. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Publishing connections.
+    pool: Pool,
+    /// Where the broker is, for connections and error messages.
+    url: String,
+    /// This process's name on the broker.
+    instance: String,
+    /// Names under the configured prefix.
+    names: Names,
+    /// Handshake timeout: a broker that does not answer is an error, not a hang.
+    connect_timeout: Duration,
+    /// Confirm-mode publishing channels, re-opened when closed.
+    channels: Vec<Mutex<Option<Channel>>>,
+    /// Round-robin cursor over `channels`.
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &redact(&self.inner.url))
+            .field("instance", &self.inner.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// Connects (one publishing connection is opened at once, so an absent
+    /// broker is reported here, naming the URL) and declares the shared
+    /// exchanges.
+    pub async fn connect(settings: &AmqpSettings) -> Result<Self> {
+        let instance = settings.resolved_instance_id();
+        let url = settings.url.clone();
+        let name = wire::connection_name(&instance, "publish");
+        let cfg = deadpool_lapin::Config {
+            url: Some(url.clone()),
+            pool: Some(PoolConfig::new(settings.pool_size)),
+        };
+        let pool = cfg
+            .create_pool(
+                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                Runtime::Tokio1,
+            )
+            .map_err(|e| Error::BrokerUnavailable {
+                url: redact(&url),
+                reason: e.to_string(),
+            })?;
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                pool,
+                url,
+                instance,
+                names: Names::new(settings.prefix.clone()),
+                connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+                channels: (0..settings.publish_channels)
+                    .map(|_| Mutex::new(None))
+                    .collect(),
+                next: AtomicUsize::new(0),
+            }),
+        };
+        let channel = broker.channel().await?;
+        topology::declare_shared(&channel, broker.names()).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(broker)
+    }
+
+    /// Names under the configured prefix.
+    pub fn names(&self) -> &Names {
+        &self.inner.names
+    }
+
+    /// This process's instance id.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// The broker URL with its password hidden, for messages.
+    pub fn url_redacted(&self) -> String {
+        redact(&self.inner.url)
+    }
+
+    /// A fresh channel on a pooled connection (for declarations and short
+    /// work; close it when done).
+    pub async fn channel(&self) -> Result<Channel> {
+        let conn = tokio::time::timeout(self.inner.connect_timeout, self.inner.pool.get())
+            .await
+            .map_err(|_| self.unavailable("no answer within the connect timeout".into()))?
+            .map_err(|e| match e {
+                deadpool_lapin::PoolError::Backend(e) => self.unavailable(e.to_string()),
+                other => self.unavailable(other.to_string()),
+            })?;
+        Ok(conn.create_channel().await?)
+    }
+
+    /// A connection of its own for a long-lived consumer, named
+    /// `switchboard/<instance>/<role>`.
+    pub async fn dedicated_connection(&self, role: &str) -> Result<Connection> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(wire::connection_name(&self.inner.instance, role).into());
+        tokio::time::timeout(
+            self.inner.connect_timeout,
+            Connection::connect(&self.inner.url, props),
+        )
+        .await
+        .map_err(|_| self.unavailable("no answer within the connect timeout".into()))?
+        .map_err(|e| self.unavailable(e.to_string()))
+    }
+
+    /// Publishes and waits for the broker's confirm. A nack is
+    /// [`Error::Nacked`]; a mandatory message that nothing takes is
+    /// [`Error::NoRoute`].
+    pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
+        let channel = self.publish_channel().await?;
+        publish_on(&channel, msg).await
+    }
+
+    /// One of the shared confirm-mode channels, reopened if it was closed.
+    async fn publish_channel(&self) -> Result<Channel> {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.channels.len();
+        let mut slot = self.inner.channels[i].lock().await;
+        if let Some(ch) = slot.as_ref()
+            && ch.status().connected()
+        {
+            return Ok(ch.clone());
+        }
+        let ch = self.channel().await?;
+        // Confirms decide whether a publish is done: never publish without them.
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Whether a publishing connection can be had now.
+    pub async fn is_reachable(&self) -> bool {
+        match self.channel().await {
+            Ok(ch) => {
+                let _ = ch.close(200, "probe".into()).await;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn unavailable(&self, reason: String) -> Error {
+        Error::BrokerUnavailable {
+            url: redact(&self.inner.url),
+            reason,
+        }
+    }
+
+    /// Closes the publishing channels and the pool.
+    pub async fn close(&self) {
+        for slot in &self.inner.channels {
+            if let Some(ch) = slot.lock().await.take() {
+                let _ = ch.close(200, "shutdown".into()).await;
+            }
+        }
+        self.inner.pool.close();
+    }
+}
+
+/// Publishes `msg` on `channel` (which must be in confirm mode) and waits for
+/// the confirm.
+pub async fn publish_on(channel: &Channel, msg: Outgoing<'_>) -> Result<()> {
+    let confirm = channel
+        .basic_publish(
+            msg.exchange.into(),
+            msg.routing_key.into(),
+            BasicPublishOptions {
+                mandatory: msg.mandatory,
+                immediate: false,
+            },
+            msg.payload,
+            msg.properties,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(Error::NoRoute {
+            exchange: msg.exchange.to_owned(),
+            routing_key: msg.routing_key.to_owned(),
+        }),
+        Confirmation::Nack(_) => Err(Error::Nacked),
+    }
+}
+
+/// The URL with any password replaced by `***`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Shorthand used by the parts for lapin errors they pass on.
+pub type LapinError = lapin::Error;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_the_password() {
+        assert_eq!(
+            super::redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            super::redact("amqp://127.0.0.1:5672"),
+            "amqp://127.0.0.1:5672"
+        );
+    }
+}

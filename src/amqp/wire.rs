@@ -1,0 +1,306 @@
+//! The wire conventions of DESIGN.md in one place: every exchange and queue
+//! name, header, property and status mapping. Nothing else in the crate
+//! spells a queue name or a header by hand.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_lapin::lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+/// Header carrying a reply's HTTP-style status (200 when absent).
+pub const HEADER_STATUS: &str = "x-status";
+/// Header carrying the W3C trace context.
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// Header carrying the call's absolute deadline in ms since the Unix epoch,
+/// so a worker can tell that a request is stale even when the broker has not
+/// dropped it yet (`expiration` is relative to enqueueing, and the AMQP
+/// `timestamp` only has whole seconds).
+pub const HEADER_DEADLINE: &str = "x-sb-deadline-ms";
+/// RabbitMQ's pseudo-queue for direct reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Default content type of a request.
+pub const CONTENT_JSON: &str = "application/json";
+/// Content type of error replies (RFC 9457).
+pub const CONTENT_PROBLEM: &str = "application/problem+json";
+/// Content type of events (CloudEvents structured mode).
+pub const CONTENT_CLOUDEVENTS: &str = "application/cloudevents+json";
+/// `app_id` on every message switchboard publishes.
+pub const APP_ID: &str = "switchboard";
+/// `delivery_mode` of a persistent message.
+pub const PERSISTENT: u8 = 2;
+
+/// The names of everything switchboard declares, under one prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names under `prefix` (`amqp.prefix`, `sb` by default).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// `<p>.requests`: direct exchange, routing key = service name.
+    pub fn requests_exchange(&self) -> String {
+        format!("{}.requests", self.prefix)
+    }
+    /// `<p>.svc.<service>`: the service's work queue.
+    pub fn service_queue(&self, service: &str) -> String {
+        format!("{}.svc.{service}", self.prefix)
+    }
+    /// `<p>.dead`: direct exchange for dead letters, routing key = service.
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    /// `<p>.svc.<service>.dead`: the service's dead letters.
+    pub fn dead_queue(&self, service: &str) -> String {
+        format!("{}.svc.{service}.dead", self.prefix)
+    }
+    /// `<p>.events`: fanout exchange for broadcast.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    /// `<p>.reply.<instance>`: replies for one instance.
+    pub fn reply_queue(&self, instance: &str) -> String {
+        format!("{}.reply.{instance}", self.prefix)
+    }
+    /// `<p>.sub.<name>`: a named, durable event subscription.
+    pub fn subscriber_queue(&self, name: &str) -> String {
+        format!("{}.sub.{name}", self.prefix)
+    }
+}
+
+/// `switchboard/<instance>/<role>`: the connection name operators see.
+pub fn connection_name(instance: &str, role: &str) -> String {
+    format!("switchboard/{instance}/{role}")
+}
+
+/// Consumer tag naming the instance and what it consumes.
+pub fn consumer_tag(instance: &str, what: &str) -> String {
+    format!(
+        "switchboard/{instance}/{what}/{}",
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What a caller publishes as a request.
+#[derive(Debug, Clone)]
+pub struct RequestMeta<'a> {
+    /// The service (the `type` property).
+    pub service: &'a str,
+    /// The call id.
+    pub correlation_id: &'a str,
+    /// Idempotency key; the call id when absent.
+    pub message_id: Option<&'a str>,
+    /// Reply destination; `None` when no reply is wanted.
+    pub reply_to: Option<&'a str>,
+    /// The payload's content type.
+    pub content_type: &'a str,
+    /// Time left until the call's deadline.
+    pub timeout: Option<Duration>,
+    /// W3C trace context.
+    pub traceparent: Option<&'a str>,
+}
+
+/// The AMQP properties of a request (DESIGN.md, "Request").
+pub fn request_properties(meta: &RequestMeta<'_>, persistent: bool) -> BasicProperties {
+    let now = now_ms();
+    let mut headers = FieldTable::default();
+    if let Some(tp) = meta.traceparent {
+        headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+    }
+    let mut props = BasicProperties::default()
+        .with_content_type(meta.content_type.into())
+        .with_correlation_id(meta.correlation_id.into())
+        .with_message_id(meta.message_id.unwrap_or(meta.correlation_id).into())
+        .with_type(meta.service.into())
+        .with_app_id(APP_ID.into())
+        .with_timestamp(now / 1000)
+        .with_delivery_mode(if persistent { PERSISTENT } else { 1 });
+    if let Some(reply_to) = meta.reply_to {
+        props = props.with_reply_to(reply_to.into());
+    }
+    if let Some(timeout) = meta.timeout {
+        let ms = timeout.as_millis().max(1) as u64;
+        props = props.with_expiration(ms.to_string().into());
+        headers.insert(
+            HEADER_DEADLINE.into(),
+            AMQPValue::LongLongInt((now + ms) as i64),
+        );
+    }
+    props.with_headers(headers)
+}
+
+/// The AMQP properties of a reply (DESIGN.md, "Reply").
+pub fn reply_properties(
+    correlation_id: Option<&ShortString>,
+    status: u16,
+    content_type: &str,
+    traceparent: Option<&str>,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_STATUS.into(), AMQPValue::ShortInt(status as i16));
+    if let Some(tp) = traceparent {
+        headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+    }
+    let mut props = BasicProperties::default()
+        .with_content_type(content_type.into())
+        .with_app_id(APP_ID.into())
+        .with_timestamp(now_ms() / 1000)
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(headers);
+    if let Some(id) = correlation_id {
+        props = props.with_correlation_id(id.clone());
+    }
+    props
+}
+
+/// A header as text, when it is a string of some kind.
+pub fn header_str<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a str> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// A header as an integer, when it is a number or a decimal string.
+pub fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Why a reply's status could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed x-status header")]
+pub struct MalformedStatus;
+
+/// The reply status: `x-status`, 200 when absent; a value that is not an
+/// integer from 100 to 599 is malformed.
+pub fn reply_status(props: &BasicProperties) -> Result<u16, MalformedStatus> {
+    let present = props
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.contains_key(HEADER_STATUS));
+    if !present {
+        return Ok(200);
+    }
+    match header_int(props, HEADER_STATUS) {
+        Some(s) if (100..=599).contains(&s) => Ok(s as u16),
+        _ => Err(MalformedStatus),
+    }
+}
+
+/// Whether a request is past its deadline: the `x-sb-deadline-ms` header,
+/// else `timestamp` (seconds) plus `expiration` (ms).
+pub fn is_expired(props: &BasicProperties, now_ms: u64) -> bool {
+    if let Some(deadline) = header_int(props, HEADER_DEADLINE) {
+        return deadline >= 0 && (deadline as u64) < now_ms;
+    }
+    let ttl = props
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok());
+    match (props.timestamp(), ttl) {
+        (Some(ts), Some(ttl)) => ts.saturating_mul(1000).saturating_add(ttl) + 999 < now_ms,
+        _ => false,
+    }
+}
+
+/// The content type of a message, `application/octet-stream` when absent.
+pub fn content_type(props: &BasicProperties) -> &str {
+    props
+        .content_type()
+        .as_ref()
+        .map(|c| c.as_str())
+        .unwrap_or("application/octet-stream")
+}
+
+/// A problem+json body (RFC 9457).
+pub fn problem_body(status: u16, title: &str, detail: Option<&str>) -> Vec<u8> {
+    let mut doc = serde_json::json!({"type": "about:blank", "status": status, "title": title});
+    if let Some(d) = detail {
+        doc["detail"] = serde_json::Value::String(d.to_owned());
+    }
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let n = Names::new("sb");
+        assert_eq!(n.requests_exchange(), "sb.requests");
+        assert_eq!(n.service_queue("echo"), "sb.svc.echo");
+        assert_eq!(n.dead_exchange(), "sb.dead");
+        assert_eq!(n.dead_queue("echo"), "sb.svc.echo.dead");
+        assert_eq!(n.events_exchange(), "sb.events");
+        assert_eq!(n.reply_queue("host1"), "sb.reply.host1");
+    }
+
+    #[test]
+    fn status_is_200_when_absent_and_malformed_when_out_of_range() {
+        assert_eq!(reply_status(&BasicProperties::default()), Ok(200));
+        let p = reply_properties(None, 404, CONTENT_PROBLEM, None);
+        assert_eq!(reply_status(&p), Ok(404));
+        let mut h = FieldTable::default();
+        h.insert(HEADER_STATUS.into(), AMQPValue::LongString("abc".into()));
+        let p = BasicProperties::default().with_headers(h);
+        assert_eq!(reply_status(&p), Err(MalformedStatus));
+        let mut h = FieldTable::default();
+        h.insert(HEADER_STATUS.into(), AMQPValue::LongInt(7000));
+        let p = BasicProperties::default().with_headers(h);
+        assert_eq!(reply_status(&p), Err(MalformedStatus));
+        let mut h = FieldTable::default();
+        h.insert(HEADER_STATUS.into(), AMQPValue::LongString("503".into()));
+        let p = BasicProperties::default().with_headers(h);
+        assert_eq!(reply_status(&p), Ok(503));
+    }
+
+    #[test]
+    fn expiry_uses_the_deadline_header() {
+        let meta = RequestMeta {
+            service: "s",
+            correlation_id: "c",
+            message_id: None,
+            reply_to: None,
+            content_type: CONTENT_JSON,
+            timeout: Some(Duration::from_millis(100)),
+            traceparent: None,
+        };
+        let p = request_properties(&meta, true);
+        let now = now_ms();
+        assert!(!is_expired(&p, now));
+        assert!(is_expired(&p, now + 10_000));
+        assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("c"));
+    }
+}

@@ -1,0 +1,203 @@
+//! The command line: `serve`, `call`, `publish`, `tail`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use switchboard::amqp::Broker;
+use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
+use switchboard::rpc::{Call, RpcClient, RpcOptions};
+use switchboard::settings::{ReplyMode, Settings};
+use switchboard::{Error, app, telemetry};
+
+/// switchboard: synchronous calls, asynchronous messaging and everything in
+/// between, over RabbitMQ.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Settings file (TOML) over the defaults; SWITCHBOARD__SECTION__KEY
+    /// environment variables override both.
+    #[arg(long, global = true, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the workers of every configured service that has a handler.
+    Serve,
+    /// Call a service and print its reply; exits 1 on an error status, 2 on
+    /// a failure (timeout, no such service, broker unreachable).
+    Call {
+        /// The service's name.
+        service: String,
+        /// The payload (JSON by default; see --content-type).
+        payload: String,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Content type of the payload.
+        #[arg(long, default_value = "application/json")]
+        content_type: String,
+    },
+    /// Publish a CloudEvent of TYPE with JSON DATA to the events exchange.
+    Publish {
+        /// The event type, e.g. `orders.created`.
+        r#type: String,
+        /// The event's data, as JSON.
+        data: String,
+        /// The event's subject.
+        #[arg(long)]
+        subject: Option<String>,
+        /// The event's source.
+        #[arg(long, default_value = "switchboard-cli")]
+        source: String,
+    },
+    /// Print events as they arrive, one JSON line each.
+    Tail {
+        /// Only events whose type starts with this.
+        #[arg(long = "type")]
+        type_prefix: Option<String>,
+        /// Subscribe durably under this name: events published while away wait.
+        #[arg(long)]
+        durable: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+/// Entry point: parse, load settings, run on the actix runtime.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.log);
+    let system = actix::System::new();
+    system.block_on(run(cli.command, settings))
+}
+
+async fn run(command: Command, settings: Settings) -> ExitCode {
+    let result = match command {
+        Command::Serve => app::serve(settings, app::shutdown_signal())
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Call {
+            service,
+            payload,
+            timeout,
+            content_type,
+        } => call(settings, service, payload, timeout, content_type).await,
+        Command::Publish {
+            r#type,
+            data,
+            subject,
+            source,
+        } => publish(settings, r#type, data, subject, source).await,
+        Command::Tail {
+            type_prefix,
+            durable,
+            count,
+        } => tail(settings, type_prefix, durable, count).await,
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("switchboard: {e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn call(
+    settings: Settings,
+    service: String,
+    payload: String,
+    timeout: f64,
+    content_type: String,
+) -> Result<ExitCode, Error> {
+    if !(timeout.is_finite() && timeout > 0.0) {
+        eprintln!("switchboard: --timeout must be a positive number of seconds");
+        return Ok(ExitCode::from(2));
+    }
+    let broker = Broker::connect(&settings.amqp).await?;
+    // A one-shot caller uses direct reply-to: no reply queue is left behind,
+    // and it never shares the serving process's reply queue.
+    let mut options = RpcOptions::from(&settings.rpc);
+    options.reply_mode = ReplyMode::Direct;
+    let client = RpcClient::start(&broker, options).await?;
+    let call = Call::new(service, payload.into_bytes())
+        .content_type(content_type)
+        .timeout(Duration::from_secs_f64(timeout));
+    let reply = client.call(call).await?;
+    println!("{}", reply.body_text());
+    if reply.is_error() {
+        eprintln!("switchboard: the service answered {}", reply.status);
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn publish(
+    settings: Settings,
+    ty: String,
+    data: String,
+    subject: Option<String>,
+    source: String,
+) -> Result<ExitCode, Error> {
+    let data: serde_json::Value = match serde_json::from_str(&data) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("switchboard: DATA is not JSON: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let broker = Broker::connect(&settings.amqp).await?;
+    let mut event = CloudEvent::new(ty, source, data);
+    event.subject = subject;
+    events::publish(&broker, &event).await?;
+    println!("{}", event.id);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn tail(
+    settings: Settings,
+    type_prefix: Option<String>,
+    durable: Option<String>,
+    count: Option<u64>,
+) -> Result<ExitCode, Error> {
+    let broker = Broker::connect(&settings.amqp).await?;
+    let mut sub = Subscription::start(
+        &broker,
+        SubscribeOptions {
+            durable_name: durable,
+            type_prefix,
+        },
+    )
+    .await?;
+    let mut seen = 0u64;
+    let stop = app::shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+        tokio::select! {
+            _ = &mut stop => break,
+            next = sub.recv() => match next {
+                Some(Ok(event)) => {
+                    seen += 1;
+                    println!("{}", serde_json::to_string(&event).unwrap_or_default());
+                }
+                Some(Err(e)) => return Err(e),
+                None => break,
+            },
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

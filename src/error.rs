@@ -1,0 +1,80 @@
+//! The library's error type: one enum, each kind saying whether a retry may
+//! succeed ([`Error::is_recoverable`]).
+
+use std::time::Duration;
+
+use deadpool_lapin::lapin;
+
+/// Everything the library can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker could not be reached at start-up or when a connection was
+    /// needed. `url` has its password hidden.
+    #[error(
+        "cannot reach RabbitMQ at {url}: {reason}. Start one (`rabbitmq-server -detached`, or `docker compose -f docker/compose.yml up rabbitmq`) or set SWITCHBOARD__AMQP__URL"
+    )]
+    BrokerUnavailable {
+        /// Where we looked.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An AMQP operation failed (channel or connection closed, refused...).
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// A publish was mandatory and nothing was bound to take it.
+    #[error("nothing is bound to take a message to exchange {exchange:?} with key {routing_key:?}")]
+    NoRoute {
+        /// The exchange published to.
+        exchange: String,
+        /// The routing key used.
+        routing_key: String,
+    },
+    /// The broker nacked a publish: it did not take responsibility for it.
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    /// No reply came before the call's deadline.
+    #[error("call {call_id} got no reply within {timeout:?}")]
+    Timeout {
+        /// The call's correlation id.
+        call_id: String,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// Too many calls are pending; try later.
+    #[error("too many calls are pending (limit {limit})")]
+    Overloaded {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// A call id is already pending (a caller reused a correlation id).
+    #[error("call id {0} is already pending")]
+    DuplicateCall(String),
+    /// The actor that routes replies has stopped.
+    #[error("the reply router has stopped")]
+    RouterStopped,
+    /// A message could not be decoded.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A setting is wrong.
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
+}
+
+impl Error {
+    /// Whether trying again later may succeed.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(
+            self,
+            Error::BrokerUnavailable { .. }
+                | Error::Amqp(_)
+                | Error::Nacked
+                | Error::Timeout { .. }
+                | Error::Overloaded { .. }
+        )
+    }
+}
+
+/// Result with the library's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

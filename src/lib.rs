@@ -1,0 +1,28 @@
+//! switchboard: every interaction style between synchronous and
+//! asynchronous, over RabbitMQ.
+//!
+//! Actix actors consume AMQP work queues and run handlers ([`worker`]); an
+//! RPC client emulates request/response with correlation ids and reply
+//! queues ([`rpc`]); a fanout exchange broadcasts CloudEvents ([`events`]).
+//! The wire conventions of DESIGN.md live in [`amqp::wire`].
+//!
+//! # Layout
+//! - [`settings`]: typed settings (defaults, file, environment).
+//! - [`amqp`]: the broker face (pool, topology, confirmed publishing, wire conventions).
+//! - [`worker`]: the worker actor and the handler API.
+//! - [`rpc`]: the RPC client and its reply-router actor.
+//! - [`events`]: CloudEvents broadcast and subscription.
+//! - [`app`]: `serve`: the workers of the configured services.
+//! - [`telemetry`]: logging and trace context.
+//! - [`error`]: the library's error type.
+
+pub mod amqp;
+pub mod app;
+pub mod error;
+pub mod events;
+pub mod rpc;
+pub mod settings;
+pub mod telemetry;
+pub mod worker;
+
+pub use error::{Error, Result};

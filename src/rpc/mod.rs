@@ -1,0 +1,334 @@
+//! The RPC client: synchronous request/response emulated over asynchronous
+//! messaging, with correlation ids and a reply queue.
+//!
+//! [`RpcClient::send`] registers the call with the [`ReplyRouter`] actor
+//! (which owns every pending call, bounded by `rpc.max_pending`), publishes
+//! the request with a publisher confirm and returns a [`PendingReply`];
+//! awaiting it gives the reply or a timeout at the call's deadline. Replies
+//! come back either on the instance's durable reply queue (default) or by
+//! RabbitMQ direct reply-to (opt-in).
+//!
+//! # Layout
+//! - [`router`]: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
+//! - this file: [`RpcClient`], [`Call`], [`PendingReply`].
+
+pub mod router;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use deadpool_lapin::lapin::{
+    Channel, Connection,
+    options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
+    types::FieldTable,
+};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+pub use router::{ReplyRouter, RpcStats};
+
+use crate::amqp::{Broker, Outgoing, broker::publish_on, topology, wire};
+use crate::error::{Error, Result};
+use crate::settings::{ReplyMode, RpcSettings};
+use crate::worker::Reply;
+use router::{Forget, Register};
+
+/// One call to make.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The service to call.
+    pub service: String,
+    /// The payload, passed through untouched.
+    pub payload: Bytes,
+    /// Its content type.
+    pub content_type: String,
+    /// The call id; a new UUID when `None`.
+    pub call_id: Option<String>,
+    /// Idempotency key sent as `message_id`; the call id when `None`.
+    pub message_id: Option<String>,
+    /// Deadline; the client's default when `None`.
+    pub timeout: Option<Duration>,
+    /// W3C trace context to pass on; a new one when `None`.
+    pub traceparent: Option<String>,
+}
+
+impl Call {
+    /// A call of `service` with a JSON payload.
+    pub fn new(service: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            service: service.into(),
+            payload: payload.into(),
+            content_type: wire::CONTENT_JSON.into(),
+            call_id: None,
+            message_id: None,
+            timeout: None,
+            traceparent: None,
+        }
+    }
+
+    /// Sets the content type.
+    pub fn content_type(mut self, ct: impl Into<String>) -> Self {
+        self.content_type = ct.into();
+        self
+    }
+
+    /// Sets the deadline.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the call id.
+    pub fn call_id(mut self, id: impl Into<String>) -> Self {
+        self.call_id = Some(id.into());
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Sets the trace context.
+    pub fn traceparent(mut self, tp: impl Into<String>) -> Self {
+        self.traceparent = Some(tp.into());
+        self
+    }
+}
+
+/// Options of an [`RpcClient`] beyond the settings.
+#[derive(Debug, Clone)]
+pub struct RpcOptions {
+    /// Reply queue or direct reply-to.
+    pub reply_mode: ReplyMode,
+    /// Bound on pending calls.
+    pub max_pending: usize,
+    /// Deadline of calls that name none.
+    pub default_timeout: Duration,
+    /// Persistent requests (`safe`, the default) or transient (`fast`).
+    pub persistent: bool,
+}
+
+impl From<&RpcSettings> for RpcOptions {
+    fn from(s: &RpcSettings) -> Self {
+        Self {
+            reply_mode: s.reply_mode,
+            max_pending: s.max_pending,
+            default_timeout: s.default_timeout(),
+            persistent: true,
+        }
+    }
+}
+
+/// The RPC client. Cheap to clone; all clones share one router.
+#[derive(Clone)]
+pub struct RpcClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Broker,
+    router: Addr<ReplyRouter>,
+    /// The `reply_to` of every request.
+    reply_to: String,
+    /// Direct reply-to only: requests must be published on the channel that
+    /// consumes `amq.rabbitmq.reply-to`, or the broker refuses them.
+    direct_channel: Option<Channel>,
+    options: RpcOptions,
+    stats: Arc<RpcStats>,
+    /// The connection carrying the reply consumer, kept open while the client lives.
+    _conn: Connection,
+}
+
+impl RpcClient {
+    /// Starts the client: a dedicated connection (`switchboard/<instance>/rpc`),
+    /// the reply consumer, and the router actor.
+    pub async fn start(broker: &Broker, options: RpcOptions) -> Result<Self> {
+        let conn = broker.dedicated_connection("rpc").await?;
+        let channel = conn.create_channel().await?;
+        let (queue, no_ack, reply_to) = match options.reply_mode {
+            ReplyMode::Queue => {
+                let q =
+                    topology::declare_reply_queue(&channel, broker.names(), broker.instance_id())
+                        .await?;
+                // Bounds the replies in this process's memory that are not yet acked.
+                channel
+                    .basic_qos(4096, BasicQosOptions { global: false })
+                    .await?;
+                (q.clone(), false, q)
+            }
+            ReplyMode::Direct => {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                let q = wire::DIRECT_REPLY_TO.to_owned();
+                // Direct reply-to requires no-ack consumption.
+                (q.clone(), true, q)
+            }
+        };
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                wire::consumer_tag(broker.instance_id(), "replies").into(),
+                BasicConsumeOptions {
+                    no_local: false,
+                    no_ack,
+                    // One instance owns its reply queue.
+                    exclusive: false,
+                    nowait: false,
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let stats = Arc::new(RpcStats::default());
+        let router = ReplyRouter::start_with(
+            consumer,
+            channel.clone(),
+            no_ack,
+            options.max_pending,
+            stats.clone(),
+        );
+        let direct_channel = (options.reply_mode == ReplyMode::Direct).then_some(channel);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                broker: broker.clone(),
+                router,
+                reply_to,
+                direct_channel,
+                options,
+                stats,
+                _conn: conn,
+            }),
+        })
+    }
+
+    /// Counters: pending, late, unknown, malformed replies.
+    pub fn stats(&self) -> &RpcStats {
+        &self.inner.stats
+    }
+
+    /// The `reply_to` this client puts on its requests.
+    pub fn reply_to(&self) -> &str {
+        &self.inner.reply_to
+    }
+
+    /// Calls and waits for the reply (or the deadline).
+    pub async fn call(&self, call: Call) -> Result<Reply> {
+        self.send(call).await?.wait().await
+    }
+
+    /// Publishes the call (confirmed) and returns the reply to await.
+    pub async fn send(&self, call: Call) -> Result<PendingReply> {
+        let inner = &self.inner;
+        let call_id = call
+            .call_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = oneshot::channel();
+        inner
+            .router
+            .send(Register {
+                id: call_id.clone(),
+                deadline,
+                tx,
+            })
+            .await
+            .map_err(|_| Error::RouterStopped)??;
+        let pending = PendingReply {
+            call_id,
+            rx: Some(rx),
+            deadline,
+            timeout,
+            router: inner.router.clone(),
+        };
+        let traceparent = call
+            .traceparent
+            .clone()
+            .unwrap_or_else(crate::telemetry::new_traceparent);
+        let meta = wire::RequestMeta {
+            service: &call.service,
+            correlation_id: &pending.call_id,
+            message_id: call.message_id.as_deref(),
+            reply_to: Some(&inner.reply_to),
+            content_type: &call.content_type,
+            timeout: Some(timeout),
+            traceparent: Some(&traceparent),
+        };
+        let exchange = inner.broker.names().requests_exchange();
+        let msg = Outgoing {
+            exchange: &exchange,
+            routing_key: &call.service,
+            payload: &call.payload,
+            properties: wire::request_properties(&meta, inner.options.persistent),
+            mandatory: true,
+        };
+        // `pending` unregisters itself if the publish fails (Drop).
+        match &inner.direct_channel {
+            Some(ch) => publish_on(ch, msg).await?,
+            None => inner.broker.publish(msg).await?,
+        }
+        Ok(pending)
+    }
+}
+
+/// A published call whose reply is awaited. Dropping it unregisters the
+/// call, so an abandoned call never leaks an entry.
+pub struct PendingReply {
+    call_id: String,
+    rx: Option<oneshot::Receiver<Reply>>,
+    deadline: Instant,
+    timeout: Duration,
+    router: Addr<ReplyRouter>,
+}
+
+impl PendingReply {
+    /// The call id (the request's `correlation_id`).
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// When the call's deadline passes.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Waits for the reply until the deadline.
+    pub async fn wait(mut self) -> Result<Reply> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(Error::RouterStopped);
+        };
+        match tokio::time::timeout_at(self.deadline, rx).await {
+            Ok(Ok(reply)) => {
+                self.rx = None;
+                Ok(reply)
+            }
+            Ok(Err(_)) => {
+                self.rx = None;
+                // The router dropped the waiter: its deadline sweep or a stop.
+                Err(Error::Timeout {
+                    call_id: self.call_id.clone(),
+                    timeout: self.timeout,
+                })
+            }
+            Err(_) => Err(Error::Timeout {
+                call_id: self.call_id.clone(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        if self.rx.is_some() {
+            self.router.do_send(Forget {
+                id: std::mem::take(&mut self.call_id),
+            });
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! [`ReplyRouter`]: the actor that owns the pending calls of one RPC client
+//! (correlation id to waiter), their deadlines, and the reply consumer.
+//!
+//! A reply with no, a malformed or an unknown correlation id is dropped and
+//! counted; a reply for a call whose deadline passed is counted as late.
+//! Nothing a peer sends can make the map grow: entries are added only by
+//! [`Register`] (bounded by `max_pending`) and removed by the reply, by
+//! [`Forget`] (the caller gave up) or by the deadline sweep.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use deadpool_lapin::lapin::{self, Channel, Consumer, message::Delivery, options::BasicAckOptions};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::amqp::wire;
+use crate::error::Error;
+use crate::worker::Reply;
+
+/// How many recently forgotten call ids are remembered to tell a late reply
+/// from an unknown one. Bounded: it is only for counting.
+const RECENT_FORGOTTEN: usize = 4096;
+
+/// Counters of one RPC client.
+#[derive(Debug, Default)]
+pub struct RpcStats {
+    /// Calls waiting for a reply now.
+    pub pending: AtomicU64,
+    /// Replies routed to their caller.
+    pub routed: AtomicU64,
+    /// Replies for calls whose caller had given up (deadline passed).
+    pub late: AtomicU64,
+    /// Replies whose correlation id matches no call.
+    pub unknown: AtomicU64,
+    /// Replies without a usable correlation id.
+    pub malformed: AtomicU64,
+    /// Calls that reached their deadline without a reply.
+    pub timed_out: AtomicU64,
+}
+
+impl RpcStats {
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+    /// Replies dropped as late, unknown or malformed.
+    pub fn dropped(&self) -> u64 {
+        Self::get(&self.late) + Self::get(&self.unknown) + Self::get(&self.malformed)
+    }
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Reply>,
+    deadline: Instant,
+}
+
+/// The actor routing replies to waiting callers.
+pub struct ReplyRouter {
+    pending: HashMap<String, Waiter>,
+    max_pending: usize,
+    /// Ids whose caller gave up recently, oldest first (for the `late` count).
+    forgotten: VecDeque<String>,
+    forgotten_set: HashSet<String>,
+    /// Whether the consumer is no-ack (direct reply-to) or must ack.
+    no_ack: bool,
+    stats: std::sync::Arc<RpcStats>,
+    /// The consumer's channel, kept open while the router lives.
+    _channel: Channel,
+}
+
+impl ReplyRouter {
+    /// Starts the router on the current arbiter, consuming `consumer`.
+    pub fn start_with(
+        consumer: Consumer,
+        channel: Channel,
+        no_ack: bool,
+        max_pending: usize,
+        stats: std::sync::Arc<RpcStats>,
+    ) -> Addr<Self> {
+        ReplyRouter::create(move |ctx| {
+            ctx.add_stream(consumer);
+            ReplyRouter {
+                pending: HashMap::new(),
+                max_pending,
+                forgotten: VecDeque::new(),
+                forgotten_set: HashSet::new(),
+                no_ack,
+                stats,
+                _channel: channel,
+            }
+        })
+    }
+
+    fn remember_forgotten(&mut self, id: String) {
+        if self.forgotten.len() >= RECENT_FORGOTTEN
+            && let Some(old) = self.forgotten.pop_front()
+        {
+            self.forgotten_set.remove(&old);
+        }
+        self.forgotten_set.insert(id.clone());
+        self.forgotten.push_back(id);
+    }
+
+    fn set_pending_gauge(&self) {
+        self.stats
+            .pending
+            .store(self.pending.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Removes every waiter whose deadline passed or whose caller is gone.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, w)| w.deadline <= now || w.tx.is_closed())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.pending.remove(&id);
+            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            self.remember_forgotten(id);
+        }
+        self.set_pending_gauge();
+    }
+
+    fn route(&mut self, delivery: &Delivery, body: Bytes) {
+        let props = &delivery.properties;
+        let Some(id) = props.correlation_id().as_ref().map(|c| c.as_str()) else {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            warn!("reply without correlation id dropped");
+            return;
+        };
+        let Some(waiter) = self.pending.remove(id) else {
+            if self.forgotten_set.contains(id) {
+                self.stats.late.fetch_add(1, Ordering::Relaxed);
+                debug!(call_id = id, "late reply dropped");
+            } else {
+                self.stats.unknown.fetch_add(1, Ordering::Relaxed);
+                debug!(call_id = id, "reply for an unknown call dropped");
+            }
+            return;
+        };
+        self.set_pending_gauge();
+        let reply = match wire::reply_status(props) {
+            Ok(status) => Reply {
+                status,
+                content_type: wire::content_type(props).to_owned(),
+                body,
+            },
+            Err(e) => {
+                warn!(call_id = id, "reply with a malformed status");
+                let title = e.to_string();
+                crate::worker::HandlerError::new(502, title).to_reply()
+            }
+        };
+        self.stats.routed.fetch_add(1, Ordering::Relaxed);
+        // The caller may have gone in between; then the reply has nowhere to go.
+        let _ = waiter.tx.send(reply);
+    }
+}
+
+impl Actor for ReplyRouter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Deadlines are enforced by the callers' timers; the sweep catches
+        // callers that vanished without saying so.
+        ctx.run_interval(Duration::from_millis(500), |act, _| act.sweep());
+    }
+}
+
+/// Registers a call before its request is published, so that even the
+/// fastest reply finds its waiter.
+#[derive(Message)]
+#[rtype(result = "Result<(), Error>")]
+pub struct Register {
+    /// The correlation id.
+    pub id: String,
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+    /// Where the reply goes.
+    pub tx: oneshot::Sender<Reply>,
+}
+
+impl Handler<Register> for ReplyRouter {
+    type Result = Result<(), Error>;
+
+    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
+        if self.pending.len() >= self.max_pending {
+            return Err(Error::Overloaded {
+                limit: self.max_pending,
+            });
+        }
+        if self.pending.contains_key(&msg.id) {
+            return Err(Error::DuplicateCall(msg.id));
+        }
+        self.pending.insert(
+            msg.id,
+            Waiter {
+                tx: msg.tx,
+                deadline: msg.deadline,
+            },
+        );
+        self.set_pending_gauge();
+        Ok(())
+    }
+}
+
+/// The caller gave up (deadline, drop, failed publish): forget the call.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forget {
+    /// The correlation id.
+    pub id: String,
+}
+
+impl Handler<Forget> for ReplyRouter {
+    type Result = ();
+
+    fn handle(&mut self, msg: Forget, _: &mut Self::Context) {
+        if self.pending.remove(&msg.id).is_some() {
+            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            self.set_pending_gauge();
+            self.remember_forgotten(msg.id);
+        }
+    }
+}
+
+impl StreamHandler<Result<Delivery, lapin::Error>> for ReplyRouter {
+    fn handle(&mut self, item: Result<Delivery, lapin::Error>, ctx: &mut Self::Context) {
+        let mut delivery = match item {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "reply consumer error");
+                return;
+            }
+        };
+        let body = Bytes::from(std::mem::take(&mut delivery.data));
+        self.route(&delivery, body);
+        if !self.no_ack {
+            let acker = delivery.acker;
+            ctx.spawn(
+                async move {
+                    if let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await {
+                        debug!(error = %e, "reply ack failed; the broker will redeliver it");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        warn!(pending = self.pending.len(), "reply consumer ended");
+    }
+}

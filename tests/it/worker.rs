@@ -1,0 +1,175 @@
+//! Workers: error replies, poison messages, expired requests.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use deadpool_lapin::lapin::options::BasicGetOptions;
+use switchboard::amqp::{Outgoing, wire};
+use switchboard::rpc::{Call, RpcClient, RpcOptions};
+use switchboard::worker::{HandlerError, Reply, Request, Worker};
+
+use crate::common::{ctx, eventually};
+
+#[actix_rt::test]
+async fn a_handler_error_is_a_problem_json_reply_with_its_status() {
+    let c = ctx("err").await;
+    let h = Arc::new(|req: Request| async move {
+        if &req.payload[..] == b"\"missing\"" {
+            Err(HandlerError::new(404, "no such order").with_detail("order 7 does not exist"))
+        } else {
+            Ok(Reply::ok(req.content_type, req.payload))
+        }
+    });
+    let conn = c.broker.dedicated_connection("worker").await.unwrap();
+    Worker::start(&c.broker, &conn, "orders", &c.service(), h)
+        .await
+        .unwrap();
+    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
+        .await
+        .unwrap();
+    let reply = client
+        .call(Call::new("orders", &b"\"missing\""[..]))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.content_type, "application/problem+json");
+    let doc: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(doc["status"], 404);
+    assert_eq!(doc["title"], "no such order");
+    assert_eq!(doc["detail"], "order 7 does not exist");
+    drop(conn);
+    c.cleanup(&["orders"]).await;
+}
+
+#[actix_rt::test]
+async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_worker_keeps_serving() {
+    let c = ctx("poison").await;
+    let attempts = Arc::new(AtomicU64::new(0));
+    let a = attempts.clone();
+    let h = Arc::new(move |req: Request| {
+        let a = a.clone();
+        async move {
+            if &req.payload[..] == b"\"poison\"" {
+                a.fetch_add(1, Ordering::Relaxed);
+                panic!("this request always crashes the handler");
+            }
+            Ok(Reply::ok(req.content_type, req.payload))
+        }
+    });
+    let mut svc = c.service();
+    svc.delivery_limit = 2;
+    let conn = c.broker.dedicated_connection("worker").await.unwrap();
+    let handle = Worker::start(&c.broker, &conn, "fragile", &svc, h)
+        .await
+        .unwrap();
+    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
+        .await
+        .unwrap();
+    let poisoned = client
+        .send(Call::new("fragile", &b"\"poison\""[..]).timeout(Duration::from_secs(60)))
+        .await
+        .unwrap();
+
+    // The request lands in sb.svc.fragile.dead after the delivery limit.
+    let ch = c.broker.channel().await.unwrap();
+    let dead_queue = c.broker.names().dead_queue("fragile");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let got = ch
+            .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if let Some(msg) = got {
+            break msg;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(&dead.delivery.data[..], b"\"poison\"");
+    assert_eq!(
+        dead.delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some(poisoned.call_id())
+    );
+    // Delivered more than once (redelivered), but never looped forever.
+    let n = attempts.load(Ordering::Relaxed);
+    assert!((2..=4).contains(&n), "handler ran {n} times");
+    assert!(handle.stats.requeued.load(Ordering::Relaxed) >= 2);
+
+    // The worker still serves other requests.
+    let reply = client
+        .call(Call::new("fragile", &b"\"fine\""[..]))
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], b"\"fine\"");
+    drop(poisoned);
+    drop(conn);
+    c.cleanup(&["fragile"]).await;
+}
+
+#[actix_rt::test]
+async fn a_request_past_its_deadline_is_not_worked_on() {
+    let c = ctx("expired").await;
+    let ran = Arc::new(AtomicU64::new(0));
+    let r = ran.clone();
+    let h = Arc::new(move |req: Request| {
+        let r = r.clone();
+        async move {
+            r.fetch_add(1, Ordering::Relaxed);
+            Ok(Reply::ok(req.content_type, req.payload))
+        }
+    });
+    let conn = c.broker.dedicated_connection("worker").await.unwrap();
+    let handle = Worker::start(&c.broker, &conn, "late", &c.service(), h)
+        .await
+        .unwrap();
+    // A request whose deadline passed a second ago (as if it waited in the queue).
+    let mut props = wire::request_properties(
+        &wire::RequestMeta {
+            service: "late",
+            correlation_id: "stale-1",
+            message_id: None,
+            reply_to: None,
+            content_type: wire::CONTENT_JSON,
+            timeout: None,
+            traceparent: None,
+        },
+        true,
+    );
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        wire::HEADER_DEADLINE.into(),
+        deadpool_lapin::lapin::types::AMQPValue::LongLongInt((wire::now_ms() - 1000) as i64),
+    );
+    props = props.with_headers(headers);
+    c.broker
+        .publish(Outgoing {
+            exchange: &c.broker.names().requests_exchange(),
+            routing_key: "late",
+            payload: b"{}",
+            properties: props,
+            mandatory: true,
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the stale request is dropped",
+        || async { handle.stats.expired.load(Ordering::Relaxed) == 1 },
+    )
+    .await;
+    assert_eq!(
+        ran.load(Ordering::Relaxed),
+        0,
+        "the handler ran a stale request"
+    );
+    drop(conn);
+    c.cleanup(&["late"]).await;
+}
