@@ -68,6 +68,8 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Measure throughput and latency; one JSON line per measured point.
+    Bench(switchboard::bench::BenchArgs),
 }
 
 /// Entry point: parse, load settings, run on the actix runtime.
@@ -107,6 +109,9 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
             durable,
             count,
         } => tail(settings, type_prefix, durable, count).await,
+        Command::Bench(args) => switchboard::bench::run(settings, args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("switchboard: {e}");

@@ -13,11 +13,13 @@
 //! - [`rpc`]: the RPC client and its reply-router actor.
 //! - [`events`]: CloudEvents broadcast and subscription.
 //! - [`app`]: `serve`: the workers of the configured services.
+//! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
 //! - [`error`]: the library's error type.
 
 pub mod amqp;
 pub mod app;
+pub mod bench;
 pub mod error;
 pub mod events;
 pub mod rpc;
