@@ -57,6 +57,9 @@ pub enum Error {
     /// A message could not be decoded.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The call store failed.
+    #[error("call store: {0}")]
+    Store(String),
     /// A setting is wrong.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),

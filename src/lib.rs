@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`settings`]: typed settings (defaults, file, environment).
+//! - [`calls`]: the call store (SQLite or PostgreSQL) and the status document.
 //! - [`amqp`]: the broker face (pool, topology, confirmed publishing, wire conventions).
 //! - [`worker`]: the worker actor and the handler API.
 //! - [`rpc`]: the RPC client and its reply-router actor.
@@ -20,6 +21,7 @@
 pub mod amqp;
 pub mod app;
 pub mod bench;
+pub mod calls;
 pub mod error;
 pub mod events;
 pub mod rpc;

@@ -29,6 +29,10 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     /// The RPC client: reply mode, bounds, default deadline.
     pub rpc: RpcSettings,
+    /// The HTTP gateway.
+    pub gateway: GatewaySettings,
+    /// Callback delivery.
+    pub callbacks: CallbackSettings,
     /// Log filter and format.
     pub log: LogSettings,
     /// Services by name.
@@ -74,6 +78,71 @@ pub struct RpcSettings {
     pub max_pending: usize,
     /// Deadline of a call that names none, ms.
     pub default_timeout_ms: u64,
+}
+
+/// `[gateway]`: the HTTP face.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// Whether `serve` runs the gateway.
+    pub enabled: bool,
+    /// Listen address.
+    pub bind: String,
+    /// HTTP worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Wait of a POST without `Prefer: wait`, s.
+    pub default_wait_s: u64,
+    /// Cap on every wait, s.
+    pub max_wait_s: u64,
+    /// Largest request body, bytes.
+    pub payload_limit_bytes: usize,
+    /// Call store URL (sqlite or postgres).
+    pub store_url: String,
+    /// Retention of finished calls, s.
+    pub retention_s: u64,
+    /// Base `Retry-After` of pending calls, s.
+    pub retry_after_s: u64,
+    /// Bound on SSE + WebSocket sessions.
+    pub max_streams: usize,
+    /// Events buffered per stream session.
+    pub stream_buffer: usize,
+    /// Heartbeat period of streams, s.
+    pub heartbeat_s: u64,
+    /// Events kept for Last-Event-ID resumption.
+    pub event_history: usize,
+    /// Bearer tokens by caller name.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TokenSettings>,
+}
+
+/// `[gateway.tokens.<caller>]`: one bearer token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// The secret the caller sends as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Services it may call; `["*"]` for all.
+    pub services: Vec<String>,
+}
+
+/// `[callbacks]`: delivery of results to callback URLs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackSettings {
+    /// Standard Webhooks secret (`whsec_...`); empty disables callbacks.
+    pub secret: String,
+    /// Attempts before a dead letter.
+    pub max_attempts: u32,
+    /// First retry delay, ms.
+    pub initial_backoff_ms: u64,
+    /// Cap on the retry delay, ms.
+    pub max_backoff_ms: u64,
+    /// Timeout of one attempt, ms.
+    pub timeout_ms: u64,
+    /// Allow loopback/private/link-local targets.
+    pub allow_private: bool,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
 }
 
 /// Log output format.
@@ -136,6 +205,9 @@ pub struct ServiceSettings {
     /// The service's deadline for a call, ms.
     #[serde(default = "defaults::timeout_ms")]
     pub timeout_ms: u64,
+    /// Lifecycle events for synchronously answered calls too.
+    #[serde(default)]
+    pub sync_events: bool,
 }
 
 mod defaults {
@@ -163,6 +235,7 @@ impl Default for ServiceSettings {
             queue_type: defaults::queue_type(),
             delivery_limit: defaults::delivery_limit(),
             timeout_ms: defaults::timeout_ms(),
+            sync_events: false,
         }
     }
 }
@@ -263,6 +336,102 @@ impl Settings {
             return fail(
                 "log.filter",
                 format!("not a valid filter: {:?}", self.log.filter),
+            );
+        }
+        let g = &self.gateway;
+        let bind: std::net::SocketAddr = match g.bind.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                return fail(
+                    "gateway.bind",
+                    format!("not an IP:port address: {:?}", g.bind),
+                );
+            }
+        };
+        if g.enabled && g.tokens.is_empty() && !bind.ip().is_loopback() {
+            return fail(
+                "gateway.bind",
+                format!(
+                    "{bind} is not a loopback address, and no gateway.tokens are set: an unauthenticated gateway only serves loopback"
+                ),
+            );
+        }
+        if g.max_wait_s == 0 || g.max_wait_s > 3600 {
+            return fail(
+                "gateway.max_wait_s",
+                format!("must be 1 to 3600 (got {})", g.max_wait_s),
+            );
+        }
+        if g.default_wait_s > g.max_wait_s {
+            return fail(
+                "gateway.default_wait_s",
+                format!(
+                    "must not exceed gateway.max_wait_s ({} > {})",
+                    g.default_wait_s, g.max_wait_s
+                ),
+            );
+        }
+        if g.payload_limit_bytes == 0 || g.payload_limit_bytes > 128 * 1024 * 1024 {
+            return fail(
+                "gateway.payload_limit_bytes",
+                "must be 1 byte to 128 MiB".into(),
+            );
+        }
+        if !(g.store_url.starts_with("sqlite:")
+            || g.store_url.starts_with("postgres:")
+            || g.store_url.starts_with("postgresql:"))
+        {
+            return fail(
+                "gateway.store_url",
+                format!(
+                    "must start with sqlite: or postgres: (got {:?})",
+                    g.store_url
+                ),
+            );
+        }
+        if g.max_streams == 0 || g.stream_buffer == 0 || g.event_history == 0 {
+            return fail(
+                "gateway.max_streams",
+                "max_streams, stream_buffer and event_history must be above 0".into(),
+            );
+        }
+        if g.heartbeat_s == 0 {
+            return fail("gateway.heartbeat_s", "must be above 0".into());
+        }
+        for (caller, t) in &g.tokens {
+            if t.token.len() < 16 {
+                return fail(
+                    &format!("gateway.tokens.{caller}.token"),
+                    "must be at least 16 characters".into(),
+                );
+            }
+            if t.services.is_empty() {
+                return fail(
+                    &format!("gateway.tokens.{caller}.services"),
+                    "must name at least one service, or \"*\"".into(),
+                );
+            }
+        }
+        let c = &self.callbacks;
+        if !c.secret.is_empty() && standardwebhooks::Webhook::new(&c.secret).is_err() {
+            return fail(
+                "callbacks.secret",
+                "must be \"whsec_\" followed by base64".into(),
+            );
+        }
+        if c.max_attempts == 0 {
+            return fail("callbacks.max_attempts", "must be above 0".into());
+        }
+        if c.initial_backoff_ms == 0 || c.max_backoff_ms < c.initial_backoff_ms {
+            return fail(
+                "callbacks.initial_backoff_ms",
+                "must be above 0 and at most callbacks.max_backoff_ms".into(),
+            );
+        }
+        if c.timeout_ms == 0 || c.concurrency == 0 {
+            return fail(
+                "callbacks.timeout_ms",
+                "timeout_ms and concurrency must be above 0".into(),
             );
         }
         for (name, svc) in &self.services {

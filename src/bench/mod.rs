@@ -10,5 +10,7 @@ pub struct BenchArgs {}
 
 /// Runs the benchmark named by `args`, printing one JSON line per point.
 pub async fn run(_settings: Settings, _args: BenchArgs) -> Result<()> {
-    Err(crate::error::Error::Malformed("bench is not written yet".into()))
+    Err(crate::error::Error::Malformed(
+        "bench is not written yet".into(),
+    ))
 }

@@ -1,0 +1,605 @@
+//! The call store: calls that must outlive the HTTP request that made them
+//! (every `202`, every call with an idempotency key), their results and the
+//! state of their callbacks.
+//!
+//! One portable SQL dialect through sqlx's `Any` driver: an embedded SQLite
+//! file by default, PostgreSQL by URL, so that several gateways can later
+//! share one store without a rewrite. Times are milliseconds since the Unix
+//! epoch (`BIGINT`), bodies are bytes.
+//!
+//! # Layout
+//! - this file: [`CallStore`], [`CallRecord`], [`NewCall`].
+//! - [`document`]: the status document and result JSON of DESIGN.md.
+
+pub mod document;
+
+use std::str::FromStr;
+
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use crate::error::{Error, Result};
+
+/// Where a call stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallStatus {
+    /// No reply yet.
+    Pending,
+    /// Replied with a status below 400.
+    Succeeded,
+    /// Replied with 400 or above, or dead-lettered.
+    Failed,
+    /// No reply within the service's timeout.
+    Expired,
+}
+
+impl CallStatus {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallStatus::Pending => "pending",
+            CallStatus::Succeeded => "succeeded",
+            CallStatus::Failed => "failed",
+            CallStatus::Expired => "expired",
+        }
+    }
+
+    /// Succeeded or failed by the reply's status.
+    pub fn of_reply(status: u16) -> Self {
+        if status < 400 {
+            CallStatus::Succeeded
+        } else {
+            CallStatus::Failed
+        }
+    }
+
+    /// Whether the call has ended.
+    pub fn is_terminal(self) -> bool {
+        self != CallStatus::Pending
+    }
+}
+
+impl FromStr for CallStatus {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "pending" => CallStatus::Pending,
+            "succeeded" => CallStatus::Succeeded,
+            "failed" => CallStatus::Failed,
+            "expired" => CallStatus::Expired,
+            other => return Err(Error::Malformed(format!("stored call status {other:?}"))),
+        })
+    }
+}
+
+/// Where a callback delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallbackState {
+    /// The call has not ended yet: nothing to deliver.
+    Waiting,
+    /// Due for (another) attempt at `next_ms`.
+    Pending,
+    /// Delivered (a 2xx answer).
+    Delivered,
+    /// Given up (attempts exhausted or 410 Gone): kept as a dead letter.
+    Dead,
+}
+
+impl CallbackState {
+    fn as_str(self) -> &'static str {
+        match self {
+            CallbackState::Waiting => "waiting",
+            CallbackState::Pending => "pending",
+            CallbackState::Delivered => "delivered",
+            CallbackState::Dead => "dead",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "waiting" => CallbackState::Waiting,
+            "pending" => CallbackState::Pending,
+            "delivered" => CallbackState::Delivered,
+            "dead" => CallbackState::Dead,
+            other => return Err(Error::Malformed(format!("stored callback state {other:?}"))),
+        })
+    }
+}
+
+/// A reply as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResult {
+    /// The reply's `x-status`.
+    pub status: u16,
+    /// The reply's content type.
+    pub content_type: String,
+    /// The reply's body.
+    pub body: Vec<u8>,
+}
+
+/// A callback as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackRecord {
+    /// Where to POST the result.
+    pub url: String,
+    /// Delivery state.
+    pub state: CallbackState,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due (ms), when pending.
+    pub next_ms: Option<i64>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// `webhook-id`: the same on every attempt.
+    pub event_id: Option<String>,
+    /// The exact bytes to POST (the completed CloudEvent), once the call ended.
+    pub body: Option<Vec<u8>>,
+}
+
+/// A stored call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    /// The call id (`correlation_id`).
+    pub id: String,
+    /// The caller (token name, or `anonymous`) that may see it.
+    pub caller: String,
+    /// The service called.
+    pub service: String,
+    /// Where it stands.
+    pub status: CallStatus,
+    /// When it was accepted, ms.
+    pub created_ms: i64,
+    /// When it ended, ms.
+    pub completed_ms: Option<i64>,
+    /// The service's deadline, ms.
+    pub deadline_ms: i64,
+    /// Whether the request's publish was confirmed.
+    pub published: bool,
+    /// The caller's `Idempotency-Key`.
+    pub idem_key: Option<String>,
+    /// SHA-256 of the request (content type and body), to spot a reused key.
+    pub body_hash: Option<String>,
+    /// W3C trace context of the call.
+    pub traceparent: Option<String>,
+    /// The reply, once there is one.
+    pub result: Option<StoredResult>,
+    /// The callback, when the caller asked for one.
+    pub callback: Option<CallbackRecord>,
+}
+
+/// A call to store.
+#[derive(Debug, Clone)]
+pub struct NewCall {
+    /// The call id.
+    pub id: String,
+    /// The caller.
+    pub caller: String,
+    /// The service.
+    pub service: String,
+    /// Accepted at, ms.
+    pub created_ms: i64,
+    /// The service's deadline, ms.
+    pub deadline_ms: i64,
+    /// Whether the request is already confirmed by the broker.
+    pub published: bool,
+    /// `Idempotency-Key`.
+    pub idem_key: Option<String>,
+    /// Hash of the request, with `idem_key`.
+    pub body_hash: Option<String>,
+    /// Trace context.
+    pub traceparent: Option<String>,
+    /// `Callback-Url`.
+    pub callback_url: Option<String>,
+}
+
+/// What [`CallStore::insert`] did.
+#[derive(Debug)]
+pub enum Inserted {
+    /// Stored as new.
+    New,
+    /// The caller already made a call with this idempotency key: this one.
+    Existing(Box<CallRecord>),
+}
+
+/// The outcome of one callback attempt, to record.
+#[derive(Debug, Clone)]
+pub enum CallbackOutcome {
+    /// Delivered.
+    Delivered,
+    /// Failed; try again at `next_ms`.
+    Retry {
+        /// When.
+        next_ms: i64,
+        /// Why it failed.
+        error: String,
+    },
+    /// Failed for good.
+    Dead {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Which SQL engine is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CallStore {
+    pool: AnyPool,
+}
+
+const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, deadline_ms, published, \
+     idem_key, body_hash, traceparent, result_status, result_content_type, result_body, \
+     callback_url, callback_state, callback_attempts, callback_next_ms, callback_error, \
+     callback_event_id, callback_body";
+
+fn schema(backend: Backend) -> Vec<String> {
+    let blob = match backend {
+        Backend::Sqlite => "BLOB",
+        Backend::Postgres => "BYTEA",
+    };
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS sb_calls (
+                id TEXT PRIMARY KEY,
+                caller TEXT NOT NULL,
+                service TEXT NOT NULL,
+                status TEXT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                completed_ms BIGINT,
+                deadline_ms BIGINT NOT NULL,
+                published BIGINT NOT NULL,
+                idem_key TEXT,
+                body_hash TEXT,
+                traceparent TEXT,
+                result_status BIGINT,
+                result_content_type TEXT,
+                result_body {blob},
+                callback_url TEXT,
+                callback_state TEXT,
+                callback_attempts BIGINT NOT NULL DEFAULT 0,
+                callback_next_ms BIGINT,
+                callback_error TEXT,
+                callback_event_id TEXT,
+                callback_body {blob}
+            )"
+        ),
+        "CREATE UNIQUE INDEX IF NOT EXISTS sb_calls_idem ON sb_calls (caller, idem_key)".into(),
+        "CREATE INDEX IF NOT EXISTS sb_calls_status ON sb_calls (status, deadline_ms)".into(),
+        "CREATE INDEX IF NOT EXISTS sb_calls_callbacks ON sb_calls (callback_state, callback_next_ms)"
+            .into(),
+    ]
+}
+
+fn db(e: sqlx::Error) -> Error {
+    Error::Store(e.to_string())
+}
+
+impl CallStore {
+    /// Opens (and creates, for SQLite with `mode=rwc`) the store at `url`
+    /// and its schema.
+    pub async fn open(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            Backend::Postgres
+        };
+        let mut opts = AnyPoolOptions::new().max_connections(match backend {
+            // One writer at a time in SQLite anyway; a few readers beside it.
+            Backend::Sqlite => 4,
+            Backend::Postgres => 8,
+        });
+        if backend == Backend::Sqlite {
+            opts = opts.after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL: readers never wait for the writer. NORMAL: a commit
+                    // survives the process being killed (not a power loss).
+                    sqlx::query("PRAGMA journal_mode=WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA synchronous=NORMAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout=5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = opts
+            .connect(url)
+            .await
+            .map_err(|e| Error::Store(format!("cannot open the call store {url}: {e}")))?;
+        for stmt in schema(backend) {
+            sqlx::query(&stmt).execute(&pool).await.map_err(db)?;
+        }
+        Ok(Self { pool })
+    }
+
+    /// Stores a new pending call. With an idempotency key the caller already
+    /// used, stores nothing and returns that call.
+    pub async fn insert(&self, call: &NewCall) -> Result<Inserted> {
+        let callback_state = call
+            .callback_url
+            .as_ref()
+            .map(|_| CallbackState::Waiting.as_str());
+        let done = sqlx::query(
+            "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, published, \
+             idem_key, body_hash, traceparent, callback_url, callback_state, callback_attempts) \
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0) \
+             ON CONFLICT (caller, idem_key) DO NOTHING",
+        )
+        .bind(&call.id)
+        .bind(&call.caller)
+        .bind(&call.service)
+        .bind(call.created_ms)
+        .bind(call.deadline_ms)
+        .bind(i64::from(call.published))
+        .bind(call.idem_key.as_deref())
+        .bind(call.body_hash.as_deref())
+        .bind(call.traceparent.as_deref())
+        .bind(call.callback_url.as_deref())
+        .bind(callback_state)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 1 {
+            return Ok(Inserted::New);
+        }
+        let key = call.idem_key.as_deref().unwrap_or_default();
+        let existing = self
+            .by_idempotency_key(&call.caller, key)
+            .await?
+            .ok_or_else(|| Error::Store(format!("call {} could not be stored", call.id)))?;
+        Ok(Inserted::Existing(Box::new(existing)))
+    }
+
+    /// The caller's call with this idempotency key.
+    pub async fn by_idempotency_key(&self, caller: &str, key: &str) -> Result<Option<CallRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM sb_calls WHERE caller = $1 AND idem_key = $2");
+        let row = sqlx::query(&sql)
+            .bind(caller)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| record(&r)).transpose()
+    }
+
+    /// Marks the call's request as confirmed by the broker.
+    pub async fn mark_published(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE sb_calls SET published = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Removes a call (one whose request could not be published).
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM sb_calls WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// One call.
+    pub async fn get(&self, id: &str) -> Result<Option<CallRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM sb_calls WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| record(&r)).transpose()
+    }
+
+    /// Ends a pending call with `status` and `result`; `callback` carries the
+    /// event id and exact bytes to deliver when the call has a callback.
+    /// Returns false (and changes nothing) when the call was not pending.
+    pub async fn complete(
+        &self,
+        id: &str,
+        status: CallStatus,
+        result: Option<&StoredResult>,
+        completed_ms: i64,
+        callback: Option<(&str, &[u8])>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+             result_content_type = $4, result_body = $5, \
+             callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
+             callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
+             callback_event_id = $7, callback_body = $8 \
+             WHERE id = $9 AND status = 'pending'",
+        )
+        .bind(status.as_str())
+        .bind(completed_ms)
+        .bind(result.map(|r| i64::from(r.status)))
+        .bind(result.map(|r| r.content_type.as_str()))
+        .bind(result.map(|r| r.body.clone()))
+        .bind(CallbackState::Pending.as_str())
+        .bind(callback.map(|c| c.0))
+        .bind(callback.map(|c| c.1.to_vec()))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ids and deadlines of every pending call (to resume after a restart).
+    pub async fn pending(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT id, deadline_ms FROM sb_calls WHERE status = 'pending' AND published = 1",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>(0).map_err(db)?,
+                    r.try_get::<i64, _>(1).map_err(db)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Pending calls whose deadline passed before `now_ms`.
+    pub async fn overdue(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM sb_calls WHERE status = 'pending' AND deadline_ms < $1 LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(db))
+            .collect()
+    }
+
+    /// Removes calls never confirmed by the broker: their caller got no
+    /// `202`, so as far as anyone knows they never existed (and a retry with
+    /// the same idempotency key starts afresh).
+    pub async fn drop_unpublished(&self) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM sb_calls WHERE published = 0 AND status = 'pending'")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Removes calls that ended before `before_ms` and whose callback, if
+    /// any, is settled.
+    pub async fn purge(&self, before_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sb_calls WHERE status <> 'pending' AND completed_ms < $1 \
+             AND (callback_state IS NULL OR callback_state IN ('delivered', 'dead'))",
+        )
+        .bind(before_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Calls whose callback is due at `now_ms`, oldest first.
+    pub async fn due_callbacks(&self, now_ms: i64, limit: i64) -> Result<Vec<CallRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sb_calls WHERE callback_state = 'pending' \
+             AND callback_next_ms <= $1 ORDER BY callback_next_ms LIMIT $2"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(record).collect()
+    }
+
+    /// When the next pending callback is due, if any.
+    pub async fn next_callback_ms(&self) -> Result<Option<i64>> {
+        let row = sqlx::query(
+            "SELECT MIN(callback_next_ms) FROM sb_calls WHERE callback_state = 'pending'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        row.try_get::<Option<i64>, _>(0).map_err(db)
+    }
+
+    /// Records one callback attempt.
+    pub async fn record_callback(&self, id: &str, outcome: &CallbackOutcome) -> Result<()> {
+        let (state, next, error) = match outcome {
+            CallbackOutcome::Delivered => (CallbackState::Delivered, None, None),
+            CallbackOutcome::Retry { next_ms, error } => {
+                (CallbackState::Pending, Some(*next_ms), Some(error.as_str()))
+            }
+            CallbackOutcome::Dead { error } => (CallbackState::Dead, None, Some(error.as_str())),
+        };
+        sqlx::query(
+            "UPDATE sb_calls SET callback_state = $1, callback_next_ms = $2, callback_error = $3, \
+             callback_attempts = callback_attempts + 1 WHERE id = $4",
+        )
+        .bind(state.as_str())
+        .bind(next)
+        .bind(error)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Whether the store answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn record(r: &AnyRow) -> Result<CallRecord> {
+    let get_s = |c: &str| r.try_get::<String, _>(c).map_err(db);
+    let get_os = |c: &str| r.try_get::<Option<String>, _>(c).map_err(db);
+    let get_oi = |c: &str| r.try_get::<Option<i64>, _>(c).map_err(db);
+    let get_ob = |c: &str| r.try_get::<Option<Vec<u8>>, _>(c).map_err(db);
+    let result = match get_oi("result_status")? {
+        Some(status) => Some(StoredResult {
+            status: u16::try_from(status).unwrap_or(502),
+            content_type: get_os("result_content_type")?.unwrap_or_default(),
+            body: get_ob("result_body")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let callback = match get_os("callback_url")? {
+        Some(url) => Some(CallbackRecord {
+            url,
+            state: CallbackState::parse(
+                &get_os("callback_state")?.unwrap_or_else(|| "waiting".into()),
+            )?,
+            attempts: u32::try_from(r.try_get::<i64, _>("callback_attempts").map_err(db)?)
+                .unwrap_or(u32::MAX),
+            next_ms: get_oi("callback_next_ms")?,
+            last_error: get_os("callback_error")?,
+            event_id: get_os("callback_event_id")?,
+            body: get_ob("callback_body")?,
+        }),
+        None => None,
+    };
+    Ok(CallRecord {
+        id: get_s("id")?,
+        caller: get_s("caller")?,
+        service: get_s("service")?,
+        status: get_s("status")?.parse()?,
+        created_ms: r.try_get::<i64, _>("created_ms").map_err(db)?,
+        completed_ms: get_oi("completed_ms")?,
+        deadline_ms: r.try_get::<i64, _>("deadline_ms").map_err(db)?,
+        published: r.try_get::<i64, _>("published").map_err(db)? != 0,
+        idem_key: get_os("idem_key")?,
+        body_hash: get_os("body_hash")?,
+        traceparent: get_os("traceparent")?,
+        result,
+        callback,
+    })
+}
