@@ -1,9 +1,12 @@
-//! The status document and result JSON of DESIGN.md.
+//! The status document and result JSON of DESIGN.md, as typed structs so the
+//! OpenAPI description is generated from the same code that answers.
 
 use base64::Engine;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 
-use super::{CallRecord, StoredResult};
+use super::{CallRecord, CallStatus, CallbackState, StoredResult};
 
 /// RFC 3339 text of a time in ms.
 pub fn rfc3339(ms: i64) -> String {
@@ -23,26 +26,105 @@ pub fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
-/// `{"status", "content_type", "body" | "body_base64"}`: the JSON value when
-/// the content type is JSON (and it parses), else the text, else base64.
-pub fn result_json(r: &StoredResult) -> Value {
-    let mut doc = Map::new();
-    doc.insert("status".into(), json!(r.status));
-    doc.insert("content_type".into(), json!(r.content_type));
-    let parsed = if is_json(&r.content_type) {
-        serde_json::from_slice::<Value>(&r.body).ok()
-    } else {
-        None
-    };
-    match (parsed, std::str::from_utf8(&r.body)) {
-        (Some(v), _) => doc.insert("body".into(), v),
-        (None, Ok(text)) => doc.insert("body".into(), Value::String(text.to_owned())),
-        (None, Err(_)) => doc.insert(
-            "body_base64".into(),
-            Value::String(base64::engine::general_purpose::STANDARD.encode(&r.body)),
-        ),
-    };
-    Value::Object(doc)
+/// A reply inside a status document.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ResultDocument {
+    /// The reply's status (`x-status`).
+    pub status: u16,
+    /// The reply's content type.
+    pub content_type: String,
+    /// The JSON value when the content type is JSON, else the text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub body: Option<Value>,
+    /// The body in base64, when it is not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub body_base64: Option<String>,
+}
+
+impl ResultDocument {
+    /// The JSON value when the content type is JSON (and it parses), else
+    /// the text, else base64.
+    pub fn of(r: &StoredResult) -> Self {
+        let parsed = if is_json(&r.content_type) {
+            serde_json::from_slice::<Value>(&r.body).ok()
+        } else {
+            None
+        };
+        let (body, body_base64) = match (parsed, std::str::from_utf8(&r.body)) {
+            (Some(v), _) => (Some(v), None),
+            (None, Ok(text)) => (Some(Value::String(text.to_owned())), None),
+            (None, Err(_)) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(&r.body)),
+            ),
+        };
+        Self {
+            status: r.status,
+            content_type: r.content_type.clone(),
+            body,
+            body_base64,
+        }
+    }
+}
+
+/// A callback inside a status document.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CallbackDocument {
+    /// Where the result is POSTed.
+    pub url: String,
+    /// `waiting` (call not ended), `pending` (delivery under way),
+    /// `delivered`, or `dead` (given up: a dead letter).
+    #[schema(value_type = String)]
+    pub state: CallbackState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// The status document of a call.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct StatusDocument {
+    /// The call id.
+    pub id: String,
+    /// The service called.
+    pub service: String,
+    /// `pending`, `succeeded`, `failed` or `expired`.
+    #[schema(value_type = String)]
+    pub status: CallStatus,
+    /// When the call was accepted (RFC 3339).
+    pub created_at: String,
+    /// When it ended (RFC 3339), or null.
+    pub completed_at: Option<String>,
+    /// Where the reply is, as a synchronous answer would have been.
+    pub result_url: String,
+    /// The callback, when one was asked for.
+    pub callback: Option<CallbackDocument>,
+    /// The reply, once there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<ResultDocument>,
+}
+
+impl StatusDocument {
+    /// The document of a stored call.
+    pub fn of(call: &CallRecord) -> Self {
+        Self {
+            id: call.id.clone(),
+            service: call.service.clone(),
+            status: call.status,
+            created_at: rfc3339(call.created_ms),
+            completed_at: call.completed_ms.map(rfc3339),
+            result_url: format!("{}/result", call_path(&call.id)),
+            callback: call.callback.as_ref().map(|c| CallbackDocument {
+                url: c.url.clone(),
+                state: c.state,
+                attempts: c.attempts,
+                last_error: c.last_error.clone(),
+            }),
+            result: call.result.as_ref().map(ResultDocument::of),
+        }
+    }
 }
 
 /// The path of a call's status document.
@@ -50,55 +132,30 @@ pub fn call_path(id: &str) -> String {
     format!("/v1/calls/{id}")
 }
 
-/// The status document: `{"id", "service", "status", "created_at",
-/// "completed_at", "result_url", "callback"}`, plus `result` once there is one.
-pub fn status_document(call: &CallRecord) -> Value {
-    let callback = call.callback.as_ref().map(|c| {
-        json!({
-            "url": c.url,
-            "state": c.state,
-            "attempts": c.attempts,
-            "last_error": c.last_error,
-        })
-    });
-    let mut doc = json!({
-        "id": call.id,
-        "service": call.service,
-        "status": call.status,
-        "created_at": rfc3339(call.created_ms),
-        "completed_at": call.completed_ms.map(rfc3339),
-        "result_url": format!("{}/result", call_path(&call.id)),
-        "callback": callback,
-    });
-    if let Some(r) = &call.result {
-        doc["result"] = result_json(r);
-    }
-    doc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn result(ct: &str, body: &[u8]) -> StoredResult {
-        StoredResult {
+    fn result(ct: &str, body: &[u8]) -> serde_json::Value {
+        serde_json::to_value(ResultDocument::of(&StoredResult {
             status: 200,
             content_type: ct.into(),
             body: body.to_vec(),
-        }
+        }))
+        .unwrap()
     }
 
     #[test]
     fn json_bodies_are_embedded_text_as_text_bytes_as_base64() {
-        let j = result_json(&result("application/json; charset=utf-8", br#"{"a":1}"#));
+        let j = result("application/json; charset=utf-8", br#"{"a":1}"#);
         assert_eq!(j["body"]["a"], 1);
-        let j = result_json(&result("application/problem+json", br#"{"title":"x"}"#));
+        let j = result("application/problem+json", br#"{"title":"x"}"#);
         assert_eq!(j["body"]["title"], "x");
-        let j = result_json(&result("text/plain", b"hi"));
+        let j = result("text/plain", b"hi");
         assert_eq!(j["body"], "hi");
-        let j = result_json(&result("application/json", b"not json"));
+        let j = result("application/json", b"not json");
         assert_eq!(j["body"], "not json");
-        let j = result_json(&result("application/octet-stream", &[0xff, 0x00]));
+        let j = result("application/octet-stream", &[0xff, 0x00]);
         assert_eq!(j["body_base64"], "/wA=");
         assert!(j.get("body").is_none());
     }

@@ -27,7 +27,7 @@ use deadpool_lapin::lapin::{
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-pub use router::{ReplyRouter, RpcStats};
+pub use router::{OrphanSink, ReplyRouter, RpcStats};
 
 use crate::amqp::{Broker, Outgoing, broker::publish_on, topology, wire};
 use crate::error::{Error, Result};
@@ -100,7 +100,7 @@ impl Call {
 }
 
 /// Options of an [`RpcClient`] beyond the settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RpcOptions {
     /// Reply queue or direct reply-to.
     pub reply_mode: ReplyMode,
@@ -110,6 +110,22 @@ pub struct RpcOptions {
     pub default_timeout: Duration,
     /// Persistent requests (`safe`, the default) or transient (`fast`).
     pub persistent: bool,
+    /// Where replies for unknown calls go (the gateway's store); dropped
+    /// and counted when `None`.
+    pub orphans: Option<OrphanSink>,
+}
+
+
+impl std::fmt::Debug for RpcOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcOptions")
+            .field("reply_mode", &self.reply_mode)
+            .field("max_pending", &self.max_pending)
+            .field("default_timeout", &self.default_timeout)
+            .field("persistent", &self.persistent)
+            .field("orphans", &self.orphans.is_some())
+            .finish()
+    }
 }
 
 impl From<&RpcSettings> for RpcOptions {
@@ -119,6 +135,7 @@ impl From<&RpcSettings> for RpcOptions {
             max_pending: s.max_pending,
             default_timeout: s.default_timeout(),
             persistent: true,
+            orphans: None,
         }
     }
 }
@@ -140,7 +157,7 @@ struct Inner {
     options: RpcOptions,
     stats: Arc<RpcStats>,
     /// The connection carrying the reply consumer, kept open while the client lives.
-    _conn: Connection,
+    conn: Connection,
 }
 
 impl RpcClient {
@@ -190,6 +207,7 @@ impl RpcClient {
             no_ack,
             options.max_pending,
             stats.clone(),
+            options.orphans.clone(),
         );
         let direct_channel = (options.reply_mode == ReplyMode::Direct).then_some(channel);
         Ok(Self {
@@ -200,7 +218,7 @@ impl RpcClient {
                 direct_channel,
                 options,
                 stats,
-                _conn: conn,
+                conn,
             }),
         })
     }
@@ -213,6 +231,12 @@ impl RpcClient {
     /// The `reply_to` this client puts on its requests.
     pub fn reply_to(&self) -> &str {
         &self.inner.reply_to
+    }
+
+    /// Stops consuming replies and closes the client's connection; replies
+    /// still on the way stay in the durable reply queue for the next start.
+    pub async fn close(&self) {
+        let _ = self.inner.conn.close(200, "shutdown".into()).await;
     }
 
     /// Calls and waits for the reply (or the deadline).
@@ -297,8 +321,35 @@ impl PendingReply {
         self.deadline
     }
 
+    /// Waits for the reply until `until` or the call's deadline, whichever
+    /// comes first; `None` when `until` came first and the call goes on.
+    pub async fn wait_until(&mut self, until: Instant) -> Option<Result<Reply>> {
+        if until >= self.deadline {
+            return Some(self.wait_inner().await);
+        }
+        let rx = self.rx.as_mut()?;
+        match tokio::time::timeout_at(until, rx).await {
+            Ok(Ok(reply)) => {
+                self.rx = None;
+                Some(Ok(reply))
+            }
+            Ok(Err(_)) => {
+                self.rx = None;
+                Some(Err(Error::Timeout {
+                    call_id: self.call_id.clone(),
+                    timeout: self.timeout,
+                }))
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Waits for the reply until the deadline.
     pub async fn wait(mut self) -> Result<Reply> {
+        self.wait_inner().await
+    }
+
+    async fn wait_inner(&mut self) -> Result<Reply> {
         let Some(rx) = self.rx.as_mut() else {
             return Err(Error::RouterStopped);
         };

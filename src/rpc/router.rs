@@ -53,6 +53,12 @@ impl RpcStats {
     }
 }
 
+/// Where replies for calls this router does not know go, when set: the
+/// gateway uses it to finish calls that outlived the process that made them
+/// (the router acks such a reply only after the returned future resolves).
+pub type OrphanSink =
+    std::sync::Arc<dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
 struct Waiter {
     tx: oneshot::Sender<Reply>,
     deadline: Instant,
@@ -67,6 +73,8 @@ pub struct ReplyRouter {
     forgotten_set: HashSet<String>,
     /// Whether the consumer is no-ack (direct reply-to) or must ack.
     no_ack: bool,
+    /// Where unknown and late replies go, if anywhere.
+    orphans: Option<OrphanSink>,
     stats: std::sync::Arc<RpcStats>,
     /// The consumer's channel, kept open while the router lives.
     _channel: Channel,
@@ -80,6 +88,7 @@ impl ReplyRouter {
         no_ack: bool,
         max_pending: usize,
         stats: std::sync::Arc<RpcStats>,
+        orphans: Option<OrphanSink>,
     ) -> Addr<Self> {
         ReplyRouter::create(move |ctx| {
             ctx.add_stream(consumer);
@@ -89,6 +98,7 @@ impl ReplyRouter {
                 forgotten: VecDeque::new(),
                 forgotten_set: HashSet::new(),
                 no_ack,
+                orphans,
                 stats,
                 _channel: channel,
             }
@@ -128,25 +138,39 @@ impl ReplyRouter {
         self.set_pending_gauge();
     }
 
-    fn route(&mut self, delivery: &Delivery, body: Bytes) {
+    /// Hands a reply to its waiter; returns it with its id when no waiter
+    /// wants it (for the orphan sink).
+    fn route(&mut self, delivery: &Delivery, body: Bytes) -> Option<(String, Reply)> {
         let props = &delivery.properties;
         let Some(id) = props.correlation_id().as_ref().map(|c| c.as_str()) else {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
             warn!("reply without correlation id dropped");
-            return;
+            return None;
         };
+        let reply = to_reply(delivery, body, id);
         let Some(waiter) = self.pending.remove(id) else {
             if self.forgotten_set.contains(id) {
                 self.stats.late.fetch_add(1, Ordering::Relaxed);
-                debug!(call_id = id, "late reply dropped");
+                debug!(call_id = id, "late reply");
             } else {
                 self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                debug!(call_id = id, "reply for an unknown call dropped");
+                debug!(call_id = id, "reply for an unknown call");
             }
-            return;
+            return Some((id.to_owned(), reply));
         };
         self.set_pending_gauge();
-        let reply = match wire::reply_status(props) {
+        self.stats.routed.fetch_add(1, Ordering::Relaxed);
+        // The caller may have gone in between; then the reply has nowhere to go.
+        let _ = waiter.tx.send(reply);
+        None
+    }
+}
+
+/// The reply as callers see it; a malformed status becomes a 502 problem.
+fn to_reply(delivery: &Delivery, body: Bytes, id: &str) -> Reply {
+    let props = &delivery.properties;
+    {
+        match wire::reply_status(props) {
             Ok(status) => Reply {
                 status,
                 content_type: wire::content_type(props).to_owned(),
@@ -157,10 +181,7 @@ impl ReplyRouter {
                 let title = e.to_string();
                 crate::worker::HandlerError::new(502, title).to_reply()
             }
-        };
-        self.stats.routed.fetch_add(1, Ordering::Relaxed);
-        // The caller may have gone in between; then the reply has nowhere to go.
-        let _ = waiter.tx.send(reply);
+        }
     }
 }
 
@@ -241,18 +262,29 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for ReplyRouter {
             }
         };
         let body = Bytes::from(std::mem::take(&mut delivery.data));
-        self.route(&delivery, body);
-        if !self.no_ack {
-            let acker = delivery.acker;
-            ctx.spawn(
-                async move {
-                    if let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await {
-                        debug!(error = %e, "reply ack failed; the broker will redeliver it");
-                    }
-                }
-                .into_actor(self),
-            );
+        let orphan = self.route(&delivery, body);
+        let sink = match (orphan, &self.orphans) {
+            (Some((id, reply)), Some(sink)) => Some(sink(id, reply)),
+            _ => None,
+        };
+        let acker = (!self.no_ack).then_some(delivery.acker);
+        if sink.is_none() && acker.is_none() {
+            return;
         }
+        ctx.spawn(
+            async move {
+                // An orphan is acked only once its sink has taken it.
+                if let Some(sink) = sink {
+                    sink.await;
+                }
+                if let Some(acker) = acker
+                    && let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await
+                {
+                    debug!(error = %e, "reply ack failed; the broker will redeliver it");
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     fn finished(&mut self, _: &mut Self::Context) {
