@@ -7,8 +7,11 @@ use std::time::Duration;
 use tracing::info;
 
 use crate::amqp::Broker;
-use crate::error::Result;
-use crate::settings::{BuiltinHandler, Settings};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::gateway;
+use crate::settings::{BuiltinHandler, Settings, SettingsError};
 use crate::worker::{self, Worker, WorkerHandle};
 
 /// The workers of one process and the connection they consume on.
@@ -39,17 +42,35 @@ pub async fn start_workers(broker: &Broker, settings: &Settings) -> Result<Runni
     })
 }
 
-/// Connects, starts the workers and runs until `shutdown` resolves.
+/// Connects, starts the workers and the gateway (when enabled) and runs
+/// until `shutdown` resolves.
 pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     let broker = Broker::connect(&settings.amqp).await?;
     info!(url = %broker.url_redacted(), instance = %broker.instance_id(), prefix = %broker.names().prefix(), "connected");
     let workers = start_workers(&broker, &settings).await?;
+    let cancel = CancellationToken::new();
+    let gateway = if settings.gateway.enabled {
+        let listener = std::net::TcpListener::bind(&settings.gateway.bind).map_err(|e| {
+            Error::Settings(SettingsError(format!(
+                "gateway.bind: cannot listen on {}: {e}",
+                settings.gateway.bind
+            )))
+        })?;
+        Some(gateway::start(&settings, &broker, listener, cancel.clone()).await?)
+    } else {
+        None
+    };
     info!(
         workers = workers.handles.len(),
+        gateway = gateway.as_ref().map(|g| g.addr.to_string()),
         "serving; Ctrl-C or SIGTERM stops"
     );
     shutdown.await;
     info!("shutting down");
+    if let Some(g) = gateway {
+        g.stop().await;
+    }
+    cancel.cancel();
     let _ = workers.connection.close(200, "shutdown".into()).await;
     broker.close().await;
     Ok(())

@@ -13,6 +13,7 @@
 //! - [`worker`]: the worker actor and the handler API.
 //! - [`rpc`]: the RPC client and its reply-router actor.
 //! - [`events`]: CloudEvents broadcast and subscription.
+//! - [`gateway`]: the HTTP gateway (sync, bounded wait, polling, callbacks, streams).
 //! - [`app`]: `serve`: the workers of the configured services.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
@@ -21,9 +22,11 @@
 pub mod amqp;
 pub mod app;
 pub mod bench;
+pub mod callbacks;
 pub mod calls;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod rpc;
 pub mod settings;
 pub mod telemetry;

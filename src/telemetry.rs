@@ -33,6 +33,15 @@ pub fn new_traceparent() -> String {
     format!("00-{trace:032x}-{span:016x}-01")
 }
 
+/// The same trace with a new span id: the context to send on for one hop.
+pub fn child_traceparent(parent: &str) -> String {
+    let span: u64 = rand::rng().random::<u64>().max(1);
+    match parent.split('-').collect::<Vec<_>>().as_slice() {
+        [version, trace, _, flags] => format!("{version}-{trace}-{span:016x}-{flags}"),
+        _ => new_traceparent(),
+    }
+}
+
 /// Whether `s` is a well-formed `traceparent` (version 00).
 pub fn is_traceparent(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();

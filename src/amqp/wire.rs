@@ -72,6 +72,12 @@ impl Names {
     pub fn reply_queue(&self, instance: &str) -> String {
         format!("{}.reply.{instance}", self.prefix)
     }
+    /// `<p>.deadwatch.<instance>`: the gateway's copy of dead letters, bound
+    /// to the dead exchange beside each service's dead queue, so it can mark
+    /// its dead-lettered calls failed while operators keep the originals.
+    pub fn deadwatch_queue(&self, instance: &str) -> String {
+        format!("{}.deadwatch.{instance}", self.prefix)
+    }
     /// `<p>.sub.<name>`: a named, durable event subscription.
     pub fn subscriber_queue(&self, name: &str) -> String {
         format!("{}.sub.{name}", self.prefix)

@@ -115,7 +115,6 @@ pub struct RpcOptions {
     pub orphans: Option<OrphanSink>,
 }
 
-
 impl std::fmt::Debug for RpcOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RpcOptions")

@@ -56,8 +56,9 @@ impl RpcStats {
 /// Where replies for calls this router does not know go, when set: the
 /// gateway uses it to finish calls that outlived the process that made them
 /// (the router acks such a reply only after the returned future resolves).
-pub type OrphanSink =
-    std::sync::Arc<dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+pub type OrphanSink = std::sync::Arc<
+    dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+>;
 
 struct Waiter {
     tx: oneshot::Sender<Reply>,

@@ -1,0 +1,536 @@
+//! The call routes: `POST /v1/services/{service}/calls`,
+//! `GET /v1/calls/{id}` (with long-polling) and `GET /v1/calls/{id}/result`.
+
+use std::time::Duration;
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use rand::Rng;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tracing::{Instrument, info_span};
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::{ApiError, Problem};
+use super::headers::{self, Preferences};
+use super::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED, Outcome};
+use crate::amqp::wire;
+use crate::calls::document::{StatusDocument, call_path};
+use crate::calls::{CallRecord, CallStatus, Inserted, NewCall};
+use crate::rpc::Call;
+use crate::worker::Reply;
+
+/// Reads the body, refusing more than `limit` bytes with a 413.
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::BadRequest("the request body could not be read".into()))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match req.headers().get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()))
+            .map_err(|_| ApiError::BadRequest(format!("the {name} header is not visible ASCII"))),
+    }
+}
+
+/// A `Retry-After` spread with jitter: `base` to `2 * base` seconds.
+pub fn retry_after(base: u64) -> String {
+    let base = base.max(1);
+    (base + rand::rng().random_range(0..=base)).to_string()
+}
+
+/// The trace context for a request: the caller's, when well formed, with a
+/// new span id for this hop; else a new trace.
+pub fn trace_context(req: &HttpRequest) -> String {
+    req.headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|tp| crate::telemetry::is_traceparent(tp))
+        .map(crate::telemetry::child_traceparent)
+        .unwrap_or_else(crate::telemetry::new_traceparent)
+}
+
+/// `202 Accepted` with `Location`, `Retry-After`, `Preference-Applied` and
+/// the status document.
+fn accepted(st: &AppState, doc: &StatusDocument, applied: Option<&str>) -> HttpResponse {
+    let mut res = HttpResponse::Accepted();
+    res.insert_header((header::LOCATION, call_path(&doc.id)))
+        .insert_header((header::RETRY_AFTER, retry_after(st.gateway.retry_after_s)))
+        .insert_header(("Call-Id", doc.id.as_str()));
+    if let Some(a) = applied {
+        res.insert_header(("Preference-Applied", a));
+    }
+    res.json(doc)
+}
+
+/// The reply as a synchronous answer: its status, content type and body,
+/// plus `Call-Id`.
+fn reply_response(id: &str, status: u16, content_type: &str, body: Bytes) -> HttpResponse {
+    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY))
+        .insert_header(("Call-Id", id))
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .body(body)
+}
+
+fn request_hash(service: &str, content_type: &str, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(service.as_bytes());
+    h.update([0]);
+    h.update(content_type.as_bytes());
+    h.update([0]);
+    h.update(body);
+    format!("{:x}", h.finalize())
+}
+
+/// What a repeat of an idempotent request gets: the call's answer so far.
+fn repeat_answer(st: &AppState, call: &CallRecord) -> HttpResponse {
+    match (&call.result, call.status) {
+        (Some(r), s) if s.is_terminal() => reply_response(
+            &call.id,
+            r.status,
+            &r.content_type,
+            Bytes::from(r.body.clone()),
+        ),
+        _ => accepted(st, &StatusDocument::of(call), None),
+    }
+}
+
+/// Starts a call of `service`.
+#[utoipa::path(
+    post,
+    path = "/v1/services/{service}/calls",
+    tag = "calls",
+    params(
+        ("service" = String, Path, description = "The service to call"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (seconds to wait for the reply) and/or `respond-async` (RFC 7240)"),
+        ("Callback-Url" = Option<String>, Header, description = "Where to POST the signed result (Standard Webhooks); implies respond-async"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a repeat returns the same call"),
+        ("traceparent" = Option<String>, Header, description = "W3C trace context"),
+    ),
+    request_body(content = String, description = "The payload, passed through untouched with its content type", content_type = "*/*"),
+    responses(
+        (status = 200, description = "The reply in time: its status, content type and body, with header Call-Id (any reply status is passed through)"),
+        (status = 202, description = "Accepted: the call goes on; headers Location, Retry-After, Preference-Applied, Call-Id", body = StatusDocument),
+        (status = 400, description = "Malformed Prefer, Idempotency-Key or body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The token may not call this service", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown service", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Payload too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid Callback-Url, or Idempotency-Key reused with another request", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker unavailable or overloaded; header Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn start_call(
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let service = path.into_inner();
+    let caller = st.auth.caller(&req)?;
+    let Some(svc) = st.services.get(&service) else {
+        return Err(ApiError::NotFound(format!("no service named {service:?}")));
+    };
+    caller.check(&service)?;
+    let prefs = headers::parse_prefer(
+        req.headers()
+            .get_all("prefer")
+            .filter_map(|v| v.to_str().ok()),
+    )?;
+    let idem_key = header_str(&req, "idempotency-key")?.map(str::to_owned);
+    if let Some(k) = &idem_key {
+        headers::check_idempotency_key(k)?;
+    }
+    let callback_url = match header_str(&req, "callback-url")? {
+        None => None,
+        Some(url) => {
+            if !st.callbacks_enabled {
+                return Err(ApiError::Unprocessable(
+                    "callbacks are not enabled on this gateway".into(),
+                ));
+            }
+            let checked = crate::callbacks::ssrf::check_url(url, st.allow_private_callbacks)
+                .await
+                .map_err(|e| ApiError::Unprocessable(format!("Callback-Url refused: {e}")))?;
+            Some(checked.to_string())
+        }
+    };
+    let content_type = header_str(&req, "content-type")?
+        .filter(|c| !c.is_empty())
+        .unwrap_or(wire::CONTENT_JSON)
+        .to_owned();
+    let body = read_body(&req, payload, st.gateway.payload_limit_bytes).await?;
+    let call_id = uuid::Uuid::now_v7().to_string();
+    let span = info_span!("call", %call_id, %service, caller = %caller.name);
+    let ctx = CallContext {
+        st: &st,
+        caller,
+        service,
+        timeout: svc.timeout(),
+        sync_events: svc.sync_events,
+        prefs,
+        idem_key,
+        callback_url,
+        content_type,
+        body,
+        call_id,
+        traceparent: trace_context(&req),
+    };
+    ctx.run().instrument(span).await
+}
+
+/// Everything one POST decided before the call starts.
+struct CallContext<'a> {
+    st: &'a AppState,
+    caller: Caller,
+    service: String,
+    timeout: Duration,
+    sync_events: bool,
+    prefs: Preferences,
+    idem_key: Option<String>,
+    callback_url: Option<String>,
+    content_type: String,
+    body: Bytes,
+    call_id: String,
+    traceparent: String,
+}
+
+impl CallContext<'_> {
+    fn new_call(&self, created_ms: i64, published: bool) -> NewCall {
+        NewCall {
+            id: self.call_id.clone(),
+            caller: self.caller.name.clone(),
+            service: self.service.clone(),
+            created_ms,
+            deadline_ms: created_ms + self.timeout.as_millis() as i64,
+            published,
+            idem_key: self.idem_key.clone(),
+            body_hash: self
+                .idem_key
+                .as_ref()
+                .map(|_| request_hash(&self.service, &self.content_type, &self.body)),
+            traceparent: Some(self.traceparent.clone()),
+            callback_url: self.callback_url.clone(),
+        }
+    }
+
+    async fn run(self) -> Result<HttpResponse, ApiError> {
+        let st = self.st;
+        let store = st.tracker.store();
+        let created_ms = wire::now_ms() as i64;
+        // An idempotent call is stored before anything is published, so that
+        // a concurrent repeat finds it and publishes nothing.
+        let stored_early = self.idem_key.is_some();
+        if stored_early {
+            match store.insert(&self.new_call(created_ms, false)).await? {
+                Inserted::New => {}
+                Inserted::Existing(existing) => {
+                    let hash = request_hash(&self.service, &self.content_type, &self.body);
+                    if existing.body_hash.as_deref() != Some(hash.as_str()) {
+                        return Err(ApiError::Unprocessable(
+                            "this Idempotency-Key was used with another request".into(),
+                        ));
+                    }
+                    return Ok(repeat_answer(st, &existing));
+                }
+            }
+        }
+        let call = Call {
+            service: self.service.clone(),
+            payload: self.body.clone(),
+            content_type: self.content_type.clone(),
+            call_id: Some(self.call_id.clone()),
+            message_id: self.idem_key.clone(),
+            timeout: Some(self.timeout),
+            traceparent: Some(self.traceparent.clone()),
+        };
+        let mut pending = match st.rpc.send(call).await {
+            Ok(p) => p,
+            Err(e) => {
+                if stored_early {
+                    let _ = store.delete(&self.call_id).await;
+                }
+                return Err(e.into());
+            }
+        };
+        if stored_early {
+            store.mark_published(&self.call_id).await?;
+        }
+        let asynchronous = self.prefs.respond_async || self.callback_url.is_some();
+        if asynchronous {
+            return self
+                .accept(pending, created_ms, stored_early, Some("respond-async"))
+                .await;
+        }
+        let wait = self
+            .prefs
+            .wait
+            .unwrap_or(st.gateway.default_wait_s)
+            .min(st.gateway.max_wait_s);
+        let applied = self.prefs.wait.map(|_| format!("wait={wait}"));
+        match pending
+            .wait_until(Instant::now() + Duration::from_secs(wait))
+            .await
+        {
+            None => {
+                self.accept(pending, created_ms, stored_early, applied.as_deref())
+                    .await
+            }
+            Some(Ok(reply)) => self.answer(reply, created_ms, stored_early, applied).await,
+            Some(Err(crate::Error::Timeout { .. })) => {
+                // The service's deadline passed within the wait.
+                if stored_early {
+                    st.tracker.complete(&self.call_id, Outcome::Expired).await?;
+                }
+                let body = wire::problem_body(
+                    504,
+                    "Gateway Timeout",
+                    Some("the service did not reply within its timeout"),
+                );
+                Ok(reply_response(
+                    &self.call_id,
+                    504,
+                    wire::CONTENT_PROBLEM,
+                    Bytes::from(body),
+                ))
+            }
+            Some(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// 202: store the call (if not yet), publish `accepted`, follow it.
+    async fn accept(
+        self,
+        pending: crate::rpc::PendingReply,
+        created_ms: i64,
+        stored_early: bool,
+        applied: Option<&str>,
+    ) -> Result<HttpResponse, ApiError> {
+        let st = self.st;
+        let store = st.tracker.store();
+        if !stored_early {
+            store.insert(&self.new_call(created_ms, true)).await?;
+        }
+        // Follow the reply before anything else can fail: the call is now promised.
+        st.tracker.follow(pending);
+        let call = store
+            .get(&self.call_id)
+            .await?
+            .ok_or_else(|| ApiError::internal("an accepted call vanished from the store"))?;
+        let doc = StatusDocument::of(&call);
+        let event = st.tracker.lifecycle_event(
+            EVENT_ACCEPTED,
+            &doc,
+            &self.caller.name,
+            Some(&self.traceparent),
+        );
+        st.tracker.publish_event(&event).await;
+        tracing::info!(status = "pending", "call accepted");
+        Ok(accepted(st, &doc, applied))
+    }
+
+    /// The reply came in time: answer with it.
+    async fn answer(
+        self,
+        reply: Reply,
+        created_ms: i64,
+        stored_early: bool,
+        applied: Option<String>,
+    ) -> Result<HttpResponse, ApiError> {
+        let st = self.st;
+        if stored_early {
+            // Kept so that a repeat with the same key gets the same answer.
+            st.tracker
+                .complete(&self.call_id, Outcome::Reply(reply.clone()))
+                .await?;
+        } else if self.sync_events {
+            self.publish_sync_events(&reply, created_ms).await;
+        }
+        tracing::info!(status = reply.status, "call answered");
+        let mut res = reply_response(&self.call_id, reply.status, &reply.content_type, reply.body);
+        if let Some(a) = applied
+            && let Ok(v) = header::HeaderValue::from_str(&a)
+        {
+            res.headers_mut()
+                .insert(header::HeaderName::from_static("preference-applied"), v);
+        }
+        Ok(res)
+    }
+
+    /// Lifecycle events of a synchronous call, for services that ask for them.
+    async fn publish_sync_events(&self, reply: &Reply, created_ms: i64) {
+        let mut record = CallRecord {
+            id: self.call_id.clone(),
+            caller: self.caller.name.clone(),
+            service: self.service.clone(),
+            status: CallStatus::Pending,
+            created_ms,
+            completed_ms: None,
+            deadline_ms: created_ms + self.timeout.as_millis() as i64,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: Some(self.traceparent.clone()),
+            result: None,
+            callback: None,
+        };
+        let tracker = &self.st.tracker;
+        let tp = Some(self.traceparent.as_str());
+        let accepted = tracker.lifecycle_event(
+            EVENT_ACCEPTED,
+            &StatusDocument::of(&record),
+            &self.caller.name,
+            tp,
+        );
+        record.status = CallStatus::of_reply(reply.status);
+        record.completed_ms = Some(wire::now_ms() as i64);
+        record.result = Some(crate::calls::StoredResult {
+            status: reply.status,
+            content_type: reply.content_type.clone(),
+            body: reply.body.to_vec(),
+        });
+        let completed = tracker.lifecycle_event(
+            EVENT_COMPLETED,
+            &StatusDocument::of(&record),
+            &self.caller.name,
+            tp,
+        );
+        tracker.publish_event(&accepted).await;
+        tracker.publish_event(&completed).await;
+    }
+}
+
+/// `?wait=N` on a status document.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct WaitQuery {
+    /// Hold the request up to N seconds until the call ends.
+    wait: Option<String>,
+}
+
+/// The caller's stored call, or 404 (also for another caller's call).
+pub async fn caller_call(st: &AppState, caller: &Caller, id: &str) -> Result<CallRecord, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no call {id:?}"));
+    if id.len() > 64 {
+        return Err(not_found());
+    }
+    match st.tracker.store().get(id).await? {
+        Some(c) if c.caller == caller.name => Ok(c),
+        _ => Err(not_found()),
+    }
+}
+
+fn document_response(st: &AppState, call: &CallRecord) -> HttpResponse {
+    let mut res = HttpResponse::Ok();
+    if call.status == CallStatus::Pending {
+        res.insert_header((header::RETRY_AFTER, retry_after(st.gateway.retry_after_s)));
+    }
+    res.json(StatusDocument::of(call))
+}
+
+/// A call's status document; with `?wait=N`, held until the call ends.
+#[utoipa::path(
+    get,
+    path = "/v1/calls/{id}",
+    tag = "calls",
+    params(("id" = String, Path, description = "The call id"), WaitQuery),
+    responses(
+        (status = 200, description = "The status document; Retry-After (jittered) while pending", body = StatusDocument),
+        (status = 400, description = "A wait that is not a non-negative integer", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such call (or another caller's, or one answered synchronously)", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_call(
+    req: HttpRequest,
+    path: web::Path<String>,
+    query: web::Query<WaitQuery>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = st.auth.caller(&req)?;
+    let id = path.into_inner();
+    let wait = match &query.wait {
+        Some(w) => headers::parse_seconds(w, "wait")?.min(st.gateway.max_wait_s),
+        None => 0,
+    };
+    // Watch before reading, so an end between the read and the wait is seen.
+    let watch = (wait > 0).then(|| st.tracker.watch(&id)).flatten();
+    let call = caller_call(&st, &caller, &id).await?;
+    if call.status.is_terminal() || wait == 0 {
+        return Ok(document_response(&st, &call));
+    }
+    if let Some(rx) = watch {
+        let _ = tokio::time::timeout(Duration::from_secs(wait), rx).await;
+    }
+    let call = caller_call(&st, &caller, &id).await?;
+    Ok(document_response(&st, &call))
+}
+
+/// A call's reply exactly as a synchronous answer would have been.
+#[utoipa::path(
+    get,
+    path = "/v1/calls/{id}/result",
+    tag = "calls",
+    params(("id" = String, Path, description = "The call id")),
+    responses(
+        (status = 200, description = "The reply: its status, content type and body (any reply status is passed through)"),
+        (status = 202, description = "Still pending; Retry-After", body = StatusDocument),
+        (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The request was dead-lettered", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "No reply within the service's timeout", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn get_result(
+    req: HttpRequest,
+    path: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = st.auth.caller(&req)?;
+    let call = caller_call(&st, &caller, &path.into_inner()).await?;
+    Ok(match (&call.result, call.status) {
+        (_, CallStatus::Pending) => accepted(&st, &StatusDocument::of(&call), None),
+        (Some(r), _) => reply_response(
+            &call.id,
+            r.status,
+            &r.content_type,
+            Bytes::from(r.body.clone()),
+        ),
+        (None, _) => {
+            let body = wire::problem_body(
+                504,
+                "Gateway Timeout",
+                Some("no reply within the service's timeout"),
+            );
+            reply_response(&call.id, 504, wire::CONTENT_PROBLEM, Bytes::from(body))
+        }
+    })
+}

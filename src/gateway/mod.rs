@@ -1,0 +1,171 @@
+//! The HTTP gateway: every interaction style of DESIGN.md over the same AMQP
+//! mechanism. Each call it brokers is an RPC over the instance's durable
+//! reply queue, so a reply can outlive the HTTP request that made the call.
+//!
+//! # Layout
+//! - [`calls`]: start a call, poll and long-poll it, fetch its result.
+//! - [`tracker`]: the life of calls that outlive their request (store,
+//!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
+//! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
+//!   problem+json answers.
+//! - [`ops`], [`openapi`]: health, readiness, the API description.
+
+pub mod auth;
+pub mod calls;
+pub mod error;
+pub mod headers;
+pub mod openapi;
+pub mod ops;
+pub mod tracker;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::{App, HttpServer, web};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::amqp::Broker;
+use crate::calls::CallStore;
+use crate::error::{Error, Result};
+use crate::rpc::{RpcClient, RpcOptions};
+use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
+use auth::Auth;
+use error::ApiError;
+use tracker::Tracker;
+
+/// What every request handler shares.
+pub struct AppState {
+    /// `[gateway]` settings.
+    pub gateway: GatewaySettings,
+    /// The services the gateway exposes.
+    pub services: BTreeMap<String, ServiceSettings>,
+    /// Token checks.
+    pub auth: Auth,
+    /// The RPC client (durable reply queue).
+    pub rpc: RpcClient,
+    /// The call lifecycle and the store.
+    pub tracker: Tracker,
+    /// The broker, for readiness.
+    pub broker: Broker,
+    /// Whether a callback secret is set.
+    pub callbacks_enabled: bool,
+    /// Whether callbacks may target private addresses.
+    pub allow_private_callbacks: bool,
+}
+
+/// A running gateway.
+pub struct RunningGateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The shared state (tests read counters through it).
+    pub state: web::Data<AppState>,
+    handle: ServerHandle,
+    cancel: CancellationToken,
+}
+
+impl RunningGateway {
+    /// Stops accepting, lets requests in flight finish (bounded), stops the
+    /// background tasks and closes the reply consumer and the store.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        self.cancel.cancel();
+        self.state.rpc.close().await;
+        self.state.tracker.store().close().await;
+    }
+}
+
+/// Mounts every route on an actix-web app.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(
+        web::PathConfig::default().error_handler(|e, _| ApiError::BadRequest(e.to_string()).into()),
+    )
+    .app_data(
+        web::QueryConfig::default()
+            .error_handler(|e, _| ApiError::BadRequest(e.to_string()).into()),
+    )
+    .route(
+        "/v1/services/{service}/calls",
+        web::post().to(calls::start_call),
+    )
+    .route("/v1/calls/{id}", web::get().to(calls::get_call))
+    .route("/v1/calls/{id}/result", web::get().to(calls::get_result))
+    .route("/healthz", web::get().to(ops::healthz))
+    .route("/readyz", web::get().to(ops::readyz))
+    .route("/openapi.json", web::get().to(ops::openapi));
+}
+
+/// Starts the gateway on `listener`: opens the store, resumes its pending
+/// calls, starts the RPC client, the background tasks and the HTTP server.
+pub async fn start(
+    settings: &Settings,
+    broker: &Broker,
+    listener: TcpListener,
+    cancel: CancellationToken,
+) -> Result<RunningGateway> {
+    let g = settings.gateway.clone();
+    let store = CallStore::open(&g.store_url).await?;
+    let callbacks_enabled = !settings.callbacks.secret.is_empty();
+    let callbacks = None;
+    let tracker = Tracker::new(store, broker.clone(), callbacks, g.max_streams);
+    let mut options = RpcOptions::from(&settings.rpc);
+    if options.reply_mode != ReplyMode::Queue {
+        warn!(
+            "the gateway always uses the durable reply queue, so replies outlive requests and restarts"
+        );
+    }
+    options.reply_mode = ReplyMode::Queue;
+    options.orphans = Some(tracker.orphan_sink());
+    let rpc = RpcClient::start(broker, options).await?;
+    let pending = tracker.resume().await?;
+    tracker.spawn_sweeper(Duration::from_secs(g.retention_s), cancel.child_token());
+    let services: Vec<String> = settings.services.keys().cloned().collect();
+    tracker
+        .start_dead_letter_watch(&services, cancel.child_token())
+        .await?;
+    let state = web::Data::new(AppState {
+        gateway: g.clone(),
+        services: settings.services.clone(),
+        auth: Auth::new(&g.tokens),
+        rpc,
+        tracker,
+        broker: broker.clone(),
+        callbacks_enabled,
+        allow_private_callbacks: settings.callbacks.allow_private,
+    });
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Malformed(format!("listener: {e}")))?;
+    let data = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .configure(routes)
+            .default_service(web::to(ops::not_found))
+    })
+    .disable_signals()
+    .shutdown_timeout(10);
+    if g.workers > 0 {
+        server = server.workers(g.workers);
+    }
+    let server = server
+        .listen(listener)
+        .map_err(|e| Error::Malformed(format!("cannot listen on {addr}: {e}")))?
+        .run();
+    let handle = server.handle();
+    actix_rt::spawn(server);
+    if g.tokens.is_empty() {
+        info!(%addr, "gateway listening without tokens: loopback only, every caller is `anonymous`");
+    } else {
+        info!(%addr, tokens = g.tokens.len(), "gateway listening");
+    }
+    info!(pending, "calls resumed from the store");
+    Ok(RunningGateway {
+        addr,
+        state,
+        handle,
+        cancel,
+    })
+}

@@ -1,0 +1,47 @@
+//! The OpenAPI description, derived from the handlers' annotations and the
+//! documents' types, so it cannot drift from what the gateway does.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::error::Problem;
+use super::ops::Health;
+use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
+
+/// The API document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "switchboard",
+        description = "Every interaction style between synchronous and asynchronous over RabbitMQ: synchronous answers, bounded waits that turn into 202 Accepted, polling and long-polling, signed callbacks, and event streams."
+    ),
+    paths(
+        super::calls::start_call,
+        super::calls::get_call,
+        super::calls::get_result,
+        super::ops::healthz,
+        super::ops::readyz,
+        super::ops::openapi,
+    ),
+    components(schemas(StatusDocument, ResultDocument, CallbackDocument, Problem, Health)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "calls", description = "Start calls and follow them"),
+        (name = "events", description = "Event streams"),
+        (name = "operations", description = "Health and description"),
+    )
+)]
+pub struct ApiDoc;
+
+/// Declares the bearer token scheme.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}

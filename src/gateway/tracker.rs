@@ -1,0 +1,424 @@
+//! [`Tracker`]: the life of a call that outlives its HTTP request.
+//!
+//! It finishes stored calls (from a reply awaited in the background, a reply
+//! that arrives after a restart through the RPC client's orphan sink, a dead
+//! letter, or the deadline), publishes their lifecycle CloudEvents, wakes
+//! long-pollers and hands callbacks to the dispatcher. Every way a call ends
+//! goes through [`Tracker::complete`], which changes a call only while it is
+//! pending, so each call ends exactly once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_lapin::lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
+};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::amqp::{Broker, wire};
+use crate::callbacks::DispatcherHandle;
+use crate::calls::document::StatusDocument;
+use crate::calls::{CallRecord, CallStatus, CallStore, StoredResult};
+use crate::error::{Error, Result};
+use crate::events::{self, CloudEvent};
+use crate::rpc::{OrphanSink, PendingReply};
+use crate::worker::Reply;
+
+/// `type` of the event published when a call is accepted with a 202.
+pub const EVENT_ACCEPTED: &str = "switchboard.call.accepted";
+/// `type` of the event published when a call ends.
+pub const EVENT_COMPLETED: &str = "switchboard.call.completed";
+/// CloudEvents extension naming the caller of a lifecycle event, so event
+/// streams show each caller only its own calls.
+pub const EXT_CALLER: &str = "switchboardcaller";
+
+/// How a call ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The service replied.
+    Reply(Reply),
+    /// No reply before the service's deadline.
+    Expired,
+    /// The request was dead-lettered after failing on every delivery.
+    DeadLettered,
+}
+
+/// The call lifecycle. Cheap to clone.
+#[derive(Clone)]
+pub struct Tracker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: CallStore,
+    broker: Broker,
+    /// CloudEvents `source` of lifecycle events.
+    source: String,
+    callbacks: Option<DispatcherHandle>,
+    /// Long-pollers waiting for a call to end, by call id.
+    watchers: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    /// Bound on `watchers` (senders in all lists).
+    max_watchers: usize,
+    watcher_count: AtomicUsize,
+}
+
+impl Tracker {
+    /// A tracker over `store` that publishes on `broker`.
+    pub fn new(
+        store: CallStore,
+        broker: Broker,
+        callbacks: Option<DispatcherHandle>,
+        max_watchers: usize,
+    ) -> Self {
+        let source = format!("/switchboard/{}", broker.instance_id());
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                broker,
+                source,
+                callbacks,
+                watchers: Mutex::new(HashMap::new()),
+                max_watchers,
+                watcher_count: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &CallStore {
+        &self.inner.store
+    }
+
+    /// A lifecycle CloudEvent about `doc`.
+    pub fn lifecycle_event(
+        &self,
+        ty: &str,
+        doc: &StatusDocument,
+        caller: &str,
+        traceparent: Option<&str>,
+    ) -> CloudEvent {
+        let data = serde_json::to_value(doc).unwrap_or(Value::Null);
+        let mut event = CloudEvent::new(ty, self.inner.source.clone(), data).with_subject(&doc.id);
+        event
+            .extensions
+            .insert(EXT_CALLER.into(), Value::String(caller.to_owned()));
+        if let Some(tp) = traceparent {
+            event
+                .extensions
+                .insert("traceparent".into(), Value::String(tp.to_owned()));
+        }
+        event
+    }
+
+    /// Publishes a lifecycle event; a failure is logged, not returned: the
+    /// call itself is already safe in the store.
+    pub async fn publish_event(&self, event: &CloudEvent) {
+        if let Err(e) = events::publish(&self.inner.broker, event).await {
+            warn!(error = %e, event_type = %event.ty, subject = ?event.subject, "lifecycle event not published");
+        }
+    }
+
+    /// Ends a stored call with `outcome`, once: publishes the completed
+    /// event, wakes its long-pollers and schedules its callback. Returns
+    /// whether this call changed the call (false: unknown or already ended).
+    pub async fn complete(&self, id: &str, outcome: Outcome) -> Result<bool> {
+        let Some(mut call) = self.inner.store.get(id).await? else {
+            return Ok(false);
+        };
+        if call.status.is_terminal() {
+            return Ok(false);
+        }
+        let now = wire::now_ms() as i64;
+        let (status, result) = match outcome {
+            Outcome::Reply(r) => (
+                CallStatus::of_reply(r.status),
+                Some(StoredResult {
+                    status: r.status,
+                    content_type: r.content_type,
+                    body: r.body.to_vec(),
+                }),
+            ),
+            Outcome::Expired => (CallStatus::Expired, None),
+            Outcome::DeadLettered => (
+                CallStatus::Failed,
+                Some(StoredResult {
+                    status: 502,
+                    content_type: wire::CONTENT_PROBLEM.into(),
+                    body: wire::problem_body(
+                        502,
+                        "Bad Gateway",
+                        Some("the request failed on every delivery and was dead-lettered"),
+                    ),
+                }),
+            ),
+        };
+        call.status = status;
+        call.completed_ms = Some(now);
+        call.result = result.clone();
+        if let Some(cb) = call.callback.as_mut() {
+            cb.state = crate::calls::CallbackState::Pending;
+        }
+        let doc = StatusDocument::of(&call);
+        let event = self.lifecycle_event(
+            EVENT_COMPLETED,
+            &doc,
+            &call.caller,
+            call.traceparent.as_deref(),
+        );
+        let body = serde_json::to_vec(&event).map_err(|e| Error::Malformed(e.to_string()))?;
+        let callback = call
+            .callback
+            .as_ref()
+            .map(|_| (event.id.as_str(), body.as_slice()));
+        if !self
+            .inner
+            .store
+            .complete(id, status, result.as_ref(), now, callback)
+            .await?
+        {
+            return Ok(false);
+        }
+        info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
+        self.wake_watchers(id);
+        if call.callback.is_some()
+            && let Some(cb) = &self.inner.callbacks
+        {
+            cb.wake();
+        }
+        self.publish_event(&event).await;
+        Ok(true)
+    }
+
+    /// Finishes `pending` in the background: the HTTP request that made it
+    /// has been answered with a 202.
+    pub fn follow(&self, pending: PendingReply) {
+        let tracker = self.clone();
+        let id = pending.call_id().to_owned();
+        let span = info_span!("follow", call_id = %id);
+        tokio::spawn(
+            async move {
+                let outcome = match pending.wait().await {
+                    Ok(reply) => Outcome::Reply(reply),
+                    Err(Error::Timeout { .. }) => Outcome::Expired,
+                    Err(e) => {
+                        warn!(error = %e, "lost track of the call; the deadline sweep ends it");
+                        return;
+                    }
+                };
+                if let Err(e) = tracker.complete(&id, outcome).await {
+                    warn!(error = %e, "could not store the call's end; its reply is acked, the deadline sweep ends it");
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The sink for replies the RPC client no longer waits for (after a
+    /// restart): they finish their stored call.
+    pub fn orphan_sink(&self) -> OrphanSink {
+        let tracker = self.clone();
+        Arc::new(move |id: String, reply: Reply| {
+            let tracker = tracker.clone();
+            Box::pin(async move {
+                match tracker.complete(&id, Outcome::Reply(reply)).await {
+                    Ok(true) => {
+                        debug!(call_id = %id, "stored call finished by a reply that outlived its request")
+                    }
+                    Ok(false) => debug!(call_id = %id, "reply for no pending call dropped"),
+                    Err(e) => warn!(call_id = %id, error = %e, "reply could not be stored"),
+                }
+            })
+        })
+    }
+
+    /// A receiver that fires when `id` ends (or is dropped when the bound of
+    /// watchers is reached: the caller then answers with the current state).
+    pub fn watch(&self, id: &str) -> Option<oneshot::Receiver<()>> {
+        let mut map = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if self.inner.watcher_count.load(Ordering::Relaxed) >= self.inner.max_watchers {
+            // Prune waiters that gave up before refusing a new one.
+            let mut pruned = 0;
+            map.retain(|_, v| {
+                let before = v.len();
+                v.retain(|tx| !tx.is_closed());
+                pruned += before - v.len();
+                !v.is_empty()
+            });
+            self.inner
+                .watcher_count
+                .fetch_sub(pruned, Ordering::Relaxed);
+            if self.inner.watcher_count.load(Ordering::Relaxed) >= self.inner.max_watchers {
+                return None;
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        map.entry(id.to_owned()).or_default().push(tx);
+        self.inner.watcher_count.fetch_add(1, Ordering::Relaxed);
+        Some(rx)
+    }
+
+    fn wake_watchers(&self, id: &str) {
+        let waiters = {
+            let mut map = self
+                .inner
+                .watchers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            map.remove(id).unwrap_or_default()
+        };
+        self.inner
+            .watcher_count
+            .fetch_sub(waiters.len(), Ordering::Relaxed);
+        for tx in waiters {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Resumes after a start: drops calls never confirmed by the broker
+    /// (nobody got a 202 for them) and returns how many calls are pending.
+    pub async fn resume(&self) -> Result<usize> {
+        let dropped = self.inner.store.drop_unpublished().await?;
+        if dropped > 0 {
+            info!(
+                dropped,
+                "dropped calls whose request was never confirmed (no 202 was given)"
+            );
+        }
+        let pending = self.inner.store.pending().await?;
+        if let Some(cb) = &self.inner.callbacks {
+            cb.wake();
+        }
+        Ok(pending.len())
+    }
+
+    /// Every second, ends pending calls past their deadline as expired;
+    /// every minute, removes calls finished longer than `retention` ago.
+    pub fn spawn_sweeper(&self, retention: Duration, cancel: CancellationToken) {
+        let tracker = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut n: u64 = 0;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                n += 1;
+                let now = wire::now_ms() as i64;
+                match tracker.inner.store.overdue(now, 1000).await {
+                    Ok(ids) => {
+                        for id in ids {
+                            if let Err(e) = tracker.complete(&id, Outcome::Expired).await {
+                                warn!(call_id = %id, error = %e, "could not expire a call");
+                            }
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "deadline sweep failed"),
+                }
+                if n % 60 == 1 {
+                    let before = now - retention.as_millis() as i64;
+                    match tracker.inner.store.purge(before).await {
+                        Ok(0) => {}
+                        Ok(k) => info!(removed = k, "finished calls past their retention removed"),
+                        Err(e) => warn!(error = %e, "retention purge failed"),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Consumes the gateway's copy of dead letters (`<p>.deadwatch.<instance>`,
+    /// bound to the dead exchange for each of `services`) and fails the
+    /// stored calls among them.
+    pub async fn start_dead_letter_watch(
+        &self,
+        services: &[String],
+        cancel: CancellationToken,
+    ) -> Result<()> {
+        let broker = &self.inner.broker;
+        let names = broker.names();
+        let conn = broker.dedicated_connection("deadwatch").await?;
+        let ch = conn.create_channel().await?;
+        let queue = names.deadwatch_queue(broker.instance_id());
+        // Durable: dead letters of this gateway's calls wait for it across restarts.
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: false,
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        for s in services {
+            ch.queue_bind(
+                queue.as_str().into(),
+                names.dead_exchange().into(),
+                s.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        ch.basic_qos(64, BasicQosOptions { global: false }).await?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                wire::consumer_tag(broker.instance_id(), "deadwatch").into(),
+                BasicConsumeOptions {
+                    no_local: false,
+                    no_ack: false,
+                    exclusive: false,
+                    nowait: false,
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let tracker = self.clone();
+        tokio::spawn(async move {
+            // Keeps the connection open while the watch runs.
+            let _conn = conn;
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    n = consumer.next() => n,
+                };
+                let Some(Ok(delivery)) = next else { break };
+                // Only replies-wanted requests of this instance can be stored calls.
+                if let Some(id) = delivery.properties.correlation_id().as_ref()
+                    && let Err(e) = tracker.complete(id.as_str(), Outcome::DeadLettered).await
+                {
+                    warn!(call_id = %id, error = %e, "dead letter not recorded");
+                }
+                let _ = delivery
+                    .acker
+                    .ack(BasicAckOptions { multiple: false })
+                    .await;
+            }
+            let _ = ch.close(200, "shutdown".into()).await;
+        });
+        Ok(())
+    }
+}
+
+/// The document of a stored call, as its caller sees it.
+pub fn document(call: &CallRecord) -> StatusDocument {
+    StatusDocument::of(call)
+}
