@@ -271,6 +271,11 @@ impl Tracker {
         Some(rx)
     }
 
+    /// Long-pollers waiting now.
+    pub fn watchers(&self) -> usize {
+        self.inner.watcher_count.load(Ordering::Relaxed)
+    }
+
     fn wake_watchers(&self, id: &str) {
         let waiters = {
             let mut map = self

@@ -135,3 +135,142 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A gateway under test: in-process workers (`echo`, `slow` gated by
+/// `gate`, `fail` answering 422, `count` counting its deliveries), the
+/// gateway on 127.0.0.1:0 with an SQLite store in a temporary directory.
+pub struct Gw {
+    pub ctx: Ctx,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub gateway: Option<switchboard::gateway::RunningGateway>,
+    /// Each request to `slow` takes one permit before it answers.
+    pub gate: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Deliveries seen by `count`.
+    pub counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub dir: tempfile::TempDir,
+    _workers: deadpool_lapin::lapin::Connection,
+}
+
+pub const GATEWAY_SERVICES: &[&str] = &["echo", "slow", "fail", "count", "poison"];
+
+/// Starts workers and a gateway for the test `name`; `tweak` adjusts the
+/// settings first (tokens, limits, callbacks...).
+pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use switchboard::worker::{self, HandlerError, Reply, Request, Worker};
+
+    let mut c = ctx(name).await;
+    let dir = tempfile::tempdir().unwrap();
+    let svc_settings = c.service();
+    let s = &mut c.settings;
+    s.gateway.store_url = format!("sqlite://{}/calls.db?mode=rwc", dir.path().display());
+    s.gateway.workers = 1;
+    s.gateway.bind = "127.0.0.1:0".into();
+    s.services.clear();
+    for svc in GATEWAY_SERVICES {
+        s.services.insert((*svc).into(), svc_settings.clone());
+    }
+    tweak(s);
+
+    let conn = c.broker.dedicated_connection("worker").await.unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let counted = Arc::new(AtomicU64::new(0));
+    let g = gate.clone();
+    let slow = Arc::new(move |req: Request| {
+        let g = g.clone();
+        async move {
+            let p = g
+                .acquire()
+                .await
+                .map_err(|_| HandlerError::new(500, "gate closed"))?;
+            p.forget();
+            Ok(Reply::ok(req.content_type, req.payload))
+        }
+    });
+    let n = counted.clone();
+    let count = Arc::new(move |req: Request| {
+        let n = n.clone();
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+            Ok(Reply::ok(req.content_type, req.payload))
+        }
+    });
+    let fail = Arc::new(|_req: Request| async move {
+        Err::<Reply, _>(HandlerError::new(422, "order rejected").with_detail("no stock"))
+    });
+    let poison = Arc::new(|_req: Request| async move {
+        Err::<Reply, _>(HandlerError::transient("always fails"))
+    });
+    let handlers: Vec<(&str, Arc<dyn worker::Handler>)> = vec![
+        ("echo", worker::echo(Duration::ZERO)),
+        ("slow", slow),
+        ("fail", fail),
+        ("count", count),
+        ("poison", poison),
+    ];
+    for (svc, h) in handlers {
+        Worker::start(&c.broker, &conn, svc, &c.settings.services[svc], h)
+            .await
+            .unwrap();
+    }
+    let mut gw = Gw {
+        ctx: c,
+        base: String::new(),
+        http: reqwest::Client::new(),
+        gateway: None,
+        gate,
+        counted,
+        dir,
+        _workers: conn,
+    };
+    gw.start_gateway().await;
+    gw
+}
+
+impl Gw {
+    /// (Re)starts the gateway on a new port with the same settings and store.
+    pub async fn start_gateway(&mut self) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let g = switchboard::gateway::start(
+            &self.ctx.settings,
+            &self.ctx.broker,
+            listener,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        self.base = format!("http://{}", g.addr);
+        self.gateway = Some(g);
+    }
+
+    /// Stops the gateway (as a shutdown would).
+    pub async fn stop_gateway(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.stop().await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST a call.
+    pub fn post(&self, service: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url(&format!("/v1/services/{service}/calls")))
+    }
+
+    pub async fn cleanup(mut self) {
+        self.stop_gateway().await;
+        let ch = self.ctx.broker.channel().await.unwrap();
+        let q = self
+            .ctx
+            .broker
+            .names()
+            .deadwatch_queue(self.ctx.broker.instance_id());
+        let _ = ch.queue_delete(q.into(), Default::default()).await;
+        self.ctx.cleanup(GATEWAY_SERVICES).await;
+    }
+}

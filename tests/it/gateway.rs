@@ -1,0 +1,460 @@
+//! The HTTP gateway over a real socket, against real RabbitMQ: each route
+//! and mode of DESIGN.md.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use switchboard::settings::TokenSettings;
+
+use crate::common::{Gw, gateway};
+
+async fn json(res: reqwest::Response) -> Value {
+    res.json().await.unwrap()
+}
+
+fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    res.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn assert_problem(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status().as_u16(), status);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/problem+json")
+    );
+    let doc = json(res).await;
+    assert_eq!(doc["status"], status);
+    assert!(doc["title"].is_string());
+    doc
+}
+
+/// Polls a call's status document until it is no longer pending.
+async fn finished(gw: &Gw, id: &str) -> Value {
+    let res = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}?wait=20")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    json(res).await
+}
+
+#[actix_rt::test]
+async fn a_synchronous_call_answers_with_the_reply_and_is_not_kept() {
+    let gw = gateway("gw-sync", |_| {}).await;
+    let res = gw
+        .post("echo")
+        .header("content-type", "application/json")
+        .body(r#"{"hello":"world"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "content-type"), Some("application/json"));
+    let id = header(&res, "call-id").unwrap().to_owned();
+    assert_eq!(res.text().await.unwrap(), r#"{"hello":"world"}"#);
+
+    // Any bytes pass through untouched, with their content type.
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let res = gw
+        .post("echo")
+        .header("content-type", "application/octet-stream")
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        header(&res, "content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(res.bytes().await.unwrap().to_vec(), bytes);
+
+    // A call answered synchronously is not kept.
+    let res = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404).await;
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_handler_error_passes_through_with_its_status() {
+    let gw = gateway("gw-err", |_| {}).await;
+    let res = gw.post("fail").body("{}").send().await.unwrap();
+    assert!(header(&res, "call-id").is_some());
+    let doc = assert_problem(res, 422).await;
+    assert_eq!(doc["title"], "order rejected");
+    assert_eq!(doc["detail"], "no stock");
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_slow_call_degrades_to_202_and_is_reachable_by_polling_and_long_polling() {
+    let gw = gateway("gw-slow", |_| {}).await;
+    let res = gw
+        .post("slow")
+        .header("prefer", "wait=1")
+        .header("content-type", "text/plain")
+        .body("slow one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&res, "preference-applied"), Some("wait=1"));
+    let location = header(&res, "location").unwrap().to_owned();
+    let retry: u64 = header(&res, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "retry-after {retry}");
+    let doc = json(res).await;
+    assert_eq!(doc["status"], "pending");
+    assert_eq!(doc["service"], "slow");
+    let id = doc["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/calls/{id}"));
+    assert_eq!(doc["result_url"], format!("/v1/calls/{id}/result"));
+    assert!(doc["completed_at"].is_null());
+
+    // Polling: pending, with a Retry-After.
+    let res = gw.http.get(gw.url(&location)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(header(&res, "retry-after").is_some());
+    assert_eq!(json(res).await["status"], "pending");
+    let res = gw
+        .http
+        .get(gw.url(&format!("{location}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert!(header(&res, "retry-after").is_some());
+
+    // Long-poll: held until the call ends, which the test lets happen.
+    let poll = tokio::spawn(gw.http.get(gw.url(&format!("{location}?wait=30"))).send());
+    // The long-poll is held by the gateway before the reply is allowed.
+    let state = gw.gateway.as_ref().unwrap().state.clone();
+    crate::common::eventually(Duration::from_secs(10), "the long-poll is waiting", || {
+        let state = state.clone();
+        async move { state.tracker.watchers() == 1 }
+    })
+    .await;
+    gw.gate.add_permits(1);
+    let doc = json(poll.await.unwrap().unwrap()).await;
+    assert_eq!(doc["status"], "succeeded");
+    assert_eq!(doc["result"]["status"], 200);
+    assert_eq!(doc["result"]["content_type"], "text/plain");
+    assert_eq!(doc["result"]["body"], "slow one");
+    assert!(doc["completed_at"].is_string());
+
+    // The result exactly as a synchronous answer would have been.
+    let res = gw
+        .http
+        .get(gw.url(&format!("{location}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "content-type"), Some("text/plain"));
+    assert_eq!(header(&res, "call-id"), Some(id.as_str()));
+    assert_eq!(res.text().await.unwrap(), "slow one");
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn respond_async_answers_202_at_once_and_the_result_follows() {
+    let gw = gateway("gw-async", |_| {}).await;
+    let res = gw
+        .post("echo")
+        .header("prefer", "respond-async, handling=lenient")
+        .body(r#"[1,2,3]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&res, "preference-applied"), Some("respond-async"));
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let doc = finished(&gw, &id).await;
+    assert_eq!(doc["status"], "succeeded");
+    assert_eq!(doc["result"]["body"], serde_json::json!([1, 2, 3]));
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn an_idempotent_repeat_returns_the_same_call_and_publishes_nothing_new() {
+    let gw = gateway("gw-idem", |_| {}).await;
+    let send = |key: &str, body: &str| {
+        gw.post("count")
+            .header("idempotency-key", key)
+            .header("prefer", "respond-async")
+            .body(body.to_owned())
+            .send()
+    };
+    let first = json(send("order-42", "{\"n\":1}").await.unwrap()).await;
+    let id = first["id"].as_str().unwrap().to_owned();
+    assert_eq!(finished(&gw, &id).await["status"], "succeeded");
+    let again = send("order-42", "{\"n\":1}").await.unwrap();
+    assert_eq!(header(&again, "call-id"), Some(id.as_str()));
+    assert_eq!(again.text().await.unwrap(), "{\"n\":1}");
+    // Concurrent repeats of a new key make one call.
+    let (a, b) = tokio::join!(send("order-43", "{}"), send("order-43", "{}"));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(header(&a, "call-id"), header(&b, "call-id"));
+    let id43 = header(&a, "call-id").unwrap().to_owned();
+    assert_eq!(finished(&gw, &id43).await["status"], "succeeded");
+    assert_eq!(
+        gw.counted.load(Ordering::SeqCst),
+        2,
+        "a repeat was published again"
+    );
+
+    // The same key with another body: 422. A malformed key: 400.
+    let res = send("order-42", "{\"n\":2}").await.unwrap();
+    assert_problem(res, 422).await;
+    let res = gw
+        .post("count")
+        .header("idempotency-key", "has space")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400).await;
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn malformed_requests_get_problem_json_with_the_right_status() {
+    let gw = gateway("gw-bad", |s| s.gateway.payload_limit_bytes = 1024).await;
+    for prefer in ["wait=-1", "wait=soon", "wait=1.5"] {
+        let res = gw
+            .post("echo")
+            .header("prefer", prefer)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, 400).await;
+    }
+    let res = gw.post("echo").body(vec![b'x'; 2048]).send().await.unwrap();
+    assert_problem(res, 413).await;
+    let res = gw.post("nosuch").body("{}").send().await.unwrap();
+    assert_problem(res, 404).await;
+    let res = gw.http.get(gw.url("/v1/calls/nope")).send().await.unwrap();
+    assert_problem(res, 404).await;
+    let res = gw
+        .http
+        .get(gw.url("/v1/calls/nope?wait=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 400).await;
+    let res = gw.http.get(gw.url("/no/such/route")).send().await.unwrap();
+    assert_problem(res, 404).await;
+    // Nothing sent crashed it.
+    let res = gw.post("echo").body("{}").send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn tokens_authenticate_limit_services_and_hide_other_callers_calls() {
+    let gw = gateway("gw-auth", |s| {
+        let mut t = BTreeMap::new();
+        t.insert(
+            "alice".to_string(),
+            TokenSettings {
+                token: "alice-token-0123456789".into(),
+                services: vec!["echo".into()],
+            },
+        );
+        t.insert(
+            "bob".to_string(),
+            TokenSettings {
+                token: "bob-token-0123456789ab".into(),
+                services: vec!["*".into()],
+            },
+        );
+        s.gateway.tokens = t;
+    })
+    .await;
+    let res = gw.post("echo").body("{}").send().await.unwrap();
+    assert_eq!(header(&res, "www-authenticate"), Some("Bearer"));
+    assert_problem(res, 401).await;
+    let res = gw
+        .post("echo")
+        .bearer_auth("wrong-token-0123456789")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 401).await;
+    let res = gw
+        .post("count")
+        .bearer_auth("alice-token-0123456789")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 403).await;
+    let res = gw
+        .post("echo")
+        .bearer_auth("alice-token-0123456789")
+        .header("prefer", "respond-async")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let mine = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}")))
+        .bearer_auth("alice-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.status(), StatusCode::OK);
+    let theirs = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}")))
+        .bearer_auth("bob-token-0123456789ab")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(theirs, 404).await;
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_call_past_the_services_timeout_expires_and_its_result_is_504() {
+    let gw = gateway("gw-expire", |s| {
+        s.services.get_mut("slow").unwrap().timeout_ms = 500;
+    })
+    .await;
+    let res = gw
+        .post("slow")
+        .header("prefer", "respond-async")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let doc = finished(&gw, &id).await;
+    assert_eq!(doc["status"], "expired");
+    assert!(doc.get("result").is_none());
+    let res = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}/result")))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 504).await;
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_dead_lettered_call_ends_failed() {
+    let gw = gateway("gw-dead", |s| {
+        s.services.get_mut("poison").unwrap().delivery_limit = 1;
+    })
+    .await;
+    let res = gw
+        .post("poison")
+        .header("prefer", "respond-async")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let doc = finished(&gw, &id).await;
+    assert_eq!(doc["status"], "failed");
+    assert_eq!(doc["result"]["status"], 502);
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_gateway_restarted_while_calls_are_pending_finishes_them_all_from_the_store() {
+    let mut gw = gateway("gw-restart", |_| {}).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let res = gw
+            .post("slow")
+            .header("prefer", "respond-async")
+            .body(format!("{{\"i\":{i}}}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        ids.push(json(res).await["id"].as_str().unwrap().to_owned());
+    }
+    gw.stop_gateway().await;
+    // The replies arrive while no gateway runs: they wait in the reply queue.
+    gw.gate.add_permits(5);
+    gw.start_gateway().await;
+    for (i, id) in ids.iter().enumerate() {
+        let doc = finished(&gw, id).await;
+        assert_eq!(doc["status"], "succeeded", "call {id}");
+        assert_eq!(doc["result"]["body"]["i"], i);
+    }
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn health_readiness_and_the_openapi_document() {
+    let gw = gateway("gw-ops", |_| {}).await;
+    for path in ["/healthz", "/readyz"] {
+        let res = gw.http.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+    let doc = json(gw.http.get(gw.url("/openapi.json")).send().await.unwrap()).await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    for route in [
+        "/v1/services/{service}/calls",
+        "/v1/calls/{id}",
+        "/v1/calls/{id}/result",
+        "/healthz",
+        "/readyz",
+        "/openapi.json",
+    ] {
+        assert!(
+            paths.contains_key(route),
+            "{route} missing from the OpenAPI document"
+        );
+    }
+    assert!(doc["components"]["schemas"]["StatusDocument"].is_object());
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn wait_is_capped_and_a_reply_within_it_is_answered() {
+    let gw = gateway("gw-wait", |s| s.gateway.max_wait_s = 2).await;
+    let res = gw
+        .post("echo")
+        .header("prefer", "wait=3600")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "preference-applied"), Some("wait=2"));
+    let started = std::time::Instant::now();
+    let res = gw
+        .post("slow")
+        .header("prefer", "wait=3600")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the cap was not applied"
+    );
+    gw.gate.add_permits(1);
+    gw.cleanup().await;
+}
