@@ -2,6 +2,13 @@
 //! exchange. Every subscriber binds a queue of its own: a temporary one
 //! (exclusive, deleted when it disconnects) or a named, durable one that keeps
 //! events while its subscriber is away.
+//!
+//! # Layout
+//! - this file: [`CloudEvent`], [`publish`], [`Subscription`].
+//! - [`hub`]: [`hub::EventHub`], the actor relaying the fanout to SSE and
+//!   WebSocket sessions.
+
+pub mod hub;
 
 use std::collections::BTreeMap;
 
