@@ -11,7 +11,8 @@
 //! - [`amqp`]: the broker face (pool, topology, confirmed publishing, wire conventions).
 //! - [`worker`]: the worker actor and the handler API.
 //! - [`rpc`]: the RPC client and its reply-router actor.
-//! - [`events`]: CloudEvents broadcast and subscription.
+//! - [`events`]: CloudEvents broadcast and subscription, and the hub relaying them to streams.
+//! - [`gateway`]: the HTTP face (so far: SSE and WebSocket event streams).
 //! - [`app`]: `serve`: the workers of the configured services.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
@@ -22,6 +23,7 @@ pub mod app;
 pub mod bench;
 pub mod error;
 pub mod events;
+pub mod gateway;
 pub mod rpc;
 pub mod settings;
 pub mod telemetry;

@@ -1,0 +1,3 @@
+//! HTTP gateway (being written).
+
+pub mod streams;
