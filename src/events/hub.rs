@@ -69,7 +69,8 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The hub's bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct HubOptions {
-    /// Events kept for resuming with a last event id (0: no resuming).
+    /// Events kept for resuming with a last event id (0: only a client that
+    /// saw the latest event resumes without a gap).
     pub history: usize,
     /// Sessions at once; one more is refused.
     pub max_sessions: usize,
@@ -252,7 +253,9 @@ pub struct EventHub {
 impl EventHub {
     /// Binds a queue of its own to the events fanout on a dedicated
     /// connection and starts relaying. Returns once the queue is bound: every
-    /// event published (and confirmed) afterwards reaches the hub.
+    /// event published (and confirmed) afterwards reaches the hub. Runs the
+    /// actor on the current Actix arbiter, so it must be called inside an
+    /// Actix system (`actix_rt`, `#[actix_web::main]`).
     pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
         let conn = broker.dedicated_connection("hub").await?;
         let channel = conn.create_channel().await?;
