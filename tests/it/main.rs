@@ -8,6 +8,7 @@ mod common;
 
 mod broker;
 mod events;
+mod hub;
 mod interop;
 mod rpc;
 mod settings;
