@@ -42,19 +42,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::Bytes;
 use deadpool_lapin::lapin::{
-    self, Channel, Connection,
-    message::Delivery,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
-    types::FieldTable,
+    self, Channel, Connection, message::Delivery, options::BasicAckOptions,
 };
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tracing::{debug, info, warn};
 
 use super::CloudEvent;
-use crate::amqp::{Broker, wire};
+use crate::amqp::Broker;
 use crate::error::Result;
 
 /// Unacked deliveries the broker may hand the hub at once: bounds what waits
@@ -259,50 +253,18 @@ impl EventHub {
     pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
         let conn = broker.dedicated_connection("hub").await?;
         let channel = conn.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                // Server-named, this connection's only, deleted with it: the
-                // hub is a live relay, nothing should pile up while it is gone.
-                QueueDeclareOptions {
-                    passive: false,
-                    durable: false,
-                    exclusive: true,
-                    auto_delete: true,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let queue = queue.name().as_str().to_owned();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                broker.names().events_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        // Bounds the deliveries held in memory before the actor handles them.
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions { global: false })
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                wire::consumer_tag(broker.instance_id(), "hub").into(),
-                BasicConsumeOptions {
-                    no_local: false,
-                    // Manual acks, so that the prefetch bounds what is in flight.
-                    no_ack: false,
-                    // The queue is exclusive anyway.
-                    exclusive: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        // A temporary queue: the hub is a live relay, nothing should pile up
+        // while it is gone. The prefetch bounds the deliveries held in memory
+        // before the actor handles them.
+        let (queue, consumer) = super::consume_fanout(
+            broker,
+            &channel,
+            "",
+            super::temporary_queue(),
+            PREFETCH,
+            "hub",
+        )
+        .await?;
         let stats = Arc::new(HubStats::default());
         stats.consuming.store(true, Ordering::Relaxed);
         let epoch = format!("{:016x}", rand::random::<u64>());
