@@ -66,6 +66,25 @@ fn stat(s: &std::sync::atomic::AtomicU64) -> u64 {
     HubStats::get(s)
 }
 
+/// Waits until the hub has no session left.
+async fn no_sessions_left(h: &HubHandle, what: &str) {
+    eventually(WAIT, what, || {
+        let n = stat(&h.stats.sessions);
+        async move { n == 0 }
+    })
+    .await;
+}
+
+/// A WebSocket client connected to the test server's `/ws`.
+async fn ws_connect(
+    addr: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap()
+        .0
+}
+
 async fn finish(c: Ctx, h: HubHandle) {
     h.stop().await;
     c.cleanup(&[]).await;
@@ -571,15 +590,7 @@ async fn sse_sends_keep_alives_and_a_client_that_leaves_is_noticed() {
     drop(stream);
     // No event flows: only the heartbeat's failed write can tell that the
     // client left; then the hub sweeps the session out.
-    eventually(
-        WAIT,
-        "the session of the client that left is removed",
-        || {
-            let n = stat(&h.stats.sessions);
-            async move { n == 0 }
-        },
-    )
-    .await;
+    no_sessions_left(&h, "the session of the client that left is removed").await;
     server.stop(false).await;
     finish(c, h).await;
 }
@@ -589,9 +600,7 @@ async fn websocket_relays_events_as_text_frames_and_answers_pings() {
     let c = ctx("hub-ws").await;
     let h = hub(&c, opts(10, 10, 64)).await;
     let (addr, server) = serve(&h, Duration::from_millis(100));
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
+    let mut ws = ws_connect(&addr).await;
     assert_eq!(stat(&h.stats.sessions), 1);
     // What a client says is ignored, never fatal.
     ws.send(WsMessage::text("hello")).await.unwrap();
@@ -635,11 +644,7 @@ async fn websocket_relays_events_as_text_frames_and_answers_pings() {
     })
     .await
     .expect("the server closes too");
-    eventually(WAIT, "the closed WebSocket's session is removed", || {
-        let n = stat(&h.stats.sessions);
-        async move { n == 0 }
-    })
-    .await;
+    no_sessions_left(&h, "the closed WebSocket's session is removed").await;
     server.stop(false).await;
     finish(c, h).await;
 }
@@ -649,9 +654,7 @@ async fn a_websocket_whose_session_the_hub_drops_is_closed_with_try_again_later(
     let c = ctx("hub-ws-stop").await;
     let h = hub(&c, opts(10, 10, 64)).await;
     let (addr, server) = serve(&h, Duration::from_secs(60));
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .unwrap();
+    let mut ws = ws_connect(&addr).await;
     // Stopping the hub ends every session.
     h.stop().await;
     let close = tokio::time::timeout(WAIT, async {
