@@ -12,8 +12,8 @@
 //! - [`amqp`]: the broker face (pool, topology, confirmed publishing, wire conventions).
 //! - [`worker`]: the worker actor and the handler API.
 //! - [`rpc`]: the RPC client and its reply-router actor.
-//! - [`events`]: CloudEvents broadcast and subscription.
-//! - [`gateway`]: the HTTP gateway (sync, bounded wait, polling, callbacks, streams).
+//! - [`events`]: CloudEvents broadcast and subscription, and the hub relaying them to streams.
+//! - [`gateway`]: the HTTP gateway (sync, bounded wait, polling, callbacks, SSE/WebSocket streams).
 //! - [`app`]: `serve`: the workers of the configured services.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.

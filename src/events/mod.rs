@@ -2,6 +2,13 @@
 //! exchange. Every subscriber binds a queue of its own: a temporary one
 //! (exclusive, deleted when it disconnects) or a named, durable one that keeps
 //! events while its subscriber is away.
+//!
+//! # Layout
+//! - this file: [`CloudEvent`], [`publish`], [`Subscription`].
+//! - [`hub`]: [`hub::EventHub`], the actor relaying the fanout to SSE and
+//!   WebSocket sessions.
+
+pub mod hub;
 
 use std::collections::BTreeMap;
 
@@ -101,6 +108,63 @@ pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
         .await
 }
 
+/// Server-named, this connection's only, deleted with it: nothing piles up
+/// while its consumer is gone.
+pub(crate) fn temporary_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: false,
+        durable: false,
+        exclusive: true,
+        auto_delete: true,
+        nowait: false,
+    }
+}
+
+/// Declares the queue `name` (`""`: server-named) with `qopts`, binds it to
+/// the events fanout and consumes it with manual acks, at most `prefetch`
+/// unacked at once. Returns the queue's name and the consumer (tagged
+/// `what`).
+pub(crate) async fn consume_fanout(
+    broker: &Broker,
+    channel: &Channel,
+    name: &str,
+    qopts: QueueDeclareOptions,
+    prefetch: u16,
+    what: &str,
+) -> Result<(String, Consumer)> {
+    let queue = channel
+        .queue_declare(name.into(), qopts, FieldTable::default())
+        .await?;
+    let queue = queue.name().as_str().to_owned();
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            broker.names().events_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            wire::consumer_tag(broker.instance_id(), what).into(),
+            BasicConsumeOptions {
+                no_local: false,
+                // Manual acks, so that the prefetch bounds what is in flight.
+                no_ack: false,
+                exclusive: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((queue, consumer))
+}
+
 /// How to subscribe.
 #[derive(Debug, Clone, Default)]
 pub struct SubscribeOptions {
@@ -144,48 +208,11 @@ impl Subscription {
                     nowait: false,
                 },
             ),
-            None => (
-                String::new(),
-                // Server-named, gone with its connection: nothing piles up.
-                QueueDeclareOptions {
-                    passive: false,
-                    durable: false,
-                    exclusive: true,
-                    auto_delete: true,
-                    nowait: false,
-                },
-            ),
+            None => (String::new(), temporary_queue()),
         };
-        let queue = channel
-            .queue_declare(name.as_str().into(), qopts, FieldTable::default())
-            .await?;
-        let queue = queue.name().as_str().to_owned();
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                broker.names().events_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
         // Bounds the events buffered in memory for a slow subscriber.
-        channel
-            .basic_qos(256, BasicQosOptions { global: false })
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                wire::consumer_tag(broker.instance_id(), "events").into(),
-                BasicConsumeOptions {
-                    no_local: false,
-                    no_ack: false,
-                    exclusive: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let (queue, consumer) =
+            consume_fanout(broker, &channel, &name, qopts, 256, "events").await?;
         Ok(Self {
             consumer,
             type_prefix: opts.type_prefix,

@@ -8,6 +8,7 @@
 //!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
 //!   problem+json answers.
+//! - [`streams`]: SSE and WebSocket relays of the event hub.
 //! - [`ops`], [`openapi`]: health, readiness, the API description.
 
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod headers;
 pub mod openapi;
 pub mod ops;
+pub mod streams;
 pub mod tracker;
 
 use std::collections::BTreeMap;

@@ -9,6 +9,7 @@ mod common;
 mod broker;
 mod events;
 mod gateway;
+mod hub;
 mod interop;
 mod rpc;
 mod settings;

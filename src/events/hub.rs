@@ -1,0 +1,578 @@
+//! [`EventHub`]: the actor that relays everything published on the events
+//! fanout to in-process stream sessions (the gateway's SSE and WebSocket
+//! clients).
+//!
+//! The hub consumes `<prefix>.events` through a queue of its own
+//! (server-named, exclusive, auto-delete) on a dedicated connection
+//! (`switchboard/<instance>/hub`). Each valid CloudEvent is numbered, kept in
+//! a bounded history ring and offered to every session whose [`EventFilter`]
+//! matches it. Messages that are not CloudEvents are skipped and counted.
+//!
+//! # Bounds
+//! - sessions: at most [`HubOptions::max_sessions`]; one more is refused with
+//!   [`HubError::TooManySessions`];
+//! - per session: a channel of [`HubOptions::session_buffer`] events. The hub
+//!   never waits for a session: when its channel is full, the session is
+//!   dropped (its stream ends, [`HubStats::dropped_slow`] counts it) and the
+//!   client may come back with its last position;
+//! - history: the last [`HubOptions::history`] events;
+//! - broker: a prefetch of [`PREFETCH`] unacked deliveries.
+//!
+//! # Positions and resuming
+//! Every event gets a position `<epoch>-<seq>`: `epoch` is random per hub
+//! start, `seq` counts from 1. A subscriber that gives the position of the
+//! last event it saw ([`Subscribe::last_event_id`]) gets exactly the matching
+//! events after it from the history, then live ones, with no loss and no
+//! repeat: the replay and the registration happen in one actor step, so no
+//! live event can slip in between. A position of another epoch (another
+//! process, or this one before a restart), one that is malformed, or one
+//! older than the history is unknown: the session starts live with
+//! [`Subscribed::gap`] set.
+//!
+//! The replay never counts against the session's buffer: the channel of a
+//! resumed session holds the replay plus `session_buffer`, so a large
+//! history replayed to a small buffer does not drop the session. That is
+//! still bounded (at most `history + session_buffer` events per session).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use bytes::Bytes;
+use deadpool_lapin::lapin::{
+    self, Channel, Connection, message::Delivery, options::BasicAckOptions,
+};
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tracing::{debug, info, warn};
+
+use super::CloudEvent;
+use crate::amqp::Broker;
+use crate::error::Result;
+
+/// Unacked deliveries the broker may hand the hub at once: bounds what waits
+/// in memory between the socket and the actor.
+pub const PREFETCH: u16 = 256;
+
+/// How often sessions whose receiver is gone are swept out, so that a client
+/// that left is not counted against `max_sessions` until the next matching
+/// event happens to reach it.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The hub's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct HubOptions {
+    /// Events kept for resuming with a last event id (0: only a client that
+    /// saw the latest event resumes without a gap).
+    pub history: usize,
+    /// Sessions at once; one more is refused.
+    pub max_sessions: usize,
+    /// Events queued per session before it is dropped as slow (at least 1).
+    pub session_buffer: usize,
+}
+
+/// One event as the hub relays it. Shared by the history and every session
+/// (`Arc<HubEvent>`), so relaying to many sessions copies no payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubEvent {
+    /// Order of arrival at this hub, from 1.
+    pub seq: u64,
+    /// Opaque, resumable position: what SSE sends as `id:` and takes back as
+    /// `Last-Event-ID`.
+    pub position: String,
+    /// The CloudEvent type (for filters and the SSE `event:` field).
+    pub ty: String,
+    /// The CloudEvent subject (for filters).
+    pub subject: Option<String>,
+    /// The CloudEvent as one line of compact JSON.
+    pub json: Bytes,
+}
+
+impl HubEvent {
+    /// The event numbered `seq` of epoch `epoch`, from a delivery's body;
+    /// `None` when the body is not a CloudEvent.
+    fn parse(epoch: &str, seq: u64, body: &[u8]) -> Option<Self> {
+        let event: CloudEvent = serde_json::from_slice(body).ok()?;
+        // Re-encoded rather than passed through: compact JSON has no raw
+        // newline, so it is one SSE `data:` line and one WebSocket frame.
+        let json = serde_json::to_vec(&event).ok()?;
+        Some(Self {
+            seq,
+            position: position(epoch, seq),
+            ty: event.ty,
+            subject: event.subject,
+            json: Bytes::from(json),
+        })
+    }
+}
+
+/// `<epoch>-<seq>`.
+fn position(epoch: &str, seq: u64) -> String {
+    format!("{epoch}-{seq}")
+}
+
+/// Which events a session wants. Empty: all of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only events whose type starts with this.
+    pub type_prefix: Option<String>,
+    /// Only events with exactly this subject.
+    pub subject: Option<String>,
+}
+
+impl EventFilter {
+    /// Whether `ev` passes.
+    pub fn matches(&self, ev: &HubEvent) -> bool {
+        self.type_prefix
+            .as_deref()
+            .is_none_or(|p| ev.ty.starts_with(p))
+            && self
+                .subject
+                .as_deref()
+                .is_none_or(|s| ev.subject.as_deref() == Some(s))
+    }
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HubError {
+    /// `max_sessions` sessions are open already.
+    #[error("too many event stream sessions (limit {limit})")]
+    TooManySessions {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// The hub actor has stopped.
+    #[error("the event hub has stopped")]
+    Stopped,
+}
+
+/// Counters of one hub, readable while it runs (tests, metrics).
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Sessions open now.
+    pub sessions: AtomicU64,
+    /// Valid events taken from the fanout and offered to the sessions.
+    pub relayed: AtomicU64,
+    /// Sessions dropped because their buffer was full.
+    pub dropped_slow: AtomicU64,
+    /// Messages on the fanout that were not CloudEvents (skipped).
+    pub malformed: AtomicU64,
+    /// Whether the broker consumer is running (false once it ended).
+    pub consuming: AtomicBool,
+}
+
+impl HubStats {
+    /// A counter's value now.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A subscription granted by the hub.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// The session's id (for [`Unsubscribe`]).
+    pub id: u64,
+    /// The session's events: the replay first, then live ones. Ends when the
+    /// session is dropped (slow, unsubscribed, hub stopped).
+    pub rx: mpsc::Receiver<Arc<HubEvent>>,
+    /// Events may have been missed: the last event id given was unknown or
+    /// older than the history.
+    pub gap: bool,
+}
+
+/// A handle to a running hub.
+#[derive(Clone)]
+pub struct HubHandle {
+    /// The actor.
+    pub addr: Addr<EventHub>,
+    /// Its counters.
+    pub stats: Arc<HubStats>,
+}
+
+impl HubHandle {
+    /// Asks for a session ([`Subscribe`]).
+    pub async fn subscribe(
+        &self,
+        filter: EventFilter,
+        last_event_id: Option<String>,
+    ) -> Result<Subscribed, HubError> {
+        self.addr
+            .send(Subscribe {
+                filter,
+                last_event_id,
+            })
+            .await
+            .map_err(|_| HubError::Stopped)?
+    }
+
+    /// Ends a session ([`Unsubscribe`]); nothing if the hub is gone.
+    pub async fn unsubscribe(&self, id: u64) {
+        let _ = self.addr.send(Unsubscribe { id }).await;
+    }
+
+    /// Stops the hub ([`Stop`]); nothing if it is gone already.
+    pub async fn stop(&self) {
+        let _ = self.addr.send(Stop).await;
+    }
+}
+
+/// One stream client.
+struct Session {
+    tx: mpsc::Sender<Arc<HubEvent>>,
+    filter: EventFilter,
+}
+
+/// The actor relaying the events fanout to stream sessions.
+pub struct EventHub {
+    opts: HubOptions,
+    /// Random per start: positions of another epoch are unknown here.
+    epoch: String,
+    /// The last seq given out (0: none yet).
+    seq: u64,
+    /// The last `opts.history` events, oldest first.
+    history: VecDeque<Arc<HubEvent>>,
+    sessions: HashMap<u64, Session>,
+    next_session: u64,
+    stats: Arc<HubStats>,
+    /// The consumer's channel and connection: kept so that they live (and
+    /// the queue exists) as long as the actor; dropped, they close.
+    _channel: Channel,
+    _conn: Connection,
+}
+
+impl EventHub {
+    /// Binds a queue of its own to the events fanout on a dedicated
+    /// connection and starts relaying. Returns once the queue is bound: every
+    /// event published (and confirmed) afterwards reaches the hub. Runs the
+    /// actor on the current Actix arbiter, so it must be called inside an
+    /// Actix system (`actix_rt`, `#[actix_web::main]`).
+    pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
+        let conn = broker.dedicated_connection("hub").await?;
+        let channel = conn.create_channel().await?;
+        // A temporary queue: the hub is a live relay, nothing should pile up
+        // while it is gone. The prefetch bounds the deliveries held in memory
+        // before the actor handles them.
+        let (queue, consumer) = super::consume_fanout(
+            broker,
+            &channel,
+            "",
+            super::temporary_queue(),
+            PREFETCH,
+            "hub",
+        )
+        .await?;
+        let stats = Arc::new(HubStats::default());
+        stats.consuming.store(true, Ordering::Relaxed);
+        let epoch = format!("{:016x}", rand::random::<u64>());
+        info!(%queue, %epoch, history = opts.history, max_sessions = opts.max_sessions, session_buffer = opts.session_buffer, "event hub started");
+        let hub_stats = stats.clone();
+        let addr = EventHub::create(move |ctx| {
+            ctx.add_stream(consumer);
+            EventHub {
+                opts: HubOptions {
+                    // A channel of 0 does not exist; 1 is the least bound.
+                    session_buffer: opts.session_buffer.max(1),
+                    ..opts
+                },
+                epoch,
+                seq: 0,
+                history: VecDeque::with_capacity(opts.history.min(4096)),
+                sessions: HashMap::new(),
+                next_session: 1,
+                stats: hub_stats,
+                _channel: channel,
+                _conn: conn,
+            }
+        });
+        Ok(HubHandle { addr, stats })
+    }
+
+    /// The events to replay after `last_event_id`, or `None` when that
+    /// position is unknown here (other epoch, malformed, too old, or ahead).
+    fn replay_after(&self, last_event_id: &str) -> Option<Vec<Arc<HubEvent>>> {
+        let (epoch, seq) = last_event_id.trim().rsplit_once('-')?;
+        if epoch != self.epoch {
+            return None;
+        }
+        let seq: u64 = seq.parse().ok()?;
+        if seq > self.seq {
+            return None;
+        }
+        // The event right after `seq` must still be in the history (or not
+        // have happened yet), else some were lost.
+        let oldest = self.history.front().map_or(self.seq + 1, |e| e.seq);
+        if seq + 1 < oldest {
+            return None;
+        }
+        Some(
+            self.history
+                .iter()
+                .filter(|e| e.seq > seq)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn set_sessions_gauge(&self) {
+        self.stats
+            .sessions
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Removes the sessions whose receiver is gone.
+    fn sweep(&mut self) {
+        let before = self.sessions.len();
+        self.sessions.retain(|_, s| !s.tx.is_closed());
+        if self.sessions.len() != before {
+            debug!(
+                removed = before - self.sessions.len(),
+                "closed sessions swept"
+            );
+            self.set_sessions_gauge();
+        }
+    }
+
+    /// Keeps `ev` in the history and offers it to every matching session.
+    fn relay(&mut self, ev: HubEvent) {
+        let ev = Arc::new(ev);
+        if self.opts.history > 0 {
+            if self.history.len() >= self.opts.history {
+                self.history.pop_front();
+            }
+            self.history.push_back(ev.clone());
+        }
+        let stats = &self.stats;
+        self.sessions.retain(|id, s| {
+            if !s.filter.matches(&ev) {
+                return true;
+            }
+            match s.tx.try_send(ev.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    stats.dropped_slow.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        session = id,
+                        position = %ev.position,
+                        "slow session dropped: its buffer is full"
+                    );
+                    false
+                }
+                Err(TrySendError::Closed(_)) => {
+                    debug!(session = id, "session gone");
+                    false
+                }
+            }
+        });
+        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+        self.set_sessions_gauge();
+    }
+}
+
+impl Actor for EventHub {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(SWEEP_EVERY, |act, _| act.sweep());
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.stats.consuming.store(false, Ordering::Relaxed);
+        self.stats.sessions.store(0, Ordering::Relaxed);
+        info!(sessions = self.sessions.len(), "event hub stopped");
+    }
+}
+
+impl StreamHandler<Result<Delivery, lapin::Error>> for EventHub {
+    fn handle(&mut self, item: Result<Delivery, lapin::Error>, ctx: &mut Self::Context) {
+        let delivery = match item {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "event hub consumer error");
+                return;
+            }
+        };
+        let seq = self.seq + 1;
+        match HubEvent::parse(&self.epoch, seq, &delivery.data) {
+            Some(ev) => {
+                self.seq = seq;
+                self.relay(ev);
+            }
+            None => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    bytes = delivery.data.len(),
+                    "message on the events fanout is not a CloudEvent: skipped"
+                );
+            }
+        }
+        // Acked once relayed (or skipped): the hub keeps nothing for later.
+        let acker = delivery.acker;
+        ctx.spawn(
+            async move {
+                if let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await {
+                    debug!(error = %e, "event ack failed");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {
+        // Sessions stay open (heartbeats go on) but get no events until the
+        // consumer is recovered; recovery is not built yet.
+        self.stats.consuming.store(false, Ordering::Relaxed);
+        warn!(
+            sessions = self.sessions.len(),
+            "event hub consumer ended: no more events are relayed"
+        );
+    }
+}
+
+/// Asks for a stream session: the matching events after `last_event_id`
+/// from the history, then live ones.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "Result<Subscribed, HubError>")]
+pub struct Subscribe {
+    /// Which events the session wants.
+    pub filter: EventFilter,
+    /// The position of the last event the client saw (SSE `Last-Event-ID`).
+    pub last_event_id: Option<String>,
+}
+
+impl Handler<Subscribe> for EventHub {
+    type Result = Result<Subscribed, HubError>;
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Self::Context) -> Self::Result {
+        if self.sessions.len() >= self.opts.max_sessions {
+            // Clients that left may not have been swept yet.
+            self.sweep();
+        }
+        if self.sessions.len() >= self.opts.max_sessions {
+            warn!(
+                limit = self.opts.max_sessions,
+                "event stream session refused: too many"
+            );
+            return Err(HubError::TooManySessions {
+                limit: self.opts.max_sessions,
+            });
+        }
+        let (replay, gap) = match msg.last_event_id.as_deref() {
+            None => (Vec::new(), false),
+            Some(last) => match self.replay_after(last) {
+                Some(events) => (events, false),
+                None => (Vec::new(), true),
+            },
+        };
+        let replay: Vec<_> = replay
+            .into_iter()
+            .filter(|e| msg.filter.matches(e))
+            .collect();
+        // Room for the whole replay on top of the live buffer (see the
+        // module doc): bounded by `history + session_buffer`.
+        let (tx, rx) = mpsc::channel(self.opts.session_buffer + replay.len());
+        let replayed = replay.len();
+        for ev in replay {
+            // Cannot fail: the channel was sized for the replay and its
+            // receiver is still here.
+            let _ = tx.try_send(ev);
+        }
+        let id = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                tx,
+                filter: msg.filter,
+            },
+        );
+        self.set_sessions_gauge();
+        debug!(session = id, replayed, gap, "event stream session opened");
+        Ok(Subscribed { id, rx, gap })
+    }
+}
+
+/// Ends a session: its stream ends once it has read what is queued.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    /// The session's id ([`Subscribed::id`]).
+    pub id: u64,
+}
+
+impl Handler<Unsubscribe> for EventHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _: &mut Self::Context) {
+        if self.sessions.remove(&msg.id).is_some() {
+            debug!(session = msg.id, "event stream session closed");
+            self.set_sessions_gauge();
+        }
+    }
+}
+
+/// Stops the hub: every session's stream ends (so that a graceful shutdown
+/// is not held up by endless streams) and the hub's connection closes.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for EventHub {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
+        self.sessions.clear();
+        ctx.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_stored_as_compact_json() {
+        let pretty = serde_json::to_vec_pretty(
+            &CloudEvent::new("a.b", "src", serde_json::json!({"x": "line\nbreak"}))
+                .with_subject("s1"),
+        )
+        .unwrap();
+        assert!(pretty.contains(&b'\n'));
+        let ev = HubEvent::parse("e", 7, &pretty).unwrap();
+        assert!(!ev.json.contains(&b'\n'));
+        assert_eq!(ev.position, "e-7");
+        assert_eq!(ev.ty, "a.b");
+        assert_eq!(ev.subject.as_deref(), Some("s1"));
+        let back: CloudEvent = serde_json::from_slice(&ev.json).unwrap();
+        assert_eq!(back.data, Some(serde_json::json!({"x": "line\nbreak"})));
+    }
+
+    #[test]
+    fn non_cloudevents_are_refused() {
+        assert!(HubEvent::parse("e", 1, b"not json").is_none());
+        assert!(HubEvent::parse("e", 1, br#"{"type": "x"}"#).is_none());
+    }
+
+    #[test]
+    fn filters_match_type_prefix_and_subject() {
+        let ev = HubEvent {
+            seq: 1,
+            position: "e-1".into(),
+            ty: "orders.created".into(),
+            subject: Some("o1".into()),
+            json: Bytes::new(),
+        };
+        let f = |t: Option<&str>, s: Option<&str>| EventFilter {
+            type_prefix: t.map(Into::into),
+            subject: s.map(Into::into),
+        };
+        assert!(f(None, None).matches(&ev));
+        assert!(f(Some("orders."), None).matches(&ev));
+        assert!(!f(Some("users."), None).matches(&ev));
+        assert!(f(Some("orders"), Some("o1")).matches(&ev));
+        assert!(!f(None, Some("o2")).matches(&ev));
+    }
+}
