@@ -26,6 +26,9 @@ pub const CONTENT_JSON: &str = "application/json";
 pub const CONTENT_PROBLEM: &str = "application/problem+json";
 /// Content type of events (CloudEvents structured mode).
 pub const CONTENT_CLOUDEVENTS: &str = "application/cloudevents+json";
+/// CloudEvents extension attribute naming the caller of a call lifecycle
+/// event, so event streams show each caller only its own calls.
+pub const EXT_CALLER: &str = "switchboardcaller";
 /// `app_id` on every message switchboard publishes.
 pub const APP_ID: &str = "switchboard";
 /// `delivery_mode` of a persistent message.

@@ -195,6 +195,35 @@ pub struct NewCall {
     pub callback_url: Option<String>,
 }
 
+impl NewCall {
+    /// The record as stored right after [`CallStore::insert`].
+    pub fn to_record(&self) -> CallRecord {
+        CallRecord {
+            id: self.id.clone(),
+            caller: self.caller.clone(),
+            service: self.service.clone(),
+            status: CallStatus::Pending,
+            created_ms: self.created_ms,
+            completed_ms: None,
+            deadline_ms: self.deadline_ms,
+            published: self.published,
+            idem_key: self.idem_key.clone(),
+            body_hash: self.body_hash.clone(),
+            traceparent: self.traceparent.clone(),
+            result: None,
+            callback: self.callback_url.as_ref().map(|url| CallbackRecord {
+                url: url.clone(),
+                state: CallbackState::Waiting,
+                attempts: 0,
+                next_ms: None,
+                last_error: None,
+                event_id: None,
+                body: None,
+            }),
+        }
+    }
+}
+
 /// What [`CallStore::insert`] did.
 #[derive(Debug)]
 pub enum Inserted {

@@ -85,6 +85,9 @@ pub struct HubEvent {
     pub ty: String,
     /// The CloudEvent subject (for filters).
     pub subject: Option<String>,
+    /// The caller a call lifecycle event belongs to (extension
+    /// `switchboardcaller`), so streams show each caller only its own calls.
+    pub caller: Option<String>,
     /// The CloudEvent as one line of compact JSON.
     pub json: Bytes,
 }
@@ -100,6 +103,11 @@ impl HubEvent {
         Some(Self {
             seq,
             position: position(epoch, seq),
+            caller: event
+                .extensions
+                .get(crate::amqp::wire::EXT_CALLER)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
             ty: event.ty,
             subject: event.subject,
             json: Bytes::from(json),
@@ -119,6 +127,9 @@ pub struct EventFilter {
     pub type_prefix: Option<String>,
     /// Only events with exactly this subject.
     pub subject: Option<String>,
+    /// The viewer: events that belong to a caller (call lifecycle events)
+    /// pass only when it is this one; events of no caller always pass.
+    pub caller: Option<String>,
 }
 
 impl EventFilter {
@@ -131,6 +142,10 @@ impl EventFilter {
                 .subject
                 .as_deref()
                 .is_none_or(|s| ev.subject.as_deref() == Some(s))
+            && match (&self.caller, &ev.caller) {
+                (Some(viewer), Some(owner)) => viewer == owner,
+                _ => true,
+            }
     }
 }
 
@@ -563,11 +578,13 @@ mod tests {
             position: "e-1".into(),
             ty: "orders.created".into(),
             subject: Some("o1".into()),
+            caller: None,
             json: Bytes::new(),
         };
         let f = |t: Option<&str>, s: Option<&str>| EventFilter {
             type_prefix: t.map(Into::into),
             subject: s.map(Into::into),
+            caller: None,
         };
         assert!(f(None, None).matches(&ev));
         assert!(f(Some("orders."), None).matches(&ev));

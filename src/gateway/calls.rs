@@ -335,17 +335,14 @@ impl CallContext<'_> {
         applied: Option<&str>,
     ) -> Result<HttpResponse, ApiError> {
         let st = self.st;
-        let store = st.tracker.store();
+        let new_call = self.new_call(created_ms, true);
         if !stored_early {
-            store.insert(&self.new_call(created_ms, true)).await?;
+            st.tracker.store().insert(&new_call).await?;
         }
-        // Follow the reply before anything else can fail: the call is now promised.
-        st.tracker.follow(pending);
-        let call = store
-            .get(&self.call_id)
-            .await?
-            .ok_or_else(|| ApiError::internal("an accepted call vanished from the store"))?;
-        let doc = StatusDocument::of(&call);
+        let doc = StatusDocument::of(&new_call.to_record());
+        // `accepted` goes out before the call is followed, so that no
+        // subscriber sees a call end before it began. The reply waits in
+        // `pending` meanwhile.
         let event = st.tracker.lifecycle_event(
             EVENT_ACCEPTED,
             &doc,
@@ -353,6 +350,7 @@ impl CallContext<'_> {
             Some(&self.traceparent),
         );
         st.tracker.publish_event(&event).await;
+        st.tracker.follow(pending);
         tracing::info!(status = "pending", "call accepted");
         Ok(accepted(st, &doc, applied))
     }

@@ -8,12 +8,14 @@
 //!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
 //!   problem+json answers.
-//! - [`streams`]: SSE and WebSocket relays of the event hub.
+//! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
+//!   WebSocket relays of the event hub.
 //! - [`ops`], [`openapi`]: health, readiness, the API description.
 
 pub mod auth;
 pub mod calls;
 pub mod error;
+pub mod event_routes;
 pub mod headers;
 pub mod openapi;
 pub mod ops;
@@ -32,6 +34,7 @@ use tracing::{info, warn};
 use crate::amqp::Broker;
 use crate::calls::CallStore;
 use crate::error::{Error, Result};
+use crate::events::hub::{EventHub, HubHandle, HubOptions};
 use crate::rpc::{RpcClient, RpcOptions};
 use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
 use auth::Auth;
@@ -56,6 +59,8 @@ pub struct AppState {
     pub callbacks_enabled: bool,
     /// Whether callbacks may target private addresses.
     pub allow_private_callbacks: bool,
+    /// Relays the events exchange to SSE and WebSocket sessions.
+    pub hub: HubHandle,
 }
 
 /// A running gateway.
@@ -72,6 +77,8 @@ impl RunningGateway {
     /// Stops accepting, lets requests in flight finish (bounded), stops the
     /// background tasks and closes the reply consumer and the store.
     pub async fn stop(self) {
+        // End the streams first: they would hold the graceful stop open.
+        self.state.hub.stop().await;
         self.handle.stop(true).await;
         self.cancel.cancel();
         self.state.rpc.close().await;
@@ -94,6 +101,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     )
     .route("/v1/calls/{id}", web::get().to(calls::get_call))
     .route("/v1/calls/{id}/result", web::get().to(calls::get_result))
+    .route(
+        "/v1/calls/{id}/events",
+        web::get().to(event_routes::call_events),
+    )
+    .route("/v1/events", web::get().to(event_routes::events_sse))
+    .route("/v1/events/ws", web::get().to(event_routes::events_ws))
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
     .route("/openapi.json", web::get().to(ops::openapi));
@@ -127,6 +140,15 @@ pub async fn start(
     tracker
         .start_dead_letter_watch(&services, cancel.child_token())
         .await?;
+    let hub = EventHub::start(
+        broker,
+        HubOptions {
+            history: g.event_history,
+            max_sessions: g.max_streams,
+            session_buffer: g.stream_buffer,
+        },
+    )
+    .await?;
     let state = web::Data::new(AppState {
         gateway: g.clone(),
         services: settings.services.clone(),
@@ -136,6 +158,7 @@ pub async fn start(
         broker: broker.clone(),
         callbacks_enabled,
         allow_private_callbacks: settings.callbacks.allow_private,
+        hub,
     });
     let addr = listener
         .local_addr()

@@ -297,6 +297,7 @@ mod tests {
             position: "ab12-3".into(),
             ty: ty.into(),
             subject: None,
+            caller: None,
             json: Bytes::copy_from_slice(json.as_bytes()),
         }
     }

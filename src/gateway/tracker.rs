@@ -38,9 +38,7 @@ use crate::worker::Reply;
 pub const EVENT_ACCEPTED: &str = "switchboard.call.accepted";
 /// `type` of the event published when a call ends.
 pub const EVENT_COMPLETED: &str = "switchboard.call.completed";
-/// CloudEvents extension naming the caller of a lifecycle event, so event
-/// streams show each caller only its own calls.
-pub const EXT_CALLER: &str = "switchboardcaller";
+use crate::amqp::wire::EXT_CALLER;
 
 /// How a call ended.
 #[derive(Debug, Clone)]
@@ -189,13 +187,15 @@ impl Tracker {
             return Ok(false);
         }
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
+        // The event first: whoever learns of the end by polling can count on
+        // it being on the events exchange already.
+        self.publish_event(&event).await;
         self.wake_watchers(id);
         if call.callback.is_some()
             && let Some(cb) = &self.inner.callbacks
         {
             cb.wake();
         }
-        self.publish_event(&event).await;
         Ok(true)
     }
 

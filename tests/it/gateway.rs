@@ -458,3 +458,282 @@ async fn wait_is_capped_and_a_reply_within_it_is_answered() {
     gw.gate.add_permits(1);
     gw.cleanup().await;
 }
+
+/// Reads an SSE response frame by frame (frames end with a blank line).
+struct Sse {
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+}
+
+/// One SSE frame: its fields (comments skipped).
+#[derive(Debug, Default)]
+struct Frame {
+    id: Option<String>,
+    event: Option<String>,
+    data: Option<Value>,
+}
+
+impl Sse {
+    fn new(res: reqwest::Response) -> Self {
+        Self {
+            stream: Box::pin(res.bytes_stream()),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event frame; `None` when the stream ended.
+    async fn next(&mut self) -> Option<Frame> {
+        use futures_util::StreamExt;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let raw: String = self.buf.drain(..end + 2).collect();
+                let mut f = Frame::default();
+                for line in raw.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        f.id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        f.event = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        f.data = Some(serde_json::from_str(v).unwrap());
+                    }
+                }
+                if f.event.is_some() {
+                    return Some(f);
+                }
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(20), self.stream.next())
+                .await
+                .expect("an SSE frame within 20 s")?
+                .ok()?;
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn the_sse_stream_of_one_call_ends_with_its_terminal_state() {
+    let gw = gateway("gw-callsse", |_| {}).await;
+    let res = gw
+        .post("slow")
+        .header("prefer", "respond-async")
+        .body("\"x\"")
+        .send()
+        .await
+        .unwrap();
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let res = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "content-type"), Some("text/event-stream"));
+    assert_eq!(header(&res, "x-accel-buffering"), Some("no"));
+    let mut sse = Sse::new(res);
+    let first = sse.next().await.unwrap();
+    assert_eq!(first.event.as_deref(), Some("switchboard.call.accepted"));
+    assert_eq!(first.data.as_ref().unwrap()["data"]["status"], "pending");
+    gw.gate.add_permits(1);
+    let last = sse.next().await.unwrap();
+    assert_eq!(last.event.as_deref(), Some("switchboard.call.completed"));
+    let data = &last.data.as_ref().unwrap()["data"];
+    assert_eq!(data["status"], "succeeded");
+    assert_eq!(data["result"]["body"], "x");
+    assert_eq!(last.data.as_ref().unwrap()["subject"], id.as_str());
+    assert!(
+        sse.next().await.is_none(),
+        "the stream did not end with the call"
+    );
+
+    // A finished call's stream: its end at once, then closed.
+    let res = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    let mut sse = Sse::new(res);
+    assert_eq!(
+        sse.next().await.unwrap().event.as_deref(),
+        Some("switchboard.call.completed")
+    );
+    assert!(sse.next().await.is_none());
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn the_event_stream_resumes_with_last_event_id_without_loss_or_repeat() {
+    use switchboard::events::{self, CloudEvent};
+    let gw = gateway("gw-sse", |_| {}).await;
+    let open = |last: Option<String>| {
+        let mut r = gw.http.get(gw.url("/v1/events?type=orders."));
+        if let Some(l) = last {
+            r = r.header("last-event-id", l);
+        }
+        r.send()
+    };
+    let mut sse = Sse::new(open(None).await.unwrap());
+    let publish = |n: u32| {
+        let broker = gw.ctx.broker.clone();
+        async move {
+            let e = CloudEvent::new("orders.created", "test", serde_json::json!({ "n": n }));
+            events::publish(&broker, &e).await.unwrap();
+            // Another type, filtered out by ?type=.
+            let e = CloudEvent::new("users.created", "test", serde_json::json!({ "n": n }));
+            events::publish(&broker, &e).await.unwrap();
+        }
+    };
+    for n in 0..3 {
+        publish(n).await;
+    }
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let f = sse.next().await.unwrap();
+        assert_eq!(f.event.as_deref(), Some("orders.created"));
+        assert_eq!(f.data.unwrap()["data"]["n"], n);
+        ids.push(f.id.unwrap());
+    }
+    drop(sse);
+    // Away for a while: events 3 and 4 are published meanwhile.
+    publish(3).await;
+    publish(4).await;
+    let mut sse = Sse::new(open(Some(ids[2].clone())).await.unwrap());
+    for n in 3..5 {
+        let f = sse.next().await.unwrap();
+        assert_eq!(f.data.unwrap()["data"]["n"], n, "lost or repeated an event");
+    }
+    publish(5).await;
+    assert_eq!(sse.next().await.unwrap().data.unwrap()["data"]["n"], 5);
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn websocket_clients_receive_events_as_text_frames() {
+    use futures_util::StreamExt;
+    use switchboard::events::{self, CloudEvent};
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = gateway("gw-ws", |_| {}).await;
+    let url = format!("{}/v1/events/ws", gw.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let state = gw.gateway.as_ref().unwrap().state.clone();
+    crate::common::eventually(
+        Duration::from_secs(10),
+        "the WebSocket session is open",
+        || {
+            let state = state.clone();
+            async move {
+                state
+                    .hub
+                    .stats
+                    .sessions
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    == 1
+            }
+        },
+    )
+    .await;
+    let e = CloudEvent::new("orders.shipped", "test", serde_json::json!({"order": 7}));
+    events::publish(&gw.ctx.broker, &e).await.unwrap();
+    let got = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(t) = msg {
+            break serde_json::from_str::<Value>(t.as_str()).unwrap();
+        }
+    };
+    assert_eq!(got["id"], e.id.as_str());
+    assert_eq!(got["type"], "orders.shipped");
+    assert_eq!(got["data"]["order"], 7);
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn event_streams_show_each_caller_only_its_own_calls() {
+    use switchboard::events::{self, CloudEvent};
+    let gw = gateway("gw-streamauth", |s| {
+        let mut t = BTreeMap::new();
+        for who in ["alice", "bob"] {
+            t.insert(
+                who.to_string(),
+                TokenSettings {
+                    token: format!("{who}-token-0123456789"),
+                    services: vec!["*".into()],
+                },
+            );
+        }
+        s.gateway.tokens = t;
+    })
+    .await;
+    let res = gw.http.get(gw.url("/v1/events")).send().await.unwrap();
+    assert_problem(res, 401).await;
+    let bob = gw
+        .http
+        .get(gw.url("/v1/events"))
+        .bearer_auth("bob-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    let mut bob = Sse::new(bob);
+    let alice = gw
+        .http
+        .get(gw.url("/v1/events"))
+        .bearer_auth("alice-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    let mut alice = Sse::new(alice);
+    let state = gw.gateway.as_ref().unwrap().state.clone();
+    crate::common::eventually(Duration::from_secs(10), "both streams open", || {
+        let state = state.clone();
+        async move {
+            state
+                .hub
+                .stats
+                .sessions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 2
+        }
+    })
+    .await;
+    let res = gw
+        .post("echo")
+        .bearer_auth("alice-token-0123456789")
+        .header("prefer", "respond-async")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let done = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}?wait=20")))
+        .bearer_auth("alice-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(done).await["status"], "succeeded");
+    // Published after alice's call ended: events arrive in order, so bob
+    // would have seen alice's call events before this marker.
+    let marker = CloudEvent::new("news.posted", "test", serde_json::json!(1));
+    events::publish(&gw.ctx.broker, &marker).await.unwrap();
+    let f = alice.next().await.unwrap();
+    assert_eq!(f.event.as_deref(), Some("switchboard.call.accepted"));
+    let f = alice.next().await.unwrap();
+    assert_eq!(f.event.as_deref(), Some("switchboard.call.completed"));
+    assert_eq!(
+        alice.next().await.unwrap().event.as_deref(),
+        Some("news.posted")
+    );
+    let f = bob.next().await.unwrap();
+    assert_eq!(
+        f.event.as_deref(),
+        Some("news.posted"),
+        "bob saw another caller's call"
+    );
+    gw.cleanup().await;
+}

@@ -132,6 +132,7 @@ async fn type_prefix_and_subject_filters_pick_their_events() {
     let f = |t: Option<&str>, s: Option<&str>| EventFilter {
         type_prefix: t.map(Into::into),
         subject: s.map(Into::into),
+        caller: None,
     };
     let filters = [
         f(Some("orders."), None),
@@ -194,6 +195,7 @@ async fn resuming_with_a_last_event_id_gives_exactly_the_events_after_it() {
         EventFilter {
             type_prefix: Some("a.".into()),
             subject: None,
+            caller: None,
         },
         Some(&seen[3].position),
     )
@@ -385,6 +387,7 @@ async fn sse_route(
     let filter = EventFilter {
         type_prefix: q.into_inner().ty,
         subject: None,
+        caller: None,
     };
     match r.hub.subscribe(filter, last).await {
         Ok(sub) => sse_response(
