@@ -717,14 +717,14 @@ async fn event_streams_show_each_caller_only_its_own_calls() {
         .await
         .unwrap();
     assert_eq!(json(done).await["status"], "succeeded");
-    // Published after alice's call ended: events arrive in order, so bob
-    // would have seen alice's call events before this marker.
-    let marker = CloudEvent::new("news.posted", "test", serde_json::json!(1));
-    events::publish(&gw.ctx.broker, &marker).await.unwrap();
     let f = alice.next().await.unwrap();
     assert_eq!(f.event.as_deref(), Some("switchboard.call.accepted"));
     let f = alice.next().await.unwrap();
     assert_eq!(f.event.as_deref(), Some("switchboard.call.completed"));
+    // Published after the hub relayed alice's call events (alice saw them):
+    // the hub relays in order, so bob would have got them before this marker.
+    let marker = CloudEvent::new("news.posted", "test", serde_json::json!(1));
+    events::publish(&gw.ctx.broker, &marker).await.unwrap();
     assert_eq!(
         alice.next().await.unwrap().event.as_deref(),
         Some("news.posted")
