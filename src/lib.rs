@@ -13,6 +13,7 @@
 //! - [`worker`]: the worker actor and the handler API.
 //! - [`rpc`]: the RPC client and its reply-router actor.
 //! - [`events`]: CloudEvents broadcast and subscription.
+//! - [`callbacks`]: signed delivery of results to callback URLs, with retries.
 //! - [`app`]: `serve`: the workers of the configured services.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
@@ -21,6 +22,7 @@
 pub mod amqp;
 pub mod app;
 pub mod bench;
+pub mod callbacks;
 pub mod calls;
 pub mod error;
 pub mod events;
