@@ -11,4 +11,5 @@ mod events;
 mod interop;
 mod rpc;
 mod settings;
+mod store;
 mod worker;
