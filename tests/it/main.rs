@@ -7,6 +7,7 @@
 mod common;
 
 mod broker;
+mod callbacks;
 mod events;
 mod interop;
 mod rpc;
