@@ -3,6 +3,7 @@
 //! it gets and answers a scripted sequence of statuses.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,10 +148,9 @@ fn now_ms() -> i64 {
     i64::try_from(switchboard::amqp::wire::now_ms()).unwrap()
 }
 
-/// What the gateway does: stores a call with a callback, then completes
-/// it with the CloudEvent to deliver. Returns the call id, the event id
-/// and the exact bytes.
-async fn completed_call(store: &CallStore, url: &str) -> (String, String, Vec<u8>) {
+/// Stores a pending call with a callback to `url`, as the gateway does
+/// when it answers `202`. Returns the call id.
+async fn call_with_callback(store: &CallStore, url: &str) -> String {
     let id = format!("cb-{}", uuid::Uuid::new_v4().simple());
     let now = now_ms();
     let inserted = store
@@ -169,6 +169,15 @@ async fn completed_call(store: &CallStore, url: &str) -> (String, String, Vec<u8
         .await
         .unwrap();
     assert!(matches!(inserted, Inserted::New));
+    id
+}
+
+/// What the gateway does: stores a call with a callback, then completes
+/// it with the CloudEvent to deliver. Returns the call id, the event id
+/// and the exact bytes.
+async fn completed_call(store: &CallStore, url: &str) -> (String, String, Vec<u8>) {
+    let id = call_with_callback(store, url).await;
+    let now = now_ms();
     let event_id = format!("evt-{}", uuid::Uuid::new_v4().simple());
     let body = serde_json::to_vec(&serde_json::json!({
         "specversion": "1.0",
@@ -251,117 +260,146 @@ async fn stop(cancel: &CancellationToken, handle: &DispatcherHandle) {
         .expect("the dispatcher stops");
 }
 
+fn count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// One test's world: a store in a temporary file, a receiver answering a
+/// script, and a dispatcher delivering from the store.
+struct World {
+    _dir: TempDir,
+    store_url: String,
+    store: CallStore,
+    rx: Receiver,
+    cancel: CancellationToken,
+    d: DispatcherHandle,
+}
+
+impl World {
+    /// The receiver answers `statuses`, then `then`, each after `delay`.
+    async fn start(
+        statuses: &[u16],
+        then: u16,
+        delay: Duration,
+        settings: CallbackSettings,
+    ) -> Self {
+        let (dir, store_url, store) = temp_store().await;
+        let rx = Receiver::start(statuses, then, delay);
+        let cancel = CancellationToken::new();
+        let d = Dispatcher::start(store.clone(), settings, cancel.clone());
+        World {
+            _dir: dir,
+            store_url,
+            store,
+            rx,
+            cancel,
+            d,
+        }
+    }
+
+    /// A call completed with a callback to the receiver, and the wake the
+    /// gateway gives. Returns the call id, the event id and the bytes.
+    async fn completed(&self) -> (String, String, Vec<u8>) {
+        let call = completed_call(&self.store, &self.rx.url()).await;
+        self.d.wake();
+        call
+    }
+
+    async fn finish(self) {
+        stop(&self.cancel, &self.d).await;
+        self.rx.stop().await;
+    }
+}
+
 #[actix_rt::test]
 async fn a_callback_is_delivered_signed_on_the_first_try() {
-    let (_dir, _, store) = temp_store().await;
-    let rx = Receiver::start(&[], 200, Duration::ZERO);
-    let cancel = CancellationToken::new();
-    let d = Dispatcher::start(store.clone(), settings(5), cancel.clone());
-    let (id, event_id, body) = completed_call(&store, &rx.url()).await;
-    d.wake();
+    let w = World::start(&[], 200, Duration::ZERO, settings(5)).await;
+    let (id, event_id, body) = w.completed().await;
 
-    let cb = wait_for(&store, &id, CallbackState::Delivered).await;
+    let cb = wait_for(&w.store, &id, CallbackState::Delivered).await;
     assert_eq!(cb.attempts, 1);
     assert_eq!(cb.last_error, None);
-    let got = rx.got();
+    let got = w.rx.got();
     assert_eq!(got.len(), 1);
     assert_signed_delivery(&got[0], &event_id, &body);
-    let doc = document::status_document(&call_of(&store, &id).await);
+    let doc = document::status_document(&call_of(&w.store, &id).await);
     assert_eq!(doc["callback"]["state"], "delivered");
     assert_eq!(doc["callback"]["attempts"], 1);
-    assert_eq!(
-        d.stats.delivered.load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    assert_eq!(count(&w.d.stats.delivered), 1);
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn failed_attempts_are_retried_with_the_same_id_and_bytes() {
-    let (_dir, _, store) = temp_store().await;
-    let rx = Receiver::start(&[500, 500], 200, Duration::ZERO);
-    let cancel = CancellationToken::new();
-    let d = Dispatcher::start(store.clone(), settings(5), cancel.clone());
-    let (id, event_id, body) = completed_call(&store, &rx.url()).await;
-    d.wake();
+    let w = World::start(&[500, 500], 200, Duration::ZERO, settings(5)).await;
+    let (id, event_id, body) = w.completed().await;
 
-    let cb = wait_for(&store, &id, CallbackState::Delivered).await;
+    let cb = wait_for(&w.store, &id, CallbackState::Delivered).await;
     assert_eq!(cb.attempts, 3);
-    let got = rx.got();
+    let got = w.rx.got();
     assert_eq!(got.len(), 3);
     for r in &got {
         assert_signed_delivery(r, &event_id, &body);
     }
-    let stats = &d.stats;
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let s = &w.d.stats;
     assert_eq!(
         (
-            load(&stats.attempts),
-            load(&stats.retried),
-            load(&stats.delivered),
-            load(&stats.dead)
+            count(&s.attempts),
+            count(&s.retried),
+            count(&s.delivered),
+            count(&s.dead)
         ),
         (3, 2, 1, 0)
     );
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn gone_is_dead_at_once() {
-    let (_dir, _, store) = temp_store().await;
-    let rx = Receiver::start(&[410], 200, Duration::ZERO);
-    let cancel = CancellationToken::new();
-    let d = Dispatcher::start(store.clone(), settings(5), cancel.clone());
-    let (id, _, _) = completed_call(&store, &rx.url()).await;
-    d.wake();
+    let w = World::start(&[410], 200, Duration::ZERO, settings(5)).await;
+    let (id, _, _) = w.completed().await;
 
-    let cb = wait_for(&store, &id, CallbackState::Dead).await;
+    let cb = wait_for(&w.store, &id, CallbackState::Dead).await;
     assert_eq!(cb.attempts, 1);
     assert!(cb.last_error.as_deref().unwrap().contains("410"), "{cb:?}");
-    assert_eq!(rx.got().len(), 1);
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    assert_eq!(w.rx.got().len(), 1);
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn a_callback_never_accepted_is_dead_after_max_attempts() {
-    let (_dir, _, store) = temp_store().await;
-    let rx = Receiver::start(&[], 500, Duration::ZERO);
-    let cancel = CancellationToken::new();
-    let d = Dispatcher::start(store.clone(), settings(3), cancel.clone());
-    let (id, event_id, _) = completed_call(&store, &rx.url()).await;
-    d.wake();
+    let w = World::start(&[], 500, Duration::ZERO, settings(3)).await;
+    let (id, event_id, _) = w.completed().await;
 
-    let cb = wait_for(&store, &id, CallbackState::Dead).await;
+    let cb = wait_for(&w.store, &id, CallbackState::Dead).await;
     assert_eq!(cb.attempts, 3);
     assert_eq!(cb.next_ms, None);
     let error = cb.last_error.expect("the dead letter says why");
     assert!(error.contains("500"), "{error}");
     // A dead letter stays: the status document shows it.
-    let doc = document::status_document(&call_of(&store, &id).await);
+    let doc = document::status_document(&call_of(&w.store, &id).await);
     assert_eq!(doc["callback"]["state"], "dead");
     assert_eq!(doc["callback"]["last_error"], error.as_str());
     // Stopping waits for anything in flight: nothing more reaches the receiver.
-    stop(&cancel, &d).await;
-    let got = rx.got();
+    stop(&w.cancel, &w.d).await;
+    let got = w.rx.got();
     assert_eq!(got.len(), 3);
     assert!(
         got.iter()
             .all(|r| r.headers["webhook-id"] == event_id.as_str())
     );
-    rx.stop().await;
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn private_and_loopback_urls_are_refused_unless_allowed() {
-    let rx = Receiver::start(&[], 200, Duration::ZERO);
+    let strict = CallbackSettings {
+        allow_private: false,
+        ..settings(5)
+    };
+    let w = World::start(&[], 200, Duration::ZERO, strict).await;
     for url in [
-        rx.url(),
+        w.rx.url(),
         "http://localhost/".into(),
         "http://[::1]/".into(),
         "http://169.254.169.254/".into(),
@@ -378,35 +416,24 @@ async fn private_and_loopback_urls_are_refused_unless_allowed() {
 
     // At delivery time too, for a literal and for a name that resolves to
     // loopback: dead at once, and nothing reaches the receiver.
-    let (_dir, _, store) = temp_store().await;
-    let cancel = CancellationToken::new();
-    let strict = CallbackSettings {
-        allow_private: false,
-        ..settings(5)
-    };
-    let d = Dispatcher::start(store.clone(), strict, cancel.clone());
-    let (literal, _, _) = completed_call(&store, &rx.url()).await;
-    let by_name = format!("http://localhost:{}/hook", rx.port);
-    let (named, _, _) = completed_call(&store, &by_name).await;
-    d.wake();
+    let (literal, _, _) = w.completed().await;
+    let by_name = format!("http://localhost:{}/hook", w.rx.port);
+    let (named, _, _) = completed_call(&w.store, &by_name).await;
+    w.d.wake();
     for id in [&literal, &named] {
-        let cb = wait_for(&store, id, CallbackState::Dead).await;
+        let cb = wait_for(&w.store, id, CallbackState::Dead).await;
         assert_eq!(cb.attempts, 1);
         assert_eq!(
             cb.last_error.as_deref(),
             Some(CallbackUrlError::Forbidden.to_string().as_str())
         );
     }
-    assert!(rx.got().is_empty());
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    assert!(w.rx.got().is_empty());
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn a_restarted_dispatcher_delivers_what_the_first_left_pending() {
-    let (_dir, url, store) = temp_store().await;
-    let rx = Receiver::start(&[500], 200, Duration::ZERO);
     // A retry delay long enough that the first dispatcher is stopped before
     // the second attempt is due.
     let slow = CallbackSettings {
@@ -414,101 +441,75 @@ async fn a_restarted_dispatcher_delivers_what_the_first_left_pending() {
         max_backoff_ms: 1_000,
         ..settings(5)
     };
-    let cancel = CancellationToken::new();
-    let first = Dispatcher::start(store.clone(), slow.clone(), cancel.clone());
-    let (id, event_id, body) = completed_call(&store, &rx.url()).await;
-    first.wake();
-    let cb = wait_for_attempts(&store, &id, 1).await;
+    let w = World::start(&[500], 200, Duration::ZERO, slow.clone()).await;
+    let (id, event_id, body) = w.completed().await;
+    let cb = wait_for_attempts(&w.store, &id, 1).await;
     assert_eq!(cb.state, CallbackState::Pending);
-    stop(&cancel, &first).await;
-    store.close().await;
+    stop(&w.cancel, &w.d).await;
+    w.store.close().await;
 
     // As after a restart: the store opened anew, another dispatcher.
-    let store = CallStore::open(&url).await.unwrap();
+    let store = CallStore::open(&w.store_url).await.unwrap();
     let cancel = CancellationToken::new();
     let second = Dispatcher::start(store.clone(), slow, cancel.clone());
     let cb = wait_for(&store, &id, CallbackState::Delivered).await;
     assert_eq!(cb.attempts, 2);
-    let got = rx.got();
+    let got = w.rx.got();
     assert_eq!(got.len(), 2);
     for r in &got {
         assert_signed_delivery(r, &event_id, &body);
     }
-    let delivered =
-        |h: &DispatcherHandle| h.stats.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!((delivered(&first), delivered(&second)), (0, 1));
-
+    assert_eq!(
+        (count(&w.d.stats.delivered), count(&second.stats.delivered)),
+        (0, 1)
+    );
     stop(&cancel, &second).await;
-    rx.stop().await;
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn each_callback_is_delivered_once_under_bounded_concurrency() {
-    let (_dir, _, store) = temp_store().await;
     // Slow answers: deliveries overlap, and the loop looks at the store
     // (where they are still due) while they are in flight.
-    let rx = Receiver::start(&[], 200, Duration::from_millis(100));
-    let cancel = CancellationToken::new();
     let s = CallbackSettings {
         concurrency: 2,
         ..settings(5)
     };
-    let d = Dispatcher::start(store.clone(), s, cancel.clone());
-    let mut ids = Vec::new();
+    let w = World::start(&[], 200, Duration::from_millis(100), s).await;
+    let mut want = Vec::new();
     for _ in 0..8 {
-        let (id, event_id, _) = completed_call(&store, &rx.url()).await;
-        ids.push((id, event_id));
-        d.wake();
+        want.push(w.completed().await);
     }
-    for (id, _) in &ids {
-        let cb = wait_for(&store, id, CallbackState::Delivered).await;
+    for (id, _, _) in &want {
+        let cb = wait_for(&w.store, id, CallbackState::Delivered).await;
         assert_eq!(cb.attempts, 1, "{id} was attempted once");
     }
-    let got = rx.got();
-    let mut seen: Vec<String> = got
-        .iter()
-        .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
-        .collect();
+    let mut seen: Vec<String> =
+        w.rx.got()
+            .iter()
+            .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+            .collect();
     seen.sort();
-    let mut want: Vec<String> = ids.iter().map(|(_, e)| e.clone()).collect();
+    let mut want: Vec<String> = want.into_iter().map(|(_, e, _)| e).collect();
     want.sort();
     assert_eq!(seen, want, "every callback exactly once");
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn a_callback_without_a_body_is_recorded_dead() {
-    let (_dir, _, store) = temp_store().await;
-    let rx = Receiver::start(&[], 200, Duration::ZERO);
-    let id = format!("cb-{}", uuid::Uuid::new_v4().simple());
-    let now = now_ms();
-    store
-        .insert(&NewCall {
-            id: id.clone(),
-            caller: "anonymous".into(),
-            service: "echo".into(),
-            created_ms: now,
-            deadline_ms: now + 30_000,
-            published: true,
-            idem_key: None,
-            body_hash: None,
-            traceparent: None,
-            callback_url: Some(rx.url()),
-        })
+    let w = World::start(&[], 200, Duration::ZERO, settings(5)).await;
+    let id = call_with_callback(&w.store, &w.rx.url()).await;
+    // Completed without the bytes to deliver (a gateway bug).
+    let done = w
+        .store
+        .complete(&id, CallStatus::Expired, None, now_ms(), None)
         .await
         .unwrap();
-    // Completed without the bytes to deliver (a gateway bug).
-    assert!(
-        store
-            .complete(&id, CallStatus::Expired, None, now, None)
-            .await
-            .unwrap()
-    );
-    let cancel = CancellationToken::new();
-    let d = Dispatcher::start(store.clone(), settings(5), cancel.clone());
-    let cb = wait_for(&store, &id, CallbackState::Dead).await;
+    assert!(done);
+    w.d.wake();
+
+    let cb = wait_for(&w.store, &id, CallbackState::Dead).await;
     assert_eq!(cb.attempts, 1);
     assert!(
         cb.last_error
@@ -517,31 +518,23 @@ async fn a_callback_without_a_body_is_recorded_dead() {
             .contains("without a callback body"),
         "{cb:?}"
     );
-    assert!(rx.got().is_empty());
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    assert!(w.rx.got().is_empty());
+    w.finish().await;
 }
 
 #[actix_rt::test]
 async fn without_a_secret_nothing_is_delivered_and_callbacks_stay_pending() {
-    let (_dir, _, store) = temp_store().await;
-    let rx = Receiver::start(&[], 200, Duration::ZERO);
-    let cancel = CancellationToken::new();
     let off = CallbackSettings {
         secret: String::new(),
         ..settings(5)
     };
-    let d = Dispatcher::start(store.clone(), off, cancel.clone());
-    let (id, _, _) = completed_call(&store, &rx.url()).await;
-    d.wake();
+    let w = World::start(&[], 200, Duration::ZERO, off).await;
+    let (id, _, _) = w.completed().await;
     // Nothing can be observed to happen; give a disabled dispatcher the time
     // of one full idle period to do the wrong thing.
     tokio::time::sleep(MAX_IDLE + Duration::from_millis(200)).await;
-    let cb = callback_of(&store, &id).await;
+    let cb = callback_of(&w.store, &id).await;
     assert_eq!((cb.state, cb.attempts), (CallbackState::Pending, 0));
-    assert!(rx.got().is_empty());
-
-    stop(&cancel, &d).await;
-    rx.stop().await;
+    assert!(w.rx.got().is_empty());
+    w.finish().await;
 }

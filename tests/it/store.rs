@@ -147,6 +147,12 @@ async fn insert_new(store: &CallStore, c: &NewCall) {
     assert!(matches!(inserted, Inserted::New), "{} is new", c.id);
 }
 
+/// The stored callback of a stored call.
+async fn callback_of(store: &CallStore, id: &str) -> CallbackRecord {
+    let call = store.get(id).await.unwrap().expect("stored");
+    call.callback.expect("a callback")
+}
+
 /// Removes a test's rows from a shared table.
 async fn delete_all(store: &CallStore, ids: &[&str]) {
     for id in ids {
@@ -323,14 +329,7 @@ async fn a_call_completes_only_once() {
             )
             .await
             .unwrap();
-        let cb = b
-            .store
-            .get(&with_cb)
-            .await
-            .unwrap()
-            .unwrap()
-            .callback
-            .unwrap();
+        let cb = callback_of(&b.store, &with_cb).await;
         assert_eq!(
             (cb.state, cb.attempts, cb.next_ms),
             (CallbackState::Pending, 1, Some(170))
@@ -344,14 +343,7 @@ async fn a_call_completes_only_once() {
             )
             .await
             .unwrap();
-        let cb = b
-            .store
-            .get(&with_cb)
-            .await
-            .unwrap()
-            .unwrap()
-            .callback
-            .unwrap();
+        let cb = callback_of(&b.store, &with_cb).await;
         assert_eq!(
             (cb.state, cb.attempts, cb.next_ms, cb.last_error.as_deref()),
             (CallbackState::Dead, 2, None, Some("gone"))
