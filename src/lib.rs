@@ -14,6 +14,7 @@
 //! - [`rpc`]: the RPC client and its reply-router actor.
 //! - [`events`]: CloudEvents broadcast and subscription, and the hub relaying them to streams.
 //! - [`gateway`]: the HTTP gateway (sync, bounded wait, polling, callbacks, SSE/WebSocket streams).
+//! - [`callbacks`]: signed delivery of results to callback URLs, with retries.
 //! - [`app`]: `serve`: the workers of the configured services.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.

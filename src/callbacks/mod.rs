@@ -1,27 +1,24 @@
-//! Callback delivery (being written on its own branch; this is the interface).
+//! Callbacks: delivery of call results to the caller's `Callback-Url`,
+//! signed per Standard Webhooks, retried with exponential backoff and
+//! jitter, kept as a dead letter when never delivered.
+//!
+//! The call store holds every callback's delivery state (waiting, pending
+//! with the time of the next attempt, delivered, dead), the event id and the
+//! exact bytes to send: deliveries survive a restart, and the status document
+//! shows where each stands. When a call with a callback completes, the
+//! gateway stores it with [`crate::calls::CallStore::complete`] and calls
+//! [`DispatcherHandle::wake`].
+//!
+//! # Layout
+//! - [`ssrf`]: which URLs may be called: checks at acceptance
+//!   ([`check_url`]) and an address-checking resolver for delivery.
+//! - [`sign`]: the Standard Webhooks headers.
+//! - [`dispatcher`]: the delivery loop, its handle and counters.
 
-pub mod ssrf {
-    //! URL checks.
-    /// Why a callback URL is refused.
-    #[derive(Debug, thiserror::Error)]
-    #[error("{0}")]
-    pub struct CallbackUrlError(pub String);
-    /// Checks a callback URL.
-    pub async fn check_url(url: &str, _allow_private: bool) -> Result<url::Url, CallbackUrlError> {
-        url::Url::parse(url).map_err(|e| CallbackUrlError(e.to_string()))
-    }
-}
+pub mod dispatcher;
+pub mod sign;
+pub mod ssrf;
 
-/// The dispatcher's handle.
-#[derive(Clone, Debug)]
-pub struct DispatcherHandle {
-    /// Wakes the dispatcher.
-    pub notify: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl DispatcherHandle {
-    /// A callback became due.
-    pub fn wake(&self) {
-        self.notify.notify_one();
-    }
-}
+pub use dispatcher::{CallbackStats, Dispatcher, DispatcherHandle};
+pub use sign::{SignError, Signer};
+pub use ssrf::{CallbackUrlError, check_url};

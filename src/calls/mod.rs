@@ -308,6 +308,10 @@ fn schema(backend: Backend) -> Vec<String> {
     ]
 }
 
+/// The PostgreSQL advisory lock key held while the schema is created
+/// (any constant; this one spells "sbschema" in ASCII).
+const SCHEMA_LOCK: i64 = 0x7362_7363_6865_6d61;
+
 fn db(e: sqlx::Error) -> Error {
     Error::Store(e.to_string())
 }
@@ -349,8 +353,25 @@ impl CallStore {
             .connect(url)
             .await
             .map_err(|e| Error::Store(format!("cannot open the call store {url}: {e}")))?;
-        for stmt in schema(backend) {
-            sqlx::query(&stmt).execute(&pool).await.map_err(db)?;
+        if backend == Backend::Postgres {
+            // `CREATE ... IF NOT EXISTS` run by two sessions at once can both
+            // try to create, and one fails: stores opened together (gateways
+            // started at once) take turns under an advisory lock, released at
+            // commit. SQLite serialises writers by itself.
+            let mut tx = pool.begin().await.map_err(db)?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(SCHEMA_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            for stmt in schema(backend) {
+                sqlx::query(&stmt).execute(&mut *tx).await.map_err(db)?;
+            }
+            tx.commit().await.map_err(db)?;
+        } else {
+            for stmt in schema(backend) {
+                sqlx::query(&stmt).execute(&pool).await.map_err(db)?;
+            }
         }
         Ok(Self { pool })
     }

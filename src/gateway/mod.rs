@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::amqp::Broker;
+use crate::callbacks::{Dispatcher, DispatcherHandle};
 use crate::calls::CallStore;
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, HubHandle, HubOptions};
@@ -61,6 +62,8 @@ pub struct AppState {
     pub allow_private_callbacks: bool,
     /// Relays the events exchange to SSE and WebSocket sessions.
     pub hub: HubHandle,
+    /// Callback delivery, when a secret is set.
+    pub callbacks: Option<DispatcherHandle>,
 }
 
 /// A running gateway.
@@ -81,6 +84,10 @@ impl RunningGateway {
         self.state.hub.stop().await;
         self.handle.stop(true).await;
         self.cancel.cancel();
+        if let Some(cb) = &self.state.callbacks {
+            // Deliveries in flight are recorded before the store closes.
+            cb.stopped().await;
+        }
         self.state.rpc.close().await;
         self.state.tracker.store().close().await;
     }
@@ -123,8 +130,15 @@ pub async fn start(
     let g = settings.gateway.clone();
     let store = CallStore::open(&g.store_url).await?;
     let callbacks_enabled = !settings.callbacks.secret.is_empty();
-    let callbacks = None;
-    let tracker = Tracker::new(store, broker.clone(), callbacks, g.max_streams);
+    // Deliveries live in the store, so they survive a restart of the gateway.
+    let callbacks = callbacks_enabled.then(|| {
+        Dispatcher::start(
+            store.clone(),
+            settings.callbacks.clone(),
+            cancel.child_token(),
+        )
+    });
+    let tracker = Tracker::new(store, broker.clone(), callbacks.clone(), g.max_streams);
     let mut options = RpcOptions::from(&settings.rpc);
     if options.reply_mode != ReplyMode::Queue {
         warn!(
@@ -159,6 +173,7 @@ pub async fn start(
         callbacks_enabled,
         allow_private_callbacks: settings.callbacks.allow_private,
         hub,
+        callbacks,
     });
     let addr = listener
         .local_addr()

@@ -737,3 +737,161 @@ async fn event_streams_show_each_caller_only_its_own_calls() {
     );
     gw.cleanup().await;
 }
+
+/// Polls until the call's callback reaches `state`.
+async fn callback_state(gw: &Gw, id: &str, state: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let doc = json(
+            gw.http
+                .get(gw.url(&format!("/v1/calls/{id}?wait=1")))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        if doc["callback"]["state"] == state {
+            return doc;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "callback never {state}: {doc}"
+        );
+    }
+}
+
+fn with_callbacks(s: &mut switchboard::settings::Settings, max_attempts: u32) {
+    s.callbacks.secret = crate::callbacks::SECRET.into();
+    s.callbacks.allow_private = true;
+    s.callbacks.initial_backoff_ms = 10;
+    s.callbacks.max_backoff_ms = 50;
+    s.callbacks.max_attempts = max_attempts;
+}
+
+#[actix_rt::test]
+async fn a_callback_is_signed_retried_with_the_same_id_and_shown_in_the_status_document() {
+    let receiver = crate::callbacks::Receiver::start(&[500, 503], 200, Duration::ZERO);
+    let gw = gateway("gw-cb", |s| with_callbacks(s, 5)).await;
+    let res = gw
+        .post("echo")
+        .header("callback-url", receiver.url())
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(r#"{"order":1}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        StatusCode::ACCEPTED,
+        "a Callback-Url makes the call asynchronous"
+    );
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let doc = callback_state(&gw, &id, "delivered").await;
+    assert_eq!(doc["callback"]["attempts"], 3);
+    assert_eq!(doc["callback"]["url"], receiver.url());
+    let got = receiver.got();
+    assert_eq!(got.len(), 3);
+    let wh = standardwebhooks::Webhook::new(crate::callbacks::SECRET).unwrap();
+    for r in &got {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.headers["content-type"], "application/cloudevents+json");
+        assert_eq!(r.headers["webhook-id"], got[0].headers["webhook-id"]);
+        assert_eq!(r.body, got[0].body, "a retry sent other bytes");
+        wh.verify(&r.body, &r.headers)
+            .expect("the signature verifies with the secret");
+    }
+    let event: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(event["type"], "switchboard.call.completed");
+    assert_eq!(event["subject"], id.as_str());
+    assert_eq!(event["data"]["status"], "succeeded");
+    assert_eq!(event["data"]["result"]["body"]["order"], 1);
+    assert!(
+        event["traceparent"]
+            .as_str()
+            .unwrap()
+            .starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "the caller's trace does not reach the callback"
+    );
+    receiver.stop().await;
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_callback_is_stopped_by_410_and_dead_lettered_after_the_limit() {
+    let gone = crate::callbacks::Receiver::start(&[], 410, Duration::ZERO);
+    let failing = crate::callbacks::Receiver::start(&[], 500, Duration::ZERO);
+    let gw = gateway("gw-cbdead", |s| with_callbacks(s, 3)).await;
+    let start = |url: String| {
+        gw.post("echo")
+            .header("callback-url", url)
+            .body("{}")
+            .send()
+    };
+    let to_gone = json(start(gone.url()).await.unwrap()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let to_failing = json(start(failing.url()).await.unwrap()).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doc = callback_state(&gw, &to_gone, "dead").await;
+    assert_eq!(doc["callback"]["attempts"], 1);
+    assert_eq!(gone.got().len(), 1);
+    let doc = callback_state(&gw, &to_failing, "dead").await;
+    assert_eq!(doc["callback"]["attempts"], 3);
+    assert!(
+        doc["callback"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("500")
+    );
+    assert_eq!(failing.got().len(), 3);
+    // The call itself succeeded; only its callback is a dead letter.
+    assert_eq!(doc["status"], "succeeded");
+    gone.stop().await;
+    failing.stop().await;
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn private_callback_urls_are_refused_and_callbacks_need_a_secret() {
+    let gw = gateway("gw-cbssrf", |s| {
+        with_callbacks(s, 3);
+        s.callbacks.allow_private = false;
+    })
+    .await;
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "http://[::1]/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.1.2.3/hook",
+        "ftp://example.com/hook",
+        "not a url",
+    ] {
+        let res = gw
+            .post("echo")
+            .header("callback-url", url)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_problem(res, 422).await;
+    }
+    gw.cleanup().await;
+    let gw = gateway("gw-cbnone", |_| {}).await;
+    let res = gw
+        .post("echo")
+        .header("callback-url", "http://127.0.0.1:9/hook")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let doc = assert_problem(res, 422).await;
+    assert!(doc["detail"].as_str().unwrap().contains("not enabled"));
+    gw.cleanup().await;
+}

@@ -7,10 +7,12 @@
 mod common;
 
 mod broker;
+mod callbacks;
 mod events;
 mod gateway;
 mod hub;
 mod interop;
 mod rpc;
 mod settings;
+mod store;
 mod worker;

@@ -1,0 +1,530 @@
+//! The dispatcher: one task that delivers due callbacks from the call store,
+//! a bounded number at once, and records every attempt's outcome there.
+//!
+//! The store, not the broker, holds the delivery state: the status document
+//! must show it, and the store is already the durable record of every call
+//! answered `202`. So a callback due before a restart is delivered after it,
+//! by whichever dispatcher looks first.
+//!
+//! The loop: fetch the callbacks due now, start each one not already in
+//! flight (at most `callbacks.concurrency` at once), then sleep until the
+//! next one is due, a [`DispatcherHandle::wake`], a delivery ending, or the
+//! cancellation token; never longer than [`MAX_IDLE`], so callbacks that
+//! another gateway sharing the store schedules are seen too.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use reqwest::redirect::Policy;
+use reqwest::{Client, StatusCode};
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use url::Url;
+
+use super::sign::Signer;
+use super::ssrf::{CallbackUrlError, ForbiddenAddress, GuardedResolver, check_target};
+use crate::amqp::wire::now_ms;
+use crate::calls::{CallRecord, CallStore, CallbackOutcome, CallbackRecord};
+use crate::settings::CallbackSettings;
+
+/// Longest the dispatcher sleeps without looking at the store.
+pub const MAX_IDLE: Duration = Duration::from_secs(1);
+
+/// Shortest sleep between two looks at the store when nothing woke it, so
+/// that a row the store reports due but does not hand out cannot spin it.
+const MIN_IDLE: Duration = Duration::from_millis(5);
+
+/// The content type of a delivery: a structured-mode CloudEvent.
+pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+
+/// The `user-agent` of deliveries.
+pub const USER_AGENT: &str = "switchboard";
+
+/// Counters of delivery attempts since the dispatcher started (for metrics).
+#[derive(Debug, Default)]
+pub struct CallbackStats {
+    /// Attempts made (every outcome recorded, including rows found
+    /// undeliverable).
+    pub attempts: AtomicU64,
+    /// Attempts answered 2xx.
+    pub delivered: AtomicU64,
+    /// Failed attempts scheduled to be tried again.
+    pub retried: AtomicU64,
+    /// Callbacks given up: kept as dead letters.
+    pub dead: AtomicU64,
+}
+
+/// What the rest of the process holds of a running dispatcher. Cheap to
+/// clone.
+#[derive(Debug, Clone)]
+pub struct DispatcherHandle {
+    /// Wakes the dispatcher: a callback became due (a call with a callback
+    /// completed). A wake while it is busy is kept, not lost.
+    pub notify: Arc<Notify>,
+    /// Delivery counters.
+    pub stats: Arc<CallbackStats>,
+    /// Closed when the dispatcher's task has ended.
+    stopped: watch::Receiver<()>,
+}
+
+impl DispatcherHandle {
+    /// Tells the dispatcher that a callback became due.
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Waits until the dispatcher has stopped (after its cancellation token
+    /// fired) and its deliveries in flight have ended and been recorded;
+    /// each is bounded by `callbacks.timeout_ms`.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopped.clone();
+        while rx.changed().await.is_ok() {}
+    }
+}
+
+/// The delivery loop; see the module doc.
+pub struct Dispatcher {
+    store: CallStore,
+    /// Everything a delivery task needs, shared by them.
+    deliverer: Arc<Deliverer>,
+    notify: Arc<Notify>,
+    cancel: CancellationToken,
+    /// Bounds the deliveries in flight (`callbacks.concurrency`).
+    permits: Arc<Semaphore>,
+    /// Delivery tasks; reaped only by the loop, between two looks at the
+    /// store, so that a row is never handed out while its last attempt
+    /// is still being recorded.
+    tasks: JoinSet<bool>,
+    /// Call ids in flight, so two attempts of one callback never overlap.
+    in_flight: HashSet<String>,
+    /// The call id of each task, to clear `in_flight` even if a task panics.
+    task_ids: HashMap<Id, String>,
+    /// Set when the store failed; the next sleep is [`MAX_IDLE`], so a
+    /// failing store is not hammered and an unrecorded attempt is not
+    /// repeated at once.
+    trouble: bool,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher on the current Tokio runtime. It runs until
+    /// `cancel` fires, then waits for its deliveries in flight.
+    ///
+    /// `settings` are expected valid ([`crate::settings::Settings::validate`]).
+    /// With an empty secret callbacks are disabled: the dispatcher logs
+    /// that once and delivers nothing, leaving due callbacks in the store for
+    /// a later start with a secret.
+    pub fn start(
+        store: CallStore,
+        settings: CallbackSettings,
+        cancel: CancellationToken,
+    ) -> DispatcherHandle {
+        let notify = Arc::new(Notify::new());
+        let stats = Arc::new(CallbackStats::default());
+        let (stopped_tx, stopped) = watch::channel(());
+        let handle = DispatcherHandle {
+            notify: notify.clone(),
+            stats: stats.clone(),
+            stopped,
+        };
+        let deliverer = match Deliverer::new(store.clone(), settings, stats) {
+            Ok(d) => d,
+            Err(why) => {
+                error!(%why, "callbacks are not delivered");
+                tokio::spawn(async move {
+                    cancel.cancelled().await;
+                    drop(stopped_tx);
+                });
+                return handle;
+            }
+        };
+        let concurrency = deliverer.settings.concurrency.max(1);
+        let dispatcher = Dispatcher {
+            store,
+            deliverer: Arc::new(deliverer),
+            notify,
+            cancel,
+            permits: Arc::new(Semaphore::new(concurrency)),
+            tasks: JoinSet::new(),
+            in_flight: HashSet::new(),
+            task_ids: HashMap::new(),
+            trouble: false,
+        };
+        tokio::spawn(async move {
+            dispatcher.run().await;
+            drop(stopped_tx);
+        });
+        handle
+    }
+
+    async fn run(mut self) {
+        info!(
+            concurrency = self.deliverer.settings.concurrency,
+            "callback dispatcher started"
+        );
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            let now = now_ms_i64();
+            if !self.trouble {
+                self.start_due(now).await;
+            }
+            let wait = self.idle_time(now).await;
+            self.trouble = false;
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => break,
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    self.finished(done);
+                }
+                () = self.notify.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+            while let Some(done) = self.tasks.try_join_next_with_id() {
+                self.finished(done);
+            }
+        }
+        info!(
+            in_flight = self.in_flight.len(),
+            "callback dispatcher stopping"
+        );
+        while let Some(done) = self.tasks.join_next_with_id().await {
+            self.finished(done);
+        }
+    }
+
+    /// Starts a delivery for each due callback not in flight, while permits
+    /// last.
+    async fn start_due(&mut self, now: i64) {
+        let free = self.permits.available_permits();
+        if free == 0 {
+            return;
+        }
+        // Rows in flight are still due in the store: ask for enough to get
+        // `free` others past them.
+        let limit = i64::try_from(self.in_flight.len() + free).unwrap_or(i64::MAX);
+        let rows = match self.store.due_callbacks(now, limit).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "cannot read due callbacks");
+                self.trouble = true;
+                return;
+            }
+        };
+        for row in rows {
+            if self.in_flight.contains(&row.id) {
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let id = row.id.clone();
+            let deliverer = self.deliverer.clone();
+            let task = self.tasks.spawn(async move {
+                let recorded = deliverer.attempt(row).await;
+                drop(permit);
+                recorded
+            });
+            self.task_ids.insert(task.id(), id.clone());
+            self.in_flight.insert(id);
+        }
+    }
+
+    /// How long to sleep before looking at the store again.
+    async fn idle_time(&self, looked_at: i64) -> Duration {
+        if self.trouble {
+            return MAX_IDLE;
+        }
+        match self.store.next_callback_ms().await {
+            Ok(Some(due)) if due > looked_at => {
+                let ms = u64::try_from(due - now_ms_i64()).unwrap_or(0);
+                Duration::from_millis(ms).clamp(MIN_IDLE, MAX_IDLE)
+            }
+            // Everything due when we looked was started (or no permit was
+            // free): the earliest due callback is in flight and hides when
+            // the next one is due. A delivery ending wakes the loop sooner.
+            Ok(Some(_)) if !self.in_flight.is_empty() => MAX_IDLE,
+            // It came due between the two queries.
+            Ok(Some(_)) => MIN_IDLE,
+            Ok(None) => MAX_IDLE,
+            Err(e) => {
+                warn!(error = %e, "cannot read when the next callback is due");
+                MAX_IDLE
+            }
+        }
+    }
+
+    /// Clears a finished delivery from the books.
+    fn finished(&mut self, done: Result<(Id, bool), JoinError>) {
+        let (task, recorded) = match done {
+            Ok((task, recorded)) => (task, recorded),
+            Err(e) => {
+                error!(error = %e, "a callback delivery task failed");
+                (e.id(), false)
+            }
+        };
+        if let Some(id) = self.task_ids.remove(&task) {
+            self.in_flight.remove(&id);
+        }
+        if !recorded {
+            self.trouble = true;
+        }
+    }
+}
+
+fn now_ms_i64() -> i64 {
+    i64::try_from(now_ms()).unwrap_or(i64::MAX)
+}
+
+/// What one attempt came to.
+enum Verdict {
+    /// Answered 2xx.
+    Delivered,
+    /// Worth trying again.
+    Transient(String),
+    /// Never worth trying again.
+    Permanent(String),
+}
+
+/// Makes one attempt and records it; shared by the delivery tasks.
+struct Deliverer {
+    store: CallStore,
+    client: Client,
+    signer: Signer,
+    settings: CallbackSettings,
+    stats: Arc<CallbackStats>,
+}
+
+impl Deliverer {
+    fn new(
+        store: CallStore,
+        settings: CallbackSettings,
+        stats: Arc<CallbackStats>,
+    ) -> Result<Self, String> {
+        let signer = Signer::new(&settings.secret).map_err(|e| e.to_string())?;
+        let mut builder = Client::builder()
+            .timeout(Duration::from_millis(settings.timeout_ms))
+            // A redirect could lead anywhere, past the URL checks.
+            .redirect(Policy::none())
+            // A proxy would connect to the target itself, past the resolver
+            // that checks the address.
+            .no_proxy()
+            .user_agent(USER_AGENT);
+        if !settings.allow_private {
+            builder = builder.dns_resolver(Arc::new(GuardedResolver));
+        }
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            store,
+            client,
+            signer,
+            settings,
+            stats,
+        })
+    }
+
+    /// One attempt at `row`'s callback, recorded in the store. Returns
+    /// false when the outcome could not be recorded.
+    async fn attempt(&self, row: CallRecord) -> bool {
+        let Some(callback) = row.callback else {
+            return true;
+        };
+        let attempt = callback.attempts.saturating_add(1);
+        self.stats.attempts.fetch_add(1, Ordering::Relaxed);
+        let (status, verdict) = self.send(callback).await;
+        let outcome = match verdict {
+            Verdict::Delivered => {
+                self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                info!(call_id = %row.id, attempt, status, "callback delivered");
+                CallbackOutcome::Delivered
+            }
+            Verdict::Transient(error) if attempt < self.settings.max_attempts => {
+                let delay =
+                    retry_delay_ms(&self.settings, attempt, rand::rng().random_range(0.8..=1.2));
+                self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                warn!(call_id = %row.id, attempt, status, %error, retry_in_ms = delay, "callback attempt failed");
+                CallbackOutcome::Retry {
+                    next_ms: now_ms_i64().saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
+                    error,
+                }
+            }
+            Verdict::Transient(error) => {
+                self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                let error = format!("{error}; gave up after {attempt} attempts");
+                warn!(call_id = %row.id, attempt, status, %error, "callback dead");
+                CallbackOutcome::Dead { error }
+            }
+            Verdict::Permanent(error) => {
+                self.stats.dead.fetch_add(1, Ordering::Relaxed);
+                warn!(call_id = %row.id, attempt, status, %error, "callback dead");
+                CallbackOutcome::Dead { error }
+            }
+        };
+        match self.store.record_callback(&row.id, &outcome).await {
+            Ok(()) => true,
+            Err(e) => {
+                error!(call_id = %row.id, attempt, error = %e, "cannot record a callback attempt");
+                false
+            }
+        }
+    }
+
+    /// POSTs the stored body, signed. Returns the answer's status, if any,
+    /// and what it means. Error texts end up in the status document: they
+    /// speak of the receiver and the URL only.
+    async fn send(&self, callback: CallbackRecord) -> (Option<u16>, Verdict) {
+        let (Some(body), Some(event_id)) = (callback.body, callback.event_id) else {
+            return (
+                None,
+                Verdict::Permanent("the call ended without a callback body to deliver".into()),
+            );
+        };
+        let url = match Url::parse(&callback.url) {
+            Ok(url) => url,
+            Err(_) => {
+                return (
+                    None,
+                    Verdict::Permanent(CallbackUrlError::Invalid.to_string()),
+                );
+            }
+        };
+        if let Err(e) = check_target(&url, self.settings.allow_private) {
+            return (None, Verdict::Permanent(e.to_string()));
+        }
+        let timestamp = now_ms_i64() / 1000;
+        let headers = match self.signer.headers(&event_id, timestamp, &body) {
+            Ok(h) => h,
+            Err(e) => return (None, Verdict::Permanent(e.to_string())),
+        };
+        let sent = self
+            .client
+            .post(url)
+            .headers(headers)
+            .header(CONTENT_TYPE, HeaderValue::from_static(CLOUDEVENTS_JSON))
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(resp) => {
+                let status = resp.status();
+                (Some(status.as_u16()), verdict_of(status))
+            }
+            Err(e) => (None, self.verdict_of_error(&e)),
+        }
+    }
+
+    fn verdict_of_error(&self, e: &reqwest::Error) -> Verdict {
+        if ForbiddenAddress::is_in(e) {
+            Verdict::Permanent(CallbackUrlError::Forbidden.to_string())
+        } else if e.is_timeout() {
+            Verdict::Transient(format!("no answer within {} ms", self.settings.timeout_ms))
+        } else if e.is_connect() {
+            Verdict::Transient("could not connect to the callback URL".into())
+        } else {
+            Verdict::Transient("the request to the callback URL failed".into())
+        }
+    }
+}
+
+/// 2xx: delivered; 410 Gone: the receiver wants no more; anything else
+/// (3xx included: redirects are not followed) is tried again.
+fn verdict_of(status: StatusCode) -> Verdict {
+    if status.is_success() {
+        Verdict::Delivered
+    } else if status == StatusCode::GONE {
+        Verdict::Permanent("the receiver answered 410 Gone".into())
+    } else {
+        Verdict::Transient(format!("the receiver answered {status}"))
+    }
+}
+
+/// The delay after failed attempt number `attempt` (1-based):
+/// `initial * 2^(attempt-1)`, times `jitter` (0.8 to 1.2), capped at
+/// `max_backoff_ms`.
+fn retry_delay_ms(settings: &CallbackSettings, attempt: u32, jitter: f64) -> u64 {
+    let factor = 1u64
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    let base = settings
+        .initial_backoff_ms
+        .saturating_mul(factor)
+        .min(settings.max_backoff_ms);
+    // A u64 of milliseconds fits an f64 well enough for a delay.
+    let jittered = (base as f64 * jitter).round() as u64;
+    jittered.clamp(1, settings.max_backoff_ms.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(initial: u64, max: u64) -> CallbackSettings {
+        CallbackSettings {
+            secret: String::new(),
+            max_attempts: 8,
+            initial_backoff_ms: initial,
+            max_backoff_ms: max,
+            timeout_ms: 1000,
+            allow_private: false,
+            concurrency: 4,
+        }
+    }
+
+    #[test]
+    fn the_delay_doubles_up_to_the_cap() {
+        let s = settings(1000, 300_000);
+        let delays: Vec<u64> = (1..=10).map(|a| retry_delay_ms(&s, a, 1.0)).collect();
+        assert_eq!(
+            delays,
+            [
+                1000, 2000, 4000, 8000, 16_000, 32_000, 64_000, 128_000, 256_000, 300_000
+            ]
+        );
+        assert_eq!(retry_delay_ms(&s, 200, 1.0), 300_000);
+        assert_eq!(retry_delay_ms(&s, u32::MAX, 1.0), 300_000);
+    }
+
+    #[test]
+    fn jitter_spreads_within_twenty_percent_and_never_past_the_cap() {
+        let s = settings(1000, 300_000);
+        assert_eq!(retry_delay_ms(&s, 1, 0.8), 800);
+        assert_eq!(retry_delay_ms(&s, 1, 1.2), 1200);
+        assert_eq!(retry_delay_ms(&s, 3, 0.8), 3200);
+        assert_eq!(retry_delay_ms(&s, 20, 1.2), 300_000);
+        assert_eq!(retry_delay_ms(&s, 20, 0.8), 240_000);
+        assert_eq!(retry_delay_ms(&settings(1, 1), 1, 0.8), 1);
+    }
+
+    #[test]
+    fn statuses_map_to_verdicts() {
+        assert!(matches!(verdict_of(StatusCode::OK), Verdict::Delivered));
+        assert!(matches!(
+            verdict_of(StatusCode::NO_CONTENT),
+            Verdict::Delivered
+        ));
+        assert!(matches!(
+            verdict_of(StatusCode::GONE),
+            Verdict::Permanent(_)
+        ));
+        for s in [
+            StatusCode::FOUND,
+            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        ] {
+            match verdict_of(s) {
+                Verdict::Transient(e) => assert!(e.contains(s.as_str()), "{e}"),
+                _ => panic!("{s} should be retried"),
+            }
+        }
+    }
+}

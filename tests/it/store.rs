@@ -1,0 +1,562 @@
+//! The call store, on SQLite (a temporary file) and on PostgreSQL
+//! (`SWITCHBOARD_TEST_POSTGRES_URL`, or the local default). When no
+//! PostgreSQL answers, its half is skipped with a note on stderr.
+//!
+//! The PostgreSQL table `sb_calls` is shared by every test and every test
+//! binary that uses that database: each test names its calls and callers
+//! with a prefix of its own. `purge` and `drop_unpublished` act on the
+//! whole table, so their tests get a schema of their own instead.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use switchboard::calls::{
+    CallStatus, CallStore, CallbackOutcome, CallbackRecord, CallbackState, Inserted, NewCall,
+    StoredResult,
+};
+use tempfile::TempDir;
+
+const POSTGRES_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn postgres_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| POSTGRES_DEFAULT.into())
+}
+
+/// One store under test and what keeps it alive.
+struct Backend {
+    name: &'static str,
+    store: CallStore,
+    /// The SQLite file's directory.
+    _dir: Option<TempDir>,
+    /// A private PostgreSQL schema to drop at the end: a pool outside the
+    /// store, and its name.
+    schema: Option<(sqlx::PgPool, String)>,
+}
+
+impl Backend {
+    async fn done(self) {
+        self.store.close().await;
+        if let Some((pool, schema)) = self.schema {
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+static NOTED: Mutex<bool> = Mutex::new(false);
+
+/// Whether PostgreSQL answers at the test URL's address; if not, says so
+/// once on stderr.
+async fn postgres_answers() -> bool {
+    let url = url::Url::parse(&postgres_url()).expect("a valid PostgreSQL URL");
+    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
+    let port = url.port().unwrap_or(5432);
+    let probe = tokio::net::TcpStream::connect((host.as_str(), port));
+    let answers = matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Ok(_))
+    );
+    if !answers {
+        let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
+        if !*noted {
+            *noted = true;
+            // Straight to the process's stderr: the harness captures eprintln.
+            let msg = format!(
+                "\nnote: no PostgreSQL answers at {host}:{port}; the PostgreSQL half of the store tests is skipped (set SWITCHBOARD_TEST_POSTGRES_URL)\n"
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+        }
+    }
+    answers
+}
+
+/// SQLite in a temporary file, and PostgreSQL when it answers: on the
+/// shared table, or with `private_schema` in a schema of the test's own.
+async fn backends(private_schema: bool) -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}/calls.db?mode=rwc", dir.path().display());
+    let mut all = vec![Backend {
+        name: "sqlite",
+        store: CallStore::open(&sqlite).await.unwrap(),
+        _dir: Some(dir),
+        schema: None,
+    }];
+    if !postgres_answers().await {
+        return all;
+    }
+    let base = postgres_url();
+    let (url, schema) = if private_schema {
+        let name = format!("sbt_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let pool = sqlx::PgPool::connect(&base).await.unwrap();
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
+        (url, Some((pool, name)))
+    } else {
+        (base, None)
+    };
+    all.push(Backend {
+        name: "postgres",
+        store: CallStore::open(&url).await.unwrap(),
+        _dir: None,
+        schema,
+    });
+    all
+}
+
+/// A prefix of this test's own for ids, callers and keys.
+fn prefix(test: &str) -> String {
+    format!(
+        "st-{test}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// A published call with no key and no callback; times are chosen by tests.
+fn call(id: &str, caller: &str, created_ms: i64, deadline_ms: i64) -> NewCall {
+    NewCall {
+        id: id.into(),
+        caller: caller.into(),
+        service: "echo".into(),
+        created_ms,
+        deadline_ms,
+        published: true,
+        idem_key: None,
+        body_hash: None,
+        traceparent: None,
+        callback_url: None,
+    }
+}
+
+fn reply(body: &[u8]) -> StoredResult {
+    StoredResult {
+        status: 201,
+        content_type: "application/json".into(),
+        body: body.to_vec(),
+    }
+}
+
+async fn insert_new(store: &CallStore, c: &NewCall) {
+    let inserted = store.insert(c).await.unwrap();
+    assert!(matches!(inserted, Inserted::New), "{} is new", c.id);
+}
+
+/// The stored callback of a stored call.
+async fn callback_of(store: &CallStore, id: &str) -> CallbackRecord {
+    let call = store.get(id).await.unwrap().expect("stored");
+    call.callback.expect("a callback")
+}
+
+/// Removes a test's rows from a shared table.
+async fn delete_all(store: &CallStore, ids: &[&str]) {
+    for id in ids {
+        store.delete(id).await.unwrap();
+    }
+}
+
+#[actix_rt::test]
+async fn a_call_reads_back_as_stored() {
+    for b in backends(false).await {
+        let p = prefix("roundtrip");
+        let (a, z) = (format!("{p}-a"), format!("{p}-z"));
+        let full = NewCall {
+            published: false,
+            idem_key: Some(format!("{p}-key")),
+            body_hash: Some("e3b0c442".into()),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            callback_url: Some("https://example.com/hook?x=1".into()),
+            ..call(
+                &a,
+                &format!("{p}-caller"),
+                1_700_000_000_123,
+                1_700_000_030_123,
+            )
+        };
+        insert_new(&b.store, &full).await;
+        let got = b.store.get(&a).await.unwrap().expect("stored");
+        assert_eq!(got.id, a, "{}", b.name);
+        assert_eq!(got.caller, full.caller);
+        assert_eq!(got.service, "echo");
+        assert_eq!(got.status, CallStatus::Pending);
+        assert_eq!(got.created_ms, 1_700_000_000_123);
+        assert_eq!(got.completed_ms, None);
+        assert_eq!(got.deadline_ms, 1_700_000_030_123);
+        assert!(!got.published);
+        assert_eq!(got.idem_key, full.idem_key);
+        assert_eq!(got.body_hash, full.body_hash);
+        assert_eq!(got.traceparent, full.traceparent);
+        assert_eq!(got.result, None);
+        assert_eq!(
+            got.callback,
+            Some(CallbackRecord {
+                url: "https://example.com/hook?x=1".into(),
+                state: CallbackState::Waiting,
+                attempts: 0,
+                next_ms: None,
+                last_error: None,
+                event_id: None,
+                body: None,
+            })
+        );
+        b.store.mark_published(&a).await.unwrap();
+        assert!(b.store.get(&a).await.unwrap().unwrap().published);
+
+        // The bare minimum reads back with its absences.
+        insert_new(&b.store, &call(&z, &format!("{p}-caller"), 1, 2)).await;
+        let got = b.store.get(&z).await.unwrap().unwrap();
+        assert_eq!(
+            (got.idem_key, got.callback, got.traceparent),
+            (None, None, None)
+        );
+        assert!(
+            b.store
+                .get(&format!("{p}-unknown"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        b.store.delete(&a).await.unwrap();
+        assert!(b.store.get(&a).await.unwrap().is_none(), "{}", b.name);
+        delete_all(&b.store, &[&z]).await;
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_reused_idempotency_key_returns_the_existing_call() {
+    for b in backends(false).await {
+        let p = prefix("idem");
+        let (caller, other_caller, key) = (
+            format!("{p}-caller"),
+            format!("{p}-other"),
+            format!("{p}-key"),
+        );
+        let (first, second, third) = (format!("{p}-1"), format!("{p}-2"), format!("{p}-3"));
+        let keyed = |id: &str, who: &str, hash: &str| NewCall {
+            idem_key: Some(key.clone()),
+            body_hash: Some(hash.into()),
+            ..call(id, who, 10, 20)
+        };
+        insert_new(&b.store, &keyed(&first, &caller, "hash-1")).await;
+        match b
+            .store
+            .insert(&keyed(&second, &caller, "hash-2"))
+            .await
+            .unwrap()
+        {
+            Inserted::Existing(existing) => {
+                assert_eq!(existing.id, first, "{}", b.name);
+                assert_eq!(existing.body_hash.as_deref(), Some("hash-1"));
+            }
+            Inserted::New => panic!("{}: the key was already used", b.name),
+        }
+        assert!(b.store.get(&second).await.unwrap().is_none());
+        let found = b.store.by_idempotency_key(&caller, &key).await.unwrap();
+        assert_eq!(found.map(|c| c.id), Some(first.clone()));
+
+        // The same key from another caller is another call.
+        insert_new(&b.store, &keyed(&third, &other_caller, "hash-1")).await;
+        // Calls without a key never conflict.
+        let (n1, n2) = (format!("{p}-n1"), format!("{p}-n2"));
+        insert_new(&b.store, &call(&n1, &caller, 10, 20)).await;
+        insert_new(&b.store, &call(&n2, &caller, 10, 20)).await;
+
+        delete_all(&b.store, &[&first, &third, &n1, &n2]).await;
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_call_completes_only_once() {
+    for b in backends(false).await {
+        let p = prefix("complete");
+        let (with_cb, without_cb) = (format!("{p}-cb"), format!("{p}-plain"));
+        let caller = format!("{p}-caller");
+        insert_new(
+            &b.store,
+            &NewCall {
+                callback_url: Some("https://example.com/hook".into()),
+                ..call(&with_cb, &caller, 100, 200)
+            },
+        )
+        .await;
+        insert_new(&b.store, &call(&without_cb, &caller, 100, 200)).await;
+
+        let event = br#"{"specversion":"1.0"}"#;
+        let done = b
+            .store
+            .complete(
+                &with_cb,
+                CallStatus::Succeeded,
+                Some(&reply(b"{\"ok\":true}")),
+                150,
+                Some(("evt-1", event)),
+            )
+            .await
+            .unwrap();
+        assert!(done, "{}", b.name);
+        let again = b
+            .store
+            .complete(&with_cb, CallStatus::Expired, None, 160, None)
+            .await
+            .unwrap();
+        assert!(!again, "{}: a second completion changes nothing", b.name);
+        let got = b.store.get(&with_cb).await.unwrap().unwrap();
+        assert_eq!(got.status, CallStatus::Succeeded);
+        assert_eq!(got.completed_ms, Some(150));
+        assert_eq!(got.result, Some(reply(b"{\"ok\":true}")));
+        let cb = got.callback.unwrap();
+        assert_eq!(cb.state, CallbackState::Pending);
+        assert_eq!(cb.next_ms, Some(150));
+        assert_eq!(cb.event_id.as_deref(), Some("evt-1"));
+        assert_eq!(cb.body.as_deref(), Some(&event[..]));
+
+        // Attempts are counted; the state follows the outcome.
+        b.store
+            .record_callback(
+                &with_cb,
+                &CallbackOutcome::Retry {
+                    next_ms: 170,
+                    error: "the receiver answered 503".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let cb = callback_of(&b.store, &with_cb).await;
+        assert_eq!(
+            (cb.state, cb.attempts, cb.next_ms),
+            (CallbackState::Pending, 1, Some(170))
+        );
+        b.store
+            .record_callback(
+                &with_cb,
+                &CallbackOutcome::Dead {
+                    error: "gone".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let cb = callback_of(&b.store, &with_cb).await;
+        assert_eq!(
+            (cb.state, cb.attempts, cb.next_ms, cb.last_error.as_deref()),
+            (CallbackState::Dead, 2, None, Some("gone"))
+        );
+
+        // A call without a callback completes without one.
+        assert!(
+            b.store
+                .complete(
+                    &without_cb,
+                    CallStatus::Failed,
+                    Some(&reply(b"x")),
+                    150,
+                    None
+                )
+                .await
+                .unwrap()
+        );
+        let got = b.store.get(&without_cb).await.unwrap().unwrap();
+        assert_eq!((got.status, got.callback), (CallStatus::Failed, None));
+
+        delete_all(&b.store, &[&with_cb, &without_cb]).await;
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn overdue_lists_pending_calls_past_their_deadline() {
+    for b in backends(false).await {
+        let p = prefix("overdue");
+        let caller = format!("{p}-caller");
+        let (late, early, ended) = (
+            format!("{p}-late"),
+            format!("{p}-early"),
+            format!("{p}-ended"),
+        );
+        // Times far in the past, so that no real call of another test is
+        // overdue at `now` = 2 000 ms.
+        insert_new(&b.store, &call(&late, &caller, 500, 1_000)).await;
+        insert_new(&b.store, &call(&early, &caller, 500, 3_000)).await;
+        insert_new(&b.store, &call(&ended, &caller, 500, 1_000)).await;
+        assert!(
+            b.store
+                .complete(&ended, CallStatus::Succeeded, Some(&reply(b"1")), 900, None)
+                .await
+                .unwrap()
+        );
+        let overdue = b.store.overdue(2_000, 1_000_000).await.unwrap();
+        assert!(overdue.contains(&late), "{}", b.name);
+        assert!(!overdue.contains(&early), "{}", b.name);
+        assert!(!overdue.contains(&ended), "{}", b.name);
+        delete_all(&b.store, &[&late, &early, &ended]).await;
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn purge_keeps_pending_calls_and_unsettled_callbacks() {
+    for b in backends(true).await {
+        let p = prefix("purge");
+        let caller = format!("{p}-caller");
+        let id = |s: &str| format!("{p}-{s}");
+        let with_cb = |s: &str| NewCall {
+            callback_url: Some("https://example.com/hook".into()),
+            ..call(&id(s), &caller, 500, 10_000)
+        };
+        let s = &b.store;
+        // Still pending: kept.
+        insert_new(s, &call(&id("pending"), &caller, 500, 10_000)).await;
+        insert_new(s, &with_cb("pending-cb")).await;
+        // Ended long ago, nothing to deliver: purged.
+        insert_new(s, &call(&id("old"), &caller, 500, 10_000)).await;
+        assert!(
+            s.complete(
+                &id("old"),
+                CallStatus::Succeeded,
+                Some(&reply(b"1")),
+                1_000,
+                None
+            )
+            .await
+            .unwrap()
+        );
+        // Ended long ago, callback still to deliver: kept.
+        insert_new(s, &with_cb("undelivered")).await;
+        assert!(
+            s.complete(
+                &id("undelivered"),
+                CallStatus::Succeeded,
+                Some(&reply(b"1")),
+                1_000,
+                Some(("e1", b"{}"))
+            )
+            .await
+            .unwrap()
+        );
+        // Ended long ago, callback delivered or dead: purged.
+        for (name, outcome) in [
+            ("delivered", CallbackOutcome::Delivered),
+            (
+                "dead",
+                CallbackOutcome::Dead {
+                    error: "gone".into(),
+                },
+            ),
+        ] {
+            insert_new(s, &with_cb(name)).await;
+            assert!(
+                s.complete(
+                    &id(name),
+                    CallStatus::Succeeded,
+                    Some(&reply(b"1")),
+                    1_000,
+                    Some(("e", b"{}"))
+                )
+                .await
+                .unwrap()
+            );
+            s.record_callback(&id(name), &outcome).await.unwrap();
+        }
+        // Ended after the cut-off: kept.
+        insert_new(s, &call(&id("recent"), &caller, 500, 10_000)).await;
+        assert!(
+            s.complete(&id("recent"), CallStatus::Failed, None, 5_000, None)
+                .await
+                .unwrap()
+        );
+
+        assert_eq!(s.purge(2_000).await.unwrap(), 3, "{}", b.name);
+        for (name, kept) in [
+            ("pending", true),
+            ("pending-cb", true),
+            ("old", false),
+            ("undelivered", true),
+            ("delivered", false),
+            ("dead", false),
+            ("recent", true),
+        ] {
+            assert_eq!(
+                s.get(&id(name)).await.unwrap().is_some(),
+                kept,
+                "{}: {name}",
+                b.name
+            );
+        }
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn unpublished_calls_are_dropped_and_their_key_starts_afresh() {
+    for b in backends(true).await {
+        let p = prefix("unpub");
+        let caller = format!("{p}-caller");
+        let key = format!("{p}-key");
+        let (lost, kept, retry) = (
+            format!("{p}-lost"),
+            format!("{p}-kept"),
+            format!("{p}-retry"),
+        );
+        let keyed = |id: &str| NewCall {
+            published: false,
+            idem_key: Some(key.clone()),
+            ..call(id, &caller, 10, 20)
+        };
+        insert_new(&b.store, &keyed(&lost)).await;
+        insert_new(&b.store, &call(&kept, &caller, 10, 20)).await;
+
+        assert_eq!(b.store.drop_unpublished().await.unwrap(), 1, "{}", b.name);
+        assert!(b.store.get(&lost).await.unwrap().is_none());
+        assert!(b.store.get(&kept).await.unwrap().is_some());
+        // The caller never got a 202 for it: the same key makes a new call.
+        insert_new(&b.store, &keyed(&retry)).await;
+        // Published calls are never dropped, nor pending ones once published.
+        b.store.mark_published(&retry).await.unwrap();
+        assert_eq!(b.store.drop_unpublished().await.unwrap(), 0, "{}", b.name);
+        assert!(b.store.get(&retry).await.unwrap().is_some());
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn stores_opened_at_once_on_a_fresh_database_all_open() {
+    // Gateways started together on a new database race to create the
+    // schema; every one of them must open.
+    for b in backends(true).await {
+        let fresh_url = match (&b.schema, &b._dir) {
+            (Some((pool, schema)), _) => {
+                let fresh = format!("{schema}_x");
+                sqlx::query(&format!("CREATE SCHEMA {fresh}"))
+                    .execute(pool)
+                    .await
+                    .unwrap();
+                let base = postgres_url();
+                let sep = if base.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}options=-c%20search_path%3D{fresh}")
+            }
+            (None, Some(dir)) => format!("sqlite://{}/fresh.db?mode=rwc", dir.path().display()),
+            (None, None) => unreachable!("every backend is a file or a schema"),
+        };
+        let opened =
+            futures_util::future::join_all((0..8).map(|_| CallStore::open(&fresh_url))).await;
+        for store in opened {
+            let store = store.unwrap_or_else(|e| panic!("{}: {e}", b.name));
+            assert!(store.ping().await);
+            store.close().await;
+        }
+        if let Some((pool, schema)) = &b.schema {
+            sqlx::query(&format!("DROP SCHEMA {schema}_x CASCADE"))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        b.done().await;
+    }
+}
