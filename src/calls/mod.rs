@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Connection, Row};
 
 use crate::error::{Error, Result};
 
@@ -349,30 +349,30 @@ impl CallStore {
                 })
             });
         }
-        let pool = opts
-            .connect(url)
-            .await
-            .map_err(|e| Error::Store(format!("cannot open the call store {url}: {e}")))?;
+        // The schema is made on a connection of its own before the pool
+        // opens any: an SQLite connection opened before a `CREATE INDEX` can
+        // keep an old schema and refuse `ON CONFLICT` on that index.
+        let opening =
+            |e: sqlx::Error| Error::Store(format!("cannot open the call store {url}: {e}"));
+        let mut conn = sqlx::AnyConnection::connect(url).await.map_err(opening)?;
+        let mut tx = conn.begin().await.map_err(db)?;
         if backend == Backend::Postgres {
             // `CREATE ... IF NOT EXISTS` run by two sessions at once can both
             // try to create, and one fails: stores opened together (gateways
             // started at once) take turns under an advisory lock, released at
             // commit. SQLite serialises writers by itself.
-            let mut tx = pool.begin().await.map_err(db)?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(SCHEMA_LOCK)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-            for stmt in schema(backend) {
-                sqlx::query(&stmt).execute(&mut *tx).await.map_err(db)?;
-            }
-            tx.commit().await.map_err(db)?;
-        } else {
-            for stmt in schema(backend) {
-                sqlx::query(&stmt).execute(&pool).await.map_err(db)?;
-            }
         }
+        for stmt in schema(backend) {
+            sqlx::query(&stmt).execute(&mut *tx).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        let _ = conn.close().await;
+        let pool = opts.connect(url).await.map_err(opening)?;
         Ok(Self { pool })
     }
 
