@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::amqp::Broker;
 use tokio_util::sync::CancellationToken;
@@ -14,17 +14,10 @@ use crate::gateway;
 use crate::settings::{BuiltinHandler, Settings, SettingsError};
 use crate::worker::{self, Worker, WorkerHandle};
 
-/// The workers of one process and the connection they consume on.
-pub struct RunningWorkers {
-    /// One handle per service served.
-    pub handles: Vec<WorkerHandle>,
-    /// `switchboard/<instance>/worker`, kept open while the workers run.
-    pub connection: deadpool_lapin::lapin::Connection,
-}
-
-/// Starts the workers of `settings` on `broker`.
-pub async fn start_workers(broker: &Broker, settings: &Settings) -> Result<RunningWorkers> {
-    let conn = broker.dedicated_connection("worker").await?;
+/// Starts a worker for every configured service with a built-in handler.
+/// Each consumes on a connection of its own and comes back by itself after
+/// the connection is lost.
+pub async fn start_workers(broker: &Broker, settings: &Settings) -> Result<Vec<WorkerHandle>> {
     let mut handles = Vec::new();
     for (name, svc) in &settings.services {
         let Some(builtin) = svc.handler else {
@@ -33,13 +26,10 @@ pub async fn start_workers(broker: &Broker, settings: &Settings) -> Result<Runni
         let handler = match builtin {
             BuiltinHandler::Echo => worker::echo(Duration::from_millis(svc.delay_ms)),
         };
-        handles.push(Worker::start(broker, &conn, name, svc, handler).await?);
+        handles.push(Worker::start(broker, name, svc, handler).await?);
         info!(service = %name, queue = %broker.names().service_queue(name), concurrency = svc.concurrency, "worker started");
     }
-    Ok(RunningWorkers {
-        handles,
-        connection: conn,
-    })
+    Ok(handles)
 }
 
 /// Connects, starts the workers and the gateway (when enabled) and runs
@@ -61,17 +51,29 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
         None
     };
     info!(
-        workers = workers.handles.len(),
+        workers = workers.len(),
         gateway = gateway.as_ref().map(|g| g.addr.to_string()),
         "serving; Ctrl-C or SIGTERM stops"
     );
     shutdown.await;
-    info!("shutting down");
-    if let Some(g) = gateway {
-        g.stop().await;
-    }
+    let grace = Duration::from_millis(settings.shutdown.grace_ms);
+    info!(
+        ?grace,
+        "shutting down: no new requests; in-flight work finishes (a second signal exits at once)"
+    );
+    actix::spawn(async {
+        shutdown_signal().await;
+        warn!("second signal: exiting at once; unfinished requests are redelivered");
+        std::process::exit(130);
+    });
+    let stop_gateway = async {
+        if let Some(g) = gateway {
+            g.stop().await;
+        }
+    };
+    let drain_workers = futures_util::future::join_all(workers.iter().map(|w| w.drain(grace)));
+    tokio::join!(stop_gateway, drain_workers);
     cancel.cancel();
-    let _ = workers.connection.close(200, "shutdown".into()).await;
     broker.close().await;
     Ok(())
 }

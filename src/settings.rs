@@ -33,6 +33,8 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     /// Callback delivery.
     pub callbacks: CallbackSettings,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownSettings,
     /// Log filter and format.
     pub log: LogSettings,
     /// Services by name.
@@ -56,6 +58,8 @@ pub struct AmqpSettings {
     pub publish_channels: usize,
     /// TCP + AMQP handshake timeout, ms.
     pub connect_timeout_ms: u64,
+    /// How long a publish waits for its confirm before sending again, ms.
+    pub confirm_timeout_ms: u64,
 }
 
 /// Where replies come back to an RPC client.
@@ -143,6 +147,14 @@ pub struct CallbackSettings {
     pub allow_private: bool,
     /// Deliveries in flight at once.
     pub concurrency: usize,
+}
+
+/// `[shutdown]`: what a SIGTERM or Ctrl-C waits for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long running handlers and HTTP requests may take to finish, ms.
+    pub grace_ms: u64,
 }
 
 /// Log output format.
@@ -325,6 +337,9 @@ impl Settings {
         }
         if self.amqp.connect_timeout_ms == 0 {
             return fail("amqp.connect_timeout_ms", "must be above 0".into());
+        }
+        if self.amqp.confirm_timeout_ms == 0 {
+            return fail("amqp.confirm_timeout_ms", "must be above 0".into());
         }
         if self.rpc.max_pending == 0 {
             return fail("rpc.max_pending", "must be above 0".into());

@@ -56,6 +56,8 @@ struct Inner {
     names: Names,
     /// Handshake timeout: a broker that does not answer is an error, not a hang.
     connect_timeout: Duration,
+    /// How long a publish waits for its confirm before it is sent again.
+    confirm_timeout: Duration,
     /// Confirm-mode publishing channels, re-opened when closed.
     channels: Vec<Mutex<Option<Channel>>>,
     /// Round-robin cursor over `channels`.
@@ -99,6 +101,7 @@ impl Broker {
                 instance,
                 names: Names::new(settings.prefix.clone()),
                 connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+                confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
                 channels: (0..settings.publish_channels)
                     .map(|_| Mutex::new(None))
                     .collect(),
@@ -155,26 +158,74 @@ impl Broker {
 
     /// Publishes and waits for the broker's confirm. A nack is
     /// [`Error::Nacked`]; a mandatory message that nothing takes is
-    /// [`Error::NoRoute`].
+    /// [`Error::NoRoute`]. A publish whose confirm is lost (the connection
+    /// dropped, or no confirm within `amqp.confirm_timeout_ms`) is sent
+    /// again, with the same properties and so the same `message_id`, up to
+    /// [`PUBLISH_ATTEMPTS`] times: consumers deduplicate by `message_id`.
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
-        let channel = self.publish_channel().await?;
-        publish_on(&channel, msg).await
+        let mut attempt = 1;
+        loop {
+            let (slot, channel) = match self.publish_channel().await {
+                Ok(c) => c,
+                Err(e) if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() => {
+                    attempt += 1;
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let sent =
+                tokio::time::timeout(self.inner.confirm_timeout, publish_on(&channel, &msg)).await;
+            let err = match sent {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e @ (Error::NoRoute { .. } | Error::Nacked))) => return Err(e),
+                Ok(Err(e)) => e,
+                Err(_) => Error::BrokerUnavailable {
+                    url: redact(&self.inner.url),
+                    reason: format!(
+                        "no publisher confirm within {:?}",
+                        self.inner.confirm_timeout
+                    ),
+                },
+            };
+            // Whatever went wrong, this channel is not to be trusted again.
+            self.forget_channel(slot, &channel).await;
+            if attempt >= PUBLISH_ATTEMPTS {
+                return Err(err);
+            }
+            tracing::debug!(attempt, error = %err, "publish not confirmed; sending again");
+            attempt += 1;
+            tokio::time::sleep(retry_pause(attempt)).await;
+        }
     }
 
-    /// One of the shared confirm-mode channels, reopened if it was closed.
-    async fn publish_channel(&self) -> Result<Channel> {
+    /// One of the shared confirm-mode channels (and its slot), reopened if
+    /// it was closed.
+    async fn publish_channel(&self) -> Result<(usize, Channel)> {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.channels.len();
         let mut slot = self.inner.channels[i].lock().await;
         if let Some(ch) = slot.as_ref()
             && ch.status().connected()
         {
-            return Ok(ch.clone());
+            return Ok((i, ch.clone()));
         }
         let ch = self.channel().await?;
         // Confirms decide whether a publish is done: never publish without them.
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         *slot = Some(ch.clone());
-        Ok(ch)
+        Ok((i, ch))
+    }
+
+    /// Drops a publishing channel that failed, unless it was replaced already.
+    async fn forget_channel(&self, i: usize, failed: &Channel) {
+        let mut slot = self.inner.channels[i].lock().await;
+        if slot.as_ref().is_some_and(|c| c.id() == failed.id())
+            && let Some(ch) = slot.take()
+        {
+            let _ = ch
+                .close(200, "replaced after a failed publish".into())
+                .await;
+        }
     }
 
     /// Whether a publishing connection can be had now.
@@ -206,9 +257,16 @@ impl Broker {
     }
 }
 
+/// Attempts of one publish before its error is returned.
+pub const PUBLISH_ATTEMPTS: u32 = 3;
+
+fn retry_pause(attempt: u32) -> Duration {
+    Duration::from_millis(50 * u64::from(attempt * attempt))
+}
+
 /// Publishes `msg` on `channel` (which must be in confirm mode) and waits for
 /// the confirm.
-pub async fn publish_on(channel: &Channel, msg: Outgoing<'_>) -> Result<()> {
+pub async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
     let confirm = channel
         .basic_publish(
             msg.exchange.into(),
@@ -218,7 +276,7 @@ pub async fn publish_on(channel: &Channel, msg: Outgoing<'_>) -> Result<()> {
                 immediate: false,
             },
             msg.payload,
-            msg.properties,
+            msg.properties.clone(),
         )
         .await?
         .await?;

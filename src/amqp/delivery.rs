@@ -21,6 +21,11 @@ impl InFlight {
         Self { delivery }
     }
 
+    /// Takes the body out (without copying it); the delivery keeps the rest.
+    pub fn take_payload(&mut self) -> bytes::Bytes {
+        bytes::Bytes::from(std::mem::take(&mut self.delivery.data))
+    }
+
     /// The delivery, to read.
     pub fn delivery(&self) -> &Delivery {
         &self.delivery

@@ -292,7 +292,7 @@ impl RpcClient {
         };
         // `pending` unregisters itself if the publish fails (Drop).
         match &inner.direct_channel {
-            Some(ch) => publish_on(ch, msg).await?,
+            Some(ch) => publish_on(ch, &msg).await?,
             None => inner.broker.publish(msg).await?,
         }
         Ok(pending)

@@ -13,20 +13,22 @@
 
 pub mod handler;
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use actix::prelude::*;
-use bytes::Bytes;
 use deadpool_lapin::lapin::{
     self, Connection,
     message::Delivery,
-    options::{BasicConsumeOptions, BasicQosOptions},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
 use futures_util::FutureExt;
-use tracing::{Instrument, debug, error, info_span, warn};
+use tokio::sync::oneshot;
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 pub use handler::{Handler, HandlerError, Reply, Request, echo};
 
@@ -45,15 +47,66 @@ pub struct WorkerStats {
     pub dead_lettered: AtomicU64,
     /// Requests dropped unprocessed because their deadline had passed.
     pub expired: AtomicU64,
+    /// Deliveries of a request already answered (or being answered) here,
+    /// settled without running the handler again.
+    pub duplicates: AtomicU64,
+    /// Times the consumer was re-established after it was lost.
+    pub reconnects: AtomicU64,
+    /// Whether the worker consumes now.
+    pub consuming: std::sync::atomic::AtomicBool,
 }
+
+/// How many answered message ids a worker remembers to spot redeliveries.
+pub const DEDUP_WINDOW: usize = 16_384;
+/// The longest pause between two attempts to re-establish a consumer.
+pub const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
 
 /// What every in-flight delivery of one worker needs.
 struct Shared {
     broker: Broker,
     service: String,
-    queue_type: QueueType,
+    settings: ServiceSettings,
     handler: Arc<dyn Handler>,
     stats: Arc<WorkerStats>,
+}
+
+/// What became of one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Answered (the reply is confirmed, or nobody wanted one).
+    Answered,
+    /// Left for redelivery or dead-lettered; not answered.
+    GivenBack,
+}
+
+/// Message ids answered recently, and those being answered now with the
+/// redelivered copies that wait for them. Bounded by [`DEDUP_WINDOW`] and
+/// by the prefetch.
+#[derive(Default)]
+struct Dedup {
+    done: HashSet<String>,
+    order: VecDeque<String>,
+    running: HashMap<String, Vec<InFlight>>,
+}
+
+impl Dedup {
+    fn remember(&mut self, id: String) {
+        if self.order.len() >= DEDUP_WINDOW
+            && let Some(old) = self.order.pop_front()
+        {
+            self.done.remove(&old);
+        }
+        if self.done.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+    }
+}
+
+/// One consumer: its own connection, channel and tag.
+struct Link {
+    conn: Connection,
+    channel: lapin::Channel,
+    tag: String,
 }
 
 /// The actor consuming one service queue.
@@ -61,12 +114,33 @@ pub struct Worker {
     shared: Arc<Shared>,
     /// Handlers running now; bounded by the prefetch.
     in_flight: usize,
-    /// The consumer's channel: kept so that it lives as long as the actor.
-    _channel: lapin::Channel,
+    /// The consumer now, if any.
+    link: Option<Link>,
+    /// Whether a new consumer is being established.
+    reconnecting: bool,
+    dedup: Dedup,
+    /// Set by [`Drain`]: no new work is taken.
+    draining: bool,
+    /// Who waits for the drain to end.
+    drained: Vec<oneshot::Sender<()>>,
 }
 
 impl Actor for Worker {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // A safety net beside the consumer stream ending: a connection that
+        // died without a word is noticed within a second.
+        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
+            let dead = act
+                .link
+                .as_ref()
+                .is_some_and(|l| !l.conn.status().connected());
+            if dead {
+                act.reconnect(ctx);
+            }
+        });
+    }
 }
 
 /// A handle to a running worker.
@@ -78,80 +152,259 @@ pub struct WorkerHandle {
     pub stats: Arc<WorkerStats>,
 }
 
+impl WorkerHandle {
+    /// Stops taking requests and waits (at most `grace`) for the handlers
+    /// running now; what is left is redelivered once the worker's
+    /// connection closes.
+    pub async fn drain(&self, grace: Duration) {
+        let _ = self.addr.send(Drain { grace }).await;
+    }
+}
+
+/// Opens a consumer of `service`'s queue on a connection of its own
+/// (`switchboard/<instance>/worker/<service>`), declaring the topology first.
+async fn open(shared: &Shared) -> Result<(Link, lapin::Consumer)> {
+    let broker = &shared.broker;
+    let names = broker.names();
+    let conn = broker
+        .dedicated_connection(&format!("worker/{}", shared.service))
+        .await?;
+    let channel = conn.create_channel().await?;
+    topology::declare_service(&channel, names, &shared.service, &shared.settings).await?;
+    // Prefetch = concurrency: the broker never hands this worker more
+    // unacked requests than it will run at once.
+    channel
+        .basic_qos(
+            shared.settings.concurrency,
+            BasicQosOptions { global: false },
+        )
+        .await?;
+    let tag = wire::consumer_tag(broker.instance_id(), &shared.service);
+    let consumer = channel
+        .basic_consume(
+            names.service_queue(&shared.service).into(),
+            tag.as_str().into(),
+            BasicConsumeOptions {
+                no_local: false,
+                // Manual acks: a request is done only once its reply is confirmed.
+                no_ack: false,
+                // Several workers (processes) may share a service queue.
+                exclusive: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((Link { conn, channel, tag }, consumer))
+}
+
 impl Worker {
-    /// Declares the service's queues and starts consuming them on `conn`.
+    /// Declares the service's queues and starts consuming them on a
+    /// connection of the worker's own. Fails if the broker cannot be reached
+    /// now; once started, a lost consumer comes back by itself.
     pub async fn start(
         broker: &Broker,
-        conn: &Connection,
         service: &str,
         settings: &ServiceSettings,
         handler: Arc<dyn Handler>,
     ) -> Result<WorkerHandle> {
-        let names = broker.names();
-        let channel = conn.create_channel().await?;
-        topology::declare_service(&channel, names, service, settings).await?;
-        // Prefetch = concurrency: the broker never hands this worker more
-        // unacked requests than it will run at once.
-        channel
-            .basic_qos(settings.concurrency, BasicQosOptions { global: false })
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                names.service_queue(service).into(),
-                wire::consumer_tag(broker.instance_id(), service).into(),
-                BasicConsumeOptions {
-                    no_local: false,
-                    // Manual acks: a request is done only once its reply is confirmed.
-                    no_ack: false,
-                    // Several workers (processes) may share a service queue.
-                    exclusive: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await?;
         let stats = Arc::new(WorkerStats::default());
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             service: service.to_owned(),
-            queue_type: settings.queue_type,
+            settings: settings.clone(),
             handler,
             stats: stats.clone(),
         });
+        let (link, consumer) = open(&shared).await?;
+        stats.consuming.store(true, Ordering::Relaxed);
         let addr = Worker::create(move |ctx| {
             ctx.add_stream(consumer);
             Worker {
                 shared,
                 in_flight: 0,
-                _channel: channel,
+                link: Some(link),
+                reconnecting: false,
+                dedup: Dedup::default(),
+                draining: false,
+                drained: Vec::new(),
             }
         });
         Ok(WorkerHandle { addr, stats })
+    }
+
+    /// Drops the current consumer and establishes a new one, with backoff,
+    /// until it succeeds or the worker drains or stops.
+    fn reconnect(&mut self, ctx: &mut Context<Self>) {
+        if self.reconnecting || self.draining {
+            return;
+        }
+        self.reconnecting = true;
+        self.shared.stats.consuming.store(false, Ordering::Relaxed);
+        if let Some(old) = self.link.take() {
+            // Deliveries of the old channel are never acked on the new one:
+            // their ackers belong to the old channel, which is closed here.
+            actix::spawn(async move {
+                let _ = old.conn.close(200, "replaced".into()).await;
+            });
+        }
+        warn!(service = %self.shared.service, in_flight = self.in_flight, "consumer lost; re-establishing");
+        let shared = self.shared.clone();
+        let fut = async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match open(&shared).await {
+                    Ok(opened) => return opened,
+                    Err(e) => {
+                        warn!(service = %shared.service, error = %e, retry_in = ?pause, "consumer not re-established");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_RECONNECT_PAUSE);
+                    }
+                }
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(|(link, consumer), act, ctx| {
+            act.reconnecting = false;
+            if act.draining {
+                actix::spawn(async move {
+                    let _ = link.conn.close(200, "draining".into()).await;
+                });
+                return;
+            }
+            act.link = Some(link);
+            act.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            act.shared.stats.consuming.store(true, Ordering::Relaxed);
+            info!(service = %act.shared.service, "consumer re-established");
+            ctx.add_stream(consumer);
+        }));
+    }
+
+    /// Settles what waited for `key` and remembers it when answered.
+    fn finish(&mut self, key: Option<String>, outcome: Outcome) {
+        self.in_flight -= 1;
+        if let Some(key) = key {
+            let parked = self.dedup.running.remove(&key).unwrap_or_default();
+            if outcome == Outcome::Answered {
+                self.dedup.remember(key);
+            }
+            for copy in parked {
+                actix::spawn(async move {
+                    // A copy of an answered request is done; of one given
+                    // back, it goes back too.
+                    let settled = match outcome {
+                        Outcome::Answered => copy.ack().await,
+                        Outcome::GivenBack => copy.requeue().await,
+                    };
+                    settle(settled);
+                });
+            }
+        }
+        if self.draining && self.in_flight == 0 {
+            for tx in self.drained.drain(..) {
+                let _ = tx.send(());
+            }
+        }
     }
 }
 
 impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
     fn handle(&mut self, item: Result<Delivery, lapin::Error>, ctx: &mut Self::Context) {
-        match item {
-            Ok(delivery) => {
-                self.in_flight += 1;
-                let fut = process(self.shared.clone(), delivery);
-                ctx.spawn(fut.into_actor(self).map(|_, act, _| act.in_flight -= 1));
+        let delivery = match item {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(service = %self.shared.service, error = %e, "consumer error");
+                self.reconnect(ctx);
+                return;
             }
-            Err(e) => error!(service = %self.shared.service, error = %e, "consumer error"),
+        };
+        let inflight = InFlight::new(delivery);
+        if self.draining {
+            // Taken before the cancel reached the broker: back to the queue,
+            // for another worker.
+            actix::spawn(async move { settle(inflight.requeue().await) });
+            return;
         }
+        let props = &inflight.delivery().properties;
+        let key = props
+            .message_id()
+            .as_ref()
+            .or(props.correlation_id().as_ref())
+            .map(|k| k.as_str().to_owned());
+        if let Some(k) = &key {
+            if self.dedup.done.contains(k) {
+                self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %self.shared.service, message_id = %k, "already answered: acked without running again");
+                actix::spawn(async move { settle(inflight.ack().await) });
+                return;
+            }
+            if let Some(parked) = self.dedup.running.get_mut(k) {
+                self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                parked.push(inflight);
+                return;
+            }
+            self.dedup.running.insert(k.clone(), Vec::new());
+        }
+        self.in_flight += 1;
+        let fut = process(self.shared.clone(), inflight);
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(move |outcome, act, _| act.finish(key, outcome)),
+        );
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        warn!(service = %self.shared.service, in_flight = self.in_flight, "consumer ended");
-        ctx.stop();
+        if !self.draining {
+            self.reconnect(ctx);
+        }
+    }
+}
+
+/// Stop taking requests; resolves when the handlers running now are done,
+/// or after `grace`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain {
+    /// The longest wait for running handlers.
+    pub grace: Duration,
+}
+
+impl actix::Handler<Drain> for Worker {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Drain, ctx: &mut Self::Context) -> Self::Result {
+        self.draining = true;
+        self.shared.stats.consuming.store(false, Ordering::Relaxed);
+        if let Some(link) = &self.link {
+            let channel = link.channel.clone();
+            let tag = link.tag.clone();
+            actix::spawn(async move {
+                let _ = channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions { nowait: false })
+                    .await;
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.in_flight == 0 {
+            let _ = tx.send(());
+        } else {
+            self.drained.push(tx);
+        }
+        let link = self.link.take();
+        let grace = msg.grace;
+        let _ = ctx;
+        Box::pin(async move {
+            let _ = tokio::time::timeout(grace, rx).await;
+            if let Some(link) = link {
+                // Unacked deliveries (handlers past the grace) go back to the queue.
+                let _ = link.conn.close(200, "shutdown".into()).await;
+            }
+        })
     }
 }
 
 /// Handles one delivery: expiry check, handler, reply, settlement.
-async fn process(shared: Arc<Shared>, mut delivery: Delivery) {
-    let payload = Bytes::from(std::mem::take(&mut delivery.data));
-    let inflight = InFlight::new(delivery);
+async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
+    let payload = inflight.take_payload();
     let d = inflight.delivery();
     let props = &d.properties;
     let call_id = props
@@ -167,7 +420,7 @@ async fn process(shared: Arc<Shared>, mut delivery: Delivery) {
             debug!("deadline passed before work began: dropped");
             shared.stats.expired.fetch_add(1, Ordering::Relaxed);
             settle(inflight.ack().await);
-            return;
+            return Outcome::GivenBack;
         }
         let request = Request {
             service: shared.service.clone(),
@@ -225,13 +478,14 @@ async fn process(shared: Arc<Shared>, mut delivery: Delivery) {
                     warn!(error = %e, "reply not published: left for redelivery");
                     shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
                     settle(inflight.requeue().await);
-                    return;
+                    return Outcome::GivenBack;
                 }
             }
         }
         shared.stats.replied.fetch_add(1, Ordering::Relaxed);
         debug!(status = reply.status, "replied");
         settle(inflight.ack().await);
+        Outcome::Answered
     }
     .instrument(span)
     .await
@@ -239,15 +493,16 @@ async fn process(shared: Arc<Shared>, mut delivery: Delivery) {
 
 /// After a panic or transient failure: redeliver, or dead-letter where the
 /// queue cannot count deliveries itself (classic: a second failure ends it).
-async fn give_back(shared: &Shared, inflight: InFlight) {
+async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
     let redelivered = inflight.delivery().redelivered;
-    if shared.queue_type == QueueType::Classic && redelivered {
+    if shared.settings.queue_type == QueueType::Classic && redelivered {
         shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         settle(inflight.dead_letter().await);
     } else {
         shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
         settle(inflight.requeue().await);
     }
+    Outcome::GivenBack
 }
 
 fn settle(result: Result<()>) {

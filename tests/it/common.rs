@@ -149,7 +149,8 @@ pub struct Gw {
     /// Deliveries seen by `count`.
     pub counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub dir: tempfile::TempDir,
-    _workers: deadpool_lapin::lapin::Connection,
+    /// The workers, by service.
+    pub workers: Vec<(String, switchboard::worker::WorkerHandle)>,
 }
 
 pub const GATEWAY_SERVICES: &[&str] = &["echo", "slow", "fail", "count", "poison"];
@@ -173,8 +174,6 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
         s.services.insert((*svc).into(), svc_settings.clone());
     }
     tweak(s);
-
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let counted = Arc::new(AtomicU64::new(0));
     let g = gate.clone();
@@ -210,10 +209,12 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
         ("count", count),
         ("poison", poison),
     ];
+    let mut workers = Vec::new();
     for (svc, h) in handlers {
-        Worker::start(&c.broker, &conn, svc, &c.settings.services[svc], h)
+        let w = Worker::start(&c.broker, svc, &c.settings.services[svc], h)
             .await
             .unwrap();
+        workers.push((svc.to_string(), w));
     }
     let mut gw = Gw {
         ctx: c,
@@ -223,7 +224,7 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
         gate,
         counted,
         dir,
-        _workers: conn,
+        workers,
     };
     gw.start_gateway().await;
     gw

@@ -18,10 +18,8 @@ use crate::common::ctx;
 #[actix_rt::test]
 async fn a_tutorial_six_client_calls_a_switchboard_service() {
     let c = ctx("tut6-call").await;
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
     Worker::start(
         &c.broker,
-        &conn,
         "echo",
         &c.service(),
         worker::echo(Duration::ZERO),
@@ -85,7 +83,6 @@ async fn a_tutorial_six_client_calls_a_switchboard_service() {
     );
     assert_eq!(&reply.data[..], b"30");
     let _ = foreign.close(200, "done".into()).await;
-    drop(conn);
     c.cleanup(&["echo"]).await;
 }
 

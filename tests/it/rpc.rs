@@ -20,13 +20,11 @@ async fn echo_setup(
 ) -> (
     crate::common::Ctx,
     RpcClient,
-    deadpool_lapin::lapin::Connection,
+    switchboard::worker::WorkerHandle,
 ) {
     let c = ctx(name).await;
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
-    Worker::start(
+    let worker = Worker::start(
         &c.broker,
-        &conn,
         "echo",
         &c.service(),
         worker::echo(Duration::ZERO),
@@ -36,7 +34,7 @@ async fn echo_setup(
     let mut opts = RpcOptions::from(&c.settings.rpc);
     opts.reply_mode = mode;
     let client = RpcClient::start(&c.broker, opts).await.unwrap();
-    (c, client, conn)
+    (c, client, worker)
 }
 
 #[actix_rt::test]
@@ -124,11 +122,8 @@ async fn a_slow_handler_times_out_and_its_late_reply_is_dropped() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
     let svc = c.service();
-    Worker::start(&c.broker, &conn, "slow", &svc, slow)
-        .await
-        .unwrap();
+    Worker::start(&c.broker, "slow", &svc, slow).await.unwrap();
     let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
         .await
         .unwrap();
@@ -165,7 +160,6 @@ async fn a_slow_handler_times_out_and_its_late_reply_is_dropped() {
         .await
         .unwrap();
     assert_eq!(&reply.body[..], b"2");
-    drop(conn);
     c.cleanup(&["slow"]).await;
 }
 
@@ -184,8 +178,7 @@ async fn the_pending_bound_refuses_calls_beyond_it() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
-    Worker::start(&c.broker, &conn, "held", &c.service(), held)
+    Worker::start(&c.broker, "held", &c.service(), held)
         .await
         .unwrap();
     let mut opts = RpcOptions::from(&c.settings.rpc);
@@ -213,6 +206,5 @@ async fn the_pending_bound_refuses_calls_beyond_it() {
     // Room again.
     gate.add_permits(1);
     assert!(client.call(Call::new("held", &b"y"[..])).await.is_ok());
-    drop(conn);
     c.cleanup(&["held"]).await;
 }

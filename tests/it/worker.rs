@@ -21,8 +21,7 @@ async fn a_handler_error_is_a_problem_json_reply_with_its_status() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
-    Worker::start(&c.broker, &conn, "orders", &c.service(), h)
+    Worker::start(&c.broker, "orders", &c.service(), h)
         .await
         .unwrap();
     let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
@@ -38,7 +37,6 @@ async fn a_handler_error_is_a_problem_json_reply_with_its_status() {
     assert_eq!(doc["status"], 404);
     assert_eq!(doc["title"], "no such order");
     assert_eq!(doc["detail"], "order 7 does not exist");
-    drop(conn);
     c.cleanup(&["orders"]).await;
 }
 
@@ -59,10 +57,7 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
     });
     let mut svc = c.service();
     svc.delivery_limit = 2;
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
-    let handle = Worker::start(&c.broker, &conn, "fragile", &svc, h)
-        .await
-        .unwrap();
+    let handle = Worker::start(&c.broker, "fragile", &svc, h).await.unwrap();
     let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
         .await
         .unwrap();
@@ -110,7 +105,6 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
         .unwrap();
     assert_eq!(&reply.body[..], b"\"fine\"");
     drop(poisoned);
-    drop(conn);
     c.cleanup(&["fragile"]).await;
 }
 
@@ -126,8 +120,7 @@ async fn a_request_past_its_deadline_is_not_worked_on() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    let conn = c.broker.dedicated_connection("worker").await.unwrap();
-    let handle = Worker::start(&c.broker, &conn, "late", &c.service(), h)
+    let handle = Worker::start(&c.broker, "late", &c.service(), h)
         .await
         .unwrap();
     // A request whose deadline passed a second ago (as if it waited in the queue).
@@ -170,6 +163,5 @@ async fn a_request_past_its_deadline_is_not_worked_on() {
         0,
         "the handler ran a stale request"
     );
-    drop(conn);
     c.cleanup(&["late"]).await;
 }
