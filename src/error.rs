@@ -51,6 +51,10 @@ pub enum Error {
     /// A call id is already pending (a caller reused a correlation id).
     #[error("call id {0} is already pending")]
     DuplicateCall(String),
+    /// The call's reply channel was lost (direct reply-to across a
+    /// reconnect): its reply cannot arrive, whether or not it was handled.
+    #[error("the reply channel of call {0} was lost; its outcome is unknown")]
+    ReplyLost(String),
     /// The actor that routes replies has stopped.
     #[error("the reply router has stopped")]
     RouterStopped,

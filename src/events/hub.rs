@@ -253,10 +253,33 @@ pub struct EventHub {
     sessions: HashMap<u64, Session>,
     next_session: u64,
     stats: Arc<HubStats>,
-    /// The consumer's channel and connection: kept so that they live (and
+    /// The consumer's connection and channel: kept so that they live (and
     /// the queue exists) as long as the actor; dropped, they close.
-    _channel: Channel,
-    _conn: Connection,
+    link: Option<(Connection, Channel)>,
+    /// To re-establish the consumer after it is lost.
+    broker: Broker,
+    /// Whether a new consumer is being established.
+    reconnecting: bool,
+}
+
+/// A temporary queue of the hub's own, bound to the events fanout, on a
+/// dedicated connection.
+async fn open_link(broker: &Broker) -> Result<(Connection, Channel, String, lapin::Consumer)> {
+    let conn = broker.dedicated_connection("hub").await?;
+    let channel = conn.create_channel().await?;
+    // A temporary queue: the hub is a live relay, nothing should pile up
+    // while it is gone. The prefetch bounds the deliveries held in memory
+    // before the actor handles them.
+    let (queue, consumer) = super::consume_fanout(
+        broker,
+        &channel,
+        "",
+        super::temporary_queue(),
+        PREFETCH,
+        "hub",
+    )
+    .await?;
+    Ok((conn, channel, queue, consumer))
 }
 
 impl EventHub {
@@ -266,20 +289,8 @@ impl EventHub {
     /// actor on the current Actix arbiter, so it must be called inside an
     /// Actix system (`actix_rt`, `#[actix_web::main]`).
     pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
-        let conn = broker.dedicated_connection("hub").await?;
-        let channel = conn.create_channel().await?;
-        // A temporary queue: the hub is a live relay, nothing should pile up
-        // while it is gone. The prefetch bounds the deliveries held in memory
-        // before the actor handles them.
-        let (queue, consumer) = super::consume_fanout(
-            broker,
-            &channel,
-            "",
-            super::temporary_queue(),
-            PREFETCH,
-            "hub",
-        )
-        .await?;
+        let (conn, channel, queue, consumer) = open_link(broker).await?;
+        let broker = broker.clone();
         let stats = Arc::new(HubStats::default());
         stats.consuming.store(true, Ordering::Relaxed);
         let epoch = format!("{:016x}", rand::random::<u64>());
@@ -299,11 +310,57 @@ impl EventHub {
                 sessions: HashMap::new(),
                 next_session: 1,
                 stats: hub_stats,
-                _channel: channel,
-                _conn: conn,
+                link: Some((conn, channel)),
+                broker,
+                reconnecting: false,
             }
         });
         Ok(HubHandle { addr, stats })
+    }
+
+    /// Drops the lost consumer and binds a new queue, with backoff. Events
+    /// published while the hub had no queue are not relayed (the hub is a
+    /// live relay); positions go on, so resumption stays exact for what the
+    /// history holds.
+    fn reconnect(&mut self, ctx: &mut Context<Self>) {
+        if self.reconnecting {
+            return;
+        }
+        self.reconnecting = true;
+        self.stats.consuming.store(false, Ordering::Relaxed);
+        if let Some((conn, _)) = self.link.take() {
+            actix::spawn(async move {
+                let _ = conn.close(200, "replaced".into()).await;
+            });
+        }
+        warn!(
+            sessions = self.sessions.len(),
+            "event hub consumer lost; re-establishing"
+        );
+        let broker = self.broker.clone();
+        let fut = async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match open_link(&broker).await {
+                    Ok(link) => return link,
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?pause, "event hub consumer not re-established");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        };
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|(conn, channel, queue, consumer), act, ctx| {
+                    act.reconnecting = false;
+                    act.link = Some((conn, channel));
+                    act.stats.consuming.store(true, Ordering::Relaxed);
+                    info!(%queue, "event hub consumer re-established");
+                    ctx.add_stream(consumer);
+                }),
+        );
     }
 
     /// The events to replay after `last_event_id`, or `None` when that
@@ -391,7 +448,16 @@ impl Actor for EventHub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(SWEEP_EVERY, |act, _| act.sweep());
+        ctx.run_interval(SWEEP_EVERY, |act, ctx| {
+            act.sweep();
+            let dead = act
+                .link
+                .as_ref()
+                .is_some_and(|(conn, _)| !conn.status().connected());
+            if dead {
+                act.reconnect(ctx);
+            }
+        });
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
@@ -407,6 +473,7 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for EventHub {
             Ok(d) => d,
             Err(e) => {
                 warn!(error = %e, "event hub consumer error");
+                self.reconnect(ctx);
                 return;
             }
         };
@@ -436,14 +503,9 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for EventHub {
         );
     }
 
-    fn finished(&mut self, _: &mut Self::Context) {
-        // Sessions stay open (heartbeats go on) but get no events until the
-        // consumer is recovered; recovery is not built yet.
-        self.stats.consuming.store(false, Ordering::Relaxed);
-        warn!(
-            sessions = self.sessions.len(),
-            "event hub consumer ended: no more events are relayed"
-        );
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        // Sessions stay open (heartbeats go on) while the consumer comes back.
+        self.reconnect(ctx);
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_lapin::lapin::{
+    Channel, Connection, Consumer,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
         QueueDeclareOptions,
@@ -348,79 +349,115 @@ impl Tracker {
 
     /// Consumes the gateway's copy of dead letters (`<p>.deadwatch.<instance>`,
     /// bound to the dead exchange for each of `services`) and fails the
-    /// stored calls among them.
+    /// stored calls among them. Comes back by itself after losing its
+    /// connection.
     pub async fn start_dead_letter_watch(
         &self,
         services: &[String],
         cancel: CancellationToken,
     ) -> Result<()> {
-        let broker = &self.inner.broker;
-        let names = broker.names();
-        let conn = broker.dedicated_connection("deadwatch").await?;
-        let ch = conn.create_channel().await?;
-        let queue = names.deadwatch_queue(broker.instance_id());
-        // Durable: dead letters of this gateway's calls wait for it across restarts.
-        ch.queue_declare(
+        let broker = self.inner.broker.clone();
+        let services = services.to_vec();
+        let mut link = Some(open_dead_letter_watch(&broker, &services).await?);
+        let tracker = self.clone();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let (conn, ch, mut consumer) = match link.take() {
+                    Some(l) => l,
+                    None => match open_dead_letter_watch(&broker, &services).await {
+                        Ok(l) => {
+                            info!("dead-letter watch re-established");
+                            pause = Duration::from_millis(100);
+                            l
+                        }
+                        Err(e) => {
+                            warn!(error = %e, retry_in = ?pause, "dead-letter watch not re-established");
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(pause) => {}
+                            }
+                            pause = (pause * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    },
+                };
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => {
+                            let _ = ch.close(200, "shutdown".into()).await;
+                            let _ = conn.close(200, "shutdown".into()).await;
+                            return;
+                        }
+                        n = consumer.next() => n,
+                    };
+                    let Some(Ok(delivery)) = next else { break };
+                    if let Some(id) = delivery.properties.correlation_id().as_ref()
+                        && let Err(e) = tracker.complete(id.as_str(), Outcome::DeadLettered).await
+                    {
+                        warn!(call_id = %id, error = %e, "dead letter not recorded");
+                    }
+                    let _ = delivery
+                        .acker
+                        .ack(BasicAckOptions { multiple: false })
+                        .await;
+                }
+                warn!("dead-letter watch lost its consumer; re-establishing");
+                let _ = conn.close(200, "replaced".into()).await;
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The dead-letter watch's queue, bindings and consumer, on a connection of
+/// its own.
+async fn open_dead_letter_watch(
+    broker: &Broker,
+    services: &[String],
+) -> Result<(Connection, Channel, Consumer)> {
+    let names = broker.names();
+    let conn = broker.dedicated_connection("deadwatch").await?;
+    let ch = conn.create_channel().await?;
+    let queue = names.deadwatch_queue(broker.instance_id());
+    // Durable: dead letters of this gateway's calls wait for it across restarts.
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    for s in services {
+        ch.queue_bind(
             queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: false,
-                durable: true,
+            names.dead_exchange().into(),
+            s.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.basic_qos(64, BasicQosOptions { global: false }).await?;
+    let consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            wire::consumer_tag(broker.instance_id(), "deadwatch").into(),
+            BasicConsumeOptions {
+                no_local: false,
+                no_ack: false,
                 exclusive: false,
-                auto_delete: false,
                 nowait: false,
             },
             FieldTable::default(),
         )
         .await?;
-        for s in services {
-            ch.queue_bind(
-                queue.as_str().into(),
-                names.dead_exchange().into(),
-                s.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        ch.basic_qos(64, BasicQosOptions { global: false }).await?;
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                wire::consumer_tag(broker.instance_id(), "deadwatch").into(),
-                BasicConsumeOptions {
-                    no_local: false,
-                    no_ack: false,
-                    exclusive: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let tracker = self.clone();
-        tokio::spawn(async move {
-            // Keeps the connection open while the watch runs.
-            let _conn = conn;
-            loop {
-                let next = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    n = consumer.next() => n,
-                };
-                let Some(Ok(delivery)) = next else { break };
-                // Only replies-wanted requests of this instance can be stored calls.
-                if let Some(id) = delivery.properties.correlation_id().as_ref()
-                    && let Err(e) = tracker.complete(id.as_str(), Outcome::DeadLettered).await
-                {
-                    warn!(call_id = %id, error = %e, "dead letter not recorded");
-                }
-                let _ = delivery
-                    .acker
-                    .ack(BasicAckOptions { multiple: false })
-                    .await;
-            }
-            let _ = ch.close(200, "shutdown".into()).await;
-        });
-        Ok(())
-    }
+    Ok((conn, ch, consumer))
 }
 
 /// The document of a stored call, as its caller sees it.

@@ -20,7 +20,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use bytes::Bytes;
 use deadpool_lapin::lapin::{
-    Channel, Connection,
     options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
     types::FieldTable,
 };
@@ -151,64 +150,78 @@ struct Inner {
     /// The `reply_to` of every request.
     reply_to: String,
     /// Direct reply-to only: requests must be published on the channel that
-    /// consumes `amq.rabbitmq.reply-to`, or the broker refuses them.
-    direct_channel: Option<Channel>,
+    /// consumes `amq.rabbitmq.reply-to`, or the broker refuses them. The
+    /// router puts the current one here (a new one after a reconnect).
+    direct_channel: router::ChannelSlot,
     options: RpcOptions,
     stats: Arc<RpcStats>,
-    /// The connection carrying the reply consumer, kept open while the client lives.
-    conn: Connection,
+}
+
+/// Opens the reply consumer on a connection of its own
+/// (`switchboard/<instance>/rpc`): the instance's durable reply queue, or
+/// direct reply-to on a confirm-mode channel that also publishes the requests.
+pub(crate) async fn open_replies(broker: &Broker, mode: ReplyMode) -> Result<router::Link> {
+    let conn = broker.dedicated_connection("rpc").await?;
+    let channel = conn.create_channel().await?;
+    let (queue, no_ack) = match mode {
+        ReplyMode::Queue => {
+            let q = topology::declare_reply_queue(&channel, broker.names(), broker.instance_id())
+                .await?;
+            // Bounds the replies in this process's memory that are not yet acked.
+            channel
+                .basic_qos(4096, BasicQosOptions { global: false })
+                .await?;
+            (q, false)
+        }
+        ReplyMode::Direct => {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            // Direct reply-to requires no-ack consumption.
+            (wire::DIRECT_REPLY_TO.to_owned(), true)
+        }
+    };
+    let consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            wire::consumer_tag(broker.instance_id(), "replies").into(),
+            BasicConsumeOptions {
+                no_local: false,
+                no_ack,
+                // One instance owns its reply queue.
+                exclusive: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(router::Link {
+        conn,
+        channel,
+        consumer: Some(consumer),
+    })
 }
 
 impl RpcClient {
-    /// Starts the client: a dedicated connection (`switchboard/<instance>/rpc`),
-    /// the reply consumer, and the router actor.
+    /// Starts the client: the reply consumer on a dedicated connection and
+    /// the router actor, which re-establishes the consumer when it is lost.
     pub async fn start(broker: &Broker, options: RpcOptions) -> Result<Self> {
-        let conn = broker.dedicated_connection("rpc").await?;
-        let channel = conn.create_channel().await?;
-        let (queue, no_ack, reply_to) = match options.reply_mode {
-            ReplyMode::Queue => {
-                let q =
-                    topology::declare_reply_queue(&channel, broker.names(), broker.instance_id())
-                        .await?;
-                // Bounds the replies in this process's memory that are not yet acked.
-                channel
-                    .basic_qos(4096, BasicQosOptions { global: false })
-                    .await?;
-                (q.clone(), false, q)
-            }
-            ReplyMode::Direct => {
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
-                let q = wire::DIRECT_REPLY_TO.to_owned();
-                // Direct reply-to requires no-ack consumption.
-                (q.clone(), true, q)
-            }
+        let link = open_replies(broker, options.reply_mode).await?;
+        let reply_to = match options.reply_mode {
+            ReplyMode::Queue => broker.names().reply_queue(broker.instance_id()),
+            ReplyMode::Direct => wire::DIRECT_REPLY_TO.to_owned(),
         };
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                wire::consumer_tag(broker.instance_id(), "replies").into(),
-                BasicConsumeOptions {
-                    no_local: false,
-                    no_ack,
-                    // One instance owns its reply queue.
-                    exclusive: false,
-                    nowait: false,
-                },
-                FieldTable::default(),
-            )
-            .await?;
         let stats = Arc::new(RpcStats::default());
+        let direct_channel = router::ChannelSlot::default();
         let router = ReplyRouter::start_with(
-            consumer,
-            channel.clone(),
-            no_ack,
+            broker.clone(),
+            options.reply_mode,
+            link,
+            direct_channel.clone(),
             options.max_pending,
             stats.clone(),
             options.orphans.clone(),
         );
-        let direct_channel = (options.reply_mode == ReplyMode::Direct).then_some(channel);
         Ok(Self {
             inner: Arc::new(Inner {
                 broker: broker.clone(),
@@ -217,7 +230,6 @@ impl RpcClient {
                 direct_channel,
                 options,
                 stats,
-                conn,
             }),
         })
     }
@@ -235,7 +247,7 @@ impl RpcClient {
     /// Stops consuming replies and closes the client's connection; replies
     /// still on the way stay in the durable reply queue for the next start.
     pub async fn close(&self) {
-        let _ = self.inner.conn.close(200, "shutdown".into()).await;
+        let _ = self.inner.router.send(router::Close).await;
     }
 
     /// Calls and waits for the reply (or the deadline).
@@ -291,9 +303,18 @@ impl RpcClient {
             mandatory: true,
         };
         // `pending` unregisters itself if the publish fails (Drop).
-        match &inner.direct_channel {
-            Some(ch) => publish_on(ch, &msg).await?,
-            None => inner.broker.publish(msg).await?,
+        match inner.options.reply_mode {
+            ReplyMode::Direct => {
+                let ch = inner
+                    .direct_channel
+                    .get()
+                    .ok_or_else(|| Error::BrokerUnavailable {
+                        url: inner.broker.url_redacted(),
+                        reason: "the reply channel is being re-established".into(),
+                    })?;
+                publish_on(&ch, &msg).await?
+            }
+            ReplyMode::Queue => inner.broker.publish(msg).await?,
         }
         Ok(pending)
     }
@@ -334,12 +355,22 @@ impl PendingReply {
             }
             Ok(Err(_)) => {
                 self.rx = None;
-                Some(Err(Error::Timeout {
-                    call_id: self.call_id.clone(),
-                    timeout: self.timeout,
-                }))
+                Some(Err(self.dropped()))
             }
             Err(_) => None,
+        }
+    }
+
+    /// Why the router let go of this call: its deadline (the sweep), or
+    /// its reply channel was lost (direct reply-to after a reconnect).
+    fn dropped(&self) -> Error {
+        if Instant::now() >= self.deadline {
+            Error::Timeout {
+                call_id: self.call_id.clone(),
+                timeout: self.timeout,
+            }
+        } else {
+            Error::ReplyLost(self.call_id.clone())
         }
     }
 
@@ -359,11 +390,7 @@ impl PendingReply {
             }
             Ok(Err(_)) => {
                 self.rx = None;
-                // The router dropped the waiter: its deadline sweep or a stop.
-                Err(Error::Timeout {
-                    call_id: self.call_id.clone(),
-                    timeout: self.timeout,
-                })
+                Err(self.dropped())
             }
             Err(_) => Err(Error::Timeout {
                 call_id: self.call_id.clone(),

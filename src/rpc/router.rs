@@ -13,13 +13,16 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use deadpool_lapin::lapin::{self, Channel, Consumer, message::Delivery, options::BasicAckOptions};
+use deadpool_lapin::lapin::{
+    self, Channel, Connection, Consumer, message::Delivery, options::BasicAckOptions,
+};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::amqp::wire;
+use crate::amqp::{Broker, wire};
 use crate::error::Error;
+use crate::settings::ReplyMode;
 use crate::worker::Reply;
 
 /// How many recently forgotten call ids are remembered to tell a late reply
@@ -41,6 +44,10 @@ pub struct RpcStats {
     pub malformed: AtomicU64,
     /// Calls that reached their deadline without a reply.
     pub timed_out: AtomicU64,
+    /// Times the reply consumer was re-established after it was lost.
+    pub reconnects: AtomicU64,
+    /// Whether the reply consumer consumes now.
+    pub consuming: std::sync::atomic::AtomicBool,
 }
 
 impl RpcStats {
@@ -65,6 +72,31 @@ struct Waiter {
     deadline: Instant,
 }
 
+/// The reply consumer's connection and channel.
+pub struct Link {
+    /// Its own connection.
+    pub conn: Connection,
+    /// The consuming channel (in direct mode, also the publishing one).
+    pub channel: Channel,
+    /// The consumer, until the router takes it as its stream.
+    pub consumer: Option<Consumer>,
+}
+
+/// Where the router puts the channel that direct-mode requests must be
+/// published on; empty while it is being re-established.
+#[derive(Clone, Default)]
+pub struct ChannelSlot(std::sync::Arc<std::sync::RwLock<Option<Channel>>>);
+
+impl ChannelSlot {
+    /// The current channel.
+    pub fn get(&self) -> Option<Channel> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn set(&self, ch: Option<Channel>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ch;
+    }
+}
+
 /// The actor routing replies to waiting callers.
 pub struct ReplyRouter {
     pending: HashMap<String, Waiter>,
@@ -77,33 +109,119 @@ pub struct ReplyRouter {
     /// Where unknown and late replies go, if anywhere.
     orphans: Option<OrphanSink>,
     stats: std::sync::Arc<RpcStats>,
-    /// The consumer's channel, kept open while the router lives.
-    _channel: Channel,
+    /// To re-establish the consumer.
+    broker: Broker,
+    mode: ReplyMode,
+    /// The consumer now, if any.
+    link: Option<Link>,
+    /// Direct mode: where publishers find the channel.
+    slot: ChannelSlot,
+    /// Whether a new consumer is being established.
+    reconnecting: bool,
+    /// Set by [`Close`]: no reconnecting.
+    closing: bool,
 }
 
 impl ReplyRouter {
-    /// Starts the router on the current arbiter, consuming `consumer`.
+    /// Starts the router on the current arbiter, consuming `link`.
     pub fn start_with(
-        consumer: Consumer,
-        channel: Channel,
-        no_ack: bool,
+        broker: Broker,
+        mode: ReplyMode,
+        mut link: Link,
+        slot: ChannelSlot,
         max_pending: usize,
         stats: std::sync::Arc<RpcStats>,
         orphans: Option<OrphanSink>,
     ) -> Addr<Self> {
         ReplyRouter::create(move |ctx| {
-            ctx.add_stream(consumer);
+            if let Some(consumer) = link.consumer.take() {
+                ctx.add_stream(consumer);
+            }
+            if mode == ReplyMode::Direct {
+                slot.set(Some(link.channel.clone()));
+            }
+            stats.consuming.store(true, Ordering::Relaxed);
             ReplyRouter {
                 pending: HashMap::new(),
                 max_pending,
                 forgotten: VecDeque::new(),
                 forgotten_set: HashSet::new(),
-                no_ack,
+                // Direct reply-to is consumed without acks.
+                no_ack: mode == ReplyMode::Direct,
                 orphans,
                 stats,
-                _channel: channel,
+                broker,
+                mode,
+                link: Some(link),
+                slot,
+                reconnecting: false,
+                closing: false,
             }
         })
+    }
+
+    /// Drops the lost consumer and establishes a new one, with backoff. In
+    /// direct mode the replies of pending calls can no longer arrive (the
+    /// pseudo-queue was the old channel's): those calls fail at once.
+    fn reconnect(&mut self, ctx: &mut Context<Self>) {
+        if self.reconnecting || self.closing {
+            return;
+        }
+        self.reconnecting = true;
+        self.stats.consuming.store(false, Ordering::Relaxed);
+        self.slot.set(None);
+        if let Some(old) = self.link.take() {
+            actix::spawn(async move {
+                let _ = old.conn.close(200, "replaced".into()).await;
+            });
+        }
+        if self.mode == ReplyMode::Direct && !self.pending.is_empty() {
+            warn!(
+                calls = self.pending.len(),
+                "direct reply-to channel lost: its pending calls fail"
+            );
+            // Dropping the senders wakes each caller with ReplyLost.
+            self.pending.clear();
+            self.set_pending_gauge();
+        }
+        warn!(
+            pending = self.pending.len(),
+            "reply consumer lost; re-establishing"
+        );
+        let broker = self.broker.clone();
+        let mode = self.mode;
+        let fut = async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match super::open_replies(&broker, mode).await {
+                    Ok(link) => return link,
+                    Err(e) => {
+                        warn!(error = %e, retry_in = ?pause, "reply consumer not re-established");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        };
+        ctx.spawn(fut.into_actor(self).map(|mut link, act, ctx| {
+            act.reconnecting = false;
+            if act.closing {
+                actix::spawn(async move {
+                    let _ = link.conn.close(200, "closing".into()).await;
+                });
+                return;
+            }
+            if let Some(consumer) = link.consumer.take() {
+                ctx.add_stream(consumer);
+            }
+            if act.mode == ReplyMode::Direct {
+                act.slot.set(Some(link.channel.clone()));
+            }
+            act.link = Some(link);
+            act.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            act.stats.consuming.store(true, Ordering::Relaxed);
+            info!(pending = act.pending.len(), "reply consumer re-established");
+        }));
     }
 
     fn remember_forgotten(&mut self, id: String) {
@@ -191,8 +309,18 @@ impl Actor for ReplyRouter {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // Deadlines are enforced by the callers' timers; the sweep catches
-        // callers that vanished without saying so.
-        ctx.run_interval(Duration::from_millis(500), |act, _| act.sweep());
+        // callers that vanished without saying so, and a connection that
+        // died without its consumer stream ending.
+        ctx.run_interval(Duration::from_millis(500), |act, ctx| {
+            act.sweep();
+            let dead = act
+                .link
+                .as_ref()
+                .is_some_and(|l| !l.conn.status().connected());
+            if dead {
+                act.reconnect(ctx);
+            }
+        });
     }
 }
 
@@ -259,6 +387,7 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for ReplyRouter {
             Ok(d) => d,
             Err(e) => {
                 warn!(error = %e, "reply consumer error");
+                self.reconnect(ctx);
                 return;
             }
         };
@@ -288,7 +417,29 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for ReplyRouter {
         );
     }
 
-    fn finished(&mut self, _: &mut Self::Context) {
-        warn!(pending = self.pending.len(), "reply consumer ended");
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        self.reconnect(ctx);
+    }
+}
+
+/// Stop consuming and close the connection; replies still on the way stay
+/// in the durable reply queue for the next start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Close;
+
+impl Handler<Close> for ReplyRouter {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
+        self.closing = true;
+        self.slot.set(None);
+        self.stats.consuming.store(false, Ordering::Relaxed);
+        let link = self.link.take();
+        Box::pin(async move {
+            if let Some(link) = link {
+                let _ = link.conn.close(200, "shutdown".into()).await;
+            }
+        })
     }
 }
