@@ -9,6 +9,7 @@ mod common;
 mod broker;
 mod callbacks;
 mod events;
+mod faults;
 mod gateway;
 mod hub;
 mod interop;
