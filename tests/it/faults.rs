@@ -26,7 +26,7 @@ enum Fate {
 }
 
 async fn start_call(gw: &Gw, i: usize) -> Fate {
-    let asynchronous = i % 2 == 0;
+    let asynchronous = i.is_multiple_of(2);
     let mut req = gw.post("count").body(format!("{{\"i\":{i}}}"));
     req = if asynchronous {
         req.header("prefer", "respond-async")
