@@ -5,6 +5,7 @@
 //! records the last run.
 
 use std::collections::BTreeSet;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -461,5 +462,99 @@ async fn a_worker_killed_mid_handler_leaves_its_request_to_another_worker_answer
     println!("FAULT-REPORT worker-sigkill calls=1 redelivered_to_other_worker=1 answered=1 lost=0");
     b.drain(Duration::from_secs(1)).await;
     client.close().await;
+    c.cleanup(&["twin", "echo", "slow"]).await;
+}
+
+#[actix_rt::test]
+async fn sigterm_lets_the_running_handler_finish_and_takes_no_new_work() {
+    use switchboard::rpc::{Call, RpcClient, RpcOptions};
+    let c = crate::common::ctx("fault-sigterm").await;
+    let instance = format!("{}-w", c.prefix);
+    let env = serve_env(
+        &c,
+        &instance,
+        &[
+            ("SWITCHBOARD__GATEWAY__ENABLED", "false".into()),
+            ("SWITCHBOARD__SERVICES__TWIN__HANDLER", "echo".into()),
+            // Longer than the management API's 5 s refresh, so the test
+            // can see the request in the worker's hands.
+            ("SWITCHBOARD__SERVICES__TWIN__DELAY_MS", "8000".into()),
+            ("SWITCHBOARD__SERVICES__TWIN__CONCURRENCY", "1".into()),
+            ("SWITCHBOARD__SHUTDOWN__GRACE_MS", "20000".into()),
+        ],
+    );
+    let mut serve = Serve::start(&env);
+    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
+        .await
+        .unwrap();
+    let first = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match client
+                .send(Call::new("twin", &b"\"first\""[..]).timeout(Duration::from_secs(60)))
+                .await
+            {
+                Ok(p) => break p,
+                Err(switchboard::Error::NoRoute { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let http = reqwest::Client::new();
+    let queue = c.broker.names().service_queue("twin");
+    let encoded: String = url::form_urlencoded::byte_serialize(queue.as_bytes()).collect();
+    let queue_url = format!(
+        "{}/api/queues/%2F/{encoded}",
+        crate::common::management_url()
+    );
+    eventually(
+        Duration::from_secs(60),
+        "the worker holds the first request",
+        || {
+            let http = http.clone();
+            let url = queue_url.clone();
+            async move {
+                let Ok(res) = http
+                    .get(url)
+                    .basic_auth("guest", Some("guest"))
+                    .send()
+                    .await
+                else {
+                    return false;
+                };
+                let q: Value = res.json().await.unwrap_or_default();
+                q["messages_unacknowledged"].as_u64() == Some(1)
+            }
+        },
+    )
+    .await;
+    let pid = serve.child.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // The request in hand is answered; the process then exits cleanly.
+    let reply = first.wait().await.unwrap();
+    assert_eq!(&reply.body[..], b"\"first\"");
+    let status = tokio::time::timeout(Duration::from_secs(20), serve.child.wait())
+        .await
+        .expect("the process exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    // A request sent now waits in the queue for the next worker.
+    let second = client
+        .send(Call::new("twin", &b"\"second\""[..]).timeout(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let mut serve = Serve::start(&env);
+    assert_eq!(&second.wait().await.unwrap().body[..], b"\"second\"");
+    serve.kill().await;
+    client.close().await;
+    println!("FAULT-REPORT sigterm in_flight_answered=1 exit=0 lost=0");
     c.cleanup(&["twin", "echo", "slow"]).await;
 }
