@@ -558,3 +558,47 @@ async fn sigterm_lets_the_running_handler_finish_and_takes_no_new_work() {
     println!("FAULT-REPORT sigterm in_flight_answered=1 exit=0 lost=0");
     c.cleanup(&["twin", "echo", "slow"]).await;
 }
+
+#[actix_rt::test]
+async fn a_worker_whose_queue_is_deleted_notices_and_consumes_again() {
+    use deadpool_lapin::lapin::options::QueueDeleteOptions;
+    use switchboard::rpc::{Call, RpcClient, RpcOptions};
+    use switchboard::worker::{self, Worker};
+    let c = crate::common::ctx("fault-cancel").await;
+    let w = Worker::start(
+        &c.broker,
+        "echo",
+        &c.service(),
+        worker::echo(Duration::ZERO),
+    )
+    .await
+    .unwrap();
+    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
+        .await
+        .unwrap();
+    assert!(client.call(Call::new("echo", &b"1"[..])).await.is_ok());
+    // An operator deletes the queue: the broker cancels the worker's consumer.
+    let ch = c.broker.channel().await.unwrap();
+    ch.queue_delete(
+        c.broker.names().service_queue("echo").into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the worker re-established its consumer",
+        || async {
+            w.stats.reconnects.load(Ordering::Relaxed) >= 1
+                && w.stats.consuming.load(Ordering::Relaxed)
+        },
+    )
+    .await;
+    let reply = client
+        .call(Call::new("echo", &b"2"[..]).timeout(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], b"2");
+    client.close().await;
+    c.cleanup(&["echo"]).await;
+}
