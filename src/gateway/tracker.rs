@@ -361,26 +361,23 @@ impl Tracker {
         let mut link = Some(open_dead_letter_watch(&broker, &services).await?);
         let tracker = self.clone();
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(100);
             loop {
-                let (conn, ch, mut consumer) = match link.take() {
-                    Some(l) => l,
-                    None => match open_dead_letter_watch(&broker, &services).await {
-                        Ok(l) => {
+                let reopened = async {
+                    match link.take() {
+                        Some(l) => l,
+                        None => {
+                            let l = crate::amqp::reopen("dead-letter watch", || {
+                                open_dead_letter_watch(&broker, &services)
+                            })
+                            .await;
                             info!("dead-letter watch re-established");
-                            pause = Duration::from_millis(100);
                             l
                         }
-                        Err(e) => {
-                            warn!(error = %e, retry_in = ?pause, "dead-letter watch not re-established");
-                            tokio::select! {
-                                _ = cancel.cancelled() => return,
-                                _ = tokio::time::sleep(pause) => {}
-                            }
-                            pause = (pause * 2).min(Duration::from_secs(5));
-                            continue;
-                        }
-                    },
+                    }
+                };
+                let (conn, ch, mut consumer) = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    l = reopened => l,
                 };
                 loop {
                     let next = tokio::select! {

@@ -191,17 +191,7 @@ impl ReplyRouter {
         let broker = self.broker.clone();
         let mode = self.mode;
         let fut = async move {
-            let mut pause = Duration::from_millis(100);
-            loop {
-                match super::open_replies(&broker, mode).await {
-                    Ok(link) => return link,
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?pause, "reply consumer not re-established");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            crate::amqp::reopen("reply consumer", || super::open_replies(&broker, mode)).await
         };
         ctx.spawn(fut.into_actor(self).map(|mut link, act, ctx| {
             act.reconnecting = false;
