@@ -45,6 +45,8 @@ async fn the_cli_serves_and_calls_echo() {
             "SWITCHBOARD__AMQP__INSTANCE_ID",
             format!("{}-srv", c.prefix),
         ),
+        // Workers only: the gateway's port and store are not this test's.
+        ("SWITCHBOARD__GATEWAY__ENABLED", "false".to_string()),
     ];
     let mut serve = tokio::process::Command::new(bin)
         .arg("serve")
