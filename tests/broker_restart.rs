@@ -14,6 +14,17 @@ use serde_json::Value;
 
 use common::{eventually, gateway};
 
+/// Starts the broker's app again when dropped, so that no failed assertion
+/// leaves the machine without a broker.
+struct StartOnDrop;
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup"]);
+    }
+}
+
 fn rabbitmqctl(args: &[&str]) -> bool {
     Command::new("rabbitmqctl")
         .args(args)
@@ -48,11 +59,25 @@ async fn after_a_broker_restart_everything_comes_back_and_no_accepted_call_is_lo
         );
     }
 
+    // A client without kept-alive connections: the gateway closes idle ones
+    // while the broker restarts, and a POST must not race that close.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let post_echo = |wait: &str| {
+        fresh
+            .post(gw.url("/v1/services/echo/calls"))
+            .header("prefer", format!("wait={wait}"))
+            .body("{}")
+            .send()
+    };
+    let restart_guard = StartOnDrop;
     assert!(rabbitmqctl(&["stop_app"]), "rabbitmqctl stop_app failed");
     let restarted = async {
         // While the broker is away, callers get errors at once, never a hang.
         let started = Instant::now();
-        let res = gw.post("echo").body("{}").send().await.unwrap();
+        let res = post_echo("5").await.unwrap();
         let refused_in = started.elapsed();
         assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(res.headers().contains_key("retry-after"));
@@ -92,8 +117,7 @@ async fn after_a_broker_restart_everything_comes_back_and_no_accepted_call_is_lo
     for (i, id) in accepted.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let doc: Value = gw
-                .http
+            let doc: Value = fresh
                 .get(gw.url(&format!("/v1/calls/{id}?wait=5")))
                 .send()
                 .await

@@ -23,6 +23,10 @@ pub struct Ctx {
     pub prefix: String,
     pub settings: Settings,
     pub broker: Broker,
+    /// Workers and clients started through the context: stopped before
+    /// cleanup deletes their queues (they would declare them again).
+    workers: Mutex<Vec<switchboard::worker::WorkerHandle>>,
+    clients: Mutex<Vec<switchboard::rpc::RpcClient>>,
 }
 
 static REPORTED: Mutex<bool> = Mutex::new(false);
@@ -61,6 +65,8 @@ pub async fn ctx(name: &str) -> Ctx {
         prefix: settings.amqp.prefix.clone(),
         settings,
         broker,
+        workers: Mutex::new(Vec::new()),
+        clients: Mutex::new(Vec::new()),
     }
 }
 
@@ -89,8 +95,40 @@ impl Ctx {
         }
     }
 
-    /// Deletes what the test declared under its prefix.
+    /// Starts a worker that cleanup stops.
+    pub async fn worker(
+        &self,
+        service: &str,
+        settings: &ServiceSettings,
+        handler: std::sync::Arc<dyn switchboard::worker::Handler>,
+    ) -> switchboard::Result<switchboard::worker::WorkerHandle> {
+        let w =
+            switchboard::worker::Worker::start(&self.broker, service, settings, handler).await?;
+        self.workers.lock().unwrap().push(w.clone());
+        Ok(w)
+    }
+
+    /// Starts an RPC client that cleanup closes.
+    pub async fn client(
+        &self,
+        options: switchboard::rpc::RpcOptions,
+    ) -> switchboard::Result<switchboard::rpc::RpcClient> {
+        let c = switchboard::rpc::RpcClient::start(&self.broker, options).await?;
+        self.clients.lock().unwrap().push(c.clone());
+        Ok(c)
+    }
+
+    /// Stops the workers and clients started through the context, then
+    /// deletes what the test declared under its prefix.
     pub async fn cleanup(&self, services: &[&str]) {
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap());
+        for w in workers {
+            w.drain(Duration::ZERO).await;
+        }
+        let clients = std::mem::take(&mut *self.clients.lock().unwrap());
+        for c in clients {
+            c.close().await;
+        }
         let Ok(ch) = self.broker.channel().await else {
             return;
         };
@@ -162,7 +200,7 @@ pub const GATEWAY_SERVICES: &[&str] = &["echo", "slow", "fail", "count", "poison
 pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use switchboard::worker::{self, HandlerError, Reply, Request, Worker};
+    use switchboard::worker::{self, HandlerError, Reply, Request};
 
     let mut c = ctx(name).await;
     let dir = tempfile::tempdir().unwrap();
@@ -219,9 +257,7 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     ];
     let mut workers = Vec::new();
     for (svc, h) in handlers {
-        let w = Worker::start(&c.broker, svc, &c.settings.services[svc], h)
-            .await
-            .unwrap();
+        let w = c.worker(svc, &c.settings.services[svc], h).await.unwrap();
         workers.push((svc.to_string(), w));
     }
     let mut gw = Gw {

@@ -372,8 +372,8 @@ async fn a_gateway_killed_mid_load_finishes_every_accepted_call_and_delivers_its
 
 #[actix_rt::test]
 async fn a_worker_killed_mid_handler_leaves_its_request_to_another_worker_answered_once() {
-    use switchboard::rpc::{Call, RpcClient, RpcOptions};
-    use switchboard::worker::{Reply, Request, Worker};
+    use switchboard::rpc::{Call, RpcOptions};
+    use switchboard::worker::{Reply, Request};
     let c = crate::common::ctx("fault-worker").await;
     // Worker A: another process, whose handler takes a minute.
     let instance_a = format!("{}-a", c.prefix);
@@ -390,9 +390,7 @@ async fn a_worker_killed_mid_handler_leaves_its_request_to_another_worker_answer
     let mut a = Serve::start(&env);
     let mut svc = c.service();
     svc.timeout_ms = 120_000;
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     // Until A's queue exists the call has no route: retry until it is sent.
     let pending = {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -441,20 +439,20 @@ async fn a_worker_killed_mid_handler_leaves_its_request_to_another_worker_answer
     // Worker B, in this process, counts what it handles.
     let handled = Arc::new(AtomicUsize::new(0));
     let h = handled.clone();
-    let b = Worker::start(
-        &c.broker,
-        "twin",
-        &svc,
-        Arc::new(move |req: Request| {
-            let h = h.clone();
-            async move {
-                h.fetch_add(1, Ordering::SeqCst);
-                Ok(Reply::ok(req.content_type, req.payload))
-            }
-        }),
-    )
-    .await
-    .unwrap();
+    let b = c
+        .worker(
+            "twin",
+            &svc,
+            Arc::new(move |req: Request| {
+                let h = h.clone();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Ok(Reply::ok(req.content_type, req.payload))
+                }
+            }),
+        )
+        .await
+        .unwrap();
     let reply = pending.wait().await.unwrap();
     assert_eq!(&reply.body[..], b"\"once\"");
     assert_eq!(handled.load(Ordering::SeqCst), 1, "answered more than once");
@@ -467,7 +465,7 @@ async fn a_worker_killed_mid_handler_leaves_its_request_to_another_worker_answer
 
 #[actix_rt::test]
 async fn sigterm_lets_the_running_handler_finish_and_takes_no_new_work() {
-    use switchboard::rpc::{Call, RpcClient, RpcOptions};
+    use switchboard::rpc::{Call, RpcOptions};
     let c = crate::common::ctx("fault-sigterm").await;
     let instance = format!("{}-w", c.prefix);
     let env = serve_env(
@@ -484,9 +482,7 @@ async fn sigterm_lets_the_running_handler_finish_and_takes_no_new_work() {
         ],
     );
     let mut serve = Serve::start(&env);
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     let first = {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -562,20 +558,14 @@ async fn sigterm_lets_the_running_handler_finish_and_takes_no_new_work() {
 #[actix_rt::test]
 async fn a_worker_whose_queue_is_deleted_notices_and_consumes_again() {
     use deadpool_lapin::lapin::options::QueueDeleteOptions;
-    use switchboard::rpc::{Call, RpcClient, RpcOptions};
-    use switchboard::worker::{self, Worker};
+    use switchboard::rpc::{Call, RpcOptions};
+    use switchboard::worker::{self};
     let c = crate::common::ctx("fault-cancel").await;
-    let w = Worker::start(
-        &c.broker,
-        "echo",
-        &c.service(),
-        worker::echo(Duration::ZERO),
-    )
-    .await
-    .unwrap();
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
+    let w = c
+        .worker("echo", &c.service(), worker::echo(Duration::ZERO))
         .await
         .unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     assert!(client.call(Call::new("echo", &b"1"[..])).await.is_ok());
     // An operator deletes the queue: the broker cancels the worker's consumer.
     let ch = c.broker.channel().await.unwrap();
