@@ -33,6 +33,10 @@ pub const EXT_CALLER: &str = "switchboardcaller";
 pub const APP_ID: &str = "switchboard";
 /// `delivery_mode` of a persistent message.
 pub const PERSISTENT: u8 = 2;
+/// Longest AMQP short string, in bytes: the content type, correlation and
+/// message ids, `type`, `reply_to` and routing keys are short strings, and
+/// lapin panics on a longer one, so whatever fills them is checked first.
+pub const MAX_SHORT_STRING: usize = 255;
 
 /// The names of everything switchboard declares, under one prefix.
 #[derive(Debug, Clone)]

@@ -187,6 +187,7 @@ pub async fn start_call(
         .filter(|c| !c.is_empty())
         .unwrap_or(wire::CONTENT_JSON)
         .to_owned();
+    headers::check_content_type(&content_type)?;
     let body = read_body(&req, payload, st.gateway.payload_limit_bytes).await?;
     let call_id = uuid::Uuid::now_v7().to_string();
     let span = info_span!("call", %call_id, %service, caller = %caller.name);

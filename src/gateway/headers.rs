@@ -1,5 +1,5 @@
 //! Parsing of the request headers the gateway honours: `Prefer` (RFC 7240),
-//! `Idempotency-Key`, `traceparent`, `Last-Event-ID`, and `?wait=` values.
+//! `Idempotency-Key`, `Content-Type`, and `?wait=` values.
 //! Everything here takes client input: it never panics and never allocates
 //! without bound.
 
@@ -88,6 +88,21 @@ pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
         Err(ApiError::BadRequest(
             "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
         ))
+    }
+}
+
+/// `Content-Type`: at most [`wire::MAX_SHORT_STRING`] bytes, else 400: it
+/// travels as an AMQP short string.
+///
+/// [`wire::MAX_SHORT_STRING`]: crate::amqp::wire::MAX_SHORT_STRING
+pub fn check_content_type(content_type: &str) -> Result<(), ApiError> {
+    if content_type.len() <= crate::amqp::wire::MAX_SHORT_STRING {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "Content-Type must be at most {} bytes",
+            crate::amqp::wire::MAX_SHORT_STRING
+        )))
     }
 }
 
@@ -278,6 +293,11 @@ mod props {
             let header = format!("{name}=\"{inside}\"");
             let got = parse_prefer([header.as_str()]);
             prop_assert_eq!(got.ok(), Some(Preferences::default()), "{:?}", header);
+        }
+
+        #[test]
+        fn content_types_are_at_most_255_bytes(ct in prop_oneof![any::<String>(), "[ -~]{250,260}"]) {
+            prop_assert_eq!(check_content_type(&ct).is_ok(), ct.len() <= 255);
         }
 
         #[test]

@@ -250,6 +250,21 @@ impl RpcClient {
             .call_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // These travel as AMQP short strings, on which lapin panics when
+        // longer than 255 bytes: refuse them here instead.
+        for (what, s) in [
+            ("service name", call.service.as_str()),
+            ("content type", &call.content_type),
+            ("call id", &call_id),
+            ("message id", call.message_id.as_deref().unwrap_or_default()),
+        ] {
+            if s.len() > wire::MAX_SHORT_STRING {
+                return Err(Error::Malformed(format!(
+                    "the {what} is longer than {} bytes",
+                    wire::MAX_SHORT_STRING
+                )));
+            }
+        }
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
         let deadline = Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
