@@ -160,11 +160,15 @@ pub async fn start_call(
         return Err(ApiError::NotFound(format!("no service named {service:?}")));
     };
     caller.check(&service)?;
-    let prefs = headers::parse_prefer(
-        req.headers()
-            .get_all("prefer")
-            .filter_map(|v| v.to_str().ok()),
-    )?;
+    // Read lossily rather than skipped when not visible ASCII: obs-text is
+    // allowed in a quoted-string, and an unknown preference that has some
+    // must not hide the `wait` or `respond-async` beside it.
+    let prefer: Vec<_> = req
+        .headers()
+        .get_all("prefer")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .collect();
+    let prefs = headers::parse_prefer(prefer.iter().map(|v| v.as_ref()))?;
     let idem_key = header_str(&req, "idempotency-key")?.map(str::to_owned);
     if let Some(k) = &idem_key {
         headers::check_idempotency_key(k)?;
