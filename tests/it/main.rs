@@ -10,6 +10,7 @@ mod broker;
 mod callbacks;
 mod events;
 mod gateway;
+mod hostile;
 mod hub;
 mod interop;
 mod rpc;
