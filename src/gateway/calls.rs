@@ -484,10 +484,16 @@ pub async fn get_call(
         Some(w) => headers::parse_seconds(w, "wait")?.min(st.gateway.max_wait_s),
         None => 0,
     };
-    // Watch before reading, so an end between the read and the wait is seen.
-    let watch = (wait > 0).then(|| st.tracker.watch(&id)).flatten();
     let call = caller_call(&st, &caller, &id).await?;
     if call.status.is_terminal() || wait == 0 {
+        return Ok(document_response(&st, &call));
+    }
+    // Only a pending call of this caller is watched: an id that names no
+    // call (of any length) leaves no watcher behind. Watch, then read
+    // again, so an end between the first read and the watch is seen.
+    let watch = st.tracker.watch(&id);
+    let call = caller_call(&st, &caller, &id).await?;
+    if call.status.is_terminal() {
         return Ok(document_response(&st, &call));
     }
     if let Some(rx) = watch {

@@ -1031,3 +1031,28 @@ async fn malformed_requests_from_a_foreign_peer_do_not_stop_the_worker() {
     let _ = foreign.close(200, "done".into()).await;
     gw.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn long_polls_of_calls_that_do_not_exist_leave_nothing_behind() {
+    let gw = gateway("hostile-longpoll", hostile_settings).await;
+    let tracker = &gw.gateway.as_ref().unwrap().state.tracker;
+    let mut rng = StdRng::seed_from_u64(SEED);
+    for i in 0..50 {
+        let id = match i % 3 {
+            0 => pct(&random_bytes(&mut rng, 3000)),
+            1 => uuid::Uuid::now_v7().to_string(),
+            _ => "x".repeat(rng.random_range(65..5000)),
+        };
+        let res = gw
+            .http
+            .get(gw.url(&format!("/v1/calls/{id}?wait=2")))
+            .bearer_auth(ALICE)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    }
+    // No long-poller is waiting, and none is counted: nothing was kept.
+    assert_eq!(tracker.watchers(), 0);
+    gw.cleanup().await;
+}
