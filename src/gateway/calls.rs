@@ -91,9 +91,29 @@ fn accepted(st: &AppState, doc: &StatusDocument, applied: Option<&str>) -> HttpR
 }
 
 /// The reply as a synchronous answer: its status, content type and body,
-/// plus `Call-Id`.
+/// plus `Call-Id`. The reply comes from whoever published it, so what HTTP
+/// cannot carry is not passed on: an informational status (1xx) is no final
+/// answer, and is a 502 as for any invalid reply; a content type that is no
+/// valid header value (control characters) becomes
+/// `application/octet-stream`.
 fn reply_response(id: &str, status: u16, content_type: &str, body: Bytes) -> HttpResponse {
-    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY))
+    let Some(status) = StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| !s.is_informational())
+    else {
+        let problem = wire::problem_body(
+            502,
+            "Bad Gateway",
+            Some("the service replied with a status that is not a final HTTP status"),
+        );
+        return HttpResponse::BadGateway()
+            .insert_header(("Call-Id", id))
+            .insert_header((header::CONTENT_TYPE, wire::CONTENT_PROBLEM))
+            .body(problem);
+    };
+    let content_type = header::HeaderValue::from_str(content_type)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("application/octet-stream"));
+    HttpResponse::build(status)
         .insert_header(("Call-Id", id))
         .insert_header((header::CONTENT_TYPE, content_type))
         .body(body)

@@ -1056,3 +1056,62 @@ async fn long_polls_of_calls_that_do_not_exist_leave_nothing_behind() {
     assert_eq!(tracker.watchers(), 0);
     gw.cleanup().await;
 }
+
+#[actix_rt::test]
+async fn replies_http_cannot_carry_as_they_are_are_answered_well_formed() {
+    let gw = gateway("hostile-carry", hostile_settings).await;
+    let broker = &gw.ctx.broker;
+    let queue = broker.names().reply_queue(broker.instance_id());
+    let ch = broker.channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let cases: Vec<(i32, &str, u16, &str)> = vec![
+        // Informational statuses are no final answer: 502.
+        (100, "text/plain", 502, "application/problem+json"),
+        (101, "text/plain", 502, "application/problem+json"),
+        (103, "text/plain", 502, "application/problem+json"),
+        // Content types that are no header value: passed as opaque bytes.
+        (
+            200,
+            "text/plain\r\nx-evil: 1",
+            200,
+            "application/octet-stream",
+        ),
+        (200, "a\u{0}b", 200, "application/octet-stream"),
+        (200, "t\u{e9}xt/plain", 200, "t\u{e9}xt/plain"),
+    ];
+    for (status, ct, want, want_ct) in cases {
+        let id = pending_call(&gw).await;
+        publish_reply(
+            &ch,
+            &queue,
+            Some(&id),
+            Some(AMQPValue::LongInt(status)),
+            ct,
+            b"body",
+        )
+        .await;
+        let doc = ended(&gw, &id).await;
+        assert_eq!(doc["result"]["status"], status, "{doc}");
+        assert_eq!(doc["result"]["content_type"], ct, "{doc}");
+        let res = gw
+            .http
+            .get(gw.url(&format!("/v1/calls/{id}/result")))
+            .bearer_auth(BOB)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{status} {ct:?}: {e}"));
+        assert_eq!(res.status().as_u16(), want, "{status} {ct:?}");
+        assert_eq!(
+            res.headers()["content-type"].as_bytes(),
+            want_ct.as_bytes(),
+            "{status} {ct:?}"
+        );
+        assert_eq!(res.headers()["call-id"], id.as_str());
+        let body = res.bytes().await.unwrap();
+        if want == 200 {
+            assert_eq!(&body[..], b"body");
+        }
+    }
+    let _ = ch.close(200, "done".into()).await;
+    gw.cleanup().await;
+}
