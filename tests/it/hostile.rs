@@ -714,6 +714,53 @@ async fn headers_the_gateway_cannot_pass_on_are_refused_and_preferences_survive_
     gw.cleanup().await;
 }
 
+#[actix_rt::test]
+async fn bodies_up_to_the_limit_pass_and_over_it_are_413_chunked_or_not() {
+    let gw = gateway("hostile-bodies", hostile_settings).await;
+    let chunked = |b: Vec<u8>| {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+            b.chunks(1000).map(|c| Ok(c.to_vec())).collect();
+        reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+    };
+    for (size, is_chunked) in [
+        (LIMIT, false),
+        (LIMIT, true),
+        (LIMIT + 1, false),
+        (LIMIT + 1, true),
+        (LIMIT * 50, true),
+    ] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let req = gw
+            .post("echo")
+            .bearer_auth(ALICE)
+            .header("content-type", "application/json");
+        let req = if is_chunked {
+            req.body(chunked(body.clone()))
+        } else {
+            req.body(body.clone())
+        };
+        let what = format!("{size} bytes, chunked: {is_chunked}");
+        match req.send().await {
+            Ok(res) if size <= LIMIT => {
+                assert_eq!(res.status(), StatusCode::OK, "{what}");
+                assert_eq!(&res.bytes().await.unwrap()[..], &body[..], "{what}");
+            }
+            Ok(res) => assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE, "{what}"),
+            // The gateway may close the connection under a body it refused.
+            Err(e) => assert!(size > LIMIT, "{what}: {e}"),
+        }
+    }
+    let res = gw
+        .post("echo")
+        .bearer_auth(ALICE)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    gw.cleanup().await;
+}
+
 /// Publishes a reply to the gateway's reply queue as a foreign peer would.
 async fn publish_reply(
     ch: &deadpool_lapin::lapin::Channel,
