@@ -13,7 +13,7 @@ use std::time::Duration;
 use base64::Engine;
 use deadpool_lapin::lapin::{
     BasicProperties,
-    options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions},
+    options::BasicPublishOptions,
     types::{AMQPValue, FieldTable, LongString},
 };
 use futures_util::StreamExt;
@@ -25,7 +25,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use switchboard::settings::{Settings, TokenSettings};
 
-use crate::common::{Gw, eventually, gateway};
+use crate::common::{Foreign, Gw, eventually, foreign_client, gateway};
 
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789ab";
@@ -235,38 +235,41 @@ fn authorization(rng: &mut StdRng) -> Option<Vec<u8>> {
     })
 }
 
-fn traceparent(rng: &mut StdRng) -> Vec<u8> {
-    match rng.random_range(0..3) {
-        0 => header_bytes(rng, 80),
-        _ => pick(
-            rng,
-            &[
-                b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                b"00-00000000000000000000000000000000-0000000000000000-00",
-                b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                b"a-b-c-d",
-            ],
-        )
-        .to_vec(),
+/// Garbage of up to `max_len` bytes one time in three, else one of `options`.
+fn garbage_or(rng: &mut StdRng, max_len: usize, options: &[&[u8]]) -> Vec<u8> {
+    if rng.random_range(0..3) == 0 {
+        header_bytes(rng, max_len)
+    } else {
+        pick(rng, options).to_vec()
     }
 }
 
+fn traceparent(rng: &mut StdRng) -> Vec<u8> {
+    garbage_or(
+        rng,
+        80,
+        &[
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"00-00000000000000000000000000000000-0000000000000000-00",
+            b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            b"a-b-c-d",
+        ],
+    )
+}
+
 fn last_event_id(rng: &mut StdRng) -> Vec<u8> {
-    match rng.random_range(0..3) {
-        0 => header_bytes(rng, 200),
-        _ => pick(
-            rng,
-            &[
-                b"0123456789abcdef-5",
-                b"-",
-                b"--",
-                b"x-18446744073709551616",
-                b"\xff\xfe",
-                b"",
-            ],
-        )
-        .to_vec(),
-    }
+    garbage_or(
+        rng,
+        200,
+        &[
+            b"0123456789abcdef-5",
+            b"-",
+            b"--",
+            b"x-18446744073709551616",
+            b"\xff\xfe",
+            b"",
+        ],
+    )
 }
 
 /// A call id: garbage of any length, another caller's, one of alice's own.
@@ -976,34 +979,12 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
 #[actix_rt::test]
 async fn malformed_requests_from_a_foreign_peer_do_not_stop_the_worker() {
     let gw = gateway("hostile-requests", hostile_settings).await;
-    let foreign =
-        deadpool_lapin::lapin::Connection::connect(&crate::common::amqp_url(), Default::default())
-            .await
-            .unwrap();
-    let ch = foreign.create_channel().await.unwrap();
-    let reply_q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            reply_q.name().clone(),
-            "hostile".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let Foreign {
+        conn: foreign,
+        channel: ch,
+        reply_queue: reply_q,
+        mut replies,
+    } = foreign_client("hostile").await;
     let service_q = gw.ctx.broker.names().service_queue("echo");
     let mut garbage_headers = FieldTable::default();
     garbage_headers.insert(
@@ -1038,7 +1019,7 @@ async fn malformed_requests_from_a_foreign_peer_do_not_stop_the_worker() {
             &[0xff, 0x00],
             props
                 .with_correlation_id(id.into())
-                .with_reply_to(reply_q.name().clone()),
+                .with_reply_to(reply_q.clone()),
         )
         .await
         .unwrap();
