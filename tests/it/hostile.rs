@@ -552,6 +552,19 @@ async fn send_and_check(gw: &Gw, i: usize, h: Hostile) -> (u16, Option<String>) 
     (status.as_u16(), None)
 }
 
+/// A normal call still gets its synchronous answer.
+async fn still_serving(gw: &Gw) {
+    let res = gw
+        .post("echo")
+        .bearer_auth(ALICE)
+        .body(r#"{"still":"serving"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.text().await.unwrap(), r#"{"still":"serving"}"#);
+}
+
 /// The status document of `id` as `token` sees it.
 async fn document(gw: &Gw, token: &str, id: &str) -> (StatusCode, Value) {
     let res = gw
@@ -610,16 +623,7 @@ async fn hostile_requests_get_well_formed_answers_and_harm_no_one() {
         assert!(seen.contains_key(&status), "no {status} among {seen:?}");
     }
 
-    // Still serving: a normal call works.
-    let res = gw
-        .post("echo")
-        .bearer_auth(ALICE)
-        .body(r#"{"after":"the storm"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.text().await.unwrap(), r#"{"after":"the storm"}"#);
+    still_serving(&gw).await;
     // Bob's calls are intact, and his key still names his call.
     let (status, after) = document(&gw, BOB, &bobs_id).await;
     assert_eq!(status, StatusCode::OK);
@@ -706,14 +710,7 @@ async fn headers_the_gateway_cannot_pass_on_are_refused_and_preferences_survive_
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
-    let res = gw
-        .post("echo")
-        .bearer_auth(ALICE)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    still_serving(&gw).await;
     gw.cleanup().await;
 }
 
@@ -753,14 +750,7 @@ async fn bodies_up_to_the_limit_pass_and_over_it_are_413_chunked_or_not() {
             Err(e) => assert!(size > LIMIT, "{what}: {e}"),
         }
     }
-    let res = gw
-        .post("echo")
-        .bearer_auth(ALICE)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    still_serving(&gw).await;
     gw.cleanup().await;
 }
 
@@ -955,14 +945,7 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
     assert_eq!(&res.bytes().await.unwrap()[..], &bytes);
 
     // And the gateway serves on.
-    let res = gw
-        .post("echo")
-        .bearer_auth(ALICE)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    still_serving(&gw).await;
     assert!(
         gw.http
             .get(gw.url("/readyz"))
@@ -1048,14 +1031,7 @@ async fn malformed_requests_from_a_foreign_peer_do_not_stop_the_worker() {
     )
     .await
     .unwrap();
-    let res = gw
-        .post("echo")
-        .bearer_auth(ALICE)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
+    still_serving(&gw).await;
     let _ = foreign.close(200, "done".into()).await;
     gw.cleanup().await;
 }
