@@ -11,6 +11,7 @@ mod callbacks;
 mod events;
 mod faults;
 mod gateway;
+mod hostile;
 mod hub;
 mod interop;
 mod rpc;
