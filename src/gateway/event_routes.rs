@@ -158,7 +158,10 @@ pub async fn call_events(
         .hub
         .subscribe(
             EventFilter {
-                type_prefix: Some("switchboard.call.".into()),
+                // Only the end: the state before it is the snapshot sent
+                // first, and an `accepted` event still on its way through
+                // the hub would repeat it.
+                type_prefix: Some(EVENT_COMPLETED.into()),
                 subject: Some(id.clone()),
                 caller: Some(caller.name.clone()),
             },
