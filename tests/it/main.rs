@@ -8,6 +8,7 @@ mod common;
 
 mod broker;
 mod callbacks;
+mod configuration;
 mod events;
 mod gateway;
 mod hub;
