@@ -28,17 +28,33 @@ const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-
 /// A span's name and its fields.
 type SpanFields = (String, BTreeMap<String, String>);
 
-/// Spans seen on this thread, by span id.
+/// switchboard's spans seen on this thread: open ones by id (ids are
+/// reused once a span closes), then closed ones in order.
 #[derive(Clone, Default)]
-struct Spans(Arc<Mutex<HashMap<u64, SpanFields>>>);
+struct Spans(Arc<Mutex<SpanLog>>);
+
+#[derive(Default)]
+struct SpanLog {
+    open: HashMap<u64, SpanFields>,
+    closed: Vec<SpanFields>,
+}
 
 impl Spans {
+    fn all(&self) -> Vec<SpanFields> {
+        let log = self.0.lock().unwrap();
+        log.open
+            .values()
+            .chain(log.closed.iter())
+            .cloned()
+            .collect()
+    }
+
     /// The fields of the spans named `name`.
     fn named(&self, name: &str) -> Vec<BTreeMap<String, String>> {
-        self.0
-            .lock()
-            .unwrap()
+        let log = self.0.lock().unwrap();
+        log.open
             .values()
+            .chain(log.closed.iter())
             .filter(|(n, _)| n == name)
             .map(|(_, f)| f.clone())
             .collect()
@@ -61,19 +77,26 @@ struct Capture(Spans);
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+        if !attrs.metadata().target().starts_with("switchboard") {
+            return;
+        }
         let mut fields = BTreeMap::new();
         attrs.record(&mut Fields(&mut fields));
         let name = attrs.metadata().name().to_owned();
-        self.0
-            .0
-            .lock()
-            .unwrap()
-            .insert(id.into_u64(), (name, fields));
+        let mut log = self.0.0.lock().unwrap();
+        log.open.insert(id.into_u64(), (name, fields));
     }
 
     fn on_record(&self, id: &Id, values: &Record<'_>, _: Context<'_, S>) {
-        if let Some((_, fields)) = self.0.0.lock().unwrap().get_mut(&id.into_u64()) {
+        if let Some((_, fields)) = self.0.0.lock().unwrap().open.get_mut(&id.into_u64()) {
             values.record(&mut Fields(fields));
+        }
+    }
+
+    fn on_close(&self, id: Id, _: Context<'_, S>) {
+        let mut log = self.0.0.lock().unwrap();
+        if let Some(span) = log.open.remove(&id.into_u64()) {
+            log.closed.push(span);
         }
     }
 }
@@ -85,6 +108,11 @@ fn trace_of(traceparent: &str) -> &str {
 #[actix_rt::test]
 async fn one_traceparent_goes_from_http_through_the_worker_and_its_reply_to_the_callback() {
     // The worker runs its deliveries on this thread: its spans land here.
+    // With a scoped subscriber alone, tracing caches each span site's
+    // interest from whichever thread reaches it first (another test's, with
+    // no subscriber: "never"); a global one, even a no-op, makes it ask
+    // every live subscriber instead.
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
     let spans = Spans::default();
     let _guard = tracing::subscriber::set_default(
         tracing_subscriber::registry().with(Capture(spans.clone())),
@@ -141,7 +169,7 @@ async fn one_traceparent_goes_from_http_through_the_worker_and_its_reply_to_the_
         .named("handle")
         .into_iter()
         .find(|f| f.get("call_id") == Some(&id))
-        .expect("the handler's span");
+        .unwrap_or_else(|| panic!("no handle span for {id}: {:?}", spans.all()));
     assert_eq!(handle.get("trace_id").map(String::as_str), Some(TRACE));
     assert_eq!(handle.get("service").map(String::as_str), Some("traced"));
 
