@@ -16,3 +16,30 @@ pub mod wire;
 pub use broker::{Broker, Outgoing};
 pub use delivery::InFlight;
 pub use wire::Names;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// The longest pause between two attempts to re-establish a consumer.
+pub const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
+
+/// Calls `open` until it succeeds, pausing 100 ms, then twice as long each
+/// time up to [`MAX_RECONNECT_PAUSE`]: how every long-lived consumer comes
+/// back after losing its connection. `what` names it in the logs.
+pub async fn reopen<T, F, Fut>(what: &str, mut open: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = crate::error::Result<T>>,
+{
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match open().await {
+            Ok(opened) => return opened,
+            Err(e) => {
+                tracing::warn!(%what, error = %e, retry_in = ?pause, "not re-established yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_RECONNECT_PAUSE);
+            }
+        }
+    }
+}

@@ -351,19 +351,7 @@ impl EventHub {
             "event hub consumer lost; re-establishing"
         );
         let broker = self.broker.clone();
-        let fut = async move {
-            let mut pause = Duration::from_millis(100);
-            loop {
-                match open_link(&broker).await {
-                    Ok(link) => return link,
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?pause, "event hub consumer not re-established");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
-        };
+        let fut = async move { crate::amqp::reopen("event hub", || open_link(&broker)).await };
         ctx.spawn(
             fut.into_actor(self)
                 .map(|(conn, channel, queue, consumer), act, ctx| {

@@ -394,7 +394,9 @@ impl CallContext<'_> {
             Some(&self.traceparent),
         );
         st.tracker.publish_event(&event).await;
-        st.tracker.follow(pending);
+        // From here the reply finishes the stored call through the RPC
+        // client's orphan sink: nothing is held in memory per pending call.
+        pending.detach();
         tracing::info!(status = "pending", "call accepted");
         Ok(accepted(st, &doc, applied))
     }

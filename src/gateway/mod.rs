@@ -201,8 +201,10 @@ pub async fn start(
             .configure(routes)
             .default_service(web::to(ops::not_found))
     })
+    // Signals are the process's business (one shutdown path, app::serve).
     .disable_signals()
-    .shutdown_timeout(10);
+    // Requests in flight get the shutdown grace to finish.
+    .shutdown_timeout(settings.shutdown.grace_ms.div_ceil(1000));
     if g.workers > 0 {
         server = server.workers(g.workers);
     }

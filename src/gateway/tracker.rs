@@ -24,7 +24,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{info, warn};
 
 use crate::amqp::{Broker, wire};
 use crate::callbacks::DispatcherHandle;
@@ -33,7 +33,7 @@ use crate::calls::{CallRecord, CallStatus, CallStore, StoredResult};
 use crate::error::{Error, Result};
 use crate::events::{self, CloudEvent};
 use crate::metrics::Mode;
-use crate::rpc::{OrphanSink, PendingReply};
+use crate::rpc::OrphanSink;
 use crate::worker::Reply;
 
 /// `type` of the event published when a call is accepted with a 202.
@@ -214,43 +214,21 @@ impl Tracker {
         Ok(true)
     }
 
-    /// Finishes `pending` in the background: the HTTP request that made it
-    /// has been answered with a 202.
-    pub fn follow(&self, pending: PendingReply) {
-        let tracker = self.clone();
-        let id = pending.call_id().to_owned();
-        let span = info_span!("follow", call_id = %id);
-        tokio::spawn(
-            async move {
-                let outcome = match pending.wait().await {
-                    Ok(reply) => Outcome::Reply(reply),
-                    Err(Error::Timeout { .. }) => Outcome::Expired,
-                    Err(e) => {
-                        warn!(error = %e, "lost track of the call; the deadline sweep ends it");
-                        return;
-                    }
-                };
-                if let Err(e) = tracker.complete(&id, outcome).await {
-                    warn!(error = %e, "could not store the call's end; its reply is acked, the deadline sweep ends it");
-                }
-            }
-            .instrument(span),
-        );
-    }
-
-    /// The sink for replies the RPC client no longer waits for (after a
-    /// restart): they finish their stored call.
+    /// The sink for replies the RPC client does not wait for: the replies of
+    /// every call answered with a 202 (and of calls from before a restart)
+    /// finish their stored call here. No task or waiter is held per pending
+    /// call: a pending call costs a row in the store, not memory.
     pub fn orphan_sink(&self) -> OrphanSink {
         let tracker = self.clone();
         Arc::new(move |id: String, reply: Reply| {
             let tracker = tracker.clone();
             Box::pin(async move {
                 match tracker.complete(&id, Outcome::Reply(reply)).await {
-                    Ok(true) => {
-                        debug!(call_id = %id, "stored call finished by a reply that outlived its request")
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        warn!(call_id = %id, error = %e, "reply could not be stored");
+                        false
                     }
-                    Ok(false) => debug!(call_id = %id, "reply for no pending call dropped"),
-                    Err(e) => warn!(call_id = %id, error = %e, "reply could not be stored"),
                 }
             })
         })
@@ -375,26 +353,23 @@ impl Tracker {
         let mut link = Some(open_dead_letter_watch(&broker, &services).await?);
         let tracker = self.clone();
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(100);
             loop {
-                let (conn, ch, mut consumer) = match link.take() {
-                    Some(l) => l,
-                    None => match open_dead_letter_watch(&broker, &services).await {
-                        Ok(l) => {
+                let reopened = async {
+                    match link.take() {
+                        Some(l) => l,
+                        None => {
+                            let l = crate::amqp::reopen("dead-letter watch", || {
+                                open_dead_letter_watch(&broker, &services)
+                            })
+                            .await;
                             info!("dead-letter watch re-established");
-                            pause = Duration::from_millis(100);
                             l
                         }
-                        Err(e) => {
-                            warn!(error = %e, retry_in = ?pause, "dead-letter watch not re-established");
-                            tokio::select! {
-                                _ = cancel.cancelled() => return,
-                                _ = tokio::time::sleep(pause) => {}
-                            }
-                            pause = (pause * 2).min(Duration::from_secs(5));
-                            continue;
-                        }
-                    },
+                    }
+                };
+                let (conn, ch, mut consumer) = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    l = reopened => l,
                 };
                 loop {
                     let next = tokio::select! {

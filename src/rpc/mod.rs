@@ -376,6 +376,17 @@ impl PendingReply {
         }
     }
 
+    /// Stops waiting here: the reply goes to the client's orphan sink (the
+    /// gateway's store) instead. Holds no memory for the call from now on.
+    pub fn detach(mut self) {
+        if self.rx.take().is_some() {
+            self.router.do_send(Forget {
+                id: std::mem::take(&mut self.call_id),
+                detached: true,
+            });
+        }
+    }
+
     /// Waits for the reply until the deadline.
     pub async fn wait(mut self) -> Result<Reply> {
         self.wait_inner().await
@@ -407,6 +418,7 @@ impl Drop for PendingReply {
         if self.rx.is_some() {
             self.router.do_send(Forget {
                 id: std::mem::take(&mut self.call_id),
+                detached: false,
             });
         }
     }

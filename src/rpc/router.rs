@@ -36,6 +36,9 @@ pub struct RpcStats {
     pub pending: AtomicU64,
     /// Replies routed to their caller.
     pub routed: AtomicU64,
+    /// Replies no caller waited for that the orphan sink took (the
+    /// gateway's stored calls).
+    pub handed_off: AtomicU64,
     /// Replies for calls whose caller had given up (deadline passed).
     pub late: AtomicU64,
     /// Replies whose correlation id matches no call.
@@ -63,8 +66,9 @@ impl RpcStats {
 /// Where replies for calls this router does not know go, when set: the
 /// gateway uses it to finish calls that outlived the process that made them
 /// (the router acks such a reply only after the returned future resolves).
+/// The sink's future says whether it took the reply (a stored call ended).
 pub type OrphanSink = std::sync::Arc<
-    dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync,
+    dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, bool> + Send + Sync,
 >;
 
 struct Waiter {
@@ -191,17 +195,7 @@ impl ReplyRouter {
         let broker = self.broker.clone();
         let mode = self.mode;
         let fut = async move {
-            let mut pause = Duration::from_millis(100);
-            loop {
-                match super::open_replies(&broker, mode).await {
-                    Ok(link) => return link,
-                    Err(e) => {
-                        warn!(error = %e, retry_in = ?pause, "reply consumer not re-established");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            crate::amqp::reopen("reply consumer", || super::open_replies(&broker, mode)).await
         };
         ctx.spawn(fut.into_actor(self).map(|mut link, act, ctx| {
             act.reconnecting = false;
@@ -257,9 +251,8 @@ impl ReplyRouter {
         self.set_pending_gauge();
     }
 
-    /// Hands a reply to its waiter; returns it with its id when no waiter
-    /// wants it (for the orphan sink).
-    fn route(&mut self, delivery: &Delivery, body: Bytes) -> Option<(String, Reply)> {
+    /// Hands a reply to its waiter; returns it when no waiter takes it.
+    fn route(&mut self, delivery: &Delivery, body: Bytes) -> Option<Orphan> {
         let props = &delivery.properties;
         let Some(id) = props.correlation_id().as_ref().map(|c| c.as_str()) else {
             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -267,21 +260,48 @@ impl ReplyRouter {
             return None;
         };
         let reply = to_reply(delivery, body, id);
+        let late = self.forgotten_set.contains(id);
         let Some(waiter) = self.pending.remove(id) else {
-            if self.forgotten_set.contains(id) {
-                self.stats.late.fetch_add(1, Ordering::Relaxed);
-                debug!(call_id = id, "late reply");
-            } else {
-                self.stats.unknown.fetch_add(1, Ordering::Relaxed);
-                debug!(call_id = id, "reply for an unknown call");
-            }
-            return Some((id.to_owned(), reply));
+            return Some(Orphan {
+                id: id.to_owned(),
+                reply,
+                late,
+            });
         };
         self.set_pending_gauge();
-        self.stats.routed.fetch_add(1, Ordering::Relaxed);
-        // The caller may have gone in between; then the reply has nowhere to go.
-        let _ = waiter.tx.send(reply);
-        None
+        match waiter.tx.send(reply) {
+            Ok(()) => {
+                self.stats.routed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            // The caller let go in between: the reply is an orphan after all.
+            Err(reply) => Some(Orphan {
+                id: id.to_owned(),
+                reply,
+                late: true,
+            }),
+        }
+    }
+}
+
+/// A reply no caller waits for.
+struct Orphan {
+    id: String,
+    reply: Reply,
+    /// Whether its caller waited once and gave up.
+    late: bool,
+}
+
+impl Orphan {
+    /// Counts a reply nobody took.
+    fn count_dropped(&self, stats: &RpcStats) {
+        if self.late {
+            stats.late.fetch_add(1, Ordering::Relaxed);
+            debug!(call_id = %self.id, "late reply dropped");
+        } else {
+            stats.unknown.fetch_add(1, Ordering::Relaxed);
+            debug!(call_id = %self.id, "reply for an unknown call dropped");
+        }
     }
 }
 
@@ -361,12 +381,16 @@ impl Handler<Register> for ReplyRouter {
     }
 }
 
-/// The caller gave up (deadline, drop, failed publish): forget the call.
+/// The caller gave up (deadline, drop, failed publish), or handed the call
+/// over to the orphan sink (`detached`): forget the call.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Forget {
     /// The correlation id.
     pub id: String,
+    /// Handed over rather than given up: not a timeout, and its reply is
+    /// not late.
+    pub detached: bool,
 }
 
 impl Handler<Forget> for ReplyRouter {
@@ -374,9 +398,11 @@ impl Handler<Forget> for ReplyRouter {
 
     fn handle(&mut self, msg: Forget, _: &mut Self::Context) {
         if self.pending.remove(&msg.id).is_some() {
-            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
             self.set_pending_gauge();
-            self.remember_forgotten(msg.id);
+            if !msg.detached {
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                self.remember_forgotten(msg.id);
+            }
         }
     }
 }
@@ -393,19 +419,30 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for ReplyRouter {
         };
         let body = Bytes::from(std::mem::take(&mut delivery.data));
         let orphan = self.route(&delivery, body);
-        let sink = match (orphan, &self.orphans) {
-            (Some((id, reply)), Some(sink)) => Some(sink(id, reply)),
-            _ => None,
-        };
         let acker = (!self.no_ack).then_some(delivery.acker);
+        let sink = match orphan {
+            None => None,
+            Some(o) => match &self.orphans {
+                Some(sink) => Some((sink(o.id.clone(), o.reply.clone()), o)),
+                None => {
+                    o.count_dropped(&self.stats);
+                    None
+                }
+            },
+        };
         if sink.is_none() && acker.is_none() {
             return;
         }
+        let stats = self.stats.clone();
         ctx.spawn(
             async move {
                 // An orphan is acked only once its sink has taken it.
-                if let Some(sink) = sink {
-                    sink.await;
+                if let Some((taken, orphan)) = sink {
+                    if taken.await {
+                        stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        orphan.count_dropped(&stats);
+                    }
                 }
                 if let Some(acker) = acker
                     && let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await

@@ -65,8 +65,6 @@ pub struct WorkerStats {
 
 /// How many answered message ids a worker remembers to spot redeliveries.
 pub const DEDUP_WINDOW: usize = 16_384;
-/// The longest pause between two attempts to re-establish a consumer.
-pub const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
 
 /// What every in-flight delivery of one worker needs.
 struct Shared {
@@ -261,17 +259,8 @@ impl Worker {
         warn!(service = %self.shared.service, in_flight = self.in_flight, "consumer lost; re-establishing");
         let shared = self.shared.clone();
         let fut = async move {
-            let mut pause = Duration::from_millis(100);
-            loop {
-                match open(&shared).await {
-                    Ok(opened) => return opened,
-                    Err(e) => {
-                        warn!(service = %shared.service, error = %e, retry_in = ?pause, "consumer not re-established");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(MAX_RECONNECT_PAUSE);
-                    }
-                }
-            }
+            let what = format!("worker {}", shared.service);
+            crate::amqp::reopen(&what, || open(&shared)).await
         };
         ctx.spawn(fut.into_actor(self).map(|(link, consumer), act, ctx| {
             act.reconnecting = false;

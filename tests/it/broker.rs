@@ -38,7 +38,6 @@ async fn without_a_broker_connect_fails_at_once_naming_the_url() {
 async fn the_cli_serves_and_calls_echo() {
     let c = crate::common::ctx("cli").await;
     let bin = env!("CARGO_BIN_EXE_switchboard");
-    let dir = tempfile::tempdir().unwrap();
     let envs = [
         ("SWITCHBOARD__AMQP__URL", crate::common::amqp_url()),
         ("SWITCHBOARD__AMQP__PREFIX", c.prefix.clone()),
@@ -46,13 +45,10 @@ async fn the_cli_serves_and_calls_echo() {
             "SWITCHBOARD__AMQP__INSTANCE_ID",
             format!("{}-srv", c.prefix),
         ),
-        // Any free port: the default 8080 may be taken on a shared machine,
-        // and then `serve` stops at once.
-        ("SWITCHBOARD__GATEWAY__BIND", "127.0.0.1:0".into()),
-        (
-            "SWITCHBOARD__GATEWAY__STORE_URL",
-            format!("sqlite://{}/calls.db?mode=rwc", dir.path().display()),
-        ),
+        // Workers only: the gateway's port and store are not this test's,
+        // nor is the metrics port that `serve` opens without the gateway.
+        ("SWITCHBOARD__GATEWAY__ENABLED", "false".to_string()),
+        ("SWITCHBOARD__METRICS__BIND", String::new()),
     ];
     let mut serve = tokio::process::Command::new(bin)
         .arg("serve")

@@ -23,6 +23,10 @@ pub struct Ctx {
     pub prefix: String,
     pub settings: Settings,
     pub broker: Broker,
+    /// Workers and clients started through the context: stopped before
+    /// cleanup deletes their queues (they would declare them again).
+    workers: Mutex<Vec<switchboard::worker::WorkerHandle>>,
+    clients: Mutex<Vec<switchboard::rpc::RpcClient>>,
 }
 
 static REPORTED: Mutex<bool> = Mutex::new(false);
@@ -61,6 +65,8 @@ pub async fn ctx(name: &str) -> Ctx {
         prefix: settings.amqp.prefix.clone(),
         settings,
         broker,
+        workers: Mutex::new(Vec::new()),
+        clients: Mutex::new(Vec::new()),
     }
 }
 
@@ -89,8 +95,40 @@ impl Ctx {
         }
     }
 
-    /// Deletes what the test declared under its prefix.
+    /// Starts a worker that cleanup stops.
+    pub async fn worker(
+        &self,
+        service: &str,
+        settings: &ServiceSettings,
+        handler: std::sync::Arc<dyn switchboard::worker::Handler>,
+    ) -> switchboard::Result<switchboard::worker::WorkerHandle> {
+        let w =
+            switchboard::worker::Worker::start(&self.broker, service, settings, handler).await?;
+        self.workers.lock().unwrap().push(w.clone());
+        Ok(w)
+    }
+
+    /// Starts an RPC client that cleanup closes.
+    pub async fn client(
+        &self,
+        options: switchboard::rpc::RpcOptions,
+    ) -> switchboard::Result<switchboard::rpc::RpcClient> {
+        let c = switchboard::rpc::RpcClient::start(&self.broker, options).await?;
+        self.clients.lock().unwrap().push(c.clone());
+        Ok(c)
+    }
+
+    /// Stops the workers and clients started through the context, then
+    /// deletes what the test declared under its prefix.
     pub async fn cleanup(&self, services: &[&str]) {
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap());
+        for w in workers {
+            w.drain(Duration::ZERO).await;
+        }
+        let clients = std::mem::take(&mut *self.clients.lock().unwrap());
+        for c in clients {
+            c.close().await;
+        }
         let Ok(ch) = self.broker.channel().await else {
             return;
         };
@@ -148,6 +186,8 @@ pub struct Gw {
     pub gate: std::sync::Arc<tokio::sync::Semaphore>,
     /// Deliveries seen by `count`.
     pub counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Times `count`'s handler ran, by message id.
+    pub processed: std::sync::Arc<Mutex<std::collections::HashMap<String, u32>>>,
     pub dir: tempfile::TempDir,
     /// The workers, by service.
     pub workers: Vec<(String, switchboard::worker::WorkerHandle)>,
@@ -160,7 +200,7 @@ pub const GATEWAY_SERVICES: &[&str] = &["echo", "slow", "fail", "count", "poison
 pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use switchboard::worker::{self, HandlerError, Reply, Request, Worker};
+    use switchboard::worker::{self, HandlerError, Reply, Request};
 
     let mut c = ctx(name).await;
     let dir = tempfile::tempdir().unwrap();
@@ -176,6 +216,7 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     tweak(s);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let counted = Arc::new(AtomicU64::new(0));
+    let processed = Arc::new(Mutex::new(std::collections::HashMap::new()));
     let g = gate.clone();
     let slow = Arc::new(move |req: Request| {
         let g = g.clone();
@@ -189,10 +230,15 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
         }
     });
     let n = counted.clone();
+    let per_id = processed.clone();
     let count = Arc::new(move |req: Request| {
         let n = n.clone();
+        let per_id = per_id.clone();
         async move {
             n.fetch_add(1, Ordering::SeqCst);
+            if let Some(id) = &req.message_id {
+                *per_id.lock().unwrap().entry(id.clone()).or_insert(0) += 1;
+            }
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
@@ -211,9 +257,7 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     ];
     let mut workers = Vec::new();
     for (svc, h) in handlers {
-        let w = Worker::start(&c.broker, svc, &c.settings.services[svc], h)
-            .await
-            .unwrap();
+        let w = c.worker(svc, &c.settings.services[svc], h).await.unwrap();
         workers.push((svc.to_string(), w));
     }
     let mut gw = Gw {
@@ -223,6 +267,7 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
         gateway: None,
         gate,
         counted,
+        processed,
         dir,
         workers,
     };
@@ -274,4 +319,52 @@ impl Gw {
         let _ = ch.queue_delete(q.into(), Default::default()).await;
         self.ctx.cleanup(GATEWAY_SERVICES).await;
     }
+}
+
+/// The RabbitMQ management API the fault tests use to act as the broker.
+pub fn management_url() -> String {
+    std::env::var("SWITCHBOARD_TEST_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+}
+
+/// Closes, from the broker's side, every connection whose client-provided
+/// name starts with `switchboard/<instance>/` (this test's own only).
+/// Returns how many it closed.
+pub async fn kill_connections(instance: &str) -> usize {
+    let http = reqwest::Client::new();
+    let list: Vec<serde_json::Value> = http
+        .get(format!("{}/api/connections", management_url()))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .expect("the management API answers (rabbitmq-plugins enable rabbitmq_management)")
+        .json()
+        .await
+        .unwrap();
+    let prefix = format!("switchboard/{instance}/");
+    let mut killed = 0;
+    for c in list {
+        let named = c["client_properties"]["connection_name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(&prefix));
+        let Some(name) = c["name"].as_str().filter(|_| named) else {
+            continue;
+        };
+        let encoded: String = url::form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        let res = http
+            .delete(format!(
+                "{}/api/connections/{}",
+                management_url(),
+                encoded.replace('+', "%20")
+            ))
+            .basic_auth("guest", Some("guest"))
+            .header("X-Reason", "fault injected by a switchboard test")
+            .send()
+            .await
+            .unwrap();
+        if res.status().is_success() {
+            killed += 1;
+        }
+    }
+    killed
 }

@@ -10,22 +10,17 @@ use deadpool_lapin::lapin::{
 };
 use futures_util::StreamExt;
 use switchboard::amqp::topology;
-use switchboard::rpc::{Call, RpcClient, RpcOptions};
-use switchboard::worker::{self, Worker};
+use switchboard::rpc::{Call, RpcOptions};
+use switchboard::worker::{self};
 
 use crate::common::ctx;
 
 #[actix_rt::test]
 async fn a_tutorial_six_client_calls_a_switchboard_service() {
     let c = ctx("tut6-call").await;
-    Worker::start(
-        &c.broker,
-        "echo",
-        &c.service(),
-        worker::echo(Duration::ZERO),
-    )
-    .await
-    .unwrap();
+    c.worker("echo", &c.service(), worker::echo(Duration::ZERO))
+        .await
+        .unwrap();
 
     // The foreign client: its own connection, an exclusive server-named
     // reply queue, a publish to the default exchange with the queue's name.
@@ -130,9 +125,7 @@ async fn a_switchboard_client_calls_a_service_served_by_a_foreign_worker() {
             .unwrap();
         d.ack(BasicAckOptions::default()).await.unwrap();
     });
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     let reply = client
         .call(Call::new("fib", &b"10"[..]).timeout(Duration::from_secs(10)))
         .await

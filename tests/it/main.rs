@@ -10,6 +10,7 @@ mod broker;
 mod callbacks;
 mod configuration;
 mod events;
+mod faults;
 mod gateway;
 mod hub;
 mod interop;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 use switchboard::amqp::{Outgoing, topology, wire};
 use switchboard::management::{self, Management, ServiceStatus};
-use switchboard::rpc::{Call, RpcClient, RpcOptions};
-use switchboard::worker::{self, Worker};
+use switchboard::rpc::{Call, RpcOptions};
+use switchboard::worker;
 
 use crate::common::{Ctx, GATEWAY_SERVICES, ctx, gateway};
 
@@ -117,9 +117,7 @@ async fn a_request_waiting_in_its_queue_shows_every_property_in_the_management_a
     topology::declare_service(&ch, c.broker.names(), "props", &c.service())
         .await
         .unwrap();
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let pending = client
         .send(
@@ -163,7 +161,6 @@ async fn a_request_waiting_in_its_queue_shows_every_property_in_the_management_a
     assert_eq!(p["headers"]["traceparent"], tp);
     assert!(p["headers"]["x-sb-deadline-ms"].is_u64());
     drop(pending);
-    client.close().await;
     c.cleanup(&["props"]).await;
 }
 
@@ -221,14 +218,9 @@ async fn status_shows_depth_consumers_and_dead_letters_of_each_service() {
     for svc in ["echo", "idle", "nowhere"] {
         c.settings.services.insert(svc.into(), c.service());
     }
-    Worker::start(
-        &c.broker,
-        "echo",
-        &c.service(),
-        worker::echo(Duration::ZERO),
-    )
-    .await
-    .unwrap();
+    c.worker("echo", &c.service(), worker::echo(Duration::ZERO))
+        .await
+        .unwrap();
     fill(&c, "idle", 2).await;
 
     let rows = until("the queues' statistics", || async {
@@ -273,7 +265,7 @@ async fn the_status_command_exits_non_zero_when_a_service_has_no_consumer() {
     let c = ctx("mgmt-cmd").await;
     // The default settings name `echo` and `slow`: serve both.
     for svc in ["echo", "slow"] {
-        Worker::start(&c.broker, svc, &c.service(), worker::echo(Duration::ZERO))
+        c.worker(svc, &c.service(), worker::echo(Duration::ZERO))
             .await
             .unwrap();
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use switchboard::gateway::ops::MetricsServer;
 use switchboard::metrics::CONTENT_TYPE_OPENMETRICS;
-use switchboard::rpc::{Call, RpcClient, RpcOptions};
-use switchboard::worker::{self, Worker};
+use switchboard::rpc::{Call, RpcOptions};
+use switchboard::worker;
 
 use crate::common::{ctx, gateway};
 
@@ -286,19 +286,12 @@ async fn a_scrape_after_known_calls_counts_them_by_service_mode_and_status() {
 #[actix_rt::test]
 async fn without_the_gateway_the_workers_metrics_have_an_endpoint_of_their_own() {
     let c = ctx("metrics-only").await;
-    Worker::start(
-        &c.broker,
-        "echo",
-        &c.service(),
-        worker::echo(Duration::ZERO),
-    )
-    .await
-    .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = MetricsServer::start(&c.broker, listener).unwrap();
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
+    c.worker("echo", &c.service(), worker::echo(Duration::ZERO))
         .await
         .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = MetricsServer::start(&c.broker, listener).unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     for _ in 0..4 {
         client.call(Call::new("echo", &b"{}"[..])).await.unwrap();
     }
@@ -324,6 +317,6 @@ async fn without_the_gateway_the_workers_metrics_have_an_endpoint_of_their_own()
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
     server.stop().await;
-    client.close().await;
     c.cleanup(&["echo"]).await;
 }
+

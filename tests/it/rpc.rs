@@ -9,7 +9,7 @@ use futures_util::future::join_all;
 use switchboard::Error;
 use switchboard::rpc::{Call, RpcClient, RpcOptions};
 use switchboard::settings::ReplyMode;
-use switchboard::worker::{self, Reply, Request, Worker};
+use switchboard::worker::{self, Reply, Request};
 use tokio::sync::Semaphore;
 
 use crate::common::{ctx, eventually};
@@ -23,17 +23,13 @@ async fn echo_setup(
     switchboard::worker::WorkerHandle,
 ) {
     let c = ctx(name).await;
-    let worker = Worker::start(
-        &c.broker,
-        "echo",
-        &c.service(),
-        worker::echo(Duration::ZERO),
-    )
-    .await
-    .unwrap();
+    let worker = c
+        .worker("echo", &c.service(), worker::echo(Duration::ZERO))
+        .await
+        .unwrap();
     let mut opts = RpcOptions::from(&c.settings.rpc);
     opts.reply_mode = mode;
-    let client = RpcClient::start(&c.broker, opts).await.unwrap();
+    let client = c.client(opts).await.unwrap();
     (c, client, worker)
 }
 
@@ -123,10 +119,8 @@ async fn a_slow_handler_times_out_and_its_late_reply_is_dropped() {
         }
     });
     let svc = c.service();
-    Worker::start(&c.broker, "slow", &svc, slow).await.unwrap();
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    c.worker("slow", &svc, slow).await.unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
 
     let started = tokio::time::Instant::now();
     let err = client
@@ -178,12 +172,10 @@ async fn the_pending_bound_refuses_calls_beyond_it() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    Worker::start(&c.broker, "held", &c.service(), held)
-        .await
-        .unwrap();
+    c.worker("held", &c.service(), held).await.unwrap();
     let mut opts = RpcOptions::from(&c.settings.rpc);
     opts.max_pending = 3;
-    let client = RpcClient::start(&c.broker, opts).await.unwrap();
+    let client = c.client(opts).await.unwrap();
     let mut pending = Vec::new();
     for i in 0..3 {
         pending.push(

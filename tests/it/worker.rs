@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use deadpool_lapin::lapin::options::BasicGetOptions;
 use switchboard::amqp::{Outgoing, wire};
-use switchboard::rpc::{Call, RpcClient, RpcOptions};
-use switchboard::worker::{HandlerError, Reply, Request, Worker};
+use switchboard::rpc::{Call, RpcOptions};
+use switchboard::worker::{HandlerError, Reply, Request};
 
 use crate::common::{ctx, eventually};
 
@@ -21,12 +21,8 @@ async fn a_handler_error_is_a_problem_json_reply_with_its_status() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    Worker::start(&c.broker, "orders", &c.service(), h)
-        .await
-        .unwrap();
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    c.worker("orders", &c.service(), h).await.unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     let reply = client
         .call(Call::new("orders", &b"\"missing\""[..]))
         .await
@@ -57,10 +53,8 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
     });
     let mut svc = c.service();
     svc.delivery_limit = 2;
-    let handle = Worker::start(&c.broker, "fragile", &svc, h).await.unwrap();
-    let client = RpcClient::start(&c.broker, RpcOptions::from(&c.settings.rpc))
-        .await
-        .unwrap();
+    let handle = c.worker("fragile", &svc, h).await.unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     let poisoned = client
         .send(Call::new("fragile", &b"\"poison\""[..]).timeout(Duration::from_secs(60)))
         .await
@@ -120,9 +114,7 @@ async fn a_request_past_its_deadline_is_not_worked_on() {
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    let handle = Worker::start(&c.broker, "late", &c.service(), h)
-        .await
-        .unwrap();
+    let handle = c.worker("late", &c.service(), h).await.unwrap();
     // A request whose deadline passed a second ago (as if it waited in the queue).
     let mut props = wire::request_properties(
         &wire::RequestMeta {
