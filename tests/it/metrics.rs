@@ -320,3 +320,38 @@ async fn without_the_gateway_the_workers_metrics_have_an_endpoint_of_their_own()
     c.cleanup(&["echo"]).await;
 }
 
+/// `switchboard health` (the container's health check): 0 when `/healthz`
+/// answers 2xx, 1 otherwise; by default it asks the gateway's address.
+#[actix_rt::test]
+async fn the_health_command_checks_the_processes_own_endpoint() {
+    let up = crate::callbacks::Receiver::start(&[], 200, Duration::ZERO);
+    let down = crate::callbacks::Receiver::start(&[], 503, Duration::ZERO);
+    let health = |args: Vec<String>, bind: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .arg("health")
+            .args(args)
+            .env("SWITCHBOARD__GATEWAY__BIND", bind)
+            .output()
+            .await
+            .unwrap()
+    };
+    let addr = |url: String| {
+        url.trim_start_matches("http://")
+            .trim_end_matches("/hook")
+            .to_owned()
+    };
+    let ok = health(vec![], addr(up.url())).await;
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let got = up.got();
+    assert_eq!(got.last().unwrap().path, "/healthz");
+    let bad = health(vec![], addr(down.url())).await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("503"));
+    let url = format!("http://{}/healthz", addr(up.url()));
+    let explicit = health(vec!["--url".into(), url], "127.0.0.1:9".into()).await;
+    assert_eq!(explicit.status.code(), Some(0));
+    let nobody = health(vec![], "127.0.0.1:9".into()).await;
+    assert_eq!(nobody.status.code(), Some(1));
+    up.stop().await;
+    down.stop().await;
+}
