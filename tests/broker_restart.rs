@@ -40,7 +40,13 @@ async fn after_a_broker_restart_everything_comes_back_and_no_accepted_call_is_lo
         return;
     }
     const PENDING: usize = 10;
-    let gw = gateway("restart", |_| {}).await;
+    // Deadlines longer than the outage: the calls must survive it, not expire.
+    let gw = gateway("restart", |s| {
+        for svc in s.services.values_mut() {
+            svc.timeout_ms = 120_000;
+        }
+    })
+    .await;
     let mut accepted = Vec::new();
     for i in 0..PENDING {
         let res = gw

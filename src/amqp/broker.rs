@@ -114,7 +114,7 @@ impl Broker {
         };
         let channel = broker.channel().await?;
         topology::declare_shared(&channel, broker.names()).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        crate::amqp::close_channel(&channel, "declared").await;
         Ok(broker)
     }
 
@@ -174,7 +174,12 @@ impl Broker {
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
         let mut attempt = 1;
         loop {
-            let (slot, channel) = match self.publish_channel().await {
+            let opened = tokio::time::timeout(self.inner.confirm_timeout, self.publish_channel())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(self.unavailable("no channel within the confirm timeout".into()))
+                });
+            let (slot, channel) = match opened {
                 Ok(c) => c,
                 Err(e) if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() => {
                     attempt += 1;
@@ -227,13 +232,17 @@ impl Broker {
 
     /// Drops a publishing channel that failed, unless it was replaced already.
     async fn forget_channel(&self, i: usize, failed: &Channel) {
-        let mut slot = self.inner.channels[i].lock().await;
-        if slot.as_ref().is_some_and(|c| c.id() == failed.id())
-            && let Some(ch) = slot.take()
-        {
-            let _ = ch
-                .close(200, "replaced after a failed publish".into())
-                .await;
+        let dropped = {
+            let mut slot = self.inner.channels[i].lock().await;
+            if slot.as_ref().is_some_and(|c| c.id() == failed.id()) {
+                slot.take()
+            } else {
+                None
+            }
+        };
+        // Closed outside the lock: other publishers never wait on a close.
+        if let Some(ch) = dropped {
+            super::close_channel(&ch, "replaced after a failed publish").await;
         }
     }
 
@@ -241,7 +250,7 @@ impl Broker {
     pub async fn is_reachable(&self) -> bool {
         match self.channel().await {
             Ok(ch) => {
-                let _ = ch.close(200, "probe".into()).await;
+                crate::amqp::close_channel(&ch, "probe").await;
                 true
             }
             Err(_) => false,
@@ -259,7 +268,7 @@ impl Broker {
     pub async fn close(&self) {
         for slot in &self.inner.channels {
             if let Some(ch) = slot.lock().await.take() {
-                let _ = ch.close(200, "shutdown".into()).await;
+                crate::amqp::close_channel(&ch, "shutdown").await;
             }
         }
         self.inner.pool.close();

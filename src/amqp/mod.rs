@@ -20,6 +20,8 @@ pub use wire::Names;
 use std::future::Future;
 use std::time::Duration;
 
+/// The longest one attempt to re-establish a consumer may take.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest pause between two attempts to re-establish a consumer.
 pub const MAX_RECONNECT_PAUSE: Duration = Duration::from_secs(5);
 
@@ -33,7 +35,14 @@ where
 {
     let mut pause = Duration::from_millis(100);
     loop {
-        match open().await {
+        // A broker that accepts the connection but never answers must not
+        // stall the recovery: each attempt is bounded.
+        let attempt = tokio::time::timeout(OPEN_TIMEOUT, open()).await;
+        match attempt.unwrap_or_else(|_| {
+            Err(crate::error::Error::Malformed(format!(
+                "no answer within {OPEN_TIMEOUT:?}"
+            )))
+        }) {
             Ok(opened) => return opened,
             Err(e) => {
                 tracing::warn!(%what, error = %e, retry_in = ?pause, "not re-established yet");
@@ -42,4 +51,19 @@ where
             }
         }
     }
+}
+
+/// How long a clean close may take before it is abandoned.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes a connection cleanly if the broker answers within
+/// [`CLOSE_TIMEOUT`]: a close on a dead connection may never complete, and
+/// no shutdown or recovery may hang on one.
+pub async fn close_connection(conn: &deadpool_lapin::lapin::Connection, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
+}
+
+/// Closes a channel cleanly, bounded like [`close_connection`].
+pub async fn close_channel(ch: &deadpool_lapin::lapin::Channel, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, why.into())).await;
 }

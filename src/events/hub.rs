@@ -343,7 +343,7 @@ impl EventHub {
         self.stats.consuming.store(false, Ordering::Relaxed);
         if let Some((conn, _)) = self.link.take() {
             actix::spawn(async move {
-                let _ = conn.close(200, "replaced".into()).await;
+                crate::amqp::close_connection(&conn, "replaced").await;
             });
         }
         warn!(

@@ -374,8 +374,8 @@ impl Tracker {
                 loop {
                     let next = tokio::select! {
                         _ = cancel.cancelled() => {
-                            let _ = ch.close(200, "shutdown".into()).await;
-                            let _ = conn.close(200, "shutdown".into()).await;
+                            crate::amqp::close_channel(&ch, "shutdown").await;
+                            crate::amqp::close_connection(&conn, "shutdown").await;
                             return;
                         }
                         n = consumer.next() => n,
@@ -393,7 +393,7 @@ impl Tracker {
                         .await;
                 }
                 warn!("dead-letter watch lost its consumer; re-establishing");
-                let _ = conn.close(200, "replaced".into()).await;
+                crate::amqp::close_connection(&conn, "replaced").await;
             }
         });
         Ok(())

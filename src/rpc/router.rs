@@ -176,7 +176,7 @@ impl ReplyRouter {
         self.slot.set(None);
         if let Some(old) = self.link.take() {
             actix::spawn(async move {
-                let _ = old.conn.close(200, "replaced".into()).await;
+                crate::amqp::close_connection(&old.conn, "replaced").await;
             });
         }
         if self.mode == ReplyMode::Direct && !self.pending.is_empty() {
@@ -201,7 +201,7 @@ impl ReplyRouter {
             act.reconnecting = false;
             if act.closing {
                 actix::spawn(async move {
-                    let _ = link.conn.close(200, "closing".into()).await;
+                    crate::amqp::close_connection(&link.conn, "closing").await;
                 });
                 return;
             }
@@ -475,7 +475,7 @@ impl Handler<Close> for ReplyRouter {
         let link = self.link.take();
         Box::pin(async move {
             if let Some(link) = link {
-                let _ = link.conn.close(200, "shutdown".into()).await;
+                crate::amqp::close_connection(&link.conn, "shutdown").await;
             }
         })
     }

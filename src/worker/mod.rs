@@ -253,7 +253,7 @@ impl Worker {
             // Deliveries of the old channel are never acked on the new one:
             // their ackers belong to the old channel, which is closed here.
             actix::spawn(async move {
-                let _ = old.conn.close(200, "replaced".into()).await;
+                crate::amqp::close_connection(&old.conn, "replaced").await;
             });
         }
         warn!(service = %self.shared.service, in_flight = self.in_flight, "consumer lost; re-establishing");
@@ -266,7 +266,7 @@ impl Worker {
             act.reconnecting = false;
             if act.draining {
                 actix::spawn(async move {
-                    let _ = link.conn.close(200, "draining".into()).await;
+                    crate::amqp::close_connection(&link.conn, "draining").await;
                 });
                 return;
             }
@@ -400,7 +400,7 @@ impl actix::Handler<Drain> for Worker {
             let _ = tokio::time::timeout(grace, rx).await;
             if let Some(link) = link {
                 // Unacked deliveries (handlers past the grace) go back to the queue.
-                let _ = link.conn.close(200, "shutdown".into()).await;
+                crate::amqp::close_connection(&link.conn, "shutdown").await;
             }
         })
     }
