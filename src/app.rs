@@ -1,5 +1,6 @@
 //! `serve`: runs a worker for every configured service that has a built-in
-//! handler, until the shutdown future resolves.
+//! handler, the gateway when enabled (else a metrics-only endpoint), until
+//! the shutdown future resolves.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::gateway;
+use crate::gateway::ops::MetricsServer;
 use crate::settings::{BuiltinHandler, Settings, SettingsError};
 use crate::worker::{self, Worker, WorkerHandle};
 
@@ -50,9 +52,22 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     } else {
         None
     };
+    // Without the gateway, the workers' metrics get an endpoint of their own.
+    let metrics = if gateway.is_none() && !settings.metrics.bind.is_empty() {
+        let listener = std::net::TcpListener::bind(&settings.metrics.bind).map_err(|e| {
+            Error::Settings(SettingsError(format!(
+                "metrics.bind: cannot listen on {}: {e}",
+                settings.metrics.bind
+            )))
+        })?;
+        Some(MetricsServer::start(&broker, listener)?)
+    } else {
+        None
+    };
     info!(
         workers = workers.len(),
         gateway = gateway.as_ref().map(|g| g.addr.to_string()),
+        metrics = metrics.as_ref().map(|m| m.addr.to_string()),
         "serving; Ctrl-C or SIGTERM stops"
     );
     shutdown.await;
@@ -73,6 +88,9 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     };
     let drain_workers = futures_util::future::join_all(workers.iter().map(|w| w.drain(grace)));
     tokio::join!(stop_gateway, drain_workers);
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
     cancel.cancel();
     broker.close().await;
     Ok(())

@@ -1,4 +1,5 @@
-//! The command line: `serve`, `call`, `publish`, `tail`.
+//! The command line: `serve`, `call`, `publish`, `tail`, `bench`, `status`,
+//! `health`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use switchboard::amqp::Broker;
 use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
 use switchboard::rpc::{Call, RpcClient, RpcOptions};
 use switchboard::settings::{ReplyMode, Settings};
-use switchboard::{Error, app, telemetry};
+use switchboard::{Error, app, management, telemetry};
 
 /// switchboard: synchronous calls, asynchronous messaging and everything in
 /// between, over RabbitMQ.
@@ -70,6 +71,26 @@ enum Command {
     },
     /// Measure throughput and latency; one JSON line per measured point.
     Bench(switchboard::bench::BenchArgs),
+    /// Show each configured service's queue depth, consumers, message rates
+    /// and dead letters, read from RabbitMQ's management API
+    /// (`[management]` settings). Exits 1 if a service has no consumer, 2 if
+    /// the API cannot be read.
+    Status {
+        /// Print JSON (one array of services) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that this process's HTTP endpoint answers `GET /healthz`: the
+    /// gateway's address, or `metrics.bind` when the gateway is disabled.
+    /// Exits 0 when healthy, 1 otherwise (a container health check).
+    Health {
+        /// Check this URL instead (e.g. http://127.0.0.1:8080/healthz).
+        #[arg(long)]
+        url: Option<String>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
 }
 
 /// Entry point: parse, load settings, run on the actix runtime.
@@ -112,6 +133,8 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Bench(args) => switchboard::bench::run(settings, args)
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Status { json } => Ok(status(settings, json).await),
+        Command::Health { url, timeout } => Ok(health(settings, url, timeout).await),
     };
     result.unwrap_or_else(|e| {
         eprintln!("switchboard: {e}");
@@ -205,4 +228,86 @@ async fn tail(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn status(settings: Settings, json: bool) -> ExitCode {
+    let rows = match management::status(&settings).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+    } else {
+        print!("{}", management::render_table(&rows));
+    }
+    let idle: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.is_served())
+        .map(|r| r.service.as_str())
+        .collect();
+    if idle.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("switchboard: no consumer for: {}", idle.join(", "));
+        ExitCode::from(1)
+    }
+}
+
+/// The `/healthz` URL of this process's HTTP endpoint, per the settings.
+fn health_url(settings: &Settings) -> Option<String> {
+    let bind = if settings.gateway.enabled {
+        &settings.gateway.bind
+    } else {
+        &settings.metrics.bind
+    };
+    let mut addr: std::net::SocketAddr = bind.parse().ok()?;
+    // A server on every address answers on loopback too.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Some(format!("http://{addr}/healthz"))
+}
+
+async fn health(settings: Settings, url: Option<String>, timeout: f64) -> ExitCode {
+    let Some(url) = url.or_else(|| health_url(&settings)) else {
+        eprintln!(
+            "switchboard: no HTTP endpoint to check (gateway disabled and metrics.bind empty)"
+        );
+        return ExitCode::from(1);
+    };
+    let timeout = Duration::from_secs_f64(if timeout.is_finite() && timeout > 0.0 {
+        timeout
+    } else {
+        3.0
+    });
+    let client = match reqwest::Client::builder().timeout(timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(res) if res.status().is_success() => {
+            println!("ok {url}");
+            ExitCode::SUCCESS
+        }
+        Ok(res) => {
+            eprintln!("switchboard: {url} answered {}", res.status());
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("switchboard: {url}: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

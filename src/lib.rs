@@ -18,6 +18,8 @@
 //! - [`app`]: `serve`: the workers of the configured services.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
+//! - [`management`]: RabbitMQ's management API, for `switchboard status`.
+//! - [`metrics`]: the Prometheus metrics of every part, and their exposition.
 //! - [`error`]: the library's error type.
 
 pub mod amqp;
@@ -28,6 +30,8 @@ pub mod calls;
 pub mod error;
 pub mod events;
 pub mod gateway;
+pub mod management;
+pub mod metrics;
 pub mod rpc;
 pub mod settings;
 pub mod telemetry;

@@ -35,6 +35,10 @@ pub struct Settings {
     pub callbacks: CallbackSettings,
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
+    /// The metrics endpoint of `serve` without the gateway.
+    pub metrics: MetricsSettings,
+    /// RabbitMQ's management API, for `switchboard status`.
+    pub management: ManagementSettings,
     /// Log filter and format.
     pub log: LogSettings,
     /// Services by name.
@@ -125,8 +129,29 @@ pub struct GatewaySettings {
 pub struct TokenSettings {
     /// The secret the caller sends as `Authorization: Bearer <token>`.
     pub token: String,
-    /// Services it may call; `["*"]` for all.
+    /// Services it may call; `["*"]` for all. From the environment, where
+    /// lists cannot be written, a comma-separated string.
+    #[serde(deserialize_with = "list_or_commas")]
     pub services: Vec<String>,
+}
+
+/// A list of strings, or one string of comma-separated items.
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCommas {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(match ListOrCommas::deserialize(d)? {
+        ListOrCommas::List(v) => v,
+        ListOrCommas::Commas(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
 }
 
 /// `[callbacks]`: delivery of results to callback URLs.
@@ -155,6 +180,53 @@ pub struct CallbackSettings {
 pub struct ShutdownSettings {
     /// How long running handlers and HTTP requests may take to finish, ms.
     pub grace_ms: u64,
+}
+
+/// `[metrics]`: where `serve` exposes its metrics when the gateway is off
+/// (with the gateway, `GET /metrics` is on the gateway's address).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Listen address of `GET /metrics` and `GET /healthz` when
+    /// `gateway.enabled` is false; empty: no metrics endpoint.
+    pub bind: String,
+}
+
+/// `[management]`: RabbitMQ's management HTTP API, which `switchboard
+/// status` reads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagementSettings {
+    /// Base URL of the management API (`http://host:15672`).
+    pub url: String,
+    /// User; empty: the user of `amqp.url`.
+    pub user: String,
+    /// Password; empty: the password of `amqp.url`.
+    pub password: String,
+}
+
+impl ManagementSettings {
+    /// The user and password in force: these settings, or where they are
+    /// empty, those of `amqp_url` (`guest`/`guest` when it has none).
+    pub fn credentials(&self, amqp_url: &str) -> (String, String) {
+        let uri = deadpool_lapin::lapin::uri::AMQPUri::from_str(amqp_url).ok();
+        let from_amqp = |f: fn(&deadpool_lapin::lapin::uri::AMQPUserInfo) -> &String| {
+            uri.as_ref()
+                .map(|u| f(&u.authority.userinfo).clone())
+                .unwrap_or_else(|| "guest".into())
+        };
+        let pick = |set: &str, f| {
+            if set.is_empty() {
+                from_amqp(f)
+            } else {
+                set.to_owned()
+            }
+        };
+        (
+            pick(&self.user, |u| &u.username),
+            pick(&self.password, |u| &u.password),
+        )
+    }
 }
 
 /// Log output format.
@@ -346,6 +418,26 @@ impl Settings {
         }
         if self.rpc.default_timeout_ms == 0 {
             return fail("rpc.default_timeout_ms", "must be above 0".into());
+        }
+        if !self.metrics.bind.is_empty()
+            && self.metrics.bind.parse::<std::net::SocketAddr>().is_err()
+        {
+            return fail(
+                "metrics.bind",
+                format!(
+                    "not an IP:port address (or empty for none): {:?}",
+                    self.metrics.bind
+                ),
+            );
+        }
+        match url::Url::parse(&self.management.url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            _ => {
+                return fail(
+                    "management.url",
+                    format!("not an http(s) URL: {:?}", self.management.url),
+                );
+            }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.filter).is_err() {
             return fail(

@@ -45,6 +45,15 @@ pub fn child_traceparent(parent: &str) -> String {
     format!("{}-{span:016x}-{}", &parent[..35], &parent[53..])
 }
 
+/// The trace id (32 hex digits) of a well-formed `traceparent`: what a log
+/// line records as `trace_id` to tie it to the caller's trace.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    if !is_traceparent(traceparent) {
+        return None;
+    }
+    traceparent.get(3..35)
+}
+
 /// Whether `s` is a well-formed `traceparent` (version 00).
 pub fn is_traceparent(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
@@ -71,6 +80,11 @@ mod tests {
             assert!(super::is_traceparent(&super::new_traceparent()));
         }
         assert!(!super::is_traceparent("00-0000-0000-01"));
+        assert_eq!(
+            super::trace_id("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        assert_eq!(super::trace_id("junk"), None);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio::sync::Mutex;
 use super::topology;
 use super::wire::{self, Names};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::settings::AmqpSettings;
 
 /// A message to publish. `mandatory` makes an unroutable message an error
@@ -62,6 +63,8 @@ struct Inner {
     channels: Vec<Mutex<Option<Channel>>>,
     /// Round-robin cursor over `channels`.
     next: AtomicUsize,
+    /// The process's metrics: every part holds the broker, so they find it here.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -106,6 +109,7 @@ impl Broker {
                     .map(|_| Mutex::new(None))
                     .collect(),
                 next: AtomicUsize::new(0),
+                metrics: Arc::new(Metrics::new()),
             }),
         };
         let channel = broker.channel().await?;
@@ -117,6 +121,11 @@ impl Broker {
     /// Names under the configured prefix.
     pub fn names(&self) -> &Names {
         &self.inner.names
+    }
+
+    /// The metrics of the parts that use this broker ([`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// This process's instance id.

@@ -204,12 +204,24 @@ pub struct HubStats {
     pub malformed: AtomicU64,
     /// Whether the broker consumer is running (false once it ended).
     pub consuming: AtomicBool,
+    /// Times the consumer was re-established after it was lost.
+    pub reconnects: AtomicU64,
 }
 
 impl HubStats {
     /// A counter's value now.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+impl crate::metrics::Source for Arc<HubStats> {
+    fn collect(&self, out: &mut crate::metrics::Collected) {
+        let v = out.hub();
+        v.relayed += HubStats::get(&self.relayed);
+        v.dropped_slow += HubStats::get(&self.dropped_slow);
+        v.malformed += HubStats::get(&self.malformed);
+        v.reconnects += HubStats::get(&self.reconnects);
     }
 }
 
@@ -320,6 +332,7 @@ impl EventHub {
         let broker = broker.clone();
         let stats = Arc::new(HubStats::default());
         stats.consuming.store(true, Ordering::Relaxed);
+        broker.metrics().register(stats.clone());
         let epoch = format!("{:016x}", rand::random::<u64>());
         info!(%queue, %epoch, history = opts.history, max_sessions = opts.max_sessions, session_buffer = opts.session_buffer, "event hub started");
         let hub_stats = stats.clone();
@@ -371,6 +384,7 @@ impl EventHub {
                 .map(|(conn, channel, queue, consumer), act, ctx| {
                     act.reconnecting = false;
                     act.link = Some((conn, channel));
+                    act.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     act.stats.consuming.store(true, Ordering::Relaxed);
                     info!(%queue, "event hub consumer re-established");
                     ctx.add_stream(consumer);

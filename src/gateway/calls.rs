@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use actix_web::http::{StatusCode, header};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use rand::Rng;
@@ -21,6 +21,7 @@ use super::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED, Outcome};
 use crate::amqp::wire;
 use crate::calls::document::{StatusDocument, call_path};
 use crate::calls::{CallRecord, CallStatus, Inserted, NewCall};
+use crate::metrics::{CallMetrics, Mode};
 use crate::rpc::Call;
 use crate::worker::Reply;
 
@@ -174,6 +175,7 @@ pub async fn start_call(
     payload: web::Payload,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let received = Instant::now();
     let service = path.into_inner();
     let caller = st.auth.caller(&req)?;
     let Some(svc) = st.services.get(&service) else {
@@ -214,7 +216,9 @@ pub async fn start_call(
     headers::check_content_type(&content_type)?;
     let body = read_body(&req, payload, st.gateway.payload_limit_bytes).await?;
     let call_id = uuid::Uuid::now_v7().to_string();
-    let span = info_span!("call", %call_id, %service, caller = %caller.name);
+    let traceparent = trace_context(&req);
+    let trace_id = crate::telemetry::trace_id(&traceparent).unwrap_or_default();
+    let span = info_span!("call", %call_id, %service, caller = %caller.name, %trace_id);
     let ctx = CallContext {
         st: &st,
         caller,
@@ -227,7 +231,8 @@ pub async fn start_call(
         content_type,
         body,
         call_id,
-        traceparent: trace_context(&req),
+        traceparent,
+        received,
     };
     ctx.run().instrument(span).await
 }
@@ -246,6 +251,8 @@ struct CallContext<'a> {
     body: Bytes,
     call_id: String,
     traceparent: String,
+    /// When the request came in: a synchronous answer's duration runs from here.
+    received: Instant,
 }
 
 impl CallContext<'_> {
@@ -309,6 +316,7 @@ impl CallContext<'_> {
         if stored_early {
             store.mark_published(&self.call_id).await?;
         }
+        self.count(|m| m.started(self.mode()));
         let asynchronous = self.prefs.respond_async || self.callback_url.is_some();
         if asynchronous {
             return self
@@ -329,11 +337,17 @@ impl CallContext<'_> {
                 self.accept(pending, created_ms, stored_early, applied.as_deref())
                     .await
             }
-            Some(Ok(reply)) => self.answer(reply, created_ms, stored_early, applied).await,
+            Some(Ok(reply)) => {
+                self.count_answered(reply.status);
+                self.answer(reply, created_ms, stored_early, applied).await
+            }
             Some(Err(crate::Error::Timeout { .. })) => {
                 // The service's deadline passed within the wait.
+                self.count_answered(504);
                 if stored_early {
-                    st.tracker.complete(&self.call_id, Outcome::Expired).await?;
+                    st.tracker
+                        .complete_answered(&self.call_id, Outcome::Expired)
+                        .await?;
                 }
                 let body = wire::problem_body(
                     504,
@@ -347,8 +361,38 @@ impl CallContext<'_> {
                     Bytes::from(body),
                 ))
             }
-            Some(Err(e)) => Err(e.into()),
+            Some(Err(e)) => {
+                let e = ApiError::from(e);
+                // A stored call is ended (and counted) later by the tracker.
+                if !stored_early {
+                    self.count_answered(e.status_code().as_u16());
+                }
+                Err(e)
+            }
         }
+    }
+
+    /// The mode the caller asked for.
+    fn mode(&self) -> Mode {
+        if self.callback_url.is_some() {
+            Mode::Callback
+        } else if self.prefs.respond_async {
+            Mode::Async
+        } else {
+            Mode::Sync
+        }
+    }
+
+    /// Counts with the service's call metrics.
+    fn count(&self, f: impl FnOnce(&CallMetrics)) {
+        if let Some(m) = self.st.call_metrics.get(&self.service) {
+            f(m);
+        }
+    }
+
+    /// The call ended with its HTTP answer, of `status`.
+    fn count_answered(&self, status: u16) {
+        self.count(|m| m.finished(Mode::Sync, status, self.received.elapsed()));
     }
 
     /// 202: store the call (if not yet), publish `accepted`, follow it.
@@ -399,7 +443,7 @@ impl CallContext<'_> {
         if stored_early {
             // Kept so that a repeat with the same key gets the same answer.
             st.tracker
-                .complete(&self.call_id, Outcome::Reply(reply.clone()))
+                .complete_answered(&self.call_id, Outcome::Reply(reply.clone()))
                 .await?;
         } else if self.sync_events {
             self.publish_sync_events(&reply, created_ms).await;

@@ -16,6 +16,7 @@ use super::streams::{SseOptions, sse_frame, sse_response, ws_relay};
 use super::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED};
 use crate::calls::document::StatusDocument;
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
+use crate::metrics::{StreamSession, Transport};
 
 /// Query of the event streams.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -35,6 +36,11 @@ fn hub_error(e: HubError) -> ApiError {
         }
         other => ApiError::internal(other),
     }
+}
+
+/// Counts an SSE session in the metrics while its body lives.
+fn sse_session(st: &AppState) -> StreamSession {
+    st.broker.metrics().stream_session(Transport::Sse)
 }
 
 fn heartbeat(st: &AppState) -> Duration {
@@ -90,7 +96,11 @@ pub async fn events_sse(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let sub = subscribe(&st, &req, &q).await?;
-    Ok(sse_response(sub, heartbeat(&st), SseOptions::default()))
+    let opts = SseOptions {
+        session: Some(sse_session(&st)),
+        ..SseOptions::default()
+    };
+    Ok(sse_response(sub, heartbeat(&st), opts))
 }
 
 /// The same stream over a WebSocket: one text frame per CloudEvent.
@@ -109,7 +119,8 @@ pub async fn events_ws(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let sub = subscribe(&st, &req, &q).await?;
-    ws_relay(&req, body, sub, heartbeat(&st)).await
+    let counted = st.broker.metrics().stream_session(Transport::WebSocket);
+    ws_relay(&req, body, sub, heartbeat(&st), Some(counted)).await
 }
 
 /// A snapshot frame of a call (not resumable: its position names the call).
@@ -147,7 +158,10 @@ pub async fn call_events(
         .hub
         .subscribe(
             EventFilter {
-                type_prefix: Some("switchboard.call.".into()),
+                // Only the end: the state before it is the snapshot sent
+                // first, and an `accepted` event still on its way through
+                // the hub would repeat it.
+                type_prefix: Some(EVENT_COMPLETED.into()),
                 subject: Some(id.clone()),
                 caller: Some(caller.name.clone()),
             },
@@ -179,6 +193,7 @@ pub async fn call_events(
             SseOptions {
                 first,
                 close_after: None,
+                session: Some(sse_session(&st)),
             },
         ));
     }
@@ -189,6 +204,7 @@ pub async fn call_events(
         SseOptions {
             first,
             close_after: Some(Box::new(|ev: &HubEvent| ev.ty == EVENT_COMPLETED)),
+            session: Some(sse_session(&st)),
         },
     ))
 }

@@ -10,7 +10,8 @@
 //!   problem+json answers.
 //! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
 //!   WebSocket relays of the event hub.
-//! - [`ops`], [`openapi`]: health, readiness, the API description.
+//! - [`ops`], [`openapi`]: health, readiness, metrics, the API description;
+//!   the metrics-only server of `serve` without the gateway.
 
 pub mod auth;
 pub mod calls;
@@ -22,8 +23,9 @@ pub mod ops;
 pub mod streams;
 pub mod tracker;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
@@ -36,6 +38,7 @@ use crate::callbacks::{Dispatcher, DispatcherHandle};
 use crate::calls::CallStore;
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, HubHandle, HubOptions};
+use crate::metrics::CallMetrics;
 use crate::rpc::{RpcClient, RpcOptions};
 use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
 use auth::Auth;
@@ -64,6 +67,8 @@ pub struct AppState {
     pub hub: HubHandle,
     /// Callback delivery, when a secret is set.
     pub callbacks: Option<DispatcherHandle>,
+    /// Call counters per service, made once so counting takes no lock.
+    pub call_metrics: HashMap<String, Arc<CallMetrics>>,
 }
 
 /// A running gateway.
@@ -116,6 +121,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/v1/events/ws", web::get().to(event_routes::events_ws))
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
+    .route("/metrics", web::get().to(ops::metrics))
     .route("/openapi.json", web::get().to(ops::openapi));
 }
 
@@ -163,6 +169,15 @@ pub async fn start(
         },
     )
     .await?;
+    let metrics = broker.metrics();
+    if let Some(cb) = &callbacks {
+        metrics.register(cb.stats.clone());
+    }
+    let call_metrics = settings
+        .services
+        .keys()
+        .map(|s| (s.clone(), metrics.calls(s)))
+        .collect();
     let state = web::Data::new(AppState {
         gateway: g.clone(),
         services: settings.services.clone(),
@@ -174,6 +189,7 @@ pub async fn start(
         allow_private_callbacks: settings.callbacks.allow_private,
         hub,
         callbacks,
+        call_metrics,
     });
     let addr = listener
         .local_addr()

@@ -24,6 +24,7 @@ use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
         super::event_routes::events_ws,
         super::ops::healthz,
         super::ops::readyz,
+        super::ops::metrics,
         super::ops::openapi,
     ),
     components(schemas(StatusDocument, ResultDocument, CallbackDocument, Problem, Health)),
@@ -31,7 +32,7 @@ use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
     tags(
         (name = "calls", description = "Start calls and follow them"),
         (name = "events", description = "Event streams"),
-        (name = "operations", description = "Health and description"),
+        (name = "operations", description = "Health, metrics and description"),
     )
 )]
 pub struct ApiDoc;

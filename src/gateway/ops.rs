@@ -1,11 +1,18 @@
-//! Operational routes: liveness, readiness, the API description.
+//! Operational routes: liveness, readiness, metrics, the API description;
+//! and the metrics-only server that `serve` runs when the gateway is off.
 
-use actix_web::{HttpResponse, web};
+use std::net::{SocketAddr, TcpListener};
+
+use actix_web::dev::ServerHandle;
+use actix_web::http::header;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, Problem};
+use crate::amqp::Broker;
+use crate::error::{Error, Result};
 
 /// Liveness and readiness answers.
 #[derive(Debug, Serialize, ToSchema)]
@@ -35,6 +42,73 @@ pub async fn readyz(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
         return Err(ApiError::unavailable("the call store is unavailable"));
     }
     Ok(HttpResponse::Ok().json(Health { status: "ok" }))
+}
+
+/// Prometheus metrics of this process: its gateway, workers, RPC client,
+/// event hub and callbacks ([`crate::metrics`]). OpenMetrics text when the
+/// scraper asks for it (Prometheus does), else the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "The metrics (OpenMetrics or Prometheus text format, by `Accept`)", content_type = "text/plain")))]
+pub async fn metrics(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse {
+    metrics_of(&req, &st.broker).await
+}
+
+/// Probes the broker (for `switchboard_broker_up`) and renders the metrics.
+async fn metrics_of(req: &HttpRequest, broker: &Broker) -> HttpResponse {
+    broker.metrics().set_broker_up(broker.is_reachable().await);
+    let openmetrics = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (body, content_type) = broker.metrics().render(openmetrics);
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .body(body)
+}
+
+/// `GET /metrics` of the metrics-only server.
+async fn metrics_only(req: HttpRequest, broker: web::Data<Broker>) -> HttpResponse {
+    metrics_of(&req, &broker).await
+}
+
+/// A running metrics-only server.
+pub struct MetricsServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    handle: ServerHandle,
+}
+
+impl MetricsServer {
+    /// Starts `GET /metrics` and `GET /healthz` on `listener`, for a process
+    /// that serves workers without the gateway (`metrics.bind`).
+    pub fn start(broker: &Broker, listener: TcpListener) -> Result<Self> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Malformed(format!("metrics listener: {e}")))?;
+        let data = web::Data::new(broker.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .route("/metrics", web::get().to(metrics_only))
+                .route("/healthz", web::get().to(healthz))
+                .default_service(web::to(not_found))
+        })
+        .disable_signals()
+        // Scrapes are small: one thread is plenty.
+        .workers(1)
+        .listen(listener)
+        .map_err(|e| Error::Malformed(format!("cannot listen on {addr}: {e}")))?
+        .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Ok(Self { addr, handle })
+    }
+
+    /// Stops the server (scrapes in flight finish).
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+    }
 }
 
 /// This API's OpenAPI 3 description, generated from the code.

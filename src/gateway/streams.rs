@@ -26,6 +26,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::debug;
 
 use crate::events::hub::{HubEvent, Subscribed};
+use crate::metrics::StreamSession;
 
 /// `Content-Type` of an SSE response.
 pub const CONTENT_EVENT_STREAM: &str = "text/event-stream";
@@ -53,6 +54,8 @@ pub struct SseOptions {
     /// End the stream after the first event for which this is true (e.g. a
     /// call's stream ends with its completion).
     pub close_after: Option<CloseAfter>,
+    /// Counts the session in the metrics while the stream lives.
+    pub session: Option<StreamSession>,
 }
 
 impl fmt::Debug for SseOptions {
@@ -60,6 +63,7 @@ impl fmt::Debug for SseOptions {
         f.debug_struct("SseOptions")
             .field("first", &self.first.len())
             .field("close_after", &self.close_after.is_some())
+            .field("counted", &self.session.is_some())
             .finish()
     }
 }
@@ -115,6 +119,8 @@ struct SseBody {
     /// The closing event was sent: end once `queued` is empty.
     done: bool,
     session: u64,
+    /// Dropped with the body: the session is no longer counted.
+    _counted: Option<StreamSession>,
 }
 
 impl SseBody {
@@ -169,6 +175,7 @@ pub fn sse_response(sub: Subscribed, heartbeat: Duration, opts: SseOptions) -> H
         close_after: opts.close_after,
         done: false,
         session: sub.id,
+        _counted: opts.session,
     };
     let stream = futures_util::stream::unfold(body, |mut body| async move {
         let chunk = body.next().await?;
@@ -187,15 +194,20 @@ pub fn sse_response(sub: Subscribed, heartbeat: Duration, opts: SseOptions) -> H
 /// ends on Close, on a send error, on a protocol error, when the client has
 /// been silent for [`WS_MISSED_HEARTBEATS`] heartbeats, or when the hub
 /// drops the session (then with close code 1013, "try again later").
+/// `counted`, when given, counts the session in the metrics until it ends.
 pub async fn ws_relay(
     req: &HttpRequest,
     body: web::Payload,
     sub: Subscribed,
     heartbeat: Duration,
+    counted: Option<StreamSession>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let (response, session, messages) = actix_ws::handle(req, body)?;
     let messages = messages.max_frame_size(MAX_CLIENT_FRAME);
-    actix_web::rt::spawn(ws_loop(session, messages, sub, heartbeat));
+    actix_web::rt::spawn(async move {
+        ws_loop(session, messages, sub, heartbeat).await;
+        drop(counted);
+    });
     Ok(response)
 }
 

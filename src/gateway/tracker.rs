@@ -32,6 +32,7 @@ use crate::calls::document::StatusDocument;
 use crate::calls::{CallRecord, CallStatus, CallStore, StoredResult};
 use crate::error::{Error, Result};
 use crate::events::{self, CloudEvent};
+use crate::metrics::Mode;
 use crate::rpc::OrphanSink;
 use crate::worker::Reply;
 
@@ -131,6 +132,16 @@ impl Tracker {
     /// event, wakes its long-pollers and schedules its callback. Returns
     /// whether this call changed the call (false: unknown or already ended).
     pub async fn complete(&self, id: &str, outcome: Outcome) -> Result<bool> {
+        self.end(id, outcome, false).await
+    }
+
+    /// [`Tracker::complete`] for a call whose reply was the HTTP answer (it
+    /// was stored only for its idempotency key): the gateway counted it.
+    pub async fn complete_answered(&self, id: &str, outcome: Outcome) -> Result<bool> {
+        self.end(id, outcome, true).await
+    }
+
+    async fn end(&self, id: &str, outcome: Outcome, answered: bool) -> Result<bool> {
         let Some(mut call) = self.inner.store.get(id).await? else {
             return Ok(false);
         };
@@ -188,6 +199,9 @@ impl Tracker {
             return Ok(false);
         }
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
+        if !answered {
+            count_finished(&self.inner.broker, &call, now);
+        }
         // The event first: whoever learns of the end by polling can count on
         // it being on the events exchange already.
         self.publish_event(&event).await;
@@ -367,6 +381,7 @@ impl Tracker {
                         n = consumer.next() => n,
                     };
                     let Some(Ok(delivery)) = next else { break };
+                    broker.metrics().dead_letter(delivery.routing_key.as_str());
                     if let Some(id) = delivery.properties.correlation_id().as_ref()
                         && let Err(e) = tracker.complete(id.as_str(), Outcome::DeadLettered).await
                     {
@@ -383,6 +398,22 @@ impl Tracker {
         });
         Ok(())
     }
+}
+
+/// Counts a call answered with a 202 that ended at `now_ms`.
+fn count_finished(broker: &Broker, call: &CallRecord, now_ms: i64) {
+    let mode = if call.callback.is_some() {
+        Mode::Callback
+    } else {
+        Mode::Async
+    };
+    // No result: expired, as a 504 would say.
+    let status = call.result.as_ref().map_or(504, |r| r.status);
+    let took = u64::try_from(now_ms - call.created_ms).unwrap_or(0);
+    broker
+        .metrics()
+        .calls(&call.service)
+        .finished(mode, status, Duration::from_millis(took));
 }
 
 /// The dead-letter watch's queue, bindings and consumer, on a connection of

@@ -12,6 +12,7 @@
 //! - [`router`]: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
 //! - this file: [`RpcClient`], [`Call`], [`PendingReply`].
 
+mod metrics;
 pub mod router;
 
 use std::sync::Arc;
@@ -212,6 +213,7 @@ impl RpcClient {
             ReplyMode::Direct => wire::DIRECT_REPLY_TO.to_owned(),
         };
         let stats = Arc::new(RpcStats::default());
+        broker.metrics().register(metrics::RpcSource(stats.clone()));
         let direct_channel = router::ChannelSlot::default();
         let router = ReplyRouter::start_with(
             broker.clone(),

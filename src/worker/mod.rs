@@ -12,6 +12,7 @@
 //! - this file: the [`Worker`] actor and the processing of one delivery.
 
 pub mod handler;
+mod metrics;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -28,7 +29,7 @@ use deadpool_lapin::lapin::{
 };
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, field::Empty, info, info_span, warn};
 
 pub use handler::{Handler, HandlerError, Reply, Request, echo};
 
@@ -54,6 +55,12 @@ pub struct WorkerStats {
     pub reconnects: AtomicU64,
     /// Whether the worker consumes now.
     pub consuming: std::sync::atomic::AtomicBool,
+    /// Deliveries taken from the queue (duplicates included).
+    pub deliveries: AtomicU64,
+    /// Deliveries the broker marked as delivered before.
+    pub redelivered: AtomicU64,
+    /// How long the handler ran, per request.
+    pub handler_time: crate::metrics::Histogram,
 }
 
 /// How many answered message ids a worker remembers to spot redeliveries.
@@ -207,6 +214,9 @@ impl Worker {
         handler: Arc<dyn Handler>,
     ) -> Result<WorkerHandle> {
         let stats = Arc::new(WorkerStats::default());
+        broker
+            .metrics()
+            .register(metrics::WorkerSource::new(service, stats.clone()));
         let shared = Arc::new(Shared {
             broker: broker.clone(),
             service: service.to_owned(),
@@ -306,6 +316,11 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
                 return;
             }
         };
+        let stats = &self.shared.stats;
+        stats.deliveries.fetch_add(1, Ordering::Relaxed);
+        if delivery.redelivered {
+            stats.redelivered.fetch_add(1, Ordering::Relaxed);
+        }
         let inflight = InFlight::new(delivery);
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
@@ -401,7 +416,12 @@ async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
         .as_ref()
         .map(|c| c.as_str().to_owned())
         .unwrap_or_default();
-    let span = info_span!("handle", service = %shared.service, %call_id);
+    let span = info_span!("handle", service = %shared.service, %call_id, trace_id = Empty);
+    if let Some(trace_id) =
+        wire::header_str(props, wire::HEADER_TRACEPARENT).and_then(crate::telemetry::trace_id)
+    {
+        span.record("trace_id", trace_id);
+    }
     async move {
         let d = inflight.delivery();
         let props = &d.properties;
@@ -422,9 +442,11 @@ async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
         };
         let traceparent = request.traceparent.clone();
         let handler = shared.handler.clone();
+        let started = std::time::Instant::now();
         let outcome = AssertUnwindSafe(async move { handler.handle(request).await })
             .catch_unwind()
             .await;
+        shared.stats.handler_time.observe(started.elapsed());
         let reply = match outcome {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) if !e.transient => e.to_reply(),

@@ -45,8 +45,10 @@ async fn the_cli_serves_and_calls_echo() {
             "SWITCHBOARD__AMQP__INSTANCE_ID",
             format!("{}-srv", c.prefix),
         ),
-        // Workers only: the gateway's port and store are not this test's.
+        // Workers only: the gateway's port and store are not this test's,
+        // nor is the metrics port that `serve` opens without the gateway.
         ("SWITCHBOARD__GATEWAY__ENABLED", "false".to_string()),
+        ("SWITCHBOARD__METRICS__BIND", String::new()),
     ];
     let mut serve = tokio::process::Command::new(bin)
         .arg("serve")

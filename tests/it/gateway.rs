@@ -760,7 +760,7 @@ async fn callback_state(gw: &Gw, id: &str, state: &str) -> Value {
     }
 }
 
-fn with_callbacks(s: &mut switchboard::settings::Settings, max_attempts: u32) {
+pub(crate) fn with_callbacks(s: &mut switchboard::settings::Settings, max_attempts: u32) {
     s.callbacks.secret = crate::callbacks::SECRET.into();
     s.callbacks.allow_private = true;
     s.callbacks.initial_backoff_ms = 10;

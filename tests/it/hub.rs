@@ -396,6 +396,7 @@ async fn sse_route(
             SseOptions {
                 first: vec![Bytes::from_static(b"retry: 1000\n\n")],
                 close_after: Some(Box::new(|ev: &HubEvent| ev.ty == END)),
+                session: None,
             },
         ),
         Err(_) => HttpResponse::ServiceUnavailable().finish(),
@@ -408,7 +409,7 @@ async fn ws_route(
     r: web::Data<Routes>,
 ) -> Result<HttpResponse, actix_web::Error> {
     match r.hub.subscribe(all(), None).await {
-        Ok(sub) => ws_relay(&req, body, sub, r.heartbeat).await,
+        Ok(sub) => ws_relay(&req, body, sub, r.heartbeat, None).await,
         Err(_) => Ok(HttpResponse::ServiceUnavailable().finish()),
     }
 }

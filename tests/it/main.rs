@@ -8,13 +8,17 @@ mod common;
 
 mod broker;
 mod callbacks;
+mod configuration;
 mod events;
 mod faults;
 mod gateway;
 mod hostile;
 mod hub;
 mod interop;
+mod management;
+mod metrics;
 mod rpc;
 mod settings;
 mod store;
+mod trace;
 mod worker;
