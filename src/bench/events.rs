@@ -362,6 +362,7 @@ async fn measure<P: Publish, R: Receive>(
         main_cpu_s: usage.main_cpu_s,
         cpu_by_thread: usage.cpu_by_thread,
         broker_cpu_s: usage.broker_cpu_s,
+        machine_cpu_s: usage.machine_cpu_s,
         round: 1,
         deliveries: Some(ph.delivered),
         delivered_per_s: Some(round2(per_s(ph.delivered, seconds))),

@@ -49,7 +49,8 @@ Output: one JSON line per measured point on stdout: kind, workload, variant,
 profile, reply_mode, queue_type, payload, concurrency, calls, errors, seconds,
 calls_per_s, p50_us, p99_us, max_us, peak_rss_kib (VmHWM during the point),
 cpu_s / main_cpu_s / cpu_by_thread (CPU time of this process during the
-point), broker_cpu_s (with --broker-pid), round. `compare` and `events` add
+point), broker_cpu_s (with --broker-pid), machine_cpu_s (all processes),
+round. `compare` and `events` add
 lines of kind \"ratio\": switchboard / raw of calls/s and of p50 and p99.
 
 Every run uses a prefix and instance id of its own (sbbench-<8 hex>), so it
@@ -696,6 +697,7 @@ fn rpc_point(
         main_cpu_s: usage.main_cpu_s,
         cpu_by_thread: usage.cpu_by_thread,
         broker_cpu_s: usage.broker_cpu_s,
+        machine_cpu_s: usage.machine_cpu_s,
         round,
         deliveries: None,
         delivered_per_s: None,

@@ -67,6 +67,10 @@ pub struct Point {
     pub cpu_by_thread: BTreeMap<String, f64>,
     /// CPU time of the broker process during the point (`--broker-pid`), s.
     pub broker_cpu_s: Option<f64>,
+    /// CPU time used on the whole machine during the point (all processes,
+    /// all cores; `/proc/stat`), s: what is neither `cpu_s` nor
+    /// `broker_cpu_s` is someone else's load.
+    pub machine_cpu_s: Option<f64>,
     /// Which repetition of an alternating comparison (1-based).
     pub round: u32,
     /// Events only: events delivered to all subscribers together.
@@ -204,6 +208,7 @@ pub(crate) struct Probe {
 pub(crate) struct Snapshot {
     threads: HashMap<u32, (String, u64)>,
     broker_ns: Option<u64>,
+    machine_ticks: Option<u64>,
     peak_reset: bool,
 }
 
@@ -216,6 +221,7 @@ pub(crate) struct Usage {
     pub main_cpu_s: Option<f64>,
     pub cpu_by_thread: BTreeMap<String, f64>,
     pub broker_cpu_s: Option<f64>,
+    pub machine_cpu_s: Option<f64>,
 }
 
 impl Probe {
@@ -239,6 +245,7 @@ impl Probe {
             broker_ns: self
                 .broker_pid
                 .and_then(|p| total_ns(&threads_cpu_ns(&p.to_string()))),
+            machine_ticks: machine_busy_ticks(),
             peak_reset,
         }
     }
@@ -263,7 +270,14 @@ impl Probe {
                 .map(|after| round3(after.saturating_sub(before) as f64 / 1e9)),
             _ => None,
         };
+        let machine_cpu_s = match (start.machine_ticks, machine_busy_ticks()) {
+            (Some(before), Some(after)) => {
+                Some(round3(after.saturating_sub(before) as f64 / USER_HZ))
+            }
+            _ => None,
+        };
         Usage {
+            machine_cpu_s,
             peak_rss_kib: peak_rss_kib(),
             peak_rss_reset: start.peak_reset,
             cpu_s: (!now.is_empty()).then(|| round3(total as f64 / 1e9)),
@@ -309,6 +323,23 @@ fn threads_cpu_ns(pid: &str) -> HashMap<u32, (String, u64)> {
         }
     }
     out
+}
+
+/// The unit of `/proc/stat` (`USER_HZ`, 100 on every Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// Busy time of all CPUs together (everything but idle and iowait), in
+/// `USER_HZ` ticks.
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let (idle, iowait) = (*fields.get(3)?, *fields.get(4)?);
+    Some(fields.iter().sum::<u64>() - idle - iowait)
 }
 
 fn total_ns(threads: &HashMap<u32, (String, u64)>) -> Option<u64> {

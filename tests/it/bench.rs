@@ -39,6 +39,7 @@ const POINT_FIELDS: &[&str] = &[
     "cpu_s",
     "main_cpu_s",
     "cpu_by_thread",
+    "machine_cpu_s",
     "round",
 ];
 
