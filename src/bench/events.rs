@@ -356,6 +356,8 @@ async fn measure<P: Publish, R: Receive>(
         p50_us: ph.hist.value_at_quantile(0.5),
         p99_us: ph.hist.value_at_quantile(0.99),
         max_us: ph.hist.max(),
+        confirm_p50_us: None,
+        confirm_p99_us: None,
         peak_rss_kib: usage.peak_rss_kib,
         peak_rss_reset: usage.peak_rss_reset,
         cpu_s: usage.cpu_s,

@@ -29,6 +29,9 @@ pub(crate) enum Stop {
 pub(crate) struct Measured {
     /// Latencies of successful calls, µs.
     pub hist: Histogram<u64>,
+    /// Of the same calls, the time until their request was confirmed by the
+    /// broker (the rest is the wait for the reply), µs.
+    pub confirmed: Histogram<u64>,
     /// Calls made (including failed ones).
     pub calls: u64,
     /// Calls that failed.
@@ -38,11 +41,12 @@ pub(crate) struct Measured {
 }
 
 /// Runs calls made by `call` with `concurrency` in flight until `stop`.
-/// A call answers `Err(reason)` when it failed; the first reason is logged.
+/// A call answers the instant its request was confirmed, or `Err(reason)`
+/// when it failed; the first reason is logged.
 pub(crate) async fn drive<F, Fut>(concurrency: usize, stop: Stop, call: F) -> Measured
 where
     F: Fn() -> Fut + Clone + 'static,
-    Fut: Future<Output = Result<(), String>> + 'static,
+    Fut: Future<Output = Result<Instant, String>> + 'static,
 {
     // Tickets handed out so far: every task runs on this one thread.
     let issued = Rc::new(Cell::new(0u64));
@@ -58,7 +62,7 @@ where
             let issued = issued.clone();
             let logged = logged.clone();
             actix_rt::spawn(async move {
-                let mut hist = histogram();
+                let (mut hist, mut confirmed) = (histogram(), histogram());
                 let (mut calls, mut errors) = (0u64, 0u64);
                 loop {
                     match (stop, end) {
@@ -70,7 +74,10 @@ where
                     let outcome = call().await;
                     calls += 1;
                     match outcome {
-                        Ok(()) => record(&mut hist, t0.elapsed()),
+                        Ok(sent) => {
+                            record(&mut hist, t0.elapsed());
+                            record(&mut confirmed, sent.saturating_duration_since(t0));
+                        }
                         Err(reason) => {
                             errors += 1;
                             if !logged.replace(true) {
@@ -79,21 +86,23 @@ where
                         }
                     }
                 }
-                (hist, calls, errors)
+                (hist, confirmed, calls, errors)
             })
         })
         .collect();
     let mut out = Measured {
         hist: histogram(),
+        confirmed: histogram(),
         calls: 0,
         errors: 0,
         elapsed: Duration::ZERO,
     };
     for task in tasks {
         match task.await {
-            Ok((hist, calls, errors)) => {
+            Ok((hist, confirmed, calls, errors)) => {
                 // Same bounds everywhere: addition cannot fail.
                 let _ = out.hist.add(&hist);
+                let _ = out.confirmed.add(&confirmed);
                 out.calls += calls;
                 out.errors += errors;
             }

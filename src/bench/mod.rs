@@ -50,8 +50,10 @@ profile, reply_mode, queue_type, payload, concurrency, calls, errors, seconds,
 calls_per_s, p50_us, p99_us, max_us, peak_rss_kib (VmHWM during the point),
 cpu_s / main_cpu_s / cpu_by_thread (CPU time of this process during the
 point), broker_cpu_s (with --broker-pid), machine_cpu_s (all processes),
-round. `compare` and `events` add
-lines of kind \"ratio\": switchboard / raw of calls/s and of p50 and p99.
+round; rpc adds confirm_p50_us / confirm_p99_us (until the request was
+confirmed), events adds deliveries, delivered_per_s and rate. `compare` and
+`events` add lines of kind \"ratio\": switchboard / raw of calls/s (events:
+deliveries/s) and of p50 and p99.
 
 Every run uses a prefix and instance id of its own (sbbench-<8 hex>), so it
 never meets a serving `switchboard serve` (with --external, only the instance
@@ -691,6 +693,8 @@ fn rpc_point(
         p50_us: m.hist.value_at_quantile(0.5),
         p99_us: m.hist.value_at_quantile(0.99),
         max_us: m.hist.max(),
+        confirm_p50_us: Some(m.confirmed.value_at_quantile(0.5)),
+        confirm_p99_us: Some(m.confirmed.value_at_quantile(0.99)),
         peak_rss_kib: usage.peak_rss_kib,
         peak_rss_reset: usage.peak_rss_reset,
         cpu_s: usage.cpu_s,

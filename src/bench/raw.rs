@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_lapin::lapin::{
@@ -146,8 +146,9 @@ impl RawRpc {
 }
 
 impl RawClient {
-    /// One call: register the waiter, publish, await the confirm, await the reply.
-    async fn call(&self) -> Result<(), String> {
+    /// One call: register the waiter, publish, await the confirm, await the
+    /// reply. Answers when the request was confirmed.
+    async fn call(&self) -> Result<Instant, String> {
         let id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
         lock(&self.waiters).insert(id.clone(), tx);
@@ -187,6 +188,7 @@ impl RawClient {
             lock(&self.waiters).remove(&id);
             return Err(reason);
         }
+        let sent = Instant::now();
         let reply = match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(reply)) => reply,
             _ => {
@@ -199,6 +201,7 @@ impl RawClient {
             reply.data.len(),
             self.payload.len(),
         )
+        .map(|()| sent)
     }
 }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 /// One JSON line of output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+// A run makes a few dozen lines: their size does not matter, plain access does.
+#[allow(clippy::large_enum_variant)]
 pub enum Line {
     /// A measured point.
     Point(Point),
@@ -53,6 +55,13 @@ pub struct Point {
     pub p99_us: u64,
     /// Highest latency, µs.
     pub max_us: u64,
+    /// rpc only: median time from a call's start until the broker confirmed
+    /// its request (the rest of `p50_us` is the wait for the reply), µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub confirm_p50_us: Option<u64>,
+    /// rpc only: 99th percentile of the same, µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub confirm_p99_us: Option<u64>,
     /// Peak resident set size (VmHWM, KiB) during this point when the peak
     /// could be reset before it, else the process's peak so far.
     pub peak_rss_kib: Option<u64>,

@@ -3,6 +3,7 @@
 //! service), exactly as an application would make them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use deadpool_lapin::lapin::Connection;
@@ -75,8 +76,11 @@ impl SbRpc {
             let call = Call::new(service.as_ref(), payload.clone()).timeout(timeout);
             let expected = payload.len();
             async move {
-                let reply = client.call(call).await.map_err(|e| e.to_string())?;
-                super::check_reply(reply.status, reply.body.len(), expected)
+                // `call` is `send` then `wait`: split to time the confirm.
+                let pending = client.send(call).await.map_err(|e| e.to_string())?;
+                let sent = Instant::now();
+                let reply = pending.wait().await.map_err(|e| e.to_string())?;
+                super::check_reply(reply.status, reply.body.len(), expected).map(|()| sent)
             }
         })
         .await

@@ -126,6 +126,10 @@ async fn rpc_measures_each_concurrency() {
         assert_eq!(p["profile"], "safe");
         assert_eq!(p["queue_type"], "quorum");
         assert_eq!(p["payload"], 256);
+        let confirm = p["confirm_p50_us"]
+            .as_u64()
+            .expect("rpc points time the confirm");
+        assert!(confirm <= p["max_us"].as_u64().unwrap(), "{p}");
     }
     assert!(ratios(&lines).is_empty());
 }
