@@ -708,3 +708,16 @@ fn rpc_point(
         rate: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn payloads_have_the_size_asked_for() {
+        for size in [10, 11, 256, 4096] {
+            let p = super::json_payload(size);
+            assert_eq!(p.len(), size);
+            assert!(serde_json::from_slice::<serde_json::Value>(&p).is_ok());
+        }
+        assert_eq!(super::json_payload(0).len(), 10);
+    }
+}

@@ -115,6 +115,12 @@ pub struct Ratio {
     pub raw_calls_per_s: f64,
     /// `switchboard_calls_per_s / raw_calls_per_s`: below 1 is slower.
     pub calls_per_s_ratio: f64,
+    /// The calls/s ratio of each round (the two points of a round ran one
+    /// right after the other, so load from elsewhere tends to hit both).
+    pub round_ratios: Vec<f64>,
+    /// The median of `round_ratios`: the figure least moved by one
+    /// disturbed round.
+    pub median_round_ratio: f64,
     /// switchboard's median latency over all rounds, µs.
     pub switchboard_p50_us: u64,
     /// raw's median latency over all rounds, µs.
@@ -142,6 +148,8 @@ pub(crate) struct Totals {
     pub ops: u64,
     pub seconds: f64,
     pub hist: Histogram<u64>,
+    /// Operations per second of each round, in order.
+    pub rates: Vec<f64>,
 }
 
 impl Totals {
@@ -150,12 +158,14 @@ impl Totals {
             ops: 0,
             seconds: 0.0,
             hist: histogram(),
+            rates: Vec::new(),
         }
     }
 
     pub fn add(&mut self, ops: u64, seconds: f64, hist: &Histogram<u64>) {
         self.ops += ops;
         self.seconds += seconds;
+        self.rates.push(per_s(ops, seconds));
         // Same bounds on both sides: addition cannot fail.
         let _ = self.hist.add(hist);
     }
@@ -169,7 +179,15 @@ impl Totals {
 pub(crate) fn ratio(like: &Point, rounds: u32, sb: &Totals, raw: &Totals) -> Ratio {
     let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let q = |t: &Totals, q: f64| t.hist.value_at_quantile(q);
+    let round_ratios: Vec<f64> = sb
+        .rates
+        .iter()
+        .zip(&raw.rates)
+        .map(|(s, r)| round3(div(*s, *r)))
+        .collect();
     Ratio {
+        median_round_ratio: median(&round_ratios),
+        round_ratios,
         workload: like.workload.clone(),
         profile: like.profile.clone(),
         reply_mode: like.reply_mode.clone(),
@@ -183,6 +201,17 @@ pub(crate) fn ratio(like: &Point, rounds: u32, sb: &Totals, raw: &Totals) -> Rat
         raw_p50_us: q(raw, 0.5),
         p50_ratio: round3(div(q(sb, 0.5) as f64, q(raw, 0.5) as f64)),
         p99_ratio: round3(div(q(sb, 0.99) as f64, q(raw, 0.99) as f64)),
+    }
+}
+
+/// The median (the mean of the middle two for an even count), 0 when empty.
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => round3((v[n / 2 - 1] + v[n / 2]) / 2.0),
     }
 }
 
@@ -353,4 +382,23 @@ fn machine_busy_ticks() -> Option<u64> {
 
 fn total_ns(threads: &HashMap<u32, (String, u64)>) -> Option<u64> {
     (!threads.is_empty()).then(|| threads.values().map(|(_, ns)| ns).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn peak_rss_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_kib().is_some_and(|k| k > 0));
+        }
+    }
 }

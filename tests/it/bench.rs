@@ -51,6 +51,8 @@ const RATIO_FIELDS: &[&str] = &[
     "switchboard_calls_per_s",
     "raw_calls_per_s",
     "calls_per_s_ratio",
+    "round_ratios",
+    "median_round_ratio",
     "switchboard_p50_us",
     "raw_p50_us",
     "p50_ratio",
@@ -170,6 +172,7 @@ async fn compare_alternates_both_variants_and_gives_ratios() {
     for r in &rs {
         check_ratio(r);
         assert_eq!(r["rounds"], 2);
+        assert_eq!(r["round_ratios"].as_array().unwrap().len(), 2);
     }
 }
 
