@@ -2,8 +2,11 @@
 //! [`RpcClient`] to an in-process echo [`Worker`] (or to an external
 //! service), exactly as an application would make them.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use deadpool_lapin::lapin::Connection;
@@ -13,17 +16,22 @@ use super::load::{Measured, Stop, drive};
 use crate::amqp::Broker;
 use crate::error::Result;
 use crate::rpc::{Call, RpcClient, RpcOptions};
-use crate::worker::{self, Worker};
+use crate::worker::{self, Worker, WorkerHandle};
+
+/// How long a stopping worker may take to settle its last requests.
+const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 
 /// A broker handle, an RPC client and, unless external, an echo worker.
 pub(crate) struct SbRpc {
     broker: Broker,
     client: RpcClient,
-    /// The worker's consumer connection: closing it stops the worker.
-    worker_conn: Option<Connection>,
+    /// The worker and its consumer connection (closing it stops the worker).
+    worker: Option<(WorkerHandle, Connection)>,
+    /// Calls started, to let the worker settle them all before it stops.
+    started: Rc<Cell<u64>>,
     service: Arc<str>,
     payload: Bytes,
-    timeout: std::time::Duration,
+    timeout: Duration,
 }
 
 impl SbRpc {
@@ -33,18 +41,18 @@ impl SbRpc {
         let mut amqp = t.amqp.clone();
         amqp.instance_id = t.instance.clone();
         let broker = Broker::connect(&amqp).await?;
-        let worker_conn = match &t.service_settings {
+        let worker = match &t.service_settings {
             Some(svc) => {
                 let conn = broker.dedicated_connection("worker").await?;
-                Worker::start(
+                let handle = Worker::start(
                     &broker,
                     &conn,
                     &t.service,
                     svc,
-                    worker::echo(std::time::Duration::ZERO),
+                    worker::echo(Duration::ZERO),
                 )
                 .await?;
-                Some(conn)
+                Some((handle, conn))
             }
             None => None,
         };
@@ -58,7 +66,8 @@ impl SbRpc {
         Ok(Self {
             broker,
             client,
-            worker_conn,
+            worker,
+            started: Rc::default(),
             service: t.service.as_str().into(),
             payload: t.payload.clone(),
             timeout: t.timeout,
@@ -71,7 +80,9 @@ impl SbRpc {
         let service = self.service.clone();
         let payload = self.payload.clone();
         let timeout = self.timeout;
+        let started = self.started.clone();
         drive(concurrency, stop, move || {
+            started.set(started.get() + 1);
             let client = client.clone();
             let call = Call::new(service.as_ref(), payload.clone()).timeout(timeout);
             let expected = payload.len();
@@ -86,11 +97,23 @@ impl SbRpc {
         .await
     }
 
-    /// Stops the worker and closes the publishing pool. The client's own
-    /// connection stays open until the process ends: `RpcClient` has no
-    /// close, and its router keeps the reply channel alive.
+    /// Stops the worker once it has settled every request (a caller has its
+    /// reply before the worker's ack is sent), and closes the publishing
+    /// pool. The client's own connection stays open until the process ends:
+    /// `RpcClient` has no close, and its router keeps the reply channel alive.
     pub async fn stop(self) {
-        if let Some(conn) = self.worker_conn {
+        if let Some((handle, conn)) = self.worker {
+            let settled = || {
+                let s = &handle.stats;
+                [&s.replied, &s.requeued, &s.dead_lettered, &s.expired]
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .sum::<u64>()
+            };
+            let deadline = Instant::now() + SETTLE_LIMIT;
+            while settled() < self.started.get() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             let _ = conn.close(200, "bench done".into()).await;
         }
         drop(self.client);
