@@ -25,6 +25,9 @@ use crate::metrics::{CallMetrics, Mode};
 use crate::rpc::Call;
 use crate::worker::Reply;
 
+/// How long a 202 waits for its `accepted` event to be confirmed.
+const ACCEPTED_EVENT_WAIT: Duration = Duration::from_secs(2);
+
 /// Reads the body, refusing more than `limit` bytes with a 413.
 pub async fn read_body(
     req: &HttpRequest,
@@ -418,7 +421,9 @@ impl CallContext<'_> {
             &self.caller.name,
             Some(&self.traceparent),
         );
-        st.tracker.publish_event(&event).await;
+        // Bounded: a broker in trouble must not hold the 202 (and the reply
+        // already in hand) past the call's deadline.
+        let _ = tokio::time::timeout(ACCEPTED_EVENT_WAIT, st.tracker.publish_event(&event)).await;
         // From here the reply finishes the stored call through the RPC
         // client's orphan sink: nothing is held in memory per pending call.
         // A reply that came already is stored here.

@@ -81,7 +81,13 @@ async fn wait_succeeded(gw: &Gw, id: &str) {
 
 #[actix_rt::test]
 async fn connections_closed_by_the_broker_under_load_lose_no_call_and_process_none_twice() {
-    let gw = gateway("fault-kill", |_| {}).await;
+    // Deadlines longer than the outages: calls must survive them, not expire.
+    let gw = gateway("fault-kill", |s| {
+        for svc in s.services.values_mut() {
+            svc.timeout_ms = 60_000;
+        }
+    })
+    .await;
     let instance = gw.ctx.broker.instance_id().to_owned();
     let done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

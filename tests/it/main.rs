@@ -6,6 +6,7 @@
 
 mod common;
 
+mod bench;
 mod broker;
 mod callbacks;
 mod configuration;

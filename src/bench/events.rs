@@ -1,0 +1,463 @@
+//! `bench events`: CloudEvents published to a fanout at a paced rate and
+//! received by K subscribers; delivered events/s and publish-to-delivery
+//! latency (the send time travels in the event's data).
+//!
+//! The switchboard variant publishes with [`events::publish`] and receives
+//! through [`Subscription`]s on the run's events exchange. The raw variant
+//! does the same on bare lapin, the straightforward way, on an exchange of
+//! its own ([`super::raw_events_exchange`]): one publishing connection with
+//! a confirm-mode channel, and per subscriber a connection, a server-named
+//! exclusive queue bound to the fanout, prefetch 256 and one ack per event,
+//! as [`Subscription`] does.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_lapin::lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    },
+    types::FieldTable,
+};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use super::report::{Line, Point, Probe, Totals, histogram, per_s, ratio, record, round2};
+use super::{Env, EventsArgs, Out, Variant};
+use crate::amqp::{Broker, wire};
+use crate::error::{Error, Result};
+use crate::events::{self, CloudEvent, SubscribeOptions, Subscription};
+
+/// The type of the events the bench publishes.
+const EVENT_TYPE: &str = "switchboard.bench.tick";
+/// How long a subscriber waits for the next event before the rest count as lost.
+const IDLE_LIMIT: Duration = Duration::from_secs(30);
+/// Publishes in flight at most; beyond it the pacer waits (and the achieved
+/// rate, `calls_per_s`, falls below the asked one).
+const MAX_IN_FLIGHT: usize = 4096;
+
+/// What a receiver reads from an event: its send time, µs since the run's epoch.
+type Stamp = u64;
+
+/// A publisher of one variant.
+trait Publish: Clone + 'static {
+    async fn publish(&self, event: CloudEvent) -> Result<(), String>;
+}
+
+/// A subscriber of one variant.
+trait Receive: 'static {
+    /// The next event's stamp; `None` when the subscription ended.
+    async fn next(&mut self) -> Option<Result<Stamp, String>>;
+}
+
+#[derive(Clone)]
+struct SbPublisher(Broker);
+
+impl Publish for SbPublisher {
+    async fn publish(&self, event: CloudEvent) -> Result<(), String> {
+        events::publish(&self.0, &event)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Receive for Subscription {
+    async fn next(&mut self) -> Option<Result<Stamp, String>> {
+        Some(
+            self.recv()
+                .await?
+                .map_err(|e| e.to_string())
+                .and_then(|e| stamp(&e)),
+        )
+    }
+}
+
+#[derive(Clone)]
+struct RawPublisher {
+    channel: Channel,
+    exchange: Arc<str>,
+}
+
+impl Publish for RawPublisher {
+    async fn publish(&self, event: CloudEvent) -> Result<(), String> {
+        let body = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
+        // The properties of events::publish.
+        let props = BasicProperties::default()
+            .with_content_type(wire::CONTENT_CLOUDEVENTS.into())
+            .with_message_id(event.id.as_str().into())
+            .with_type(event.ty.as_str().into())
+            .with_app_id(wire::APP_ID.into())
+            .with_timestamp(wire::now_ms() / 1000)
+            .with_delivery_mode(wire::PERSISTENT);
+        let confirm = async {
+            self.channel
+                .basic_publish(
+                    self.exchange.as_ref().into(),
+                    "".into(),
+                    BasicPublishOptions {
+                        mandatory: false,
+                        immediate: false,
+                    },
+                    &body,
+                    props,
+                )
+                .await?
+                .await
+        }
+        .await
+        .map_err(|e| e.to_string())?;
+        match confirm {
+            Confirmation::Ack(_) => Ok(()),
+            other => Err(format!("not confirmed: {other:?}")),
+        }
+    }
+}
+
+struct RawSubscriber {
+    consumer: Consumer,
+    conn: Connection,
+}
+
+impl Receive for RawSubscriber {
+    async fn next(&mut self) -> Option<Result<Stamp, String>> {
+        let delivery = match self.consumer.next().await? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e.to_string())),
+        };
+        let _ = delivery
+            .acker
+            .ack(BasicAckOptions { multiple: false })
+            .await;
+        Some(
+            serde_json::from_slice::<CloudEvent>(&delivery.data)
+                .map_err(|e| e.to_string())
+                .and_then(|e| stamp(&e)),
+        )
+    }
+}
+
+fn stamp(event: &CloudEvent) -> Result<Stamp, String> {
+    event
+        .data
+        .as_ref()
+        .and_then(|d| d.get("sent_us"))
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| format!("event {} carries no send time", event.id))
+}
+
+/// Runs both variants, alternating, and prints a point per variant and
+/// round plus the ratio line.
+pub(crate) async fn run(
+    env: &mut Env,
+    args: &EventsArgs,
+    probe: &Probe,
+    out: &mut Out<'_>,
+) -> Result<()> {
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        return Err(Error::Malformed("--rate must be a positive number".into()));
+    }
+    let events = match args.duration {
+        Some(secs) => (args.rate * secs).ceil() as u64,
+        None => args.events,
+    };
+    let epoch = Instant::now();
+    let pad = "x".repeat(args.payload);
+    let mut totals = [Totals::new(), Totals::new()];
+    let mut last = None;
+    for round in 1..=args.rounds.max(1) {
+        let order = if round % 2 == 1 {
+            [Variant::Raw, Variant::Switchboard]
+        } else {
+            [Variant::Switchboard, Variant::Raw]
+        };
+        for variant in order {
+            let p = match variant {
+                Variant::Switchboard => {
+                    let mut amqp = env.amqp.clone();
+                    amqp.instance_id = env.instance("events");
+                    let broker = Broker::connect(&amqp).await?;
+                    let mut subs = Vec::new();
+                    for _ in 0..args.subscribers {
+                        subs.push(Subscription::start(&broker, SubscribeOptions::default()).await?);
+                    }
+                    let publisher = SbPublisher(broker.clone());
+                    let result =
+                        measure(args, events, epoch, &pad, probe, publisher, subs, variant).await;
+                    // Dropping the subscriptions closes their connections.
+                    broker.close().await;
+                    result?.0
+                }
+                Variant::Raw => {
+                    let (conn, publisher, subs) = raw_side(env, args.subscribers).await?;
+                    let (p, subs) =
+                        match measure(args, events, epoch, &pad, probe, publisher, subs, variant)
+                            .await
+                        {
+                            Ok(x) => x,
+                            Err(e) => {
+                                let _ = conn.close(200, "bench done".into()).await;
+                                return Err(e);
+                            }
+                        };
+                    for s in subs {
+                        let _ = s.conn.close(200, "bench done".into()).await;
+                    }
+                    let _ = conn.close(200, "bench done".into()).await;
+                    p
+                }
+            };
+            let (mut point, hist) = p;
+            point.round = round;
+            let slot = usize::from(variant == Variant::Switchboard);
+            totals[slot].add(point.deliveries.unwrap_or(0), point.seconds, &hist);
+            out.emit(Line::Point(point.clone()));
+            last = Some(point);
+        }
+    }
+    if let Some(like) = last {
+        out.emit(Line::Ratio(ratio(
+            &like,
+            args.rounds.max(1),
+            &totals[1],
+            &totals[0],
+        )));
+    }
+    Ok(())
+}
+
+/// The raw side: a publisher connection and channel on the raw exchange,
+/// and `k` subscribers on connections of their own.
+async fn raw_side(
+    env: &mut Env,
+    k: usize,
+) -> Result<(Connection, RawPublisher, Vec<RawSubscriber>)> {
+    let instance = env.instance("raw-events");
+    let exchange = super::raw_events_exchange(&env.names());
+    let props = |role: &str| {
+        ConnectionProperties::default()
+            .with_connection_name(wire::connection_name(&instance, role).into())
+    };
+    let conn = Connection::connect(&env.amqp.url, props("raw-publisher")).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                passive: false,
+                durable: true,
+                auto_delete: false,
+                internal: false,
+                nowait: false,
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    env.exchanges.push(exchange.clone());
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut subs = Vec::new();
+    for _ in 0..k {
+        let sconn = Connection::connect(&env.amqp.url, props("raw-subscriber")).await?;
+        let ch = sconn.create_channel().await?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    passive: false,
+                    durable: false,
+                    exclusive: true,
+                    auto_delete: true,
+                    nowait: false,
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        ch.queue_bind(
+            q.name().clone(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.basic_qos(256, BasicQosOptions { global: false }).await?;
+        let consumer = ch
+            .basic_consume(
+                q.name().clone(),
+                wire::consumer_tag(&instance, "raw-events").into(),
+                BasicConsumeOptions {
+                    no_local: false,
+                    no_ack: false,
+                    exclusive: false,
+                    nowait: false,
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        subs.push(RawSubscriber {
+            consumer,
+            conn: sconn,
+        });
+    }
+    let publisher = RawPublisher {
+        channel,
+        exchange: exchange.into(),
+    };
+    Ok((conn, publisher, subs))
+}
+
+/// Warm-up, then the measured phase; gives the subscribers back.
+#[allow(clippy::too_many_arguments)]
+async fn measure<P: Publish, R: Receive>(
+    args: &EventsArgs,
+    events: u64,
+    epoch: Instant,
+    pad: &str,
+    probe: &Probe,
+    publisher: P,
+    subs: Vec<R>,
+    variant: Variant,
+) -> Result<((Point, Histogram<u64>), Vec<R>)> {
+    let make = |seq: u64| {
+        CloudEvent::new(
+            EVENT_TYPE,
+            "switchboard-bench",
+            json!({"seq": seq, "sent_us": epoch.elapsed().as_micros() as u64, "pad": pad}),
+        )
+    };
+    let payload = serde_json::to_vec(&make(0)).map(|v| v.len()).unwrap_or(0);
+    let (subs, _) = phase(subs, &publisher, args.warmup, args.rate, epoch, &make).await;
+    let snap = probe.start();
+    let (subs, ph) = phase(subs, &publisher, events, args.rate, epoch, &make).await;
+    let usage = probe.finish(&snap);
+    let k = args.subscribers as u64;
+    let seconds = ph.seconds;
+    let point = Point {
+        workload: "events".into(),
+        variant: variant.name().into(),
+        profile: "safe".into(),
+        reply_mode: "none".into(),
+        queue_type: "fanout".into(),
+        payload,
+        concurrency: args.subscribers,
+        calls: events,
+        errors: ph.publish_errors + (events * k).saturating_sub(ph.delivered) + ph.bad,
+        seconds: super::report::round3(seconds),
+        calls_per_s: round2(per_s(events, seconds)),
+        p50_us: ph.hist.value_at_quantile(0.5),
+        p99_us: ph.hist.value_at_quantile(0.99),
+        max_us: ph.hist.max(),
+        confirm_p50_us: None,
+        confirm_p99_us: None,
+        peak_rss_kib: usage.peak_rss_kib,
+        peak_rss_reset: usage.peak_rss_reset,
+        cpu_s: usage.cpu_s,
+        main_cpu_s: usage.main_cpu_s,
+        cpu_by_thread: usage.cpu_by_thread,
+        broker_cpu_s: usage.broker_cpu_s,
+        machine_cpu_s: usage.machine_cpu_s,
+        round: 1,
+        deliveries: Some(ph.delivered),
+        delivered_per_s: Some(round2(per_s(ph.delivered, seconds))),
+        rate: Some(args.rate),
+    };
+    Ok(((point, ph.hist), subs))
+}
+
+/// What one phase measured.
+struct Phase {
+    hist: Histogram<u64>,
+    /// Events received, by all subscribers together (`bad` included).
+    delivered: u64,
+    /// Received events that could not be read.
+    bad: u64,
+    publish_errors: u64,
+    /// From the first publish to the last delivery.
+    seconds: f64,
+}
+
+/// Publishes `n` events at `rate` while every subscriber receives them.
+async fn phase<P: Publish, R: Receive>(
+    subs: Vec<R>,
+    publisher: &P,
+    n: u64,
+    rate: f64,
+    epoch: Instant,
+    make: &impl Fn(u64) -> CloudEvent,
+) -> (Vec<R>, Phase) {
+    let start = Instant::now();
+    let receivers: Vec<_> = subs
+        .into_iter()
+        .map(|mut sub| {
+            actix_rt::spawn(async move {
+                let mut hist = histogram();
+                let (mut got, mut bad) = (0u64, 0u64);
+                let mut last = Instant::now();
+                while got < n {
+                    match tokio::time::timeout(IDLE_LIMIT, sub.next()).await {
+                        Ok(Some(Ok(sent))) => {
+                            let now = epoch.elapsed().as_micros() as u64;
+                            record(&mut hist, Duration::from_micros(now.saturating_sub(sent)));
+                        }
+                        Ok(Some(Err(_))) => bad += 1,
+                        Ok(None) | Err(_) => break,
+                    }
+                    got += 1;
+                    last = Instant::now();
+                }
+                (sub, hist, got, bad, last)
+            })
+        })
+        .collect();
+    let errors = Rc::new(Cell::new(0u64));
+    let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    for seq in 0..n {
+        let due = start + Duration::from_secs_f64(seq as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        // The semaphore is never closed: acquiring cannot fail.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let publisher = publisher.clone();
+        let errors = errors.clone();
+        let event = make(seq);
+        actix_rt::spawn(async move {
+            if publisher.publish(event).await.is_err() {
+                errors.set(errors.get() + 1);
+            }
+            drop(permit);
+        });
+    }
+    // Every publish confirmed (or failed).
+    let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
+    let mut phase = Phase {
+        hist: histogram(),
+        delivered: 0,
+        bad: 0,
+        publish_errors: errors.get(),
+        seconds: 0.0,
+    };
+    let mut subs = Vec::new();
+    let mut end = start;
+    for r in receivers {
+        // A receiver task only ends by returning.
+        if let Ok((sub, hist, got, bad, last)) = r.await {
+            let _ = phase.hist.add(&hist);
+            phase.delivered += got;
+            phase.bad += bad;
+            end = end.max(last);
+            subs.push(sub);
+        }
+    }
+    phase.seconds = end.duration_since(start).as_secs_f64();
+    (subs, phase)
+}

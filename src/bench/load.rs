@@ -1,0 +1,117 @@
+//! The load driver: keeps `concurrency` calls in flight until a number of
+//! calls is done or a duration has passed, and records each call's latency.
+//!
+//! Every caller is a task of its own on the current actix arbiter (the
+//! thread that runs the bench), as an HTTP handler calling the library
+//! would be. Both variants are driven by this same code.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tracing::warn;
+
+use super::report::{histogram, record};
+
+/// When a measured point ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Stop {
+    /// After this many calls.
+    Calls(u64),
+    /// When this much time has passed (calls in flight then finish).
+    After(Duration),
+}
+
+/// What one drive measured.
+#[derive(Debug)]
+pub(crate) struct Measured {
+    /// Latencies of successful calls, µs.
+    pub hist: Histogram<u64>,
+    /// Of the same calls, the time until their request was confirmed by the
+    /// broker (the rest is the wait for the reply), µs.
+    pub confirmed: Histogram<u64>,
+    /// Calls made (including failed ones).
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// From the first call started to the last one finished.
+    pub elapsed: Duration,
+}
+
+/// Runs calls made by `call` with `concurrency` in flight until `stop`.
+/// A call answers the instant its request was confirmed, or `Err(reason)`
+/// when it failed; the first reason is logged.
+pub(crate) async fn drive<F, Fut>(concurrency: usize, stop: Stop, call: F) -> Measured
+where
+    F: Fn() -> Fut + Clone + 'static,
+    Fut: Future<Output = Result<Instant, String>> + 'static,
+{
+    // Tickets handed out so far: every task runs on this one thread.
+    let issued = Rc::new(Cell::new(0u64));
+    let logged = Rc::new(Cell::new(false));
+    let start = Instant::now();
+    let end = match stop {
+        Stop::After(d) => Some(start + d),
+        Stop::Calls(_) => None,
+    };
+    let tasks: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let call = call.clone();
+            let issued = issued.clone();
+            let logged = logged.clone();
+            actix_rt::spawn(async move {
+                let (mut hist, mut confirmed) = (histogram(), histogram());
+                let (mut calls, mut errors) = (0u64, 0u64);
+                loop {
+                    match (stop, end) {
+                        (Stop::Calls(n), _) if issued.get() >= n => break,
+                        (_, Some(end)) if Instant::now() >= end => break,
+                        _ => issued.set(issued.get() + 1),
+                    }
+                    let t0 = Instant::now();
+                    let outcome = call().await;
+                    calls += 1;
+                    match outcome {
+                        Ok(sent) => {
+                            record(&mut hist, t0.elapsed());
+                            record(&mut confirmed, sent.saturating_duration_since(t0));
+                        }
+                        Err(reason) => {
+                            errors += 1;
+                            if !logged.replace(true) {
+                                warn!(%reason, "a bench call failed (further failures are only counted)");
+                            }
+                        }
+                    }
+                }
+                (hist, confirmed, calls, errors)
+            })
+        })
+        .collect();
+    let mut out = Measured {
+        hist: histogram(),
+        confirmed: histogram(),
+        calls: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        match task.await {
+            Ok((hist, confirmed, calls, errors)) => {
+                // Same bounds everywhere: addition cannot fail.
+                let _ = out.hist.add(&hist);
+                let _ = out.confirmed.add(&confirmed);
+                out.calls += calls;
+                out.errors += errors;
+            }
+            Err(e) => {
+                warn!(error = %e, "a bench caller task ended abnormally");
+                out.errors += 1;
+            }
+        }
+    }
+    out.elapsed = start.elapsed();
+    out
+}

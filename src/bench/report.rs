@@ -1,0 +1,404 @@
+//! What a bench run reports: one [`Line`] per measured [`Point`] and per
+//! [`Ratio`], and the process readings each point carries (peak RSS, CPU
+//! time by thread, optionally the broker's CPU time).
+//!
+//! Readings come from `/proc` (Linux); where it cannot be read they are
+//! `null`, never an error: a missing reading must not stop a benchmark.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// One JSON line of output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+// A run makes a few dozen lines: their size does not matter, plain access does.
+#[allow(clippy::large_enum_variant)]
+pub enum Line {
+    /// A measured point.
+    Point(Point),
+    /// switchboard against the raw reference, measured in the same run.
+    Ratio(Ratio),
+}
+
+/// One measured point: a workload, a variant and a concurrency.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Point {
+    /// `rpc` or `events`.
+    pub workload: String,
+    /// `switchboard` (the library) or `raw` (the reference on bare lapin).
+    pub variant: String,
+    /// `safe` or `fast` (rpc); `safe` for events (always persistent, confirmed).
+    pub profile: String,
+    /// `queue` or `direct` (rpc); `none` for events.
+    pub reply_mode: String,
+    /// The service queue's type (`quorum`, `classic`), `external` when the
+    /// service is served by another process, `fanout` for events.
+    pub queue_type: String,
+    /// Bytes of each request (rpc) or event (events) body.
+    pub payload: usize,
+    /// Calls in flight (rpc); subscribers (events).
+    pub concurrency: usize,
+    /// Calls completed (rpc); events published (events). Includes errors.
+    pub calls: u64,
+    /// Calls or events that failed (error, timeout, wrong reply, lost event).
+    pub errors: u64,
+    /// Wall time of the measured calls, s.
+    pub seconds: f64,
+    /// `calls / seconds`.
+    pub calls_per_s: f64,
+    /// Median latency of successful calls (events: publish to delivery), µs.
+    pub p50_us: u64,
+    /// 99th percentile latency, µs.
+    pub p99_us: u64,
+    /// Highest latency, µs.
+    pub max_us: u64,
+    /// rpc only: median time from a call's start until the broker confirmed
+    /// its request (the rest of `p50_us` is the wait for the reply), µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub confirm_p50_us: Option<u64>,
+    /// rpc only: 99th percentile of the same, µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub confirm_p99_us: Option<u64>,
+    /// Peak resident set size (VmHWM, KiB) during this point when the peak
+    /// could be reset before it, else the process's peak so far.
+    pub peak_rss_kib: Option<u64>,
+    /// Whether `peak_rss_kib` covers this point only.
+    pub peak_rss_reset: bool,
+    /// CPU time of the whole process during the point, s.
+    pub cpu_s: Option<f64>,
+    /// CPU time of the thread running the actix system (every actor and
+    /// load task of the bench, and lapin's internal RPC tasks), s.
+    pub main_cpu_s: Option<f64>,
+    /// CPU time by thread name (`lapin-io-loop` = lapin's socket threads), s.
+    pub cpu_by_thread: BTreeMap<String, f64>,
+    /// CPU time of the broker process during the point (`--broker-pid`), s.
+    pub broker_cpu_s: Option<f64>,
+    /// CPU time used on the whole machine during the point (all processes,
+    /// all cores; `/proc/stat`), s: what is neither `cpu_s` nor
+    /// `broker_cpu_s` is someone else's load.
+    pub machine_cpu_s: Option<f64>,
+    /// Which repetition of an alternating comparison (1-based).
+    pub round: u32,
+    /// Events only: events delivered to all subscribers together.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub deliveries: Option<u64>,
+    /// Events only: `deliveries / seconds`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub delivered_per_s: Option<f64>,
+    /// Events only: the publishing rate asked for, events/s.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rate: Option<f64>,
+}
+
+/// switchboard divided by raw, for one workload, profile and concurrency,
+/// over every round of the comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ratio {
+    /// `rpc` or `events`.
+    pub workload: String,
+    /// As in [`Point`].
+    pub profile: String,
+    /// As in [`Point`].
+    pub reply_mode: String,
+    /// As in [`Point`].
+    pub queue_type: String,
+    /// As in [`Point`].
+    pub concurrency: usize,
+    /// Rounds merged.
+    pub rounds: u32,
+    /// switchboard's calls/s (events: deliveries/s), all rounds together.
+    pub switchboard_calls_per_s: f64,
+    /// raw's calls/s (events: deliveries/s), all rounds together.
+    pub raw_calls_per_s: f64,
+    /// `switchboard_calls_per_s / raw_calls_per_s`: below 1 is slower.
+    pub calls_per_s_ratio: f64,
+    /// The calls/s ratio of each round (the two points of a round ran one
+    /// right after the other, so load from elsewhere tends to hit both).
+    pub round_ratios: Vec<f64>,
+    /// The median of `round_ratios`: the figure least moved by one
+    /// disturbed round.
+    pub median_round_ratio: f64,
+    /// switchboard's median latency over all rounds, µs.
+    pub switchboard_p50_us: u64,
+    /// raw's median latency over all rounds, µs.
+    pub raw_p50_us: u64,
+    /// `switchboard_p50_us / raw_p50_us`: above 1 is slower.
+    pub p50_ratio: f64,
+    /// switchboard's p99 over all rounds divided by raw's.
+    pub p99_ratio: f64,
+}
+
+/// A latency histogram in µs, 1 µs to 10 minutes, 3 significant digits.
+pub(crate) fn histogram() -> Histogram<u64> {
+    // Constant, valid bounds: creation cannot fail.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant, valid histogram bounds")
+}
+
+/// Records `d` in µs (values beyond the bounds are clamped).
+pub(crate) fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record(d.as_micros().min(u128::from(u64::MAX)) as u64);
+}
+
+/// Everything of a variant's measurements that a ratio needs, summed over rounds.
+#[derive(Debug)]
+pub(crate) struct Totals {
+    pub ops: u64,
+    pub seconds: f64,
+    pub hist: Histogram<u64>,
+    /// Operations per second of each round, in order.
+    pub rates: Vec<f64>,
+}
+
+impl Totals {
+    pub fn new() -> Self {
+        Self {
+            ops: 0,
+            seconds: 0.0,
+            hist: histogram(),
+            rates: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, ops: u64, seconds: f64, hist: &Histogram<u64>) {
+        self.ops += ops;
+        self.seconds += seconds;
+        self.rates.push(per_s(ops, seconds));
+        // Same bounds on both sides: addition cannot fail.
+        let _ = self.hist.add(hist);
+    }
+
+    fn per_s(&self) -> f64 {
+        per_s(self.ops, self.seconds)
+    }
+}
+
+/// The ratio line of `sb` against `raw`, labelled like `like`.
+pub(crate) fn ratio(like: &Point, rounds: u32, sb: &Totals, raw: &Totals) -> Ratio {
+    let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    let q = |t: &Totals, q: f64| t.hist.value_at_quantile(q);
+    let round_ratios: Vec<f64> = sb
+        .rates
+        .iter()
+        .zip(&raw.rates)
+        .map(|(s, r)| round3(div(*s, *r)))
+        .collect();
+    Ratio {
+        median_round_ratio: median(&round_ratios),
+        round_ratios,
+        workload: like.workload.clone(),
+        profile: like.profile.clone(),
+        reply_mode: like.reply_mode.clone(),
+        queue_type: like.queue_type.clone(),
+        concurrency: like.concurrency,
+        rounds,
+        switchboard_calls_per_s: round2(sb.per_s()),
+        raw_calls_per_s: round2(raw.per_s()),
+        calls_per_s_ratio: round3(div(sb.per_s(), raw.per_s())),
+        switchboard_p50_us: q(sb, 0.5),
+        raw_p50_us: q(raw, 0.5),
+        p50_ratio: round3(div(q(sb, 0.5) as f64, q(raw, 0.5) as f64)),
+        p99_ratio: round3(div(q(sb, 0.99) as f64, q(raw, 0.99) as f64)),
+    }
+}
+
+/// The median (the mean of the middle two for an even count), 0 when empty.
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => round3((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// `n / seconds`, 0 for an empty interval.
+pub(crate) fn per_s(n: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+pub(crate) fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+pub(crate) fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Reads the process's resources around a measured point.
+#[derive(Debug, Clone)]
+pub(crate) struct Probe {
+    /// The thread running the actix system (the one that made the probe).
+    main_tid: Option<u32>,
+    /// The broker process to read CPU time from, when given.
+    broker_pid: Option<u32>,
+}
+
+/// Readings taken at the start of a point.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    threads: HashMap<u32, (String, u64)>,
+    broker_ns: Option<u64>,
+    machine_ticks: Option<u64>,
+    peak_reset: bool,
+}
+
+/// What a point adds to its [`Point`] from the probe.
+#[derive(Debug, Default)]
+pub(crate) struct Usage {
+    pub peak_rss_kib: Option<u64>,
+    pub peak_rss_reset: bool,
+    pub cpu_s: Option<f64>,
+    pub main_cpu_s: Option<f64>,
+    pub cpu_by_thread: BTreeMap<String, f64>,
+    pub broker_cpu_s: Option<f64>,
+    pub machine_cpu_s: Option<f64>,
+}
+
+impl Probe {
+    /// A probe for the calling thread's process.
+    pub fn new(broker_pid: Option<u32>) -> Self {
+        let main_tid = std::fs::read_link("/proc/thread-self")
+            .ok()
+            .and_then(|p| p.file_name()?.to_str()?.parse().ok());
+        Self {
+            main_tid,
+            broker_pid,
+        }
+    }
+
+    /// Resets the peak RSS (best effort) and reads the CPU counters.
+    pub fn start(&self) -> Snapshot {
+        // "5" resets VmHWM to the current RSS (Linux 4.0 and later).
+        let peak_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        Snapshot {
+            threads: threads_cpu_ns("self"),
+            broker_ns: self
+                .broker_pid
+                .and_then(|p| total_ns(&threads_cpu_ns(&p.to_string()))),
+            machine_ticks: machine_busy_ticks(),
+            peak_reset,
+        }
+    }
+
+    /// The resources used since `start`.
+    pub fn finish(&self, start: &Snapshot) -> Usage {
+        let now = threads_cpu_ns("self");
+        let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+        let mut total = 0u64;
+        let mut main = None;
+        for (tid, (name, ns)) in &now {
+            let before = start.threads.get(tid).map_or(0, |(_, b)| *b);
+            let used = ns.saturating_sub(before);
+            total += used;
+            *by_name.entry(name.clone()).or_default() += used as f64 / 1e9;
+            if Some(*tid) == self.main_tid {
+                main = Some(used as f64 / 1e9);
+            }
+        }
+        let broker_cpu_s = match (start.broker_ns, self.broker_pid) {
+            (Some(before), Some(pid)) => total_ns(&threads_cpu_ns(&pid.to_string()))
+                .map(|after| round3(after.saturating_sub(before) as f64 / 1e9)),
+            _ => None,
+        };
+        let machine_cpu_s = match (start.machine_ticks, machine_busy_ticks()) {
+            (Some(before), Some(after)) => {
+                Some(round3(after.saturating_sub(before) as f64 / USER_HZ))
+            }
+            _ => None,
+        };
+        Usage {
+            machine_cpu_s,
+            peak_rss_kib: peak_rss_kib(),
+            peak_rss_reset: start.peak_reset,
+            cpu_s: (!now.is_empty()).then(|| round3(total as f64 / 1e9)),
+            main_cpu_s: main.map(round3),
+            cpu_by_thread: by_name.into_iter().map(|(k, v)| (k, round3(v))).collect(),
+            broker_cpu_s,
+        }
+    }
+}
+
+/// VmHWM of this process, KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU time (ns) and name of every thread of `/proc/<pid>`, from `schedstat`.
+fn threads_cpu_ns(pid: &str) -> HashMap<u32, (String, u64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let path = entry.path();
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok());
+        let name = std::fs::read_to_string(path.join("comm"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        if let Some(ns) = ns {
+            out.insert(tid, (name, ns));
+        }
+    }
+    out
+}
+
+/// The unit of `/proc/stat` (`USER_HZ`, 100 on every Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// Busy time of all CPUs together (everything but idle and iowait), in
+/// `USER_HZ` ticks.
+fn machine_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let (idle, iowait) = (*fields.get(3)?, *fields.get(4)?);
+    Some(fields.iter().sum::<u64>() - idle - iowait)
+}
+
+fn total_ns(threads: &HashMap<u32, (String, u64)>) -> Option<u64> {
+    (!threads.is_empty()).then(|| threads.values().map(|(_, ns)| ns).sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn peak_rss_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(peak_rss_kib().is_some_and(|k| k > 0));
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `switchboard bench`: every workload once, with tiny counts. Only the shape
+//! of the output is checked (every field, the call counts, no errors): the
+//! timings are for docs/BENCHMARKS.md, never for assertions.
+
+use clap::Parser;
+use serde_json::Value;
+use switchboard::bench::{self, BenchArgs, Line};
+
+use crate::common::settings_for;
+
+/// The command line of `switchboard bench`, to parse the flags as users give them.
+#[derive(Parser)]
+struct Cmd {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+fn args(line: &str) -> BenchArgs {
+    Cmd::parse_from(std::iter::once("bench").chain(line.split_whitespace())).bench
+}
+
+const POINT_FIELDS: &[&str] = &[
+    "kind",
+    "workload",
+    "variant",
+    "profile",
+    "reply_mode",
+    "queue_type",
+    "payload",
+    "concurrency",
+    "calls",
+    "errors",
+    "seconds",
+    "calls_per_s",
+    "p50_us",
+    "p99_us",
+    "max_us",
+    "peak_rss_kib",
+    "cpu_s",
+    "main_cpu_s",
+    "cpu_by_thread",
+    "machine_cpu_s",
+    "round",
+];
+
+const RATIO_FIELDS: &[&str] = &[
+    "kind",
+    "workload",
+    "profile",
+    "concurrency",
+    "switchboard_calls_per_s",
+    "raw_calls_per_s",
+    "calls_per_s_ratio",
+    "round_ratios",
+    "median_round_ratio",
+    "switchboard_p50_us",
+    "raw_p50_us",
+    "p50_ratio",
+    "p99_ratio",
+];
+
+/// Runs `line` and returns its lines as printed JSON, checking that what
+/// was handed out as it came is what was returned.
+async fn run(line: &str) -> Vec<Value> {
+    let settings = settings_for("bench");
+    let mut seen = 0;
+    let lines = bench::execute(&settings, &args(line), &mut |_| seen += 1)
+        .await
+        .unwrap_or_else(|e| panic!("bench {line}: {e}"));
+    assert_eq!(seen, lines.len(), "every line is handed out as measured");
+    lines
+        .iter()
+        .map(|l| {
+            let json = serde_json::to_string(l).unwrap();
+            assert_eq!(&serde_json::from_str::<Line>(&json).unwrap(), l);
+            serde_json::from_str(&json).unwrap()
+        })
+        .collect()
+}
+
+fn points(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|l| l["kind"] == "point").collect()
+}
+
+fn ratios(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|l| l["kind"] == "ratio").collect()
+}
+
+/// Every field present, `calls` calls made, none failed.
+fn check_point(p: &Value, calls: u64) {
+    for f in POINT_FIELDS {
+        assert!(p.get(f).is_some(), "field {f} missing from {p}");
+    }
+    assert_eq!(p["calls"], calls, "{p}");
+    assert_eq!(p["errors"], 0, "{p}");
+    assert!(p["seconds"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["calls_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["p50_us"].as_u64().unwrap() <= p["p99_us"].as_u64().unwrap());
+    assert!(p["p99_us"].as_u64().unwrap() <= p["max_us"].as_u64().unwrap());
+    if cfg!(target_os = "linux") {
+        assert!(p["peak_rss_kib"].as_u64().unwrap() > 0, "{p}");
+    }
+}
+
+fn check_ratio(r: &Value) {
+    for f in RATIO_FIELDS {
+        assert!(r.get(f).is_some(), "field {f} missing from {r}");
+    }
+    assert!(r["calls_per_s_ratio"].as_f64().unwrap() > 0.0, "{r}");
+}
+
+fn concurrencies(points: &[&Value]) -> Vec<u64> {
+    points
+        .iter()
+        .map(|p| p["concurrency"].as_u64().unwrap())
+        .collect()
+}
+
+#[actix_rt::test]
+async fn rpc_measures_each_concurrency() {
+    let lines = run("rpc --calls 20 --warmup 2 --concurrency 1,4").await;
+    let pts = points(&lines);
+    assert_eq!(concurrencies(&pts), [1, 4]);
+    for p in &pts {
+        check_point(p, 20);
+        assert_eq!(p["workload"], "rpc");
+        assert_eq!(p["variant"], "switchboard");
+        assert_eq!(p["profile"], "safe");
+        assert_eq!(p["queue_type"], "quorum");
+        assert_eq!(p["payload"], 256);
+        let confirm = p["confirm_p50_us"]
+            .as_u64()
+            .expect("rpc points time the confirm");
+        assert!(confirm <= p["max_us"].as_u64().unwrap(), "{p}");
+    }
+    assert!(ratios(&lines).is_empty());
+}
+
+#[actix_rt::test]
+async fn raw_measures_the_reference_with_direct_reply_to() {
+    let lines =
+        run("raw --calls 20 --warmup 2 --concurrency 1,4 --reply-mode direct --profile fast").await;
+    let pts = points(&lines);
+    assert_eq!(concurrencies(&pts), [1, 4]);
+    for p in &pts {
+        check_point(p, 20);
+        assert_eq!(p["variant"], "raw");
+        assert_eq!(p["reply_mode"], "direct");
+        assert_eq!(p["queue_type"], "classic");
+    }
+}
+
+#[actix_rt::test]
+async fn compare_alternates_both_variants_and_gives_ratios() {
+    let lines =
+        run("compare --calls 20 --warmup 2 --concurrency 1,4 --profile safe,fast --rounds 2").await;
+    let pts = points(&lines);
+    // 2 profiles x 2 rounds x 2 concurrencies x 2 variants.
+    assert_eq!(pts.len(), 16);
+    for p in &pts {
+        check_point(p, 20);
+    }
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    // Round 1 runs raw first, round 2 switchboard first.
+    assert_eq!(&variants[..4], ["raw", "switchboard", "raw", "switchboard"]);
+    assert_eq!(
+        &variants[4..8],
+        ["switchboard", "raw", "switchboard", "raw"]
+    );
+    let rs = ratios(&lines);
+    assert_eq!(rs.len(), 4, "one ratio per profile and concurrency");
+    for r in &rs {
+        check_ratio(r);
+        assert_eq!(r["rounds"], 2);
+        assert_eq!(r["round_ratios"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[actix_rt::test]
+async fn events_reach_every_subscriber_in_both_variants() {
+    let lines = run("events --events 20 --warmup 2 --rate 500 --subscribers 3").await;
+    let pts = points(&lines);
+    assert_eq!(pts.len(), 2);
+    for p in &pts {
+        check_point(p, 20);
+        assert_eq!(p["workload"], "events");
+        assert_eq!(p["concurrency"], 3);
+        assert_eq!(p["deliveries"], 60, "{p}");
+    }
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["raw", "switchboard"]);
+    let rs = ratios(&lines);
+    assert_eq!(rs.len(), 1);
+    check_ratio(rs[0]);
+}
