@@ -396,7 +396,12 @@ impl CallContext<'_> {
         st.tracker.publish_event(&event).await;
         // From here the reply finishes the stored call through the RPC
         // client's orphan sink: nothing is held in memory per pending call.
-        pending.detach();
+        // A reply that came while the call was being accepted is here.
+        if let Some(reply) = pending.detach() {
+            st.tracker
+                .complete(&self.call_id, Outcome::Reply(reply))
+                .await?;
+        }
         tracing::info!(status = "pending", "call accepted");
         Ok(accepted(st, &doc, applied))
     }

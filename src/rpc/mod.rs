@@ -378,13 +378,20 @@ impl PendingReply {
 
     /// Stops waiting here: the reply goes to the client's orphan sink (the
     /// gateway's store) instead. Holds no memory for the call from now on.
-    pub fn detach(mut self) {
-        if self.rx.take().is_some() {
-            self.router.do_send(Forget {
-                id: std::mem::take(&mut self.call_id),
-                detached: true,
-            });
-        }
+    /// Returns the reply if it came already: it is no orphan then, and the
+    /// caller must finish the call with it.
+    #[must_use = "a reply that came already is lost unless the caller uses it"]
+    pub fn detach(mut self) -> Option<Reply> {
+        let mut rx = self.rx.take()?;
+        let came = rx.try_recv().ok();
+        // Dropped before the router forgets the call: a reply routed in
+        // between finds the channel closed and goes to the orphan sink.
+        drop(rx);
+        self.router.do_send(Forget {
+            id: std::mem::take(&mut self.call_id),
+            detached: true,
+        });
+        came
     }
 
     /// Waits for the reply until the deadline.
