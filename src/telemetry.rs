@@ -34,12 +34,15 @@ pub fn new_traceparent() -> String {
 }
 
 /// The same trace with a new span id: the context to send on for one hop.
+/// A `parent` that is not a well-formed `traceparent` starts a new trace.
 pub fn child_traceparent(parent: &str) -> String {
-    let span: u64 = rand::rng().random::<u64>().max(1);
-    match parent.split('-').collect::<Vec<_>>().as_slice() {
-        [version, trace, _, flags] => format!("{version}-{trace}-{span:016x}-{flags}"),
-        _ => new_traceparent(),
+    if !is_traceparent(parent) {
+        return new_traceparent();
     }
+    let span: u64 = rand::rng().random::<u64>().max(1);
+    // In bounds: a well-formed traceparent is 55 ASCII bytes,
+    // `vv-<trace:32>-<span:16>-ff`.
+    format!("{}-{span:016x}-{}", &parent[..35], &parent[53..])
 }
 
 /// The trace id (32 hex digits) of a well-formed `traceparent`: what a log
@@ -82,5 +85,104 @@ mod tests {
             Some("0af7651916cd43dd8448eb211c80319c")
         );
         assert_eq!(super::trace_id("junk"), None);
+    }
+
+    #[test]
+    fn a_malformed_parent_starts_a_new_trace() {
+        // Found by the property tests: the child of a four-part string kept
+        // its (here all-zero, invalid) trace id.
+        let bad = "00-00000000000000000000000000000000-0000000000000000-00";
+        let child = super::child_traceparent(bad);
+        assert!(super::is_traceparent(&child), "{child}");
+        assert!(super::is_traceparent(&super::child_traceparent("a-b-c-d")));
+    }
+}
+
+/// Properties: `is_traceparent` accepts exactly W3C version-00 syntax, and
+/// a child keeps the trace.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The W3C rules, written independently: `vv-t{32}-s{16}-ff`, lowercase
+    /// hex, version not `ff`, trace and span ids not all zero.
+    fn reference(s: &str) -> bool {
+        let b = s.as_bytes();
+        let hex = |r: std::ops::Range<usize>| {
+            b[r].iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        };
+        let zero = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+        b.len() == 55
+            && b[2] == b'-'
+            && b[35] == b'-'
+            && b[52] == b'-'
+            && hex(0..2)
+            && hex(3..35)
+            && hex(36..52)
+            && hex(53..55)
+            && &b[0..2] != b"ff"
+            && !zero(3..35)
+            && !zero(36..52)
+    }
+
+    fn field(n: usize) -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::collection::vec(prop::sample::select(b"0123456789abcdef".to_vec()), n)
+                .prop_map(|v| String::from_utf8(v).unwrap_or_default()),
+            1 => Just("0".repeat(n)),
+            1 => Just("f".repeat(n)),
+            1 => prop::collection::vec(prop::sample::select(b"0123456789abcdefABCDEFg-x ".to_vec()), n.saturating_sub(1)..=n + 1)
+                .prop_map(|v| String::from_utf8(v).unwrap_or_default()),
+            1 => any::<String>(),
+        ]
+    }
+
+    fn candidate() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (field(2), field(32), field(16), field(2))
+                .prop_map(|(v, t, s, f)| format!("{v}-{t}-{s}-{f}")),
+            1 => any::<String>(),
+            1 => "[0-9a-f-]{50,60}",
+        ]
+    }
+
+    fn valid() -> impl Strategy<Value = (u8, u128, u64, u8)> {
+        (
+            (0u8..=254),
+            (1u128..=u128::MAX),
+            (1u64..=u64::MAX),
+            any::<u8>(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn accepts_exactly_the_w3c_syntax(s in candidate()) {
+            prop_assert_eq!(is_traceparent(&s), reference(&s), "{:?}", s);
+        }
+
+        #[test]
+        fn a_valid_traceparent_parses_and_its_child_keeps_the_trace(
+            (version, trace, span, flags) in valid(),
+        ) {
+            let tp = format!("{version:02x}-{trace:032x}-{span:016x}-{flags:02x}");
+            prop_assert!(is_traceparent(&tp), "{}", tp);
+            let child = child_traceparent(&tp);
+            prop_assert!(is_traceparent(&child), "{}", child);
+            prop_assert_eq!(&child[..36], &tp[..36]);
+            prop_assert_eq!(&child[52..], &tp[52..]);
+        }
+
+        #[test]
+        fn a_child_is_always_a_valid_traceparent(s in candidate()) {
+            let child = child_traceparent(&s);
+            prop_assert!(is_traceparent(&child), "{:?} gave {:?}", s, child);
+            if is_traceparent(&s) {
+                prop_assert_eq!(&child[..36], &s[..36]);
+            }
+        }
     }
 }

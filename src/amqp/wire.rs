@@ -33,6 +33,10 @@ pub const EXT_CALLER: &str = "switchboardcaller";
 pub const APP_ID: &str = "switchboard";
 /// `delivery_mode` of a persistent message.
 pub const PERSISTENT: u8 = 2;
+/// Longest AMQP short string, in bytes: the content type, correlation and
+/// message ids, `type`, `reply_to` and routing keys are short strings, and
+/// lapin panics on a longer one, so whatever fills them is checked first.
+pub const MAX_SHORT_STRING: usize = 255;
 
 /// The names of everything switchboard declares, under one prefix.
 #[derive(Debug, Clone)]
@@ -238,7 +242,15 @@ pub fn is_expired(props: &BasicProperties, now_ms: u64) -> bool {
         .as_ref()
         .and_then(|e| e.as_str().parse::<u64>().ok());
     match (props.timestamp(), ttl) {
-        (Some(ts), Some(ttl)) => ts.saturating_mul(1000).saturating_add(ttl) + 999 < now_ms,
+        // Saturating throughout: `timestamp` is whatever the publisher put
+        // there, and an overflow here would panic (debug) or wrap to "long
+        // expired" (release).
+        (Some(ts), Some(ttl)) => {
+            ts.saturating_mul(1000)
+                .saturating_add(ttl)
+                .saturating_add(999)
+                < now_ms
+        }
         _ => false,
     }
 }
@@ -311,5 +323,212 @@ mod tests {
         assert!(!is_expired(&p, now));
         assert!(is_expired(&p, now + 10_000));
         assert_eq!(p.message_id().as_ref().map(|m| m.as_str()), Some("c"));
+    }
+
+    #[test]
+    fn a_timestamp_near_the_end_of_time_does_not_overflow() {
+        // Found by the property tests: a peer's timestamp of ~u64::MAX/1000
+        // s and a TTL overflowed the sum (a panic in a debug build, and in
+        // release a wrap that dropped the request as long expired).
+        let p = BasicProperties::default()
+            .with_timestamp(18_446_736_746_353_776)
+            .with_expiration("7327355775000".into());
+        assert!(!is_expired(&p, 0));
+        assert!(!is_expired(&p, now_ms()));
+        let p = BasicProperties::default()
+            .with_timestamp(u64::MAX)
+            .with_expiration("1".into());
+        assert!(!is_expired(&p, u64::MAX - 1));
+    }
+}
+
+/// Properties over whatever a foreign peer can put in a message's
+/// properties: nothing panics, statuses are read exactly as documented.
+#[cfg(test)]
+mod props {
+    use deadpool_lapin::lapin::types::{DecimalValue, FieldArray, LongString};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Text that is often a status, or nearly one.
+    fn status_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9]{1,4}",
+            "[ +-]?[0-9]{1,6} ?",
+            "[0-9]{1,3}\\.[0-9]",
+            "[0-9]{19,22}",
+            "[ -~]{0,12}",
+            any::<String>().prop_map(|s| s.chars().take(60).collect()),
+        ]
+    }
+
+    /// Any AMQP field value, tables and arrays nested a little.
+    fn value() -> impl Strategy<Value = AMQPValue> {
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(AMQPValue::Boolean),
+            any::<i8>().prop_map(AMQPValue::ShortShortInt),
+            any::<u8>().prop_map(AMQPValue::ShortShortUInt),
+            any::<i16>().prop_map(AMQPValue::ShortInt),
+            any::<u16>().prop_map(AMQPValue::ShortUInt),
+            any::<i32>().prop_map(AMQPValue::LongInt),
+            any::<u32>().prop_map(AMQPValue::LongUInt),
+            any::<i64>().prop_map(AMQPValue::LongLongInt),
+            (90i64..700).prop_map(AMQPValue::LongLongInt),
+            any::<f32>().prop_map(AMQPValue::Float),
+            any::<f64>().prop_map(AMQPValue::Double),
+            (90.0f64..700.0).prop_map(|f| AMQPValue::Double(f.trunc())),
+            (any::<u8>(), any::<u32>())
+                .prop_map(|(scale, value)| AMQPValue::DecimalValue(DecimalValue { scale, value })),
+            status_text().prop_map(|s| AMQPValue::ShortString(s.into())),
+            status_text().prop_map(|s| AMQPValue::LongString(s.into())),
+            prop::collection::vec(any::<u8>(), 0..64)
+                .prop_map(|b| AMQPValue::LongString(LongString::from(b))),
+            any::<u64>().prop_map(AMQPValue::Timestamp),
+            prop::collection::vec(any::<u8>(), 0..16).prop_map(|b| AMQPValue::ByteArray(b.into())),
+            Just(AMQPValue::Void),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| AMQPValue::FieldArray(FieldArray::from(v))),
+                prop::collection::vec(("[a-z-]{1,8}", inner), 0..4).prop_map(|kv| {
+                    let mut t = FieldTable::default();
+                    for (k, v) in kv {
+                        t.insert(k.into(), v);
+                    }
+                    AMQPValue::FieldTable(t)
+                }),
+            ]
+        })
+    }
+
+    fn with_header(name: &str, value: Option<AMQPValue>) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert("other".into(), AMQPValue::Boolean(true));
+        if let Some(v) = value {
+            h.insert(name.into(), v);
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    /// A decimal string: optional surrounding whitespace and sign, then
+    /// ASCII digits only.
+    fn decimal(bytes: &[u8]) -> Option<i64> {
+        let s = std::str::from_utf8(bytes).ok()?.trim();
+        let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    }
+
+    /// The documented reading of `x-status`, written independently.
+    fn reference_status(v: Option<&AMQPValue>) -> Result<u16, MalformedStatus> {
+        let n = match v {
+            None => return Ok(200),
+            Some(AMQPValue::ShortShortInt(x)) => Some(i64::from(*x)),
+            Some(AMQPValue::ShortShortUInt(x)) => Some(i64::from(*x)),
+            Some(AMQPValue::ShortInt(x)) => Some(i64::from(*x)),
+            Some(AMQPValue::ShortUInt(x)) => Some(i64::from(*x)),
+            Some(AMQPValue::LongInt(x)) => Some(i64::from(*x)),
+            Some(AMQPValue::LongUInt(x)) => Some(i64::from(*x)),
+            Some(AMQPValue::LongLongInt(x)) => Some(*x),
+            Some(AMQPValue::LongString(s)) => decimal(s.as_bytes()),
+            Some(AMQPValue::ShortString(s)) => decimal(s.as_str().as_bytes()),
+            Some(_) => None,
+        };
+        match n {
+            Some(n) if (100..=599).contains(&n) => Ok(n as u16),
+            _ => Err(MalformedStatus),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn reply_status_reads_exactly_the_documented_values(v in prop::option::of(value())) {
+            let props = with_header(HEADER_STATUS, v.clone());
+            prop_assert_eq!(reply_status(&props), reference_status(v.as_ref()), "{:?}", v);
+        }
+
+        #[test]
+        fn every_status_a_worker_sends_reads_back(status in 100u16..=599) {
+            let props = reply_properties(None, status, CONTENT_PROBLEM, None);
+            prop_assert_eq!(reply_status(&props), Ok(status));
+        }
+
+        #[test]
+        fn header_readers_never_panic_and_read_only_their_kind(v in value()) {
+            let props = with_header("h", Some(v.clone()));
+            let text = header_str(&props, "h");
+            match &v {
+                AMQPValue::ShortString(s) => prop_assert_eq!(text, Some(s.as_str())),
+                AMQPValue::LongString(s) => {
+                    prop_assert_eq!(text, std::str::from_utf8(s.as_bytes()).ok())
+                }
+                _ => prop_assert_eq!(text, None),
+            }
+            let _ = header_int(&props, "h");
+            prop_assert_eq!(header_str(&props, "missing"), None);
+            prop_assert_eq!(header_int(&props, "missing"), None);
+        }
+
+        #[test]
+        fn expiry_never_panics_and_never_comes_undone(
+            deadline in prop::option::of(value()),
+            timestamp in prop::option::of(prop_oneof![any::<u64>(), Just(u64::MAX), (u64::MAX - 10_000)..=u64::MAX]),
+            expiration in prop::option::of(prop_oneof!["[0-9]{1,20}", "[ -~]{0,8}"]),
+            now in any::<u64>(),
+            later in any::<u64>(),
+        ) {
+            let mut props = with_header(HEADER_DEADLINE, deadline);
+            if let Some(ts) = timestamp {
+                props = props.with_timestamp(ts);
+            }
+            if let Some(e) = expiration {
+                props = props.with_expiration(e.into());
+            }
+            let later = now.saturating_add(later);
+            if is_expired(&props, now) {
+                prop_assert!(is_expired(&props, later), "expired at {now}, not at {later}");
+            }
+        }
+
+        #[test]
+        fn without_a_deadline_or_a_complete_ttl_nothing_expires(
+            timestamp in prop::option::of(any::<u64>()),
+            now in any::<u64>(),
+        ) {
+            let mut props = BasicProperties::default();
+            if let Some(ts) = timestamp {
+                props = props.with_timestamp(ts);
+            }
+            prop_assert!(!is_expired(&props, now));
+        }
+
+        #[test]
+        fn content_type_is_passed_through(ct in prop::option::of("[ -~]{0,255}")) {
+            let mut props = BasicProperties::default();
+            if let Some(c) = &ct {
+                props = props.with_content_type(c.as_str().into());
+            }
+            prop_assert_eq!(
+                content_type(&props),
+                ct.as_deref().unwrap_or("application/octet-stream")
+            );
+        }
+
+        #[test]
+        fn problem_bodies_are_json_with_what_was_given(
+            status in any::<u16>(),
+            title in any::<String>(),
+            detail in prop::option::of(any::<String>()),
+        ) {
+            let doc: serde_json::Value = serde_json::from_slice(&problem_body(status, &title, detail.as_deref()))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(&doc["status"], status);
+            prop_assert_eq!(&doc["title"], title.as_str());
+            prop_assert_eq!(doc.get("detail").and_then(|d| d.as_str()), detail.as_deref());
+        }
     }
 }

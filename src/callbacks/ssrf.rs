@@ -93,6 +93,12 @@ fn check_syntax(url: &str) -> Result<Url, CallbackUrlError> {
         url::ParseError::EmptyHost => CallbackUrlError::NoHost,
         _ => CallbackUrlError::Invalid,
     })?;
+    // Parsing percent-encodes spaces, quotes, `<`... so the URL as stored
+    // and delivered may be longer than the text given: bound that too, or a
+    // URL accepted here is refused at delivery.
+    if parsed.as_str().len() > MAX_URL_LEN {
+        return Err(CallbackUrlError::TooLong { max: MAX_URL_LEN });
+    }
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(CallbackUrlError::Scheme);
     }
@@ -354,6 +360,14 @@ mod tests {
             check_url(&long, true).await.unwrap_err(),
             CallbackUrlError::TooLong { max: MAX_URL_LEN }
         );
+        // Short enough as given, too long once its quotes are encoded (found
+        // by the property tests: accepted, then refused at every delivery).
+        let quotes = format!("https://example.com/{}", "\"".repeat(1000));
+        assert!(quotes.len() <= MAX_URL_LEN);
+        assert_eq!(
+            check_url(&quotes, true).await.unwrap_err(),
+            CallbackUrlError::TooLong { max: MAX_URL_LEN }
+        );
         // allow_private: syntax only, no resolution.
         let ok = check_url("https://example.invalid:8443/hook?x=1", true)
             .await
@@ -406,5 +420,188 @@ mod tests {
             .err()
             .expect("localhost is refused");
         assert!(ForbiddenAddress::is_in(err.as_ref()));
+    }
+}
+
+/// Properties: the address filter agrees with a reference classification
+/// written from the list in [`is_forbidden`]'s doc, and the URL checks never
+/// panic and agree with each other.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Forbidden IPv4 networks (address, prefix length), as documented.
+    const V4_FORBIDDEN: &[(u32, u32)] = &[
+        (0x0000_0000, 8),  // 0/8 "this network"
+        (0x0a00_0000, 8),  // 10/8
+        (0x6440_0000, 10), // 100.64/10 CGNAT
+        (0x7f00_0000, 8),  // 127/8 loopback
+        (0xa9fe_0000, 16), // 169.254/16 link-local
+        (0xac10_0000, 12), // 172.16/12
+        (0xc0a8_0000, 16), // 192.168/16
+        (0xe000_0000, 4),  // 224/4 multicast
+        (0xf000_0000, 4),  // 240/4 reserved, and the broadcast address
+    ];
+
+    fn in_v4(ip: u32, (net, len): (u32, u32)) -> bool {
+        ip >> (32 - len) == net >> (32 - len)
+    }
+
+    fn reference_v4(ip: u32) -> bool {
+        V4_FORBIDDEN.iter().any(|n| in_v4(ip, *n))
+    }
+
+    fn in_v6(ip: u128, net: u128, len: u32) -> bool {
+        ip >> (128 - len) == net >> (128 - len)
+    }
+
+    fn reference_v6(ip: u128) -> bool {
+        let low32 = ip as u32;
+        ip == 0 // unspecified
+            || ip == 1 // loopback
+            || in_v6(ip, 0xff00 << 112, 8) // multicast
+            || in_v6(ip, 0xfc00 << 112, 7) // unique local
+            || in_v6(ip, 0xfe80 << 112, 10) // link-local
+            || in_v6(ip, 0xfec0 << 112, 10) // site-local
+            // IPv4 embedded: mapped, compatible, NAT64 well-known prefix.
+            || ((in_v6(ip, 0xffff << 32, 96) || in_v6(ip, 0, 96) || in_v6(ip, 0x64_ff9b << 96, 96))
+                && reference_v4(low32))
+    }
+
+    /// Any IPv4 address, biased towards the edges of the forbidden
+    /// networks and their neighbours.
+    fn v4() -> impl Strategy<Value = u32> {
+        let edges: Vec<u32> = V4_FORBIDDEN
+            .iter()
+            .flat_map(|(net, len)| {
+                let size = 1u64 << (32 - len);
+                let end = (u64::from(*net) + size - 1) as u32;
+                [net.wrapping_sub(1), *net, end, end.wrapping_add(1)]
+            })
+            .collect();
+        prop_oneof![
+            any::<u32>(),
+            prop::sample::select(edges.clone()),
+            (prop::sample::select(edges), 0u32..256).prop_map(|(e, d)| e ^ d),
+        ]
+    }
+
+    /// Any IPv6 address, biased towards the special prefixes.
+    fn v6() -> impl Strategy<Value = u128> {
+        let prefixes: Vec<(u128, u32)> = vec![
+            (0, 96),
+            (0xffff << 32, 96),
+            (0x64_ff9b << 96, 96),
+            (0x64_ff9b << 96, 64),
+            (0xfc00 << 112, 7),
+            (0xfe80 << 112, 10),
+            (0xfec0 << 112, 10),
+            (0xff00 << 112, 8),
+            (0xfe00 << 112, 7),
+            (0x2001_0db8 << 96, 32),
+            (0x2002 << 112, 16),
+            (0, 120),
+        ];
+        prop_oneof![
+            any::<u128>(),
+            (prop::sample::select(prefixes), any::<u128>(), v4()).prop_map(
+                |((net, len), host, v4)| {
+                    let host_mask = u128::MAX >> len;
+                    let host = if len >= 96 { u128::from(v4) } else { host };
+                    (net & !host_mask) | (host & host_mask)
+                }
+            ),
+        ]
+    }
+
+    /// Text that is often close to a callback URL.
+    fn url_like() -> impl Strategy<Value = String> {
+        let scheme = prop_oneof![
+            Just("http://"),
+            Just("https://"),
+            Just("HTTP://"),
+            Just("ftp://"),
+            Just("file://"),
+            Just("http:"),
+            Just(""),
+        ];
+        let host = prop_oneof![
+            Just("example.com".to_owned()),
+            Just("[::1]".to_owned()),
+            Just("127.0.0.1".to_owned()),
+            Just("0x7f.1".to_owned()),
+            Just("user:pw@example.com".to_owned()),
+            Just("".to_owned()),
+            "[a-z0-9.:\\[\\]@%-]{0,24}",
+            any::<String>(),
+        ];
+        let rest = prop_oneof![
+            "(:[0-9]{0,6})?(/[ -~]{0,40})?",
+            any::<String>(),
+            // Long paths whose characters may be percent-encoded on parsing.
+            "/[ -~]{1800,2040}",
+        ];
+        (scheme, host, rest).prop_map(|(s, h, r)| format!("{s}{h}{r}"))
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime")
+            .block_on(f)
+    }
+
+    proptest! {
+        #[test]
+        fn ipv4_classification_matches_the_reference(ip in v4()) {
+            prop_assert_eq!(is_forbidden(Ipv4Addr::from(ip).into()), reference_v4(ip), "{}", Ipv4Addr::from(ip));
+        }
+
+        #[test]
+        fn ipv6_classification_matches_the_reference(ip in v6()) {
+            prop_assert_eq!(is_forbidden(Ipv6Addr::from(ip).into()), reference_v6(ip), "{}", Ipv6Addr::from(ip));
+        }
+
+        /// A URL accepted when the call is made is also accepted when its
+        /// callback is delivered, and is within the length bound as stored.
+        #[test]
+        fn an_accepted_url_passes_the_delivery_check(url in url_like()) {
+            // allow_private: syntax only, so no name is ever resolved here.
+            if let Ok(parsed) = block_on(check_url(&url, true)) {
+                prop_assert!(parsed.as_str().len() <= MAX_URL_LEN, "{} bytes as stored", parsed.as_str().len());
+                prop_assert_eq!(check_target(&parsed, true), Ok(()));
+                prop_assert!(matches!(parsed.scheme(), "http" | "https"));
+            }
+        }
+
+        /// An IP literal is refused exactly when its address is forbidden,
+        /// at acceptance and at delivery alike.
+        #[test]
+        fn ip_literals_are_refused_exactly_when_forbidden(
+            ip in prop_oneof![
+                v4().prop_map(|a| IpAddr::from(Ipv4Addr::from(a))),
+                v6().prop_map(|a| IpAddr::from(Ipv6Addr::from(a))),
+            ],
+            port in prop::option::of(any::<u16>()),
+        ) {
+            let host = match ip {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("[{a}]"),
+            };
+            let url = match port {
+                Some(p) => format!("https://{host}:{p}/hook"),
+                None => format!("http://{host}/hook"),
+            };
+            let accepted = block_on(check_url(&url, false));
+            if is_forbidden(ip) {
+                prop_assert_eq!(accepted, Err(CallbackUrlError::Forbidden));
+            } else {
+                let parsed = accepted.map_err(|e| TestCaseError::fail(format!("{url}: {e}")))?;
+                prop_assert_eq!(check_target(&parsed, false), Ok(()));
+            }
+        }
     }
 }

@@ -160,3 +160,93 @@ mod tests {
         assert!(j.get("body").is_none());
     }
 }
+
+/// Properties: any reply body under any content type makes a result
+/// document, with exactly one of `body` and `body_base64`, losing no byte.
+#[cfg(test)]
+mod props {
+    use base64::Engine;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn content_type() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("application/json".to_owned()),
+            Just("Application/JSON; charset=utf-8".to_owned()),
+            Just("application/problem+json".to_owned()),
+            Just("text/plain".to_owned()),
+            Just("application/octet-stream".to_owned()),
+            Just("".to_owned()),
+            "[a-z]{1,8}/[a-z+.-]{1,12}(; ?[a-z]{1,8}=[a-z0-9-]{1,8})?",
+            any::<String>(),
+        ]
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            any::<Vec<u8>>(),
+            any::<String>().prop_map(String::into_bytes),
+            Just(br#"{"a":[1,2.5,"x",null,true],"b":{"c":"\u00e9"}}"#.to_vec()),
+            Just(b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".to_vec()),
+            Just(b"\"\\ud800\"".to_vec()),
+            Just(b"1e400".to_vec()),
+            Just(vec![b'{', 0xff, b'}']),
+            (0usize..3000).prop_map(|n| "[".repeat(n).into_bytes()),
+        ]
+    }
+
+    /// The essence of a content type is `application/json` or ends with
+    /// `+json`, case aside.
+    fn reference_is_json(ct: &str) -> bool {
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        essence == "application/json" || essence.ends_with("+json")
+    }
+
+    proptest! {
+        #[test]
+        fn every_body_is_kept_whole_in_exactly_one_form(
+            ct in content_type(),
+            body in body(),
+            status in any::<u16>(),
+        ) {
+            let r = StoredResult { status, content_type: ct.clone(), body: body.clone() };
+            let doc = ResultDocument::of(&r);
+            prop_assert_eq!(doc.status, status);
+            prop_assert_eq!(&doc.content_type, &ct);
+            match (&doc.body, &doc.body_base64) {
+                (Some(Value::String(text)), None) if !is_json(&ct) || serde_json::from_slice::<Value>(&body).is_err() => {
+                    prop_assert_eq!(text.as_bytes(), &body[..]);
+                }
+                (Some(v), None) => {
+                    prop_assert!(is_json(&ct));
+                    let parsed: Value = serde_json::from_slice(&body).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(v, &parsed);
+                }
+                (None, Some(b64)) => {
+                    prop_assert!(std::str::from_utf8(&body).is_err());
+                    let back = base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert_eq!(back, body);
+                }
+                other => prop_assert!(false, "not exactly one form: {:?}", other),
+            }
+            // And it serializes, as every status document must.
+            let json = serde_json::to_vec(&doc).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back: Value = serde_json::from_slice(&json).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(back.get("body").is_some(), doc.body.is_some());
+            prop_assert_eq!(back.get("body_base64").is_some(), doc.body_base64.is_some());
+        }
+
+        #[test]
+        fn is_json_matches_the_reference(ct in content_type()) {
+            prop_assert_eq!(is_json(&ct), reference_is_json(&ct));
+        }
+    }
+}

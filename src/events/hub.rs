@@ -120,6 +120,33 @@ fn position(epoch: &str, seq: u64) -> String {
     format!("{epoch}-{seq}")
 }
 
+/// The events of `history` after the position `last_event_id`, for a hub
+/// of epoch `epoch` whose last event is `seq`; `None` when that position is
+/// unknown (other epoch, malformed, too old, or ahead). Takes client input:
+/// never panics.
+fn replay(
+    epoch: &str,
+    seq: u64,
+    history: &VecDeque<Arc<HubEvent>>,
+    last_event_id: &str,
+) -> Option<Vec<Arc<HubEvent>>> {
+    let (last_epoch, last) = last_event_id.trim().rsplit_once('-')?;
+    if last_epoch != epoch {
+        return None;
+    }
+    let last: u64 = last.parse().ok()?;
+    if last > seq {
+        return None;
+    }
+    // The event right after `last` must still be in the history (or not
+    // have happened yet), else some were lost.
+    let oldest = history.front().map_or(seq.saturating_add(1), |e| e.seq);
+    if last.saturating_add(1) < oldest {
+        return None;
+    }
+    Some(history.iter().filter(|e| e.seq > last).cloned().collect())
+}
+
 /// Which events a session wants. Empty: all of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EventFilter {
@@ -368,27 +395,7 @@ impl EventHub {
     /// The events to replay after `last_event_id`, or `None` when that
     /// position is unknown here (other epoch, malformed, too old, or ahead).
     fn replay_after(&self, last_event_id: &str) -> Option<Vec<Arc<HubEvent>>> {
-        let (epoch, seq) = last_event_id.trim().rsplit_once('-')?;
-        if epoch != self.epoch {
-            return None;
-        }
-        let seq: u64 = seq.parse().ok()?;
-        if seq > self.seq {
-            return None;
-        }
-        // The event right after `seq` must still be in the history (or not
-        // have happened yet), else some were lost.
-        let oldest = self.history.front().map_or(self.seq + 1, |e| e.seq);
-        if seq + 1 < oldest {
-            return None;
-        }
-        Some(
-            self.history
-                .iter()
-                .filter(|e| e.seq > seq)
-                .cloned()
-                .collect(),
-        )
+        replay(&self.epoch, self.seq, &self.history, last_event_id)
     }
 
     fn set_sessions_gauge(&self) {
@@ -655,5 +662,70 @@ mod tests {
         assert!(!f(Some("users."), None).matches(&ev));
         assert!(f(Some("orders"), Some("o1")).matches(&ev));
         assert!(!f(None, Some("o2")).matches(&ev));
+    }
+}
+
+/// Properties of resuming: any `Last-Event-ID` is safe, and a known position
+/// replays exactly the events after it.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const EPOCH: &str = "00c0ffee00c0ffee";
+
+    /// A hub's history after `seq` events, keeping the last `kept`.
+    fn history(seq: u64, kept: u64) -> VecDeque<Arc<HubEvent>> {
+        (seq - kept.min(seq) + 1..=seq)
+            .map(|n| {
+                Arc::new(HubEvent {
+                    seq: n,
+                    position: position(EPOCH, n),
+                    ty: "t".into(),
+                    subject: None,
+                    caller: None,
+                    json: Bytes::new(),
+                })
+            })
+            .collect()
+    }
+
+    fn last_event_id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            "[0-9a-f]{0,17}-[0-9+-]{0,21}",
+            (0u64..80).prop_map(|n| position(EPOCH, n)),
+            (0u64..80).prop_map(|n| position("0123456789abcdef", n)),
+            (0u64..80).prop_map(|n| format!(" {EPOCH}-{n}\t")),
+            Just(format!("{EPOCH}-{}", u64::MAX)),
+            Just(format!("{EPOCH}-18446744073709551616")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_last_event_id_is_safe(seq in 0u64..60, kept in 0u64..40, last in last_event_id()) {
+            let h = history(seq, kept);
+            if let Some(events) = replay(EPOCH, seq, &h, &last) {
+                // Known: this epoch, not ahead, nothing lost in between.
+                let (_, n) = last.trim().rsplit_once('-').unwrap_or_default();
+                let n: u64 = n.parse().map_err(|_| TestCaseError::fail("known but not a number"))?;
+                prop_assert!(n <= seq);
+                let want: Vec<u64> = (n + 1..=seq).collect();
+                let got: Vec<u64> = events.iter().map(|e| e.seq).collect();
+                prop_assert_eq!(got, want, "no loss, no repeat");
+            }
+        }
+
+        #[test]
+        fn a_position_given_out_resumes_unless_too_old(seq in 0u64..60, kept in 0u64..40, at in 0u64..70) {
+            let h = history(seq, kept);
+            let got = replay(EPOCH, seq, &h, &position(EPOCH, at));
+            let oldest = seq - kept.min(seq) + 1;
+            let known = at <= seq && at + 1 >= oldest;
+            prop_assert_eq!(got.is_some(), known);
+            prop_assert_eq!(replay("ffffffffffffffff", seq, &h, &position(EPOCH, at)), None);
+        }
     }
 }

@@ -151,3 +151,98 @@ mod tests {
         }
     }
 }
+
+/// Properties: any `Authorization` bytes are safe, and only a configured
+/// token, presented as a bearer token, names a caller.
+#[cfg(test)]
+mod props {
+    use actix_web::http::header::HeaderValue;
+    use actix_web::test::TestRequest;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const TOKENS: &[(&str, &str)] = &[
+        ("billing", "billing-token-0123456789"),
+        ("ops", "ops-token-0123456789abc"),
+    ];
+
+    fn auth() -> Auth {
+        let tokens = TOKENS
+            .iter()
+            .map(|(name, token)| {
+                (
+                    name.to_string(),
+                    TokenSettings {
+                        token: token.to_string(),
+                        services: vec!["*".into()],
+                    },
+                )
+            })
+            .collect();
+        Auth::new(&tokens)
+    }
+
+    fn caller_of(bytes: &[u8]) -> Option<Result<Caller, ApiError>> {
+        // Not every byte string is a header value (no CR, LF, NUL...).
+        let value = HeaderValue::from_bytes(bytes).ok()?;
+        let req = TestRequest::default()
+            .insert_header((header::AUTHORIZATION, value))
+            .to_http_request();
+        Some(auth().caller(&req))
+    }
+
+    fn header_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop::sample::select(TOKENS.iter().map(|(_, t)| *t).collect::<Vec<_>>());
+        prop_oneof![
+            any::<Vec<u8>>(),
+            (
+                "(?i:bearer|basic|token)?",
+                "[ \t]{0,3}",
+                token,
+                prop::collection::vec(any::<u8>(), 0..3),
+            )
+                .prop_map(|(s, sp, t, tail)| {
+                    let mut v = format!("{s}{sp}{t}").into_bytes();
+                    v.extend(tail);
+                    v
+                }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn only_a_configured_bearer_token_names_a_caller(bytes in header_bytes()) {
+            if let Some(res) = caller_of(&bytes) {
+                match res {
+                    Ok(c) => {
+                        let token = TOKENS
+                            .iter()
+                            .find(|(name, _)| *name == c.name)
+                            .map(|(_, t)| *t)
+                            .unwrap_or_default();
+                        let text = std::str::from_utf8(&bytes).unwrap_or_default();
+                        let (scheme, rest) = text.trim().split_once(' ').unwrap_or_default();
+                        prop_assert!(scheme.eq_ignore_ascii_case("bearer"), "{:?}", text);
+                        prop_assert_eq!(rest.trim(), token);
+                    }
+                    Err(e) => prop_assert!(matches!(e, ApiError::Unauthorized)),
+                }
+            }
+        }
+
+        #[test]
+        fn a_bearer_token_in_any_case_and_spacing_is_accepted(
+            scheme in "(?i:bearer)",
+            before in "[ ]{0,2}",
+            between in "[ ]{1,3}",
+            after in "[ \t]{0,2}",
+            i in 0..TOKENS.len(),
+        ) {
+            let (name, token) = TOKENS[i];
+            let header = format!("{before}{scheme}{between}{token}{after}");
+            let got = caller_of(header.as_bytes()).map(|r| r.map(|c| c.name));
+            prop_assert_eq!(got.map(|r| r.ok()), Some(Some(name.to_owned())), "{:?}", header);
+        }
+    }
+}

@@ -92,9 +92,29 @@ fn accepted(st: &AppState, doc: &StatusDocument, applied: Option<&str>) -> HttpR
 }
 
 /// The reply as a synchronous answer: its status, content type and body,
-/// plus `Call-Id`.
+/// plus `Call-Id`. The reply comes from whoever published it, so what HTTP
+/// cannot carry is not passed on: an informational status (1xx) is no final
+/// answer, and is a 502 as for any invalid reply; a content type that is no
+/// valid header value (control characters) becomes
+/// `application/octet-stream`.
 fn reply_response(id: &str, status: u16, content_type: &str, body: Bytes) -> HttpResponse {
-    HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY))
+    let Some(status) = StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| !s.is_informational())
+    else {
+        let problem = wire::problem_body(
+            502,
+            "Bad Gateway",
+            Some("the service replied with a status that is not a final HTTP status"),
+        );
+        return HttpResponse::BadGateway()
+            .insert_header(("Call-Id", id))
+            .insert_header((header::CONTENT_TYPE, wire::CONTENT_PROBLEM))
+            .body(problem);
+    };
+    let content_type = header::HeaderValue::from_str(content_type)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("application/octet-stream"));
+    HttpResponse::build(status)
         .insert_header(("Call-Id", id))
         .insert_header((header::CONTENT_TYPE, content_type))
         .body(body)
@@ -162,11 +182,15 @@ pub async fn start_call(
         return Err(ApiError::NotFound(format!("no service named {service:?}")));
     };
     caller.check(&service)?;
-    let prefs = headers::parse_prefer(
-        req.headers()
-            .get_all("prefer")
-            .filter_map(|v| v.to_str().ok()),
-    )?;
+    // Read lossily rather than skipped when not visible ASCII: obs-text is
+    // allowed in a quoted-string, and an unknown preference that has some
+    // must not hide the `wait` or `respond-async` beside it.
+    let prefer: Vec<_> = req
+        .headers()
+        .get_all("prefer")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .collect();
+    let prefs = headers::parse_prefer(prefer.iter().map(|v| v.as_ref()))?;
     let idem_key = header_str(&req, "idempotency-key")?.map(str::to_owned);
     if let Some(k) = &idem_key {
         headers::check_idempotency_key(k)?;
@@ -189,6 +213,7 @@ pub async fn start_call(
         .filter(|c| !c.is_empty())
         .unwrap_or(wire::CONTENT_JSON)
         .to_owned();
+    headers::check_content_type(&content_type)?;
     let body = read_body(&req, payload, st.gateway.payload_limit_bytes).await?;
     let call_id = uuid::Uuid::now_v7().to_string();
     let traceparent = trace_context(&req);
@@ -396,7 +421,7 @@ impl CallContext<'_> {
         st.tracker.publish_event(&event).await;
         // From here the reply finishes the stored call through the RPC
         // client's orphan sink: nothing is held in memory per pending call.
-        // A reply that came while the call was being accepted is here.
+        // A reply that came already is stored here.
         if let Some(reply) = pending.detach() {
             st.tracker
                 .complete(&self.call_id, Outcome::Reply(reply))
@@ -530,10 +555,16 @@ pub async fn get_call(
         Some(w) => headers::parse_seconds(w, "wait")?.min(st.gateway.max_wait_s),
         None => 0,
     };
-    // Watch before reading, so an end between the read and the wait is seen.
-    let watch = (wait > 0).then(|| st.tracker.watch(&id)).flatten();
     let call = caller_call(&st, &caller, &id).await?;
     if call.status.is_terminal() || wait == 0 {
+        return Ok(document_response(&st, &call));
+    }
+    // Only a pending call of this caller is watched: an id that names no
+    // call (of any length) leaves no watcher behind. Watch, then read
+    // again, so an end between the first read and the watch is seen.
+    let watch = st.tracker.watch(&id);
+    let call = caller_call(&st, &caller, &id).await?;
+    if call.status.is_terminal() {
         return Ok(document_response(&st, &call));
     }
     if let Some(rx) = watch {

@@ -264,6 +264,21 @@ impl RpcClient {
             .call_id
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // These travel as AMQP short strings, on which lapin panics when
+        // longer than 255 bytes: refuse them here instead.
+        for (what, s) in [
+            ("service name", call.service.as_str()),
+            ("content type", &call.content_type),
+            ("call id", &call_id),
+            ("message id", call.message_id.as_deref().unwrap_or_default()),
+        ] {
+            if s.len() > wire::MAX_SHORT_STRING {
+                return Err(Error::Malformed(format!(
+                    "the {what} is longer than {} bytes",
+                    wire::MAX_SHORT_STRING
+                )));
+            }
+        }
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
         let deadline = Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
@@ -377,21 +392,20 @@ impl PendingReply {
     }
 
     /// Stops waiting here: the reply goes to the client's orphan sink (the
-    /// gateway's store) instead. Holds no memory for the call from now on.
-    /// Returns the reply if it came already: it is no orphan then, and the
-    /// caller must finish the call with it.
-    #[must_use = "a reply that came already is lost unless the caller uses it"]
+    /// gateway's store) instead, and nothing is held for the call from now
+    /// on. A reply that already arrived is returned: the caller must hand it
+    /// on itself.
+    #[must_use = "a reply that already arrived is returned, not sent to the sink"]
     pub fn detach(mut self) -> Option<Reply> {
         let mut rx = self.rx.take()?;
-        let came = rx.try_recv().ok();
-        // Dropped before the router forgets the call: a reply routed in
-        // between finds the channel closed and goes to the orphan sink.
-        drop(rx);
-        self.router.do_send(Forget {
-            id: std::mem::take(&mut self.call_id),
-            detached: true,
-        });
-        came
+        let arrived = rx.try_recv().ok();
+        if arrived.is_none() {
+            self.router.do_send(Forget {
+                id: std::mem::take(&mut self.call_id),
+                detached: true,
+            });
+        }
+        arrived
     }
 
     /// Waits for the reply until the deadline.

@@ -368,3 +368,53 @@ pub async fn kill_connections(instance: &str) -> usize {
     }
     killed
 }
+
+/// A foreign AMQP client, as a RabbitMQ tutorial-6 program is: its own
+/// connection and channel, an exclusive server-named reply queue, and a
+/// no-ack consumer of it tagged `tag`.
+pub struct Foreign {
+    pub conn: deadpool_lapin::lapin::Connection,
+    pub channel: deadpool_lapin::lapin::Channel,
+    pub reply_queue: deadpool_lapin::lapin::types::ShortString,
+    pub replies: deadpool_lapin::lapin::Consumer,
+}
+
+/// Connects a [`Foreign`] client.
+pub async fn foreign_client(tag: &str) -> Foreign {
+    use deadpool_lapin::lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    use deadpool_lapin::lapin::types::FieldTable;
+
+    let conn = deadpool_lapin::lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let replies = channel
+        .basic_consume(
+            queue.name().clone(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    Foreign {
+        conn,
+        channel,
+        reply_queue: queue.name().clone(),
+        replies,
+    }
+}

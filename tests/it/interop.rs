@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use deadpool_lapin::lapin::{
     BasicProperties,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions},
     types::FieldTable,
 };
 use futures_util::StreamExt;
@@ -24,41 +24,19 @@ async fn a_tutorial_six_client_calls_a_switchboard_service() {
 
     // The foreign client: its own connection, an exclusive server-named
     // reply queue, a publish to the default exchange with the queue's name.
-    let foreign =
-        deadpool_lapin::lapin::Connection::connect(&crate::common::amqp_url(), Default::default())
-            .await
-            .unwrap();
-    let ch = foreign.create_channel().await.unwrap();
-    let reply_q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            reply_q.name().clone(),
-            "tut6".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let crate::common::Foreign {
+        conn: foreign,
+        channel: ch,
+        reply_queue: reply_q,
+        mut replies,
+    } = crate::common::foreign_client("tut6").await;
     ch.basic_publish(
         "".into(),
         c.broker.names().service_queue("echo").into(),
         BasicPublishOptions::default(),
         b"30",
         BasicProperties::default()
-            .with_reply_to(reply_q.name().clone())
+            .with_reply_to(reply_q)
             .with_correlation_id("tut6-corr-1".into()),
     )
     .await

@@ -12,6 +12,7 @@ mod configuration;
 mod events;
 mod faults;
 mod gateway;
+mod hostile;
 mod hub;
 mod interop;
 mod management;
