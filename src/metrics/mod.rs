@@ -415,6 +415,8 @@ pub struct RpcValues {
     pub pending: i64,
     /// Replies handed to their caller.
     pub routed: u64,
+    /// Replies handed to the orphan sink (the gateway's call store).
+    pub handed_off: u64,
     /// Replies for calls whose caller had given up.
     pub late: u64,
     /// Replies for no known call.
@@ -569,6 +571,12 @@ impl Collected {
                 "switchboard_rpc_replies_routed",
                 "Replies handed to the caller waiting for them.",
                 r.routed,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_rpc_replies_handed_off",
+                "Replies of calls nobody waits for in memory (answered 202, or made before a restart), handed to the call store.",
+                r.handed_off,
             )?;
             counters(
                 &mut enc,

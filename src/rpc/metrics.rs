@@ -20,6 +20,7 @@ impl Source for RpcSource {
             v.pending += i64::try_from(get(&s.pending)).unwrap_or(i64::MAX);
         }
         v.routed += get(&s.routed);
+        v.handed_off += get(&s.handed_off);
         v.late += get(&s.late);
         v.unknown += get(&s.unknown);
         v.malformed += get(&s.malformed);
