@@ -424,14 +424,7 @@ impl CallContext<'_> {
         // Bounded: a broker in trouble must not hold the 202 (and the reply
         // already in hand) past the call's deadline.
         let _ = tokio::time::timeout(ACCEPTED_EVENT_WAIT, st.tracker.publish_event(&event)).await;
-        // From here the reply finishes the stored call through the RPC
-        // client's orphan sink: nothing is held in memory per pending call.
-        // A reply that came already is stored here.
-        if let Some(reply) = pending.detach() {
-            st.tracker
-                .complete(&self.call_id, Outcome::Reply(reply))
-                .await?;
-        }
+        st.tracker.follow(pending);
         tracing::info!(status = "pending", "call accepted");
         Ok(accepted(st, &doc, applied))
     }

@@ -214,6 +214,28 @@ impl Tracker {
         Ok(true)
     }
 
+    /// Finishes `pending` in the background: the HTTP request that made it
+    /// has been answered with a 202. (Detaching the call to the orphan sink
+    /// would hold no memory per pending call, but lost a reply now and then
+    /// under connection kills; see the closing note.)
+    pub fn follow(&self, pending: crate::rpc::PendingReply) {
+        let tracker = self.clone();
+        let id = pending.call_id().to_owned();
+        tokio::spawn(async move {
+            let outcome = match pending.wait().await {
+                Ok(reply) => Outcome::Reply(reply),
+                Err(Error::Timeout { .. }) => Outcome::Expired,
+                Err(e) => {
+                    warn!(call_id = %id, error = %e, "lost track of the call; the deadline sweep ends it");
+                    return;
+                }
+            };
+            if let Err(e) = tracker.complete(&id, outcome).await {
+                warn!(call_id = %id, error = %e, "could not store the call's end; the deadline sweep ends it");
+            }
+        });
+    }
+
     /// The sink for replies the RPC client does not wait for: the replies of
     /// every call answered with a 202 (and of calls from before a restart)
     /// finish their stored call here. No task or waiter is held per pending
