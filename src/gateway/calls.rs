@@ -424,7 +424,7 @@ impl CallContext<'_> {
         // Bounded: a broker in trouble must not hold the 202 (and the reply
         // already in hand) past the call's deadline.
         let _ = tokio::time::timeout(ACCEPTED_EVENT_WAIT, st.tracker.publish_event(&event)).await;
-        st.tracker.follow(pending);
+        st.tracker.adopt(pending);
         tracing::info!(status = "pending", "call accepted");
         Ok(accepted(st, &doc, applied))
     }

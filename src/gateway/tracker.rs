@@ -214,23 +214,20 @@ impl Tracker {
         Ok(true)
     }
 
-    /// Finishes `pending` in the background: the HTTP request that made it
-    /// has been answered with a 202. (Detaching the call to the orphan sink
-    /// would hold no memory per pending call, but lost a reply now and then
-    /// under connection kills; see the closing note.)
-    pub fn follow(&self, pending: crate::rpc::PendingReply) {
-        let tracker = self.clone();
+    /// Takes over `pending`, whose HTTP request has been answered with a
+    /// 202: the call is detached from the RPC client, so its reply goes to
+    /// the orphan sink ([`Tracker::orphan_sink`]) and its deadline to the
+    /// sweeper. Nothing is held in memory per pending call: a pending call
+    /// costs a row in the store. A reply that arrived before the detach is
+    /// stored here.
+    pub fn adopt(&self, pending: crate::rpc::PendingReply) {
         let id = pending.call_id().to_owned();
+        let Some(reply) = pending.detach() else {
+            return;
+        };
+        let tracker = self.clone();
         tokio::spawn(async move {
-            let outcome = match pending.wait().await {
-                Ok(reply) => Outcome::Reply(reply),
-                Err(Error::Timeout { .. }) => Outcome::Expired,
-                Err(e) => {
-                    warn!(call_id = %id, error = %e, "lost track of the call; the deadline sweep ends it");
-                    return;
-                }
-            };
-            if let Err(e) = tracker.complete(&id, outcome).await {
+            if let Err(e) = tracker.complete(&id, Outcome::Reply(reply)).await {
                 warn!(call_id = %id, error = %e, "could not store the call's end; the deadline sweep ends it");
             }
         });

@@ -1,8 +1,9 @@
 //! The RPC client: synchronous request/response emulated over asynchronous
 //! messaging, with correlation ids and a reply queue.
 //!
-//! [`RpcClient::send`] registers the call with the [`ReplyRouter`] actor
-//! (which owns every pending call, bounded by `rpc.max_pending`), publishes
+//! [`RpcClient::send`] registers the call in the client's [`PendingCalls`]
+//! (bounded by `rpc.max_pending`; the [`ReplyRouter`] actor routes replies
+//! to them), publishes
 //! the request with a publisher confirm and returns a [`PendingReply`];
 //! awaiting it gives the reply or a timeout at the call's deadline. Replies
 //! come back either on the instance's durable reply queue (default) or by
@@ -33,7 +34,7 @@ use crate::amqp::{Broker, Outgoing, broker::publish_on, topology, wire};
 use crate::error::{Error, Result};
 use crate::settings::{ReplyMode, RpcSettings};
 use crate::worker::Reply;
-use router::{Forget, Register};
+use router::PendingCalls;
 
 /// One call to make.
 #[derive(Debug, Clone)]
@@ -154,6 +155,7 @@ struct Inner {
     /// consumes `amq.rabbitmq.reply-to`, or the broker refuses them. The
     /// router puts the current one here (a new one after a reconnect).
     direct_channel: router::ChannelSlot,
+    pending: Arc<PendingCalls>,
     options: RpcOptions,
     stats: Arc<RpcStats>,
 }
@@ -215,12 +217,13 @@ impl RpcClient {
         let stats = Arc::new(RpcStats::default());
         broker.metrics().register(metrics::RpcSource(stats.clone()));
         let direct_channel = router::ChannelSlot::default();
+        let pending = Arc::new(PendingCalls::new(options.max_pending, stats.clone()));
         let router = ReplyRouter::start_with(
             broker.clone(),
             options.reply_mode,
             link,
             direct_channel.clone(),
-            options.max_pending,
+            pending.clone(),
             stats.clone(),
             options.orphans.clone(),
         );
@@ -230,6 +233,7 @@ impl RpcClient {
                 router,
                 reply_to,
                 direct_channel,
+                pending,
                 options,
                 stats,
             }),
@@ -282,21 +286,13 @@ impl RpcClient {
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
         let deadline = Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
-        inner
-            .router
-            .send(Register {
-                id: call_id.clone(),
-                deadline,
-                tx,
-            })
-            .await
-            .map_err(|_| Error::RouterStopped)??;
+        inner.pending.register(call_id.clone(), deadline, tx)?;
         let pending = PendingReply {
             call_id,
             rx: Some(rx),
             deadline,
             timeout,
-            router: inner.router.clone(),
+            calls: inner.pending.clone(),
         };
         let traceparent = call
             .traceparent
@@ -344,7 +340,7 @@ pub struct PendingReply {
     rx: Option<oneshot::Receiver<Reply>>,
     deadline: Instant,
     timeout: Duration,
-    router: Addr<ReplyRouter>,
+    calls: Arc<PendingCalls>,
 }
 
 impl PendingReply {
@@ -398,12 +394,14 @@ impl PendingReply {
     #[must_use = "a reply that already arrived is returned, not sent to the sink"]
     pub fn detach(mut self) -> Option<Reply> {
         let mut rx = self.rx.take()?;
+        // Closed first, then read: a reply the router sends from now on
+        // fails to arrive here and goes to the orphan sink instead, and one
+        // sent before is read here. (Reading without closing left a window in
+        // which a reply sent after the read was dropped with `rx`.)
+        rx.close();
         let arrived = rx.try_recv().ok();
         if arrived.is_none() {
-            self.router.do_send(Forget {
-                id: std::mem::take(&mut self.call_id),
-                detached: true,
-            });
+            self.calls.forget(&self.call_id, true);
         }
         arrived
     }
@@ -437,10 +435,7 @@ impl PendingReply {
 impl Drop for PendingReply {
     fn drop(&mut self) {
         if self.rx.is_some() {
-            self.router.do_send(Forget {
-                id: std::mem::take(&mut self.call_id),
-                detached: false,
-            });
+            self.calls.forget(&self.call_id, false);
         }
     }
 }

@@ -1,11 +1,17 @@
-//! [`ReplyRouter`]: the actor that owns the pending calls of one RPC client
-//! (correlation id to waiter), their deadlines, and the reply consumer.
+//! [`ReplyRouter`]: the actor that owns the reply consumer of one RPC client
+//! and routes each reply to its waiter in [`PendingCalls`] (correlation id
+//! to waiter, with deadlines).
+//!
+//! Callers register and forget their calls in [`PendingCalls`] directly,
+//! under a short lock, rather than through the actor's mailbox: a call costs
+//! no round trip through the actor before its request is published.
 //!
 //! A reply with no, a malformed or an unknown correlation id is dropped and
 //! counted; a reply for a call whose deadline passed is counted as late.
 //! Nothing a peer sends can make the map grow: entries are added only by
-//! [`Register`] (bounded by `max_pending`) and removed by the reply, by
-//! [`Forget`] (the caller gave up) or by the deadline sweep.
+//! [`PendingCalls::register`] (bounded by `max_pending`) and removed by the
+//! reply, by [`PendingCalls::forget`] (the caller gave up) or by the
+//! deadline sweep.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +82,140 @@ struct Waiter {
     deadline: Instant,
 }
 
+/// The pending calls of one RPC client, shared by its callers (register,
+/// forget) and its router (route, sweep). The lock is never held across an
+/// await.
+pub struct PendingCalls {
+    state: std::sync::Mutex<PendingState>,
+    max_pending: usize,
+    stats: std::sync::Arc<RpcStats>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    waiters: HashMap<String, Waiter>,
+    /// Ids whose caller gave up recently, oldest first (for the `late` count).
+    forgotten: VecDeque<String>,
+    forgotten_set: HashSet<String>,
+}
+
+impl PendingState {
+    fn remember_forgotten(&mut self, id: String) {
+        if self.forgotten.len() >= RECENT_FORGOTTEN
+            && let Some(old) = self.forgotten.pop_front()
+        {
+            self.forgotten_set.remove(&old);
+        }
+        self.forgotten_set.insert(id.clone());
+        self.forgotten.push_back(id);
+    }
+}
+
+impl PendingCalls {
+    /// An empty map bounded by `max_pending`.
+    pub fn new(max_pending: usize, stats: std::sync::Arc<RpcStats>) -> Self {
+        Self {
+            state: std::sync::Mutex::new(PendingState::default()),
+            max_pending,
+            stats,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_gauge(&self, len: usize) {
+        self.stats.pending.store(len as u64, Ordering::Relaxed);
+    }
+
+    /// Registers a call before its request is published, so that even the
+    /// fastest reply finds its waiter.
+    pub fn register(
+        &self,
+        id: String,
+        deadline: Instant,
+        tx: oneshot::Sender<Reply>,
+    ) -> Result<(), Error> {
+        let mut st = self.lock();
+        if st.waiters.len() >= self.max_pending {
+            return Err(Error::Overloaded {
+                limit: self.max_pending,
+            });
+        }
+        if st.waiters.contains_key(&id) {
+            return Err(Error::DuplicateCall(id));
+        }
+        st.waiters.insert(id, Waiter { tx, deadline });
+        self.set_gauge(st.waiters.len());
+        Ok(())
+    }
+
+    /// The caller gave up (deadline, drop, failed publish), or handed the
+    /// call over to the orphan sink (`detached`: not a timeout, and its
+    /// reply is not late): forget the call.
+    pub fn forget(&self, id: &str, detached: bool) {
+        let mut st = self.lock();
+        if st.waiters.remove(id).is_some() {
+            self.set_gauge(st.waiters.len());
+            if !detached {
+                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+                st.remember_forgotten(id.to_owned());
+            }
+        }
+    }
+
+    /// Removes every waiter whose deadline passed or whose caller is gone.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let expired: Vec<String> = st
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.deadline <= now || w.tx.is_closed())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            st.waiters.remove(&id);
+            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            st.remember_forgotten(id);
+        }
+        self.set_gauge(st.waiters.len());
+    }
+
+    /// Drops every waiter (each caller wakes with `ReplyLost`); returns how
+    /// many there were.
+    fn clear(&self) -> usize {
+        let mut st = self.lock();
+        let n = st.waiters.len();
+        st.waiters.clear();
+        self.set_gauge(0);
+        n
+    }
+
+    /// Calls waiting now.
+    pub fn len(&self) -> usize {
+        self.lock().waiters.len()
+    }
+
+    /// Whether no call waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The waiter of `id`, taken out, and whether its caller gave up on it
+    /// recently.
+    fn take(&self, id: &str) -> (Option<Waiter>, bool) {
+        let mut st = self.lock();
+        let waiter = st.waiters.remove(id);
+        if waiter.is_some() {
+            self.set_gauge(st.waiters.len());
+        }
+        let late = waiter.is_none() && st.forgotten_set.contains(id);
+        (waiter, late)
+    }
+}
+
 /// The reply consumer's connection and channel.
 pub struct Link {
     /// Its own connection.
@@ -103,11 +243,7 @@ impl ChannelSlot {
 
 /// The actor routing replies to waiting callers.
 pub struct ReplyRouter {
-    pending: HashMap<String, Waiter>,
-    max_pending: usize,
-    /// Ids whose caller gave up recently, oldest first (for the `late` count).
-    forgotten: VecDeque<String>,
-    forgotten_set: HashSet<String>,
+    pending: std::sync::Arc<PendingCalls>,
     /// Whether the consumer is no-ack (direct reply-to) or must ack.
     no_ack: bool,
     /// Where unknown and late replies go, if anywhere.
@@ -133,7 +269,7 @@ impl ReplyRouter {
         mode: ReplyMode,
         mut link: Link,
         slot: ChannelSlot,
-        max_pending: usize,
+        pending: std::sync::Arc<PendingCalls>,
         stats: std::sync::Arc<RpcStats>,
         orphans: Option<OrphanSink>,
     ) -> Addr<Self> {
@@ -146,10 +282,7 @@ impl ReplyRouter {
             }
             stats.consuming.store(true, Ordering::Relaxed);
             ReplyRouter {
-                pending: HashMap::new(),
-                max_pending,
-                forgotten: VecDeque::new(),
-                forgotten_set: HashSet::new(),
+                pending,
                 // Direct reply-to is consumed without acks.
                 no_ack: mode == ReplyMode::Direct,
                 orphans,
@@ -179,14 +312,15 @@ impl ReplyRouter {
                 crate::amqp::close_connection(&old.conn, "replaced").await;
             });
         }
-        if self.mode == ReplyMode::Direct && !self.pending.is_empty() {
-            warn!(
-                calls = self.pending.len(),
-                "direct reply-to channel lost: its pending calls fail"
-            );
+        if self.mode == ReplyMode::Direct {
             // Dropping the senders wakes each caller with ReplyLost.
-            self.pending.clear();
-            self.set_pending_gauge();
+            let calls = self.pending.clear();
+            if calls > 0 {
+                warn!(
+                    calls,
+                    "direct reply-to channel lost: its pending calls fail"
+                );
+            }
         }
         warn!(
             pending = self.pending.len(),
@@ -218,39 +352,6 @@ impl ReplyRouter {
         }));
     }
 
-    fn remember_forgotten(&mut self, id: String) {
-        if self.forgotten.len() >= RECENT_FORGOTTEN
-            && let Some(old) = self.forgotten.pop_front()
-        {
-            self.forgotten_set.remove(&old);
-        }
-        self.forgotten_set.insert(id.clone());
-        self.forgotten.push_back(id);
-    }
-
-    fn set_pending_gauge(&self) {
-        self.stats
-            .pending
-            .store(self.pending.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Removes every waiter whose deadline passed or whose caller is gone.
-    fn sweep(&mut self) {
-        let now = Instant::now();
-        let expired: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, w)| w.deadline <= now || w.tx.is_closed())
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            self.pending.remove(&id);
-            self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-            self.remember_forgotten(id);
-        }
-        self.set_pending_gauge();
-    }
-
     /// Hands a reply to its waiter; returns it when no waiter takes it.
     fn route(&mut self, delivery: &Delivery, body: Bytes) -> Option<Orphan> {
         let props = &delivery.properties;
@@ -260,15 +361,14 @@ impl ReplyRouter {
             return None;
         };
         let reply = to_reply(delivery, body, id);
-        let late = self.forgotten_set.contains(id);
-        let Some(waiter) = self.pending.remove(id) else {
+        let (waiter, late) = self.pending.take(id);
+        let Some(waiter) = waiter else {
             return Some(Orphan {
                 id: id.to_owned(),
                 reply,
                 late,
             });
         };
-        self.set_pending_gauge();
         match waiter.tx.send(reply) {
             Ok(()) => {
                 self.stats.routed.fetch_add(1, Ordering::Relaxed);
@@ -332,7 +432,7 @@ impl Actor for ReplyRouter {
         // callers that vanished without saying so, and a connection that
         // died without its consumer stream ending.
         ctx.run_interval(Duration::from_millis(500), |act, ctx| {
-            act.sweep();
+            act.pending.sweep();
             let dead = act
                 .link
                 .as_ref()
@@ -341,69 +441,6 @@ impl Actor for ReplyRouter {
                 act.reconnect(ctx);
             }
         });
-    }
-}
-
-/// Registers a call before its request is published, so that even the
-/// fastest reply finds its waiter.
-#[derive(Message)]
-#[rtype(result = "Result<(), Error>")]
-pub struct Register {
-    /// The correlation id.
-    pub id: String,
-    /// When the caller stops waiting.
-    pub deadline: Instant,
-    /// Where the reply goes.
-    pub tx: oneshot::Sender<Reply>,
-}
-
-impl Handler<Register> for ReplyRouter {
-    type Result = Result<(), Error>;
-
-    fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
-        if self.pending.len() >= self.max_pending {
-            return Err(Error::Overloaded {
-                limit: self.max_pending,
-            });
-        }
-        if self.pending.contains_key(&msg.id) {
-            return Err(Error::DuplicateCall(msg.id));
-        }
-        self.pending.insert(
-            msg.id,
-            Waiter {
-                tx: msg.tx,
-                deadline: msg.deadline,
-            },
-        );
-        self.set_pending_gauge();
-        Ok(())
-    }
-}
-
-/// The caller gave up (deadline, drop, failed publish), or handed the call
-/// over to the orphan sink (`detached`): forget the call.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Forget {
-    /// The correlation id.
-    pub id: String,
-    /// Handed over rather than given up: not a timeout, and its reply is
-    /// not late.
-    pub detached: bool,
-}
-
-impl Handler<Forget> for ReplyRouter {
-    type Result = ();
-
-    fn handle(&mut self, msg: Forget, _: &mut Self::Context) {
-        if self.pending.remove(&msg.id).is_some() {
-            self.set_pending_gauge();
-            if !msg.detached {
-                self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
-                self.remember_forgotten(msg.id);
-            }
-        }
     }
 }
 
