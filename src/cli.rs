@@ -103,9 +103,19 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&settings.log);
+    let telemetry = match telemetry::init(&settings.log, &settings.otel) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let export_timeout = Duration::from_millis(settings.otel.timeout_ms);
     let system = actix::System::new();
-    system.block_on(run(cli.command, settings))
+    let code = system.block_on(run(cli.command, settings));
+    // The spans of the last calls are still queued: send them before exiting.
+    telemetry.shutdown(export_timeout);
+    code
 }
 
 async fn run(command: Command, settings: Settings) -> ExitCode {

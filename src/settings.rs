@@ -41,6 +41,8 @@ pub struct Settings {
     pub management: ManagementSettings,
     /// Log filter and format.
     pub log: LogSettings,
+    /// OpenTelemetry export of spans.
+    pub otel: OtelSettings,
     /// Services by name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceSettings>,
@@ -249,6 +251,65 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// The OTLP transport of `[otel]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtelProtocol {
+    /// OTLP over HTTP with binary protobuf bodies (collectors' port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// `[otel]`: export of spans over OTLP, off by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtelSettings {
+    /// Whether spans are exported.
+    pub enabled: bool,
+    /// The collector's OTLP/HTTP base URL; `/v1/traces` is appended.
+    pub endpoint: String,
+    /// The transport.
+    pub protocol: OtelProtocol,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Time allowed for one export, retries included, ms.
+    pub timeout_ms: u64,
+    /// Bound on ended spans waiting for export.
+    pub queue_size: usize,
+}
+
+impl OtelSettings {
+    /// Where spans are sent: the endpoint with `/v1/traces`.
+    pub fn traces_url(&self) -> String {
+        format!("{}/v1/traces", self.endpoint.trim_end_matches('/'))
+    }
+
+    /// Checks what types alone cannot; the error is the setting and why.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        match url::Url::parse(&self.endpoint) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err((
+                    "otel.endpoint",
+                    format!("not an http(s) URL: {:?}", self.endpoint),
+                ));
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(("otel.service_name", "must not be empty".into()));
+        }
+        if self.timeout_ms == 0 {
+            return Err(("otel.timeout_ms", "must be above 0".into()));
+        }
+        if !(1..=1_000_000).contains(&self.queue_size) {
+            return Err((
+                "otel.queue_size",
+                format!("must be 1 to 1000000 (got {})", self.queue_size),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The queue type of a service queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -444,6 +505,9 @@ impl Settings {
                 "log.filter",
                 format!("not a valid filter: {:?}", self.log.filter),
             );
+        }
+        if let Err((key, why)) = self.otel.check() {
+            return fail(key, why);
         }
         let g = &self.gateway;
         let bind: std::net::SocketAddr = match g.bind.parse() {

@@ -11,7 +11,7 @@ use rand::Rng;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, field::Empty, info_span};
 
 use super::AppState;
 use super::auth::Caller;
@@ -70,15 +70,12 @@ pub fn retry_after(base: u64) -> String {
     (base + rand::rng().random_range(0..=base)).to_string()
 }
 
-/// The trace context for a request: the caller's, when well formed, with a
-/// new span id for this hop; else a new trace.
-pub fn trace_context(req: &HttpRequest) -> String {
+/// The caller's `traceparent` header, when it is well formed.
+pub fn incoming_traceparent(req: &HttpRequest) -> Option<&str> {
     req.headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .filter(|tp| crate::telemetry::is_traceparent(tp))
-        .map(crate::telemetry::child_traceparent)
-        .unwrap_or_else(crate::telemetry::new_traceparent)
 }
 
 /// `202 Accepted` with `Location`, `Retry-After`, `Preference-Applied` and
@@ -219,9 +216,13 @@ pub async fn start_call(
     headers::check_content_type(&content_type)?;
     let body = read_body(&req, payload, st.gateway.payload_limit_bytes).await?;
     let call_id = uuid::Uuid::now_v7().to_string();
-    let traceparent = trace_context(&req);
-    let trace_id = crate::telemetry::trace_id(&traceparent).unwrap_or_default();
-    let span = info_span!("call", %call_id, %service, caller = %caller.name, %trace_id);
+    let span = info_span!("call", %call_id, %service, caller = %caller.name, trace_id = Empty);
+    // The gateway is a hop of its own: its span continues the caller's trace
+    // and the request carries on a context naming it.
+    let traceparent = crate::telemetry::hop(&span, incoming_traceparent(&req));
+    if let Some(trace_id) = crate::telemetry::trace_id(&traceparent) {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
     let ctx = CallContext {
         st: &st,
         caller,

@@ -51,7 +51,8 @@ pub struct Call {
     pub message_id: Option<String>,
     /// Deadline; the client's default when `None`.
     pub timeout: Option<Duration>,
-    /// W3C trace context to pass on; a new one when `None`.
+    /// W3C trace context to pass on; when `None`, that of the current span
+    /// if spans are exported (`[otel]`), else a new trace.
     pub traceparent: Option<String>,
 }
 
@@ -294,10 +295,12 @@ impl RpcClient {
             timeout,
             calls: inner.pending.clone(),
         };
-        let traceparent = call
-            .traceparent
-            .clone()
-            .unwrap_or_else(crate::telemetry::new_traceparent);
+        // None given: the caller's current span when it is exported (the
+        // worker's span then joins the caller's trace), else a new trace.
+        let traceparent = call.traceparent.clone().unwrap_or_else(|| {
+            crate::telemetry::otlp::traceparent_of(&tracing::Span::current())
+                .unwrap_or_else(crate::telemetry::new_traceparent)
+        });
         let meta = wire::RequestMeta {
             service: &call.service,
             correlation_id: &pending.call_id,

@@ -417,10 +417,12 @@ async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
         .map(|c| c.as_str().to_owned())
         .unwrap_or_default();
     let span = info_span!("handle", service = %shared.service, %call_id, trace_id = Empty);
-    if let Some(trace_id) =
-        wire::header_str(props, wire::HEADER_TRACEPARENT).and_then(crate::telemetry::trace_id)
-    {
-        span.record("trace_id", trace_id);
+    if let Some(tp) = wire::header_str(props, wire::HEADER_TRACEPARENT) {
+        if let Some(trace_id) = crate::telemetry::trace_id(tp) {
+            span.record("trace_id", tracing::field::display(trace_id));
+        }
+        // The exported handler span is a child of the caller's.
+        crate::telemetry::otlp::continue_trace(&span, tp);
     }
     async move {
         let d = inflight.delivery();

@@ -81,6 +81,36 @@ fn each_bad_setting_is_named_in_the_error() {
             "services.x.queue_type",
         ),
         (&[], Some("[log]\nfilter = \"[[[\"\n"), "log.filter"),
+        (
+            &[("SWITCHBOARD__OTEL__ENDPOINT", "127.0.0.1:4318")],
+            None,
+            "otel.endpoint",
+        ),
+        (
+            &[("SWITCHBOARD__OTEL__PROTOCOL", "grpc")],
+            None,
+            "otel.protocol",
+        ),
+        (
+            &[("SWITCHBOARD__OTEL__ENABLED", "maybe")],
+            None,
+            "otel.enabled",
+        ),
+        (
+            &[("SWITCHBOARD__OTEL__SERVICE_NAME", " ")],
+            None,
+            "otel.service_name",
+        ),
+        (
+            &[("SWITCHBOARD__OTEL__TIMEOUT_MS", "0")],
+            None,
+            "otel.timeout_ms",
+        ),
+        (
+            &[("SWITCHBOARD__OTEL__QUEUE_SIZE", "0")],
+            None,
+            "otel.queue_size",
+        ),
     ];
     for (vars, file, key) in cases {
         let err = Settings::load_from(None, *file, env(vars))

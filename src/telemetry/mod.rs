@@ -1,13 +1,49 @@
-//! Logging set-up and W3C trace context.
+//! Logging set-up, W3C trace context, and OTLP export of spans.
+//!
+//! # Layout
+//! - [`init`]: the process's subscriber (log lines, and OTLP export when
+//!   `[otel]` turns it on) and the [`Telemetry`] that flushes it at exit.
+//! - `traceparent` helpers: new traces, hops, trace ids ([`hop`] ties them
+//!   to exported spans).
+//! - [`otlp`]: the exporter, its layer, and the bridge between
+//!   `traceparent` strings and OpenTelemetry contexts.
+
+pub mod otlp;
+
+use std::time::Duration;
 
 use rand::Rng;
-use tracing_subscriber::{EnvFilter, fmt};
+use tracing::Span;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt};
 
-use crate::settings::{LogFormat, LogSettings};
+use crate::settings::{LogFormat, LogSettings, OtelSettings, SettingsError};
+
+/// What [`init`] leaves running: the OTLP exporter, when on.
+/// [`Telemetry::shutdown`] sends the spans still queued before the process
+/// exits.
+#[derive(Debug)]
+#[must_use = "shut it down at exit, or queued spans are lost"]
+pub struct Telemetry {
+    exporter: Option<otlp::Exporter>,
+}
+
+impl Telemetry {
+    /// Sends what is queued and stops the export, waiting at most
+    /// `timeout`. Blocks the calling thread.
+    pub fn shutdown(self, timeout: Duration) {
+        if let Some(e) = self.exporter {
+            e.shutdown(timeout);
+        }
+    }
+}
 
 /// Installs the global subscriber: `RUST_LOG` if set, else the setting;
-/// human or JSON lines on stderr (stdout is the CLI's output).
-pub fn init(log: &LogSettings) {
+/// human or JSON lines on stderr (stdout is the CLI's output); and, when
+/// `otel.enabled`, the OTLP export of the same spans. Fails only when the
+/// exporter cannot be built (the message names the setting).
+pub fn init(log: &LogSettings, otel: &OtelSettings) -> Result<Telemetry, SettingsError> {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&log.filter))
         .unwrap_or_else(|_| EnvFilter::new("info"))
@@ -18,11 +54,39 @@ pub fn init(log: &LogSettings) {
                 .parse()
                 .expect("a constant, valid directive"),
         );
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match log.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let lines = fmt::layer().with_writer(std::io::stderr);
+    let lines = match log.format {
+        LogFormat::Human => lines.boxed(),
+        LogFormat::Json => lines.json().boxed(),
     };
+    let (export, exporter) = if otel.enabled {
+        let (layer, exporter) = otlp::layer(otel)?;
+        (Some(layer), Some(exporter))
+    } else {
+        (None, None)
+    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines)
+        .with(export)
+        .try_init();
+    Ok(Telemetry { exporter })
+}
+
+/// The `traceparent` to send on for a hop that `span` stands for, received
+/// with `incoming` (if any, and well formed). With OTLP export on, `span`
+/// continues the incoming trace and the result names `span` itself, so the
+/// next hop's spans become its children; without export, the incoming trace
+/// with a new span id, or a new trace.
+pub fn hop(span: &Span, incoming: Option<&str>) -> String {
+    let incoming = incoming.filter(|tp| is_traceparent(tp));
+    if let Some(tp) = incoming {
+        otlp::continue_trace(span, tp);
+    }
+    otlp::traceparent_of(span).unwrap_or_else(|| match incoming {
+        Some(tp) => child_traceparent(tp),
+        None => new_traceparent(),
+    })
 }
 
 /// A new W3C `traceparent` (version 00, sampled).
