@@ -60,7 +60,7 @@ struct Inner {
     /// How long a publish waits for its confirm before it is sent again.
     confirm_timeout: Duration,
     /// Confirm-mode publishing channels, re-opened when closed.
-    channels: Vec<Mutex<Option<Channel>>>,
+    channels: Vec<PublishSlot>,
     /// Round-robin cursor over `channels`.
     next: AtomicUsize,
     /// The process's metrics: every part holds the broker, so they find it here.
@@ -106,7 +106,7 @@ impl Broker {
                 connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
                 confirm_timeout: Duration::from_millis(settings.confirm_timeout_ms),
                 channels: (0..settings.publish_channels)
-                    .map(|_| Mutex::new(None))
+                    .map(|_| PublishSlot::default())
                     .collect(),
                 next: AtomicUsize::new(0),
                 metrics: Arc::new(Metrics::new()),
@@ -217,23 +217,27 @@ impl Broker {
     /// it was closed.
     async fn publish_channel(&self) -> Result<(usize, Channel)> {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.channels.len();
-        let mut slot = self.inner.channels[i].lock().await;
-        if let Some(ch) = slot.as_ref()
-            && ch.status().connected()
-        {
-            return Ok((i, ch.clone()));
+        let slot = &self.inner.channels[i];
+        // The common case: an open channel, under a lock held for a clone.
+        if let Some(ch) = slot.open_channel() {
+            return Ok((i, ch));
+        }
+        // One publisher reopens; the others wait for its channel.
+        let _opening = slot.opening.lock().await;
+        if let Some(ch) = slot.open_channel() {
+            return Ok((i, ch));
         }
         let ch = self.channel().await?;
         // Confirms decide whether a publish is done: never publish without them.
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        *slot = Some(ch.clone());
+        *slot.lock() = Some(ch.clone());
         Ok((i, ch))
     }
 
     /// Drops a publishing channel that failed, unless it was replaced already.
     async fn forget_channel(&self, i: usize, failed: &Channel) {
         let dropped = {
-            let mut slot = self.inner.channels[i].lock().await;
+            let mut slot = self.inner.channels[i].lock();
             if slot.as_ref().is_some_and(|c| c.id() == failed.id()) {
                 slot.take()
             } else {
@@ -267,11 +271,34 @@ impl Broker {
     /// Closes the publishing channels and the pool.
     pub async fn close(&self) {
         for slot in &self.inner.channels {
-            if let Some(ch) = slot.lock().await.take() {
+            let taken = slot.lock().take();
+            if let Some(ch) = taken {
                 crate::amqp::close_channel(&ch, "shutdown").await;
             }
         }
         self.inner.pool.close();
+    }
+}
+
+/// One shared publishing channel: the current one (read under a short,
+/// never-awaited lock) and the lock a publisher holds while it reopens it.
+#[derive(Default)]
+struct PublishSlot {
+    current: std::sync::Mutex<Option<Channel>>,
+    opening: Mutex<()>,
+}
+
+impl PublishSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Channel>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current channel, if it is open.
+    fn open_channel(&self) -> Option<Channel> {
+        self.lock()
+            .as_ref()
+            .filter(|ch| ch.status().connected())
+            .cloned()
     }
 }
 
