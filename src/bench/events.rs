@@ -369,6 +369,7 @@ async fn measure<P: Publish, R: Receive>(
         deliveries: Some(ph.delivered),
         delivered_per_s: Some(round2(per_s(ph.delivered, seconds))),
         rate: Some(args.rate),
+        ..Point::default()
     };
     Ok(((point, ph.hist), subs))
 }
