@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::events::{self, CloudEvent, SubscribeOptions, Subscription};
 
 /// The type of the events the bench publishes.
-const EVENT_TYPE: &str = "switchboard.bench.tick";
+pub(super) const EVENT_TYPE: &str = "switchboard.bench.tick";
 /// How long a subscriber waits for the next event before the rest count as lost.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 /// Publishes in flight at most; beyond it the pacer waits (and the achieved
@@ -47,7 +47,7 @@ const MAX_IN_FLIGHT: usize = 4096;
 type Stamp = u64;
 
 /// A publisher of one variant.
-trait Publish: Clone + 'static {
+pub(super) trait Publish: Clone + 'static {
     async fn publish(&self, event: CloudEvent) -> Result<(), String>;
 }
 
@@ -57,8 +57,9 @@ trait Receive: 'static {
     async fn next(&mut self) -> Option<Result<Stamp, String>>;
 }
 
+/// switchboard's publisher: [`events::publish`].
 #[derive(Clone)]
-struct SbPublisher(Broker);
+pub(super) struct SbPublisher(pub(super) Broker);
 
 impl Publish for SbPublisher {
     async fn publish(&self, event: CloudEvent) -> Result<(), String> {
@@ -419,6 +420,40 @@ async fn phase<P: Publish, R: Receive>(
             })
         })
         .collect();
+    let publish_errors = publish_paced(publisher, n, rate, start, make).await;
+    let mut phase = Phase {
+        hist: histogram(),
+        delivered: 0,
+        bad: 0,
+        publish_errors,
+        seconds: 0.0,
+    };
+    let mut subs = Vec::new();
+    let mut end = start;
+    for r in receivers {
+        // A receiver task only ends by returning.
+        if let Ok((sub, hist, got, bad, last)) = r.await {
+            let _ = phase.hist.add(&hist);
+            phase.delivered += got;
+            phase.bad += bad;
+            end = end.max(last);
+            subs.push(sub);
+        }
+    }
+    phase.seconds = end.duration_since(start).as_secs_f64();
+    (subs, phase)
+}
+
+/// Publishes `n` events made by `make` at `rate` per second from `start`
+/// (up to [`MAX_IN_FLIGHT`] unconfirmed), and returns once every publish is
+/// confirmed or failed, with the number that failed.
+pub(super) async fn publish_paced<P: Publish>(
+    publisher: &P,
+    n: u64,
+    rate: f64,
+    start: Instant,
+    make: &impl Fn(u64) -> CloudEvent,
+) -> u64 {
     let errors = Rc::new(Cell::new(0u64));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     for seq in 0..n {
@@ -440,25 +475,5 @@ async fn phase<P: Publish, R: Receive>(
     }
     // Every publish confirmed (or failed).
     let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
-    let mut phase = Phase {
-        hist: histogram(),
-        delivered: 0,
-        bad: 0,
-        publish_errors: errors.get(),
-        seconds: 0.0,
-    };
-    let mut subs = Vec::new();
-    let mut end = start;
-    for r in receivers {
-        // A receiver task only ends by returning.
-        if let Ok((sub, hist, got, bad, last)) = r.await {
-            let _ = phase.hist.add(&hist);
-            phase.delivered += got;
-            phase.bad += bad;
-            end = end.max(last);
-            subs.push(sub);
-        }
-    }
-    phase.seconds = end.duration_since(start).as_secs_f64();
-    (subs, phase)
+    errors.get()
 }

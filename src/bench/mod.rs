@@ -25,6 +25,7 @@ mod raw;
 pub mod report;
 mod rig;
 mod rpc;
+mod sse;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -119,7 +120,29 @@ pub enum Workload {
     /// to the client's awareness, and HTTP requests per call.
     #[command(after_long_help = NOTIFY_HELP)]
     Notify(NotifyArgs),
+    /// K SSE clients on the gateway's /v1/events (in this process) while
+    /// events are published to the fanout at a paced rate, next to an AMQP
+    /// subscriber: per event and client, the SSE delivery latency minus the
+    /// AMQP subscriber's, and the events that never reached a client.
+    #[command(after_long_help = SSE_HELP)]
+    Sse(SseArgs),
 }
+
+const SSE_HELP: &str = "\
+Two points (workload sse): variant amqp, an events::Subscription on the
+fanout (the reference), and variant sse, --clients SSE clients on
+GET /v1/events?type=switchboard.bench.tick, each on a keep-alive connection of
+its own, all on the client thread. Publishing starts once every client is
+subscribed; --warmup events first (not counted), then --events at --rate.
+p50_us / p99_us: publish to delivery. minus_amqp_p50_us / minus_amqp_p99_us
+(sse): for every event and client, the SSE client's delivery minus the AMQP
+subscriber's of the same event (negative: the client had it first).
+missing: events that never reached a client (10 s after the reference had
+them all), summed over clients; errors = missing + failed publishes.
+
+The gateway's stream bounds are raised for the run (max_streams to at least
+--clients + 64, stream_buffer to at least 1024), and the soft open-files
+limit (ulimit -n) to 2 x --clients + 512 where the hard limit allows.";
 
 const NOTIFY_HELP: &str = "\
 Styles (--style, a point each; variant = the style):
@@ -340,6 +363,32 @@ pub struct NotifyArgs {
     pub workers: usize,
 }
 
+/// Flags of `bench sse`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SseArgs {
+    /// SSE clients, each on a connection of its own.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Events published and measured.
+    #[arg(long, default_value_t = 200)]
+    pub events: u64,
+    /// Publish for this many seconds instead (rate x duration events).
+    #[arg(long, conflicts_with = "events")]
+    pub duration: Option<f64>,
+    /// Events published first and not counted.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    /// Events published per second (paced).
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// HTTP worker threads of the gateway (0: the `gateway.workers` setting).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+}
+
 /// `bench notify --style`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum NotifyStyle {
@@ -469,7 +518,7 @@ pub async fn execute(
     let external = match &args.workload {
         Workload::Rpc(a) | Workload::Raw(a) => a.external,
         Workload::Compare(c) => c.rpc.external,
-        Workload::Events(_) | Workload::Http(_) | Workload::Notify(_) => false,
+        Workload::Events(_) | Workload::Http(_) | Workload::Notify(_) | Workload::Sse(_) => false,
     };
     let probe = Probe::new(args.broker_pid);
     let mut env = Env::start(settings, external).await?;
@@ -497,6 +546,7 @@ pub async fn execute(
         Workload::Events(e) => events::run(&mut env, e, &probe, &mut out).await,
         Workload::Http(h) => http::run(&mut env, h, &probe, &mut out).await,
         Workload::Notify(n) => notify::run(&mut env, n, &probe, &mut out).await,
+        Workload::Sse(a) => sse::run(&mut env, a, &probe, &mut out).await,
     };
     env.cleanup().await;
     result.map(|()| out.lines)

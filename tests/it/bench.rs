@@ -249,3 +249,25 @@ async fn notify_measures_every_style() {
     }
     assert!(ratios(&lines).is_empty());
 }
+
+#[actix_rt::test]
+async fn sse_reaches_every_client_next_to_the_amqp_reference() {
+    let lines = run("sse --clients 5 --events 10 --warmup 2 --rate 200 --workers 1").await;
+    let pts = points(&lines);
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["amqp", "sse"]);
+    for p in &pts {
+        check_point(p, 10);
+        assert_eq!(p["workload"], "sse");
+        assert_eq!(p["missing"], 0, "{p}");
+    }
+    assert_eq!(pts[0]["deliveries"], 10);
+    assert_eq!(pts[1]["concurrency"], 5);
+    assert_eq!(pts[1]["deliveries"], 50);
+    let p50 = pts[1]["minus_amqp_p50_us"]
+        .as_i64()
+        .expect("a signed median");
+    let p99 = pts[1]["minus_amqp_p99_us"].as_i64().expect("a signed p99");
+    assert!(p50 <= p99, "{}", pts[1]);
+    assert!(ratios(&lines).is_empty());
+}
