@@ -161,13 +161,7 @@ pub(crate) async fn run(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    if !(args.rate.is_finite() && args.rate > 0.0) {
-        return Err(Error::Malformed("--rate must be a positive number".into()));
-    }
-    let events = match args.duration {
-        Some(secs) => (args.rate * secs).ceil() as u64,
-        None => args.events,
-    };
+    let events = paced_count(args.rate, args.events, args.duration)?;
     let epoch = Instant::now();
     let pad = "x".repeat(args.payload);
     let mut totals = [Totals::new(), Totals::new()];
@@ -342,7 +336,7 @@ async fn measure<P: Publish, R: Receive>(
     let usage = probe.finish(&snap);
     let k = args.subscribers as u64;
     let seconds = ph.seconds;
-    let point = Point {
+    let point = usage.into_point(Point {
         workload: "events".into(),
         variant: variant.name().into(),
         profile: "safe".into(),
@@ -359,19 +353,12 @@ async fn measure<P: Publish, R: Receive>(
         max_us: ph.hist.max(),
         confirm_p50_us: None,
         confirm_p99_us: None,
-        peak_rss_kib: usage.peak_rss_kib,
-        peak_rss_reset: usage.peak_rss_reset,
-        cpu_s: usage.cpu_s,
-        main_cpu_s: usage.main_cpu_s,
-        cpu_by_thread: usage.cpu_by_thread,
-        broker_cpu_s: usage.broker_cpu_s,
-        machine_cpu_s: usage.machine_cpu_s,
         round: 1,
         deliveries: Some(ph.delivered),
         delivered_per_s: Some(round2(per_s(ph.delivered, seconds))),
         rate: Some(args.rate),
         ..Point::default()
-    };
+    });
     Ok(((point, ph.hist), subs))
 }
 
@@ -442,6 +429,19 @@ async fn phase<P: Publish, R: Receive>(
     }
     phase.seconds = end.duration_since(start).as_secs_f64();
     (subs, phase)
+}
+
+/// How many events a paced phase publishes: `events`, or `rate` x
+/// `duration` when a duration is given; checks both.
+pub(super) fn paced_count(rate: f64, events: u64, duration: Option<f64>) -> Result<u64> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(Error::Malformed("--rate must be a positive number".into()));
+    }
+    match duration {
+        Some(secs) if secs.is_finite() && secs > 0.0 => Ok((rate * secs).ceil() as u64),
+        Some(_) => Err(Error::Malformed("--duration must be positive".into())),
+        None => Ok(events),
+    }
 }
 
 /// Publishes `n` events made by `make` at `rate` per second from `start`

@@ -17,17 +17,16 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{HttpResponse, web};
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, LOCATION};
 
 use super::load::{Measured, Stop, drive};
 use super::report::{self, Probe, Totals, Usage};
-use super::rig::{Rig, Served, http_client, on_client_thread};
+use super::rig::{LocalServer, Rig, Served, http_client, on_client_thread};
 use super::{
     Env, HttpArgs, HttpVariant, Labels, Out, Profile, ReplyModeArg, RpcArgs, Variant, check_reply,
     measured_point, rpc,
@@ -89,7 +88,7 @@ pub(crate) async fn run(
     .await?;
     let result = async {
         let (finished, doc) = finished_call(&rig, &target.payload).await?;
-        let bare = BareServer::start(doc.clone(), rig.settings.gateway.workers)?;
+        let bare = bare_server(doc.clone(), rig.settings.gateway.workers)?;
         let spec = Spec {
             base: rig.base.clone(),
             bare: bare.base.clone(),
@@ -325,52 +324,21 @@ async fn finished_call(rig: &Rig, payload: &Bytes) -> Result<(String, Bytes)> {
 }
 
 /// The reference of `get`: actix-web with one route that answers the same
-/// document, a constant, with nothing behind it.
-struct BareServer {
-    base: String,
-    handle: actix_web::dev::ServerHandle,
-}
-
-impl BareServer {
-    /// Listens on 127.0.0.1:0 with `workers` threads (0: one per core, as
-    /// the gateway).
-    fn start(doc: Bytes, workers: usize) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .map_err(|e| Error::Malformed(format!("bare server: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Malformed(format!("bare server: {e}")))?;
-        let mut server = HttpServer::new(move || {
-            let doc = doc.clone();
-            App::new().route(
-                "/v1/calls/{id}",
-                web::get().to(move || {
-                    let doc = doc.clone();
-                    async move {
-                        HttpResponse::Ok()
-                            .content_type(wire::CONTENT_JSON)
-                            .body(doc)
-                    }
-                }),
-            )
-        })
-        .disable_signals();
-        if workers > 0 {
-            server = server.workers(workers);
-        }
-        let server = server
-            .listen(listener)
-            .map_err(|e| Error::Malformed(format!("bare server: {e}")))?
-            .run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Ok(Self {
-            base: format!("http://{addr}"),
-            handle,
-        })
-    }
-
-    async fn stop(self) {
-        self.handle.stop(true).await;
-    }
+/// document, a constant, with nothing behind it; `workers` threads (0: one
+/// per core, as the gateway).
+fn bare_server(doc: Bytes, workers: usize) -> Result<LocalServer> {
+    LocalServer::start("bare server", workers, move |cfg| {
+        let doc = doc.clone();
+        cfg.route(
+            "/v1/calls/{id}",
+            web::get().to(move || {
+                let doc = doc.clone();
+                async move {
+                    HttpResponse::Ok()
+                        .content_type(wire::CONTENT_JSON)
+                        .body(doc)
+                }
+            }),
+        );
+    })
 }

@@ -924,7 +924,7 @@ pub(crate) fn measured_point(
     usage: Usage,
 ) -> Point {
     let seconds = m.elapsed.as_secs_f64();
-    Point {
+    usage.into_point(Point {
         workload: workload.into(),
         variant: variant.into(),
         profile: labels.profile.into(),
@@ -941,19 +941,12 @@ pub(crate) fn measured_point(
         max_us: m.hist.max(),
         confirm_p50_us: Some(m.confirmed.value_at_quantile(0.5)),
         confirm_p99_us: Some(m.confirmed.value_at_quantile(0.99)),
-        peak_rss_kib: usage.peak_rss_kib,
-        peak_rss_reset: usage.peak_rss_reset,
-        cpu_s: usage.cpu_s,
-        main_cpu_s: usage.main_cpu_s,
-        cpu_by_thread: usage.cpu_by_thread,
-        broker_cpu_s: usage.broker_cpu_s,
-        machine_cpu_s: usage.machine_cpu_s,
         round,
         deliveries: None,
         delivered_per_s: None,
         rate: None,
         ..Point::default()
-    }
+    })
 }
 
 #[cfg(test)]

@@ -28,12 +28,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{HttpResponse, web};
 use base64::Engine;
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -44,10 +43,10 @@ use tokio::sync::oneshot;
 use super::http::accepted_location;
 use super::load::{Measured, Stop, drive};
 use super::report::{self, Probe, Usage, histogram, record};
-use super::rig::{Rig, Served, http_client, on_client_thread};
+use super::rig::{LocalServer, Rig, Served, http_client, on_client_thread};
 use super::{Env, Labels, NotifyArgs, NotifyStyle, Out, json_payload, measured_point};
 use crate::amqp::wire;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::events::{SubscribeOptions, Subscription};
 use crate::gateway::tracker::EVENT_COMPLETED;
 use crate::settings::ServiceSettings;
@@ -183,7 +182,7 @@ pub(crate) async fn run(
         payload: args.payload.max(10),
     };
     let rendezvous = Rendezvous::default();
-    let receiver = CallbackReceiver::start(rendezvous.clone())?;
+    let receiver = callback_receiver(rendezvous.clone())?;
     let (wait, workers) = (args.wait.max(1), args.workers);
     let secret = format!(
         "whsec_{}",
@@ -216,7 +215,7 @@ pub(crate) async fn run(
         payload: json_payload(args.payload),
         completions,
         rendezvous: rendezvous.clone(),
-        callback_url: receiver.url.clone(),
+        callback_url: format!("{}/callback", receiver.base),
         wait,
     };
     let result = async {
@@ -441,55 +440,31 @@ pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The receiver of callbacks: actix-web on 127.0.0.1:0, one thread; every
-/// POST is a notification about the call named by the CloudEvent's subject.
-struct CallbackReceiver {
-    url: String,
-    handle: actix_web::dev::ServerHandle,
-}
-
-impl CallbackReceiver {
-    fn start(rendezvous: Rendezvous) -> Result<Self> {
-        let failed = |e: std::io::Error| Error::Malformed(format!("callback receiver: {e}"));
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(failed)?;
-        let addr = listener.local_addr().map_err(failed)?;
-        let server = HttpServer::new(move || {
-            let rendezvous = rendezvous.clone();
-            App::new().route(
-                "/callback",
-                web::post().to(move |body: Bytes| {
-                    let rendezvous = rendezvous.clone();
-                    async move {
-                        let event: serde_json::Value =
-                            serde_json::from_slice(&body).unwrap_or_default();
-                        match event["subject"].as_str() {
-                            Some(id) => {
-                                let ok = event["data"]["status"] == "succeeded";
-                                rendezvous.arrive(id, ok);
-                                HttpResponse::NoContent().finish()
-                            }
-                            // Permanent: not worth a retry.
-                            None => HttpResponse::Gone().finish(),
+/// POST to `/callback` is a notification about the call named by the
+/// CloudEvent's subject.
+fn callback_receiver(rendezvous: Rendezvous) -> Result<LocalServer> {
+    LocalServer::start("callback receiver", 1, move |cfg| {
+        let rendezvous = rendezvous.clone();
+        cfg.route(
+            "/callback",
+            web::post().to(move |body: Bytes| {
+                let rendezvous = rendezvous.clone();
+                async move {
+                    let event: serde_json::Value =
+                        serde_json::from_slice(&body).unwrap_or_default();
+                    match event["subject"].as_str() {
+                        Some(id) => {
+                            let ok = event["data"]["status"] == "succeeded";
+                            rendezvous.arrive(id, ok);
+                            HttpResponse::NoContent().finish()
                         }
+                        // Permanent: not worth a retry.
+                        None => HttpResponse::Gone().finish(),
                     }
-                }),
-            )
-        })
-        .workers(1)
-        .disable_signals()
-        .listen(listener)
-        .map_err(failed)?
-        .run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Ok(Self {
-            url: format!("http://{addr}/callback"),
-            handle,
-        })
-    }
-
-    async fn stop(self) {
-        self.handle.stop(true).await;
-    }
+                }
+            }),
+        );
+    })
 }
 
 /// The AMQP style's subscriber: the completed events of the run's calls,

@@ -293,6 +293,22 @@ pub(crate) struct Usage {
     pub machine_cpu_s: Option<f64>,
 }
 
+impl Usage {
+    /// `p` with these readings.
+    pub fn into_point(self, p: Point) -> Point {
+        Point {
+            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_reset: self.peak_rss_reset,
+            cpu_s: self.cpu_s,
+            main_cpu_s: self.main_cpu_s,
+            cpu_by_thread: self.cpu_by_thread,
+            broker_cpu_s: self.broker_cpu_s,
+            machine_cpu_s: self.machine_cpu_s,
+            ..p
+        }
+    }
+}
+
 impl Probe {
     /// A probe for the calling thread's process.
     pub fn new(broker_pid: Option<u32>) -> Self {

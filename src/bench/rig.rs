@@ -13,6 +13,8 @@
 
 use std::future::Future;
 use std::net::TcpListener;
+
+use actix_web::{App, HttpServer, web};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,4 +173,42 @@ where
         warn!("the bench client thread ended without an answer");
         Error::Malformed("the bench client thread panicked".into())
     })
+}
+
+/// A small actix-web server of the bench's own on 127.0.0.1:0 (the `bare`
+/// reference, the callback receiver).
+pub(crate) struct LocalServer {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl LocalServer {
+    /// Serves the routes `configure` mounts with `workers` threads (0: one
+    /// per core); `what` names it in errors.
+    pub fn start<F>(what: &str, workers: usize, configure: F) -> Result<Self>
+    where
+        F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+    {
+        let failed = |e: std::io::Error| io(what, e);
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(failed)?;
+        let addr = listener.local_addr().map_err(failed)?;
+        let mut server =
+            HttpServer::new(move || App::new().configure(configure.clone())).disable_signals();
+        if workers > 0 {
+            server = server.workers(workers);
+        }
+        let server = server.listen(listener).map_err(failed)?.run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Ok(Self {
+            base: format!("http://{addr}"),
+            handle,
+        })
+    }
+
+    /// Stops it, letting requests in flight finish.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+    }
 }

@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::events::{EVENT_TYPE, SbPublisher, publish_paced};
+use super::events::{EVENT_TYPE, SbPublisher, paced_count, publish_paced};
 use super::report::{Line, Point, Probe, histogram, per_s, round2, round3};
 use super::rig::{Rig, http_client, on_client_thread};
 use super::{Env, Out, SseArgs};
@@ -61,9 +61,7 @@ pub(crate) async fn run(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    if !(args.rate.is_finite() && args.rate > 0.0) {
-        return Err(Error::Malformed("--rate must be a positive number".into()));
-    }
+    let n = paced_count(args.rate, args.events, args.duration)?;
     let k = args.clients.max(1);
     raise_fd_limit(2 * k as u64 + SPARE_FDS);
     let workers = args.workers;
@@ -79,7 +77,7 @@ pub(crate) async fn run(
     amqp.instance_id = env.instance("sse-amqp");
     let result = match Broker::connect(&amqp).await {
         Ok(broker) => {
-            let r = measure(&rig, &broker, args, k, probe, out).await;
+            let r = measure(&rig, &broker, args, n, k, probe, out).await;
             broker.close().await;
             r
         }
@@ -93,15 +91,11 @@ async fn measure(
     rig: &Rig,
     broker: &Broker,
     args: &SseArgs,
+    n: u64,
     k: usize,
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    let n = match args.duration {
-        Some(secs) if secs.is_finite() && secs > 0.0 => (args.rate * secs).ceil() as u64,
-        Some(_) => return Err(Error::Malformed("--duration must be positive".into())),
-        None => args.events,
-    };
     let total = (args.warmup + n) as usize;
     let epoch = Instant::now();
     // The reference: bound before anything is published.
@@ -223,7 +217,7 @@ async fn measure(
     }
     let first = sent.get(args.warmup as usize).copied().unwrap_or(0);
     let seconds = last.saturating_sub(first) as f64 / 1e6;
-    let base = Point {
+    let base = usage.into_point(Point {
         workload: "sse".into(),
         profile: "safe".into(),
         reply_mode: "none".into(),
@@ -232,17 +226,10 @@ async fn measure(
         calls: n,
         seconds: round3(seconds),
         calls_per_s: round2(per_s(n, seconds)),
-        peak_rss_kib: usage.peak_rss_kib,
-        peak_rss_reset: usage.peak_rss_reset,
-        cpu_s: usage.cpu_s,
-        main_cpu_s: usage.main_cpu_s,
-        cpu_by_thread: usage.cpu_by_thread,
-        broker_cpu_s: usage.broker_cpu_s,
-        machine_cpu_s: usage.machine_cpu_s,
         round: 1,
         rate: Some(args.rate),
         ..Point::default()
-    };
+    });
     let amqp_delivered = n - amqp_missing;
     out.emit(Line::Point(Point {
         variant: "amqp".into(),
