@@ -48,6 +48,14 @@ Workloads:
   raw      the same calls written directly on lapin (the reference)
   compare  raw and rpc alternating in one run, plus a ratio line each
   events   CloudEvents through a fanout to K subscribers, both variants
+  http     the HTTP gateway in this process: sync POST, 202 + long-poll, GET
+           of a finished call, a bare actix-web GET (reference), and an rpc
+           point with the same payload; ratios sync / rpc and get / bare
+  sse      K SSE clients on the gateway's /v1/events next to an AMQP
+           subscriber: SSE minus AMQP delivery latency per event, missing
+  notify   a service that answers after a delay, called in each style (sync,
+           longpoll, poll, callback, sse, amqp): completion-to-awareness
+           delay and HTTP requests per call
 
 Output: one JSON line per measured point on stdout: kind, workload, variant,
 profile, reply_mode, queue_type, payload, concurrency, calls, errors, seconds,
@@ -55,9 +63,13 @@ calls_per_s, p50_us, p99_us, max_us, peak_rss_kib (VmHWM during the point),
 cpu_s / main_cpu_s / cpu_by_thread (CPU time of this process during the
 point), broker_cpu_s (with --broker-pid), machine_cpu_s (all processes),
 round; rpc adds confirm_p50_us / confirm_p99_us (until the request was
-confirmed), events adds deliveries, delivered_per_s and rate. `compare` and
-`events` add lines of kind \"ratio\": switchboard / raw of calls/s (events:
-deliveries/s) and of p50 and p99.
+confirmed), events and sse add deliveries, delivered_per_s and rate; http
+and notify add requests_per_call; notify adds aware_p50_us / aware_p99_us /
+aware_max_us; sse adds minus_amqp_p50_us / minus_amqp_p99_us and missing.
+`compare`, `events` and `http` add lines of kind \"ratio\": switchboard / raw
+of calls/s (events: deliveries/s) and of p50 and p99; http's name what they
+divide in `of` (\"sync / rpc\", \"get / bare\"). `bench <workload> --help`
+says what each measures.
 
 Every run uses a prefix and instance id of its own (sbbench-<8 hex>), so it
 never meets a serving `switchboard serve` (with --external, only the instance
@@ -335,9 +347,15 @@ pub struct HttpArgs {
 /// Flags of `bench notify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NotifyArgs {
-    /// How long each point lasts (calls per style).
-    #[command(flatten)]
-    pub load: LoadArgs,
+    /// Calls per style.
+    #[arg(long, default_value_t = 500)]
+    pub calls: u64,
+    /// Measure each style for this many seconds instead.
+    #[arg(long, conflicts_with = "calls")]
+    pub duration: Option<f64>,
+    /// Calls made before each style's point and not recorded.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u64,
     /// Clients calling at once (each one call at a time).
     #[arg(long, default_value_t = 50)]
     pub clients: usize,
@@ -404,6 +422,17 @@ pub enum NotifyStyle {
     Sse,
     /// 202, then the lifecycle event from an AMQP subscriber.
     Amqp,
+}
+
+impl NotifyArgs {
+    /// How long each style's point lasts.
+    fn load(&self) -> LoadArgs {
+        LoadArgs {
+            calls: self.calls,
+            duration: self.duration,
+            warmup: self.warmup,
+        }
+    }
 }
 
 impl NotifyStyle {

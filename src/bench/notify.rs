@@ -141,7 +141,8 @@ pub(crate) async fn run(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    let stop = args.load.stop()?;
+    let load = args.load();
+    let stop = load.stop()?;
     let completions: Completions = Arc::default();
     let delay = Duration::from_millis(args.delay_ms);
     let noted = completions.clone();
@@ -228,7 +229,7 @@ pub(crate) async fn run(
             };
             let measured = on_client_thread({
                 let (spec, probe, clients, warmup) =
-                    (spec.clone(), probe.clone(), args.clients, args.load.warmup);
+                    (spec.clone(), probe.clone(), args.clients, load.warmup);
                 move || drive_style(spec, style, clients, warmup, stop, probe)
             })
             .await;

@@ -43,9 +43,6 @@ use crate::events::{CloudEvent, SubscribeOptions, Subscription};
 const GRACE: Duration = Duration::from_secs(10);
 /// Connections opened at once while the clients connect.
 const CONNECTING: usize = 64;
-/// Differences are kept shifted by this much (µs), so that a negative one
-/// (the SSE client first) fits the histogram.
-const OFFSET_US: i64 = 10_000_000;
 /// File descriptors besides the clients' and the server's ends of their
 /// connections: the broker connections, the store, the runtime.
 const SPARE_FDS: u64 = 512;
@@ -127,10 +124,18 @@ async fn measure(
     // The SSE clients connect; once all are subscribed, publishing starts.
     let cancel = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    // The measured phase's first reading, handed to the client thread: it
+    // takes the last one before it ends, while its own CPU time still shows.
+    let (snap_tx, snap_rx) = tokio::sync::oneshot::channel();
     let url = rig.url(&format!("/v1/events?type={EVENT_TYPE}"));
     let clients = actix_rt::spawn(on_client_thread({
         let cancel = cancel.clone();
-        move || sse_clients(url, k, total, epoch, ready_tx, cancel)
+        let probe = probe.clone();
+        move || async move {
+            let arrivals = sse_clients(url, k, total, epoch, ready_tx, cancel).await;
+            let usage = snap_rx.await.ok().map(|snap| probe.finish(&snap));
+            arrivals.map(|a| (a, usage))
+        }
     }));
     match ready_rx.await {
         Ok(Ok(())) => {}
@@ -161,7 +166,7 @@ async fn measure(
     let publisher = SbPublisher(broker.clone());
     let mut publish_errors =
         publish_paced(&publisher, args.warmup, args.rate, Instant::now(), &make).await;
-    let snap = probe.start();
+    let _ = snap_tx.send(probe.start());
     let warmup = args.warmup;
     publish_errors += publish_paced(&publisher, n, args.rate, Instant::now(), &|i| {
         make(warmup + i)
@@ -177,8 +182,7 @@ async fn measure(
             clients.await
         }
     };
-    let usage = probe.finish(&snap);
-    let per_client = match per_client {
+    let (per_client, usage) = match per_client {
         Ok(Ok(Ok(v))) => v,
         Ok(Ok(Err(e))) | Ok(Err(e)) => return Err(e),
         Err(e) => return Err(Error::Malformed(format!("SSE clients: {e}"))),
@@ -198,7 +202,10 @@ async fn measure(
             }
         }
     }
-    let (mut sse_hist, mut diff_hist) = (histogram(), histogram());
+    let mut sse_hist = histogram();
+    // Kept whole and sorted (a histogram's buckets would blur small
+    // differences, and some are negative).
+    let mut diffs: Vec<i64> = Vec::with_capacity(per_client.len() * n as usize);
     let mut missing = 0u64;
     for arrivals in &per_client {
         for i in measured.clone() {
@@ -210,14 +217,13 @@ async fn measure(
             last = last.max(at);
             sse_hist.saturating_record(at.saturating_sub(sent[i]).max(1));
             if amqp[i] != 0 {
-                let diff = at as i64 - amqp[i] as i64 + OFFSET_US;
-                diff_hist.saturating_record(diff.max(1) as u64);
+                diffs.push(at as i64 - amqp[i] as i64);
             }
         }
     }
     let first = sent.get(args.warmup as usize).copied().unwrap_or(0);
     let seconds = last.saturating_sub(first) as f64 / 1e6;
-    let base = usage.into_point(Point {
+    let base = usage.unwrap_or_default().into_point(Point {
         workload: "sse".into(),
         profile: "safe".into(),
         reply_mode: "none".into(),
@@ -241,7 +247,7 @@ async fn measure(
         ..quantiles(&base, &amqp_hist)
     }));
     let delivered = n * per_client.len() as u64 - missing;
-    let diff = |q: f64| diff_hist.value_at_quantile(q) as i64 - OFFSET_US;
+    diffs.sort_unstable();
     out.emit(Line::Point(Point {
         variant: "sse".into(),
         concurrency: k,
@@ -249,8 +255,8 @@ async fn measure(
         deliveries: Some(delivered),
         delivered_per_s: Some(round2(per_s(delivered, seconds))),
         missing: Some(missing),
-        minus_amqp_p50_us: (!diff_hist.is_empty()).then(|| diff(0.5)),
-        minus_amqp_p99_us: (!diff_hist.is_empty()).then(|| diff(0.99)),
+        minus_amqp_p50_us: quantile(&diffs, 0.5),
+        minus_amqp_p99_us: quantile(&diffs, 0.99),
         ..quantiles(&base, &sse_hist)
     }));
     Ok(())
@@ -264,6 +270,13 @@ fn quantiles(base: &Point, h: &Histogram<u64>) -> Point {
         max_us: h.max(),
         ..base.clone()
     }
+}
+
+/// The `q` quantile of `sorted` (the lowest value with at least `q` of
+/// them at or below it); `None` when empty.
+fn quantile(sorted: &[i64], q: f64) -> Option<i64> {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).max(1);
+    sorted.get(rank.min(sorted.len()).checked_sub(1)?).copied()
 }
 
 /// The number the bench gave an event.
@@ -429,7 +442,16 @@ fn raise_fd_limit(want: u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::frame_seq;
+    use super::{frame_seq, quantile};
+
+    #[test]
+    fn quantiles_of_signed_values() {
+        let v: Vec<i64> = (-50..50).collect();
+        assert_eq!(quantile(&v, 0.5), Some(-1));
+        assert_eq!(quantile(&v, 0.99), Some(48));
+        assert_eq!(quantile(&[7], 0.5), Some(7));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
 
     #[test]
     fn the_seq_of_a_frame_is_read() {
