@@ -158,7 +158,8 @@ limit (ulimit -n) to 2 x --clients + 512 where the hard limit allows.";
 
 const NOTIFY_HELP: &str = "\
 Styles (--style, a point each; variant = the style):
-  sync      POST, answered 200 with the reply (Call-Id names the call)
+  sync      POST with `Prefer: wait=--wait`, answered 200 with the reply (Call-Id
+            names the call)
   longpoll  POST `Prefer: respond-async` (202), then GET <Location>?wait=--wait
             until the call has ended
   poll      the 202, then GET <Location> after each Retry-After (the

@@ -170,7 +170,8 @@ pub(crate) async fn run(
     let svc = ServiceSettings {
         // Every client's call runs at once: each ends `delay` after it starts.
         concurrency: args.clients.clamp(1, 10_000) as u16,
-        timeout_ms: 30_000,
+        // Long enough for the work and a slow notification after it.
+        timeout_ms: 30_000 + 2 * args.delay_ms,
         ..configured
     };
     let labels = Labels {
@@ -318,7 +319,12 @@ async fn one_call(
             .body(spec.payload.clone())
     };
     if style == NotifyStyle::Sync {
-        let res = post().send().await.map_err(text)?;
+        // Waits as long as a long-poll would (the gateway's default may be shorter).
+        let res = post()
+            .header("Prefer", format!("wait={}", spec.wait))
+            .send()
+            .await
+            .map_err(text)?;
         let status = res.status().as_u16();
         let id = res
             .headers()
