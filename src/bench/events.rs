@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::events::{self, CloudEvent, SubscribeOptions, Subscription};
 
 /// The type of the events the bench publishes.
-const EVENT_TYPE: &str = "switchboard.bench.tick";
+pub(super) const EVENT_TYPE: &str = "switchboard.bench.tick";
 /// How long a subscriber waits for the next event before the rest count as lost.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 /// Publishes in flight at most; beyond it the pacer waits (and the achieved
@@ -47,7 +47,7 @@ const MAX_IN_FLIGHT: usize = 4096;
 type Stamp = u64;
 
 /// A publisher of one variant.
-trait Publish: Clone + 'static {
+pub(super) trait Publish: Clone + 'static {
     async fn publish(&self, event: CloudEvent) -> Result<(), String>;
 }
 
@@ -57,8 +57,9 @@ trait Receive: 'static {
     async fn next(&mut self) -> Option<Result<Stamp, String>>;
 }
 
+/// switchboard's publisher: [`events::publish`].
 #[derive(Clone)]
-struct SbPublisher(Broker);
+pub(super) struct SbPublisher(pub(super) Broker);
 
 impl Publish for SbPublisher {
     async fn publish(&self, event: CloudEvent) -> Result<(), String> {
@@ -160,13 +161,7 @@ pub(crate) async fn run(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    if !(args.rate.is_finite() && args.rate > 0.0) {
-        return Err(Error::Malformed("--rate must be a positive number".into()));
-    }
-    let events = match args.duration {
-        Some(secs) => (args.rate * secs).ceil() as u64,
-        None => args.events,
-    };
+    let events = paced_count(args.rate, args.events, args.duration)?;
     let epoch = Instant::now();
     let pad = "x".repeat(args.payload);
     let mut totals = [Totals::new(), Totals::new()];
@@ -341,7 +336,7 @@ async fn measure<P: Publish, R: Receive>(
     let usage = probe.finish(&snap);
     let k = args.subscribers as u64;
     let seconds = ph.seconds;
-    let point = Point {
+    let point = usage.into_point(Point {
         workload: "events".into(),
         variant: variant.name().into(),
         profile: "safe".into(),
@@ -358,18 +353,12 @@ async fn measure<P: Publish, R: Receive>(
         max_us: ph.hist.max(),
         confirm_p50_us: None,
         confirm_p99_us: None,
-        peak_rss_kib: usage.peak_rss_kib,
-        peak_rss_reset: usage.peak_rss_reset,
-        cpu_s: usage.cpu_s,
-        main_cpu_s: usage.main_cpu_s,
-        cpu_by_thread: usage.cpu_by_thread,
-        broker_cpu_s: usage.broker_cpu_s,
-        machine_cpu_s: usage.machine_cpu_s,
         round: 1,
         deliveries: Some(ph.delivered),
         delivered_per_s: Some(round2(per_s(ph.delivered, seconds))),
         rate: Some(args.rate),
-    };
+        ..Point::default()
+    });
     Ok(((point, ph.hist), subs))
 }
 
@@ -418,6 +407,53 @@ async fn phase<P: Publish, R: Receive>(
             })
         })
         .collect();
+    let publish_errors = publish_paced(publisher, n, rate, start, make).await;
+    let mut phase = Phase {
+        hist: histogram(),
+        delivered: 0,
+        bad: 0,
+        publish_errors,
+        seconds: 0.0,
+    };
+    let mut subs = Vec::new();
+    let mut end = start;
+    for r in receivers {
+        // A receiver task only ends by returning.
+        if let Ok((sub, hist, got, bad, last)) = r.await {
+            let _ = phase.hist.add(&hist);
+            phase.delivered += got;
+            phase.bad += bad;
+            end = end.max(last);
+            subs.push(sub);
+        }
+    }
+    phase.seconds = end.duration_since(start).as_secs_f64();
+    (subs, phase)
+}
+
+/// How many events a paced phase publishes: `events`, or `rate` x
+/// `duration` when a duration is given; checks both.
+pub(super) fn paced_count(rate: f64, events: u64, duration: Option<f64>) -> Result<u64> {
+    if !(rate.is_finite() && rate > 0.0) {
+        return Err(Error::Malformed("--rate must be a positive number".into()));
+    }
+    match duration {
+        Some(secs) if secs.is_finite() && secs > 0.0 => Ok((rate * secs).ceil() as u64),
+        Some(_) => Err(Error::Malformed("--duration must be positive".into())),
+        None => Ok(events),
+    }
+}
+
+/// Publishes `n` events made by `make` at `rate` per second from `start`
+/// (up to [`MAX_IN_FLIGHT`] unconfirmed), and returns once every publish is
+/// confirmed or failed, with the number that failed.
+pub(super) async fn publish_paced<P: Publish>(
+    publisher: &P,
+    n: u64,
+    rate: f64,
+    start: Instant,
+    make: &impl Fn(u64) -> CloudEvent,
+) -> u64 {
     let errors = Rc::new(Cell::new(0u64));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     for seq in 0..n {
@@ -439,25 +475,5 @@ async fn phase<P: Publish, R: Receive>(
     }
     // Every publish confirmed (or failed).
     let _ = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
-    let mut phase = Phase {
-        hist: histogram(),
-        delivered: 0,
-        bad: 0,
-        publish_errors: errors.get(),
-        seconds: 0.0,
-    };
-    let mut subs = Vec::new();
-    let mut end = start;
-    for r in receivers {
-        // A receiver task only ends by returning.
-        if let Ok((sub, hist, got, bad, last)) = r.await {
-            let _ = phase.hist.add(&hist);
-            phase.delivered += got;
-            phase.bad += bad;
-            end = end.max(last);
-            subs.push(sub);
-        }
-    }
-    phase.seconds = end.duration_since(start).as_secs_f64();
-    (subs, phase)
+    errors.get()
 }

@@ -18,10 +18,14 @@
 //! - [`events`]: fanout publish/subscribe, both variants.
 
 mod events;
+mod http;
 mod load;
+mod notify;
 mod raw;
 pub mod report;
+mod rig;
 mod rpc;
+mod sse;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -44,6 +48,14 @@ Workloads:
   raw      the same calls written directly on lapin (the reference)
   compare  raw and rpc alternating in one run, plus a ratio line each
   events   CloudEvents through a fanout to K subscribers, both variants
+  http     the HTTP gateway in this process: sync POST, 202 + long-poll, GET
+           of a finished call, a bare actix-web GET (reference), and an rpc
+           point with the same payload; ratios sync / rpc and get / bare
+  sse      K SSE clients on the gateway's /v1/events next to an AMQP
+           subscriber: SSE minus AMQP delivery latency per event, missing
+  notify   a service that answers after a delay, called in each style (sync,
+           longpoll, poll, callback, sse, amqp): completion-to-awareness
+           delay and HTTP requests per call
 
 Output: one JSON line per measured point on stdout: kind, workload, variant,
 profile, reply_mode, queue_type, payload, concurrency, calls, errors, seconds,
@@ -51,9 +63,13 @@ calls_per_s, p50_us, p99_us, max_us, peak_rss_kib (VmHWM during the point),
 cpu_s / main_cpu_s / cpu_by_thread (CPU time of this process during the
 point), broker_cpu_s (with --broker-pid), machine_cpu_s (all processes),
 round; rpc adds confirm_p50_us / confirm_p99_us (until the request was
-confirmed), events adds deliveries, delivered_per_s and rate. `compare` and
-`events` add lines of kind \"ratio\": switchboard / raw of calls/s (events:
-deliveries/s) and of p50 and p99.
+confirmed), events and sse add deliveries, delivered_per_s and rate; http
+and notify add requests_per_call; notify adds aware_p50_us / aware_p99_us /
+aware_max_us; sse adds minus_amqp_p50_us / minus_amqp_p99_us and missing.
+`compare`, `events` and `http` add lines of kind \"ratio\": switchboard / raw
+of calls/s (events: deliveries/s) and of p50 and p99; http's name what they
+divide in `of` (\"sync / rpc\", \"get / bare\"). `bench <workload> --help`
+says what each measures.
 
 Every run uses a prefix and instance id of its own (sbbench-<8 hex>), so it
 never meets a serving `switchboard serve` (with --external, only the instance
@@ -100,7 +116,87 @@ pub enum Workload {
     /// publish-to-delivery latency, next to a raw-lapin fanout in the same
     /// run, plus a ratio line.
     Events(EventsArgs),
+    /// The HTTP gateway in this process with an echo worker, driven over
+    /// keep-alive connections by a client on a thread of its own: `sync`
+    /// POSTs (200), `accepted` POSTs (202, then long-poll), `get` of a
+    /// finished call, and `bare` (the same GET from a bare actix-web
+    /// handler, the reference of `get`); plus a `bench rpc` point with the
+    /// same payload and calls in flight, and ratio lines `sync / rpc` and
+    /// `get / bare`.
+    #[command(after_long_help = HTTP_HELP)]
+    Http(HttpArgs),
+    /// How soon a client learns that a call has ended, per style (sync,
+    /// long-poll, polling at Retry-After, callback, SSE per call, AMQP
+    /// subscriber): a service that answers after --delay-ms, --clients
+    /// clients at once; per style the delay from the handler's completion
+    /// to the client's awareness, and HTTP requests per call.
+    #[command(after_long_help = NOTIFY_HELP)]
+    Notify(NotifyArgs),
+    /// K SSE clients on the gateway's /v1/events (in this process) while
+    /// events are published to the fanout at a paced rate, next to an AMQP
+    /// subscriber: per event and client, the SSE delivery latency minus the
+    /// AMQP subscriber's, and the events that never reached a client.
+    #[command(after_long_help = SSE_HELP)]
+    Sse(SseArgs),
 }
+
+const SSE_HELP: &str = "\
+Two points (workload sse): variant amqp, an events::Subscription on the
+fanout (the reference), and variant sse, --clients SSE clients on
+GET /v1/events?type=switchboard.bench.tick, each on a keep-alive connection of
+its own, all on the client thread. Publishing starts once every client is
+subscribed; --warmup events first (not counted), then --events at --rate.
+p50_us / p99_us: publish to delivery. minus_amqp_p50_us / minus_amqp_p99_us
+(sse): for every event and client, the SSE client's delivery minus the AMQP
+subscriber's of the same event (negative: the client had it first).
+missing: events that never reached a client (10 s after the reference had
+them all), summed over clients; errors = missing + failed publishes.
+
+The gateway's stream bounds are raised for the run (max_streams to at least
+--clients + 64, stream_buffer to at least 1024), and the soft open-files
+limit (ulimit -n) to 2 x --clients + 512 where the hard limit allows.";
+
+const NOTIFY_HELP: &str = "\
+Styles (--style, a point each; variant = the style):
+  sync      POST with `Prefer: wait=--wait`, answered 200 with the reply (Call-Id
+            names the call)
+  longpoll  POST `Prefer: respond-async` (202), then GET <Location>?wait=--wait
+            until the call has ended
+  poll      the 202, then GET <Location> after each Retry-After (the
+            gateway's retry_after_s, jittered: 1 to 2 s by default)
+  callback  POST with Callback-Url: a receiver in this process on 127.0.0.1
+            (the run's gateway allows loopback callback targets)
+  sse       the 202, then GET <Location>/events until the completed frame
+  amqp      the 202, then the switchboard.call.completed event from an AMQP
+            subscriber (events::Subscription) on the events fanout
+
+The service's handler sleeps --delay-ms, then notes the instant it returns
+its reply (by call id). aware_p50_us / aware_p99_us / aware_max_us: the
+instant the client has the result (response read, callback or event
+received) minus that instant, on one monotonic clock. p50_us / p99_us: the
+whole call, from the POST. requests_per_call: HTTP requests the client sent
+per call (the callback POST the gateway makes is not counted).";
+
+const HTTP_HELP: &str = "\
+Variants (--variant, each a point per --concurrency):
+  sync      POST /v1/services/echo/calls with a --payload-byte JSON body,
+            answered 200 with the echo (the service's queue as configured,
+            persistent, confirmed, the gateway's durable reply queue)
+  accepted  the same POST with `Prefer: respond-async` (202 + Location),
+            then GET <Location>?wait=--wait until the call has ended
+            (requests_per_call says how many requests that took)
+  get       GET /v1/calls/{id} of one finished call, repeated: a read of the
+            call store (SQLite in a temporary directory)
+  bare      the same GET answered with the same document, a constant, by a
+            bare actix-web handler on another port: what HTTP alone costs
+
+--concurrency is the number of connections, each with one request at a
+time (HTTP/1.1 keep-alive). The gateway runs in this process under the run's
+prefix, without tokens, with --workers HTTP threads; the client runs on a
+thread of its own (`bench-client` in cpu_by_thread). With
+--with-rpc-reference true (the default) every concurrency also gets an rpc
+point (RpcClient, same payload, as many calls in flight), and ratio lines
+(kind ratio, `of`): sync / rpc and get / bare.";
 
 const RPC_HELP: &str = "\
 Profiles:
@@ -126,6 +222,17 @@ pub struct LoadArgs {
     /// Calls made before each point, at its concurrency, and not recorded.
     #[arg(long, default_value_t = 1_000)]
     pub warmup: u64,
+}
+
+impl LoadArgs {
+    /// When each measured point ends.
+    pub(crate) fn stop(&self) -> Result<Stop> {
+        match self.duration {
+            Some(s) if s.is_finite() && s > 0.0 => Ok(Stop::After(Duration::from_secs_f64(s))),
+            Some(_) => Err(Error::Malformed("--duration must be positive".into())),
+            None => Ok(Stop::Calls(self.calls)),
+        }
+    }
 }
 
 /// Flags of `bench rpc` and `bench raw`.
@@ -203,6 +310,169 @@ pub struct EventsArgs {
     pub rounds: u32,
 }
 
+/// Flags of `bench http`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// How long each point lasts.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Size of each request's JSON payload in bytes (at least 10); the echo
+    /// sends it back.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Connections, each with one request at a time; a comma-separated list
+    /// gives one point per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub concurrency: Vec<usize>,
+    /// The variants to measure, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sync,accepted,get,bare"
+    )]
+    pub variant: Vec<HttpVariant>,
+    /// Also measure `bench rpc` with the same payload and calls in flight,
+    /// and print the ratio sync / rpc.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub with_rpc_reference: bool,
+    /// HTTP worker threads of the gateway and of the bare server (0: the
+    /// `gateway.workers` setting; its default, 0, is one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Seconds each long-poll of `accepted` may wait (`?wait=`).
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
+}
+
+/// Flags of `bench notify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NotifyArgs {
+    /// Calls per style.
+    #[arg(long, default_value_t = 500)]
+    pub calls: u64,
+    /// Measure each style for this many seconds instead.
+    #[arg(long, conflicts_with = "calls")]
+    pub duration: Option<f64>,
+    /// Calls made before each style's point and not recorded.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u64,
+    /// Clients calling at once (each one call at a time).
+    #[arg(long, default_value_t = 50)]
+    pub clients: usize,
+    /// How long the service works on each call before it replies, ms.
+    #[arg(long, default_value_t = 200)]
+    pub delay_ms: u64,
+    /// The styles to measure, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sync,longpoll,poll,callback,sse,amqp"
+    )]
+    pub style: Vec<NotifyStyle>,
+    /// Size of each request's JSON payload in bytes (at least 10).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Seconds each long-poll may wait (`?wait=`).
+    #[arg(long, default_value_t = 30)]
+    pub wait: u64,
+    /// HTTP worker threads of the gateway (0: the `gateway.workers` setting).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+}
+
+/// Flags of `bench sse`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SseArgs {
+    /// SSE clients, each on a connection of its own.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Events published and measured.
+    #[arg(long, default_value_t = 200)]
+    pub events: u64,
+    /// Publish for this many seconds instead (rate x duration events).
+    #[arg(long, conflicts_with = "events")]
+    pub duration: Option<f64>,
+    /// Events published first and not counted.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    /// Events published per second (paced).
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// HTTP worker threads of the gateway (0: the `gateway.workers` setting).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+}
+
+/// `bench notify --style`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyStyle {
+    /// The reply as the POST's answer.
+    Sync,
+    /// 202, then long-polls.
+    Longpoll,
+    /// 202, then polls at Retry-After.
+    Poll,
+    /// A Callback-Url.
+    Callback,
+    /// 202, then the call's SSE stream.
+    Sse,
+    /// 202, then the lifecycle event from an AMQP subscriber.
+    Amqp,
+}
+
+impl NotifyArgs {
+    /// How long each style's point lasts.
+    fn load(&self) -> LoadArgs {
+        LoadArgs {
+            calls: self.calls,
+            duration: self.duration,
+            warmup: self.warmup,
+        }
+    }
+}
+
+impl NotifyStyle {
+    fn name(self) -> &'static str {
+        match self {
+            NotifyStyle::Sync => "sync",
+            NotifyStyle::Longpoll => "longpoll",
+            NotifyStyle::Poll => "poll",
+            NotifyStyle::Callback => "callback",
+            NotifyStyle::Sse => "sse",
+            NotifyStyle::Amqp => "amqp",
+        }
+    }
+}
+
+/// `bench http --variant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpVariant {
+    /// POST answered 200 with the reply.
+    Sync,
+    /// POST answered 202, then long-polls until the call ends.
+    Accepted,
+    /// GET of a finished call's status document.
+    Get,
+    /// The same GET from a bare actix-web handler (the reference).
+    Bare,
+}
+
+impl HttpVariant {
+    fn name(self) -> &'static str {
+        match self {
+            HttpVariant::Sync => "sync",
+            HttpVariant::Accepted => "accepted",
+            HttpVariant::Get => "get",
+            HttpVariant::Bare => "bare",
+        }
+    }
+}
+
 /// `--reply-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReplyModeArg {
@@ -278,7 +548,7 @@ pub async fn execute(
     let external = match &args.workload {
         Workload::Rpc(a) | Workload::Raw(a) => a.external,
         Workload::Compare(c) => c.rpc.external,
-        Workload::Events(_) => false,
+        Workload::Events(_) | Workload::Http(_) | Workload::Notify(_) | Workload::Sse(_) => false,
     };
     let probe = Probe::new(args.broker_pid);
     let mut env = Env::start(settings, external).await?;
@@ -304,6 +574,9 @@ pub async fn execute(
             .await
         }
         Workload::Events(e) => events::run(&mut env, e, &probe, &mut out).await,
+        Workload::Http(h) => http::run(&mut env, h, &probe, &mut out).await,
+        Workload::Notify(n) => notify::run(&mut env, n, &probe, &mut out).await,
+        Workload::Sse(a) => sse::run(&mut env, a, &probe, &mut out).await,
     };
     env.cleanup().await;
     result.map(|()| out.lines)
@@ -338,6 +611,8 @@ pub(crate) struct Env {
     services: Vec<String>,
     /// Exchanges of the raw references.
     exchanges: Vec<String>,
+    /// Other queues the run declared (the bench gateway's dead-letter watch).
+    queues: Vec<String>,
 }
 
 impl Env {
@@ -360,6 +635,7 @@ impl Env {
             instances: Vec::new(),
             services: Vec::new(),
             exchanges: Vec::new(),
+            queues: Vec::new(),
         })
     }
 
@@ -452,6 +728,7 @@ impl Env {
         for i in &self.instances {
             queues.push(names.reply_queue(i));
         }
+        queues.extend(self.queues.iter().cloned());
         let mut exchanges = self.exchanges.clone();
         if !self.external {
             exchanges.extend([
@@ -590,11 +867,7 @@ async fn rpc_points(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    let stop = match a.load.duration {
-        Some(s) if s.is_finite() && s > 0.0 => Stop::After(Duration::from_secs_f64(s)),
-        Some(_) => return Err(Error::Malformed("--duration must be positive".into())),
-        None => Stop::Calls(a.load.calls),
-    };
+    let stop = a.load.stop()?;
     for &profile in &a.profile {
         let targets = variants
             .iter()
@@ -646,7 +919,7 @@ async fn measure_sides(
                 let snap = probe.start();
                 let m = side.drive(c, stop).await;
                 let usage = probe.finish(&snap);
-                let point = rpc_point(*variant, *labels, c, round, &m, usage);
+                let point = measured_point("rpc", variant.name(), *labels, c, round, &m, usage);
                 totals.entry((c, *variant)).or_insert_with(Totals::new).add(
                     m.calls,
                     point.seconds,
@@ -669,8 +942,11 @@ async fn measure_sides(
     }
 }
 
-fn rpc_point(
-    variant: Variant,
+/// The point of one drive of `workload`'s `variant`: its call latencies,
+/// the time to the confirm of each request, and the probe's readings.
+pub(crate) fn measured_point(
+    workload: &str,
+    variant: &str,
     labels: Labels,
     concurrency: usize,
     round: u32,
@@ -678,9 +954,9 @@ fn rpc_point(
     usage: Usage,
 ) -> Point {
     let seconds = m.elapsed.as_secs_f64();
-    Point {
-        workload: "rpc".into(),
-        variant: variant.name().into(),
+    usage.into_point(Point {
+        workload: workload.into(),
+        variant: variant.into(),
         profile: labels.profile.into(),
         reply_mode: labels.reply_mode.into(),
         queue_type: labels.queue_type.into(),
@@ -695,18 +971,12 @@ fn rpc_point(
         max_us: m.hist.max(),
         confirm_p50_us: Some(m.confirmed.value_at_quantile(0.5)),
         confirm_p99_us: Some(m.confirmed.value_at_quantile(0.99)),
-        peak_rss_kib: usage.peak_rss_kib,
-        peak_rss_reset: usage.peak_rss_reset,
-        cpu_s: usage.cpu_s,
-        main_cpu_s: usage.main_cpu_s,
-        cpu_by_thread: usage.cpu_by_thread,
-        broker_cpu_s: usage.broker_cpu_s,
-        machine_cpu_s: usage.machine_cpu_s,
         round,
         deliveries: None,
         delivered_per_s: None,
         rate: None,
-    }
+        ..Point::default()
+    })
 }
 
 #[cfg(test)]

@@ -24,9 +24,9 @@ pub enum Line {
 }
 
 /// One measured point: a workload, a variant and a concurrency.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Point {
-    /// `rpc` or `events`.
+    /// `rpc`, `events`, `http`, `sse` or `notify`.
     pub workload: String,
     /// `switchboard` (the library) or `raw` (the reference on bare lapin).
     pub variant: String,
@@ -91,14 +91,44 @@ pub struct Point {
     /// Events only: the publishing rate asked for, events/s.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub rate: Option<f64>,
+    /// http and notify: HTTP requests the client made per call (a POST and
+    /// the GETs that followed it), over all calls of the point.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub requests_per_call: Option<f64>,
+    /// notify only: median time from the worker's completion of a call (its
+    /// handler returned the reply) until the client knew the result, µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub aware_p50_us: Option<u64>,
+    /// notify only: 99th percentile of the same, µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub aware_p99_us: Option<u64>,
+    /// notify only: the highest of the same, µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub aware_max_us: Option<u64>,
+    /// sse only: median, over every event and SSE client, of the client's
+    /// delivery latency minus the AMQP subscriber's for the same event, µs
+    /// (negative: the SSE client had it first).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub minus_amqp_p50_us: Option<i64>,
+    /// sse only: 99th percentile of the same, µs.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub minus_amqp_p99_us: Option<i64>,
+    /// sse only: events that did not reach a client (summed over clients).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub missing: Option<u64>,
 }
 
 /// switchboard divided by raw, for one workload, profile and concurrency,
 /// over every round of the comparison.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ratio {
-    /// `rpc` or `events`.
+    /// `rpc`, `events` or `http`.
     pub workload: String,
+    /// What is divided by what, when it is not switchboard by raw (`http`:
+    /// `"sync / rpc"`, `"get / bare"`): the `switchboard_*` fields then hold
+    /// the first, the `raw_*` fields the second.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub of: Option<String>,
     /// As in [`Point`].
     pub profile: String,
     /// As in [`Point`].
@@ -186,6 +216,7 @@ pub(crate) fn ratio(like: &Point, rounds: u32, sb: &Totals, raw: &Totals) -> Rat
         .map(|(s, r)| round3(div(*s, *r)))
         .collect();
     Ratio {
+        of: None,
         median_round_ratio: median(&round_ratios),
         round_ratios,
         workload: like.workload.clone(),
@@ -260,6 +291,22 @@ pub(crate) struct Usage {
     pub cpu_by_thread: BTreeMap<String, f64>,
     pub broker_cpu_s: Option<f64>,
     pub machine_cpu_s: Option<f64>,
+}
+
+impl Usage {
+    /// `p` with these readings.
+    pub fn into_point(self, p: Point) -> Point {
+        Point {
+            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_reset: self.peak_rss_reset,
+            cpu_s: self.cpu_s,
+            main_cpu_s: self.main_cpu_s,
+            cpu_by_thread: self.cpu_by_thread,
+            broker_cpu_s: self.broker_cpu_s,
+            machine_cpu_s: self.machine_cpu_s,
+            ..p
+        }
+    }
 }
 
 impl Probe {

@@ -193,3 +193,81 @@ async fn events_reach_every_subscriber_in_both_variants() {
     assert_eq!(rs.len(), 1);
     check_ratio(rs[0]);
 }
+
+#[actix_rt::test]
+async fn http_measures_every_variant_and_the_rpc_reference() {
+    let lines = run("http --calls 10 --warmup 2 --concurrency 2 --workers 1 --wait 5").await;
+    let pts = points(&lines);
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["sync", "accepted", "get", "bare", "switchboard"]);
+    for p in &pts {
+        check_point(p, 10);
+        assert_eq!(p["concurrency"], 2);
+    }
+    for p in &pts[..4] {
+        assert_eq!(p["workload"], "http");
+        let per_call = p["requests_per_call"].as_f64().unwrap();
+        // One request each, but `accepted`: a POST and at least one GET.
+        if p["variant"] == "accepted" {
+            assert!(per_call >= 2.0, "{p}");
+        } else {
+            assert_eq!(per_call, 1.0, "{p}");
+        }
+    }
+    assert_eq!(pts[4]["workload"], "rpc");
+    let rs = ratios(&lines);
+    let of: Vec<&str> = rs.iter().map(|r| r["of"].as_str().unwrap()).collect();
+    assert_eq!(of, ["sync / rpc", "get / bare"]);
+    for r in &rs {
+        check_ratio(r);
+        assert_eq!(r["workload"], "http");
+    }
+}
+
+#[actix_rt::test]
+async fn notify_measures_every_style() {
+    let lines = run("notify --calls 6 --warmup 0 --clients 3 --delay-ms 20 --workers 1").await;
+    let pts = points(&lines);
+    let styles: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(
+        styles,
+        ["sync", "longpoll", "poll", "callback", "sse", "amqp"]
+    );
+    for p in &pts {
+        check_point(p, 6);
+        assert_eq!(p["workload"], "notify");
+        assert_eq!(p["concurrency"], 3);
+        let aware = |f: &str| p[f].as_u64().unwrap_or_else(|| panic!("{f} in {p}"));
+        assert!(aware("aware_p50_us") <= aware("aware_p99_us"), "{p}");
+        assert!(aware("aware_p99_us") <= aware("aware_max_us"), "{p}");
+        let per_call = p["requests_per_call"].as_f64().unwrap();
+        let least = match p["variant"].as_str().unwrap() {
+            "sync" | "callback" | "amqp" => 1.0,
+            _ => 2.0,
+        };
+        assert!(per_call >= least, "{p}");
+    }
+    assert!(ratios(&lines).is_empty());
+}
+
+#[actix_rt::test]
+async fn sse_reaches_every_client_next_to_the_amqp_reference() {
+    let lines = run("sse --clients 5 --events 10 --warmup 2 --rate 200 --workers 1").await;
+    let pts = points(&lines);
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["amqp", "sse"]);
+    for p in &pts {
+        check_point(p, 10);
+        assert_eq!(p["workload"], "sse");
+        assert_eq!(p["missing"], 0, "{p}");
+    }
+    assert_eq!(pts[0]["deliveries"], 10);
+    assert_eq!(pts[1]["concurrency"], 5);
+    assert_eq!(pts[1]["deliveries"], 50);
+    let p50 = pts[1]["minus_amqp_p50_us"]
+        .as_i64()
+        .expect("a signed median");
+    let p99 = pts[1]["minus_amqp_p99_us"].as_i64().expect("a signed p99");
+    assert!(p50 <= p99, "{}", pts[1]);
+    assert!(ratios(&lines).is_empty());
+}
