@@ -524,6 +524,8 @@ fn document_response(st: &AppState, call: &CallRecord) -> HttpResponse {
     let mut res = HttpResponse::Ok();
     if call.status == CallStatus::Pending {
         res.insert_header((header::RETRY_AFTER, retry_after(st.gateway.retry_after_s)));
+    } else {
+        st.tracker.remember_finished(call);
     }
     res.json(StatusDocument::of(call))
 }
@@ -554,6 +556,15 @@ pub async fn get_call(
         Some(w) => headers::parse_seconds(w, "wait")?.min(st.gateway.max_wait_s),
         None => 0,
     };
+    // A finished call's document cannot change: served from memory.
+    if let Some(doc) = st.tracker.finished(&id) {
+        if doc.caller != caller.name {
+            return Err(ApiError::NotFound(format!("no call {id:?}")));
+        }
+        return Ok(HttpResponse::Ok()
+            .content_type(wire::CONTENT_JSON)
+            .body(doc.body.clone()));
+    }
     let call = caller_call(&st, &caller, &id).await?;
     if call.status.is_terminal() || wait == 0 {
         return Ok(document_response(&st, &call));

@@ -17,6 +17,7 @@ pub mod auth;
 pub mod calls;
 pub mod error;
 pub mod event_routes;
+pub mod finished;
 pub mod headers;
 pub mod openapi;
 pub mod ops;

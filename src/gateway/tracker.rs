@@ -70,6 +70,8 @@ struct Inner {
     /// Bound on `watchers` (senders in all lists).
     max_watchers: usize,
     watcher_count: AtomicUsize,
+    /// Documents of finished calls, served without a store read.
+    finished: super::finished::FinishedDocs,
 }
 
 impl Tracker {
@@ -90,6 +92,7 @@ impl Tracker {
                 watchers: Mutex::new(HashMap::new()),
                 max_watchers,
                 watcher_count: AtomicUsize::new(0),
+                finished: Default::default(),
             }),
         }
     }
@@ -97,6 +100,16 @@ impl Tracker {
     /// The store.
     pub fn store(&self) -> &CallStore {
         &self.inner.store
+    }
+
+    /// The kept document of a finished call (see [`super::finished`]).
+    pub fn finished(&self, id: &str) -> Option<Arc<super::finished::FinishedDoc>> {
+        self.inner.finished.get(id, wire::now_ms() as i64)
+    }
+
+    /// Keeps `call`'s document if it can no longer change.
+    pub fn remember_finished(&self, call: &CallRecord) {
+        self.inner.finished.remember(call);
     }
 
     /// A lifecycle CloudEvent about `doc`.
@@ -199,6 +212,7 @@ impl Tracker {
             return Ok(false);
         }
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
+        self.remember_finished(&call);
         if !answered {
             count_finished(&self.inner.broker, &call, now);
         }
@@ -325,6 +339,9 @@ impl Tracker {
     /// Every second, ends pending calls past their deadline as expired;
     /// every minute, removes calls finished longer than `retention` ago.
     pub fn spawn_sweeper(&self, retention: Duration, cancel: CancellationToken) {
+        self.inner
+            .finished
+            .set_retention_ms(retention.as_millis().min(i64::MAX as u128) as i64);
         let tracker = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -1,0 +1,203 @@
+//! [`FinishedDocs`]: the status documents of recently finished calls, kept
+//! in memory so that a poll of a finished call costs no store read.
+//!
+//! Only documents that can no longer change are kept: a call that ended
+//! and has no callback (a callback's delivery state goes on changing in the
+//! store). An entry is served until the call's retention passes (the
+//! sweeper then removes the call from the store), and the cache is bounded
+//! in entries and in bytes (oldest first out), so it cannot grow with load.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::calls::CallRecord;
+use crate::calls::document::StatusDocument;
+
+/// Entries kept at most.
+const MAX_ENTRIES: usize = 16_384;
+/// Bytes of documents kept at most.
+const MAX_BYTES: usize = 16 * 1024 * 1024;
+/// A document larger than this is not kept (it is read from the store).
+const MAX_DOC: usize = 64 * 1024;
+
+/// One finished call's document, serialized once.
+#[derive(Debug)]
+pub struct FinishedDoc {
+    /// Who made the call: only they may read it.
+    pub caller: String,
+    /// When it ended (ms since the epoch).
+    pub completed_ms: i64,
+    /// The JSON status document.
+    pub body: Bytes,
+}
+
+/// The cache. Shared by the gateway's workers; the lock is held for map
+/// operations only.
+#[derive(Debug)]
+pub struct FinishedDocs {
+    state: Mutex<State>,
+    /// Calls finished longer ago than this are not served (they are about
+    /// to be removed from the store); `i64::MAX` until the sweeper says.
+    retention_ms: AtomicI64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    docs: HashMap<String, Arc<FinishedDoc>>,
+    order: VecDeque<String>,
+    bytes: usize,
+}
+
+impl Default for FinishedDocs {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            retention_ms: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl FinishedDocs {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets how long finished calls stay in the store.
+    pub fn set_retention_ms(&self, ms: i64) {
+        self.retention_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The document of `id`, if it is kept and within its retention.
+    pub fn get(&self, id: &str, now_ms: i64) -> Option<Arc<FinishedDoc>> {
+        let doc = self.lock().docs.get(id).cloned()?;
+        let age = now_ms.saturating_sub(doc.completed_ms);
+        (age < self.retention_ms.load(Ordering::Relaxed)).then_some(doc)
+    }
+
+    /// Keeps the document of `call` if it can no longer change.
+    pub fn remember(&self, call: &CallRecord) {
+        let (true, None, Some(completed_ms)) =
+            (call.status.is_terminal(), &call.callback, call.completed_ms)
+        else {
+            return;
+        };
+        if self.lock().docs.contains_key(&call.id) {
+            return;
+        }
+        let Ok(body) = serde_json::to_vec(&StatusDocument::of(call)) else {
+            return;
+        };
+        if body.len() > MAX_DOC {
+            return;
+        }
+        let doc = Arc::new(FinishedDoc {
+            caller: call.caller.clone(),
+            completed_ms,
+            body: Bytes::from(body),
+        });
+        let mut st = self.lock();
+        if st.docs.contains_key(&call.id) {
+            return;
+        }
+        st.bytes += doc.body.len();
+        st.docs.insert(call.id.clone(), doc);
+        st.order.push_back(call.id.clone());
+        while st.docs.len() > MAX_ENTRIES || st.bytes > MAX_BYTES {
+            let Some(old) = st.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = st.docs.remove(&old) {
+                st.bytes -= d.body.len();
+            }
+        }
+    }
+
+    /// Documents kept now.
+    pub fn len(&self) -> usize {
+        self.lock().docs.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calls::{CallStatus, StoredResult};
+
+    fn call(id: &str, status: CallStatus, body: usize) -> CallRecord {
+        CallRecord {
+            id: id.into(),
+            caller: "alice".into(),
+            service: "echo".into(),
+            status,
+            created_ms: 1_000,
+            completed_ms: status.is_terminal().then_some(2_000),
+            deadline_ms: 30_000,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: None,
+            result: status.is_terminal().then(|| StoredResult {
+                status: 200,
+                content_type: "application/json".into(),
+                body: vec![b'1'; body],
+            }),
+            callback: None,
+        }
+    }
+
+    #[test]
+    fn keeps_finished_calls_only_and_serves_the_document_the_store_would() {
+        let docs = FinishedDocs::default();
+        docs.remember(&call("p", CallStatus::Pending, 0));
+        assert!(docs.get("p", 2_000).is_none(), "a pending call changes");
+        let done = call("d", CallStatus::Succeeded, 10);
+        docs.remember(&done);
+        let got = docs.get("d", 2_000).expect("kept");
+        assert_eq!(got.caller, "alice");
+        assert_eq!(
+            got.body,
+            serde_json::to_vec(&StatusDocument::of(&done)).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_call_with_a_callback_is_not_kept() {
+        let docs = FinishedDocs::default();
+        let mut c = call("c", CallStatus::Succeeded, 10);
+        c.callback = Some(crate::calls::CallbackRecord {
+            url: "http://127.0.0.1:1/hook".into(),
+            state: crate::calls::CallbackState::Delivered,
+            attempts: 1,
+            next_ms: None,
+            last_error: None,
+            event_id: None,
+            body: None,
+        });
+        docs.remember(&c);
+        assert!(docs.is_empty());
+    }
+
+    #[test]
+    fn retention_and_bounds_hold() {
+        let docs = FinishedDocs::default();
+        docs.set_retention_ms(1_000);
+        docs.remember(&call("r", CallStatus::Succeeded, 10));
+        assert!(docs.get("r", 2_999).is_some());
+        assert!(docs.get("r", 3_000).is_none(), "past its retention");
+        docs.remember(&call("big", CallStatus::Succeeded, MAX_DOC));
+        assert!(docs.get("big", 2_000).is_none(), "too large to keep");
+        for i in 0..MAX_ENTRIES + 10 {
+            docs.remember(&call(&i.to_string(), CallStatus::Failed, 1));
+        }
+        assert_eq!(docs.len(), MAX_ENTRIES);
+        assert!(docs.get("0", 2_000).is_none(), "oldest out first");
+    }
+}
