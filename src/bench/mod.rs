@@ -21,6 +21,7 @@ mod events;
 mod http;
 mod load;
 mod notify;
+mod pending;
 mod raw;
 pub mod report;
 mod rig;
@@ -56,6 +57,8 @@ Workloads:
   notify   a service that answers after a delay, called in each style (sync,
            longpoll, poll, callback, sse, amqp): completion-to-awareness
            delay and HTTP requests per call
+  pending  N asynchronous calls (202) left pending in the gateway: its
+           resident memory per pending call
 
 Output: one JSON line per measured point on stdout: kind, workload, variant,
 profile, reply_mode, queue_type, payload, concurrency, calls, errors, seconds,
@@ -65,7 +68,8 @@ point), broker_cpu_s (with --broker-pid), machine_cpu_s (all processes),
 round; rpc adds confirm_p50_us / confirm_p99_us (until the request was
 confirmed), events and sse add deliveries, delivered_per_s and rate; http
 and notify add requests_per_call; notify adds aware_p50_us / aware_p99_us /
-aware_max_us; sse adds minus_amqp_p50_us / minus_amqp_p99_us and missing.
+aware_max_us; sse adds minus_amqp_p50_us / minus_amqp_p99_us and missing;
+pending adds rss_before_kib / rss_after_kib / rss_per_call_bytes.
 `compare`, `events` and `http` add lines of kind \"ratio\": switchboard / raw
 of calls/s (events: deliveries/s) and of p50 and p99; http's name what they
 divide in `of` (\"sync / rpc\", \"get / bare\"). `bench <workload> --help`
@@ -138,6 +142,29 @@ pub enum Workload {
     /// AMQP subscriber's, and the events that never reached a client.
     #[command(after_long_help = SSE_HELP)]
     Sse(SseArgs),
+    /// What a pending asynchronous call costs the gateway in memory: the
+    /// gateway in this process serves a service whose worker holds its first
+    /// request for an hour; --calls POSTs with `Prefer: respond-async` (each
+    /// a 202) stay pending; the point reports VmRSS before and after them and
+    /// the growth per call (rss_per_call_bytes).
+    Pending(PendingArgs),
+}
+
+/// Flags of `bench pending`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PendingArgs {
+    /// Calls left pending in the measured point.
+    #[arg(long, default_value_t = 100_000)]
+    pub calls: u64,
+    /// Calls made (and left pending) before the first RSS reading.
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup: u64,
+    /// Connections, each with one POST at a time.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Size of each request's JSON payload in bytes (at least 10).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
 }
 
 const SSE_HELP: &str = "\
@@ -548,7 +575,11 @@ pub async fn execute(
     let external = match &args.workload {
         Workload::Rpc(a) | Workload::Raw(a) => a.external,
         Workload::Compare(c) => c.rpc.external,
-        Workload::Events(_) | Workload::Http(_) | Workload::Notify(_) | Workload::Sse(_) => false,
+        Workload::Events(_)
+        | Workload::Http(_)
+        | Workload::Notify(_)
+        | Workload::Sse(_)
+        | Workload::Pending(_) => false,
     };
     let probe = Probe::new(args.broker_pid);
     let mut env = Env::start(settings, external).await?;
@@ -577,6 +608,7 @@ pub async fn execute(
         Workload::Http(h) => http::run(&mut env, h, &probe, &mut out).await,
         Workload::Notify(n) => notify::run(&mut env, n, &probe, &mut out).await,
         Workload::Sse(a) => sse::run(&mut env, a, &probe, &mut out).await,
+        Workload::Pending(a) => pending::run(&mut env, a, &probe, &mut out).await,
     };
     env.cleanup().await;
     result.map(|()| out.lines)

@@ -116,6 +116,15 @@ pub struct Point {
     /// sse only: events that did not reach a client (summed over clients).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub missing: Option<u64>,
+    /// pending only: resident set (VmRSS) after the warm-up, KiB.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rss_before_kib: Option<u64>,
+    /// pending only: resident set once every measured call is pending, KiB.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rss_after_kib: Option<u64>,
+    /// pending only: (rss_after - rss_before) / calls, bytes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rss_per_call_bytes: Option<f64>,
 }
 
 /// switchboard divided by raw, for one workload, profile and concurrency,
@@ -375,10 +384,19 @@ impl Probe {
 
 /// VmHWM of this process, KiB.
 pub fn peak_rss_kib() -> Option<u64> {
+    status_kib("VmHWM:")
+}
+
+/// VmRSS of this process (resident now), KiB.
+pub fn rss_kib() -> Option<u64> {
+    status_kib("VmRSS:")
+}
+
+fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .trim_end_matches("kB")
         .trim()

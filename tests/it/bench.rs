@@ -251,6 +251,20 @@ async fn notify_measures_every_style() {
 }
 
 #[actix_rt::test]
+async fn pending_leaves_every_call_pending_and_reports_the_memory_it_takes() {
+    let lines = run("pending --calls 30 --warmup 3 --concurrency 3").await;
+    let pts = points(&lines);
+    assert_eq!(pts.len(), 1);
+    let p = &pts[0];
+    check_point(p, 30);
+    assert_eq!(p["workload"], "pending");
+    let kib = |f: &str| p[f].as_u64().unwrap_or_else(|| panic!("{f} in {p}"));
+    assert!(kib("rss_before_kib") > 0 && kib("rss_after_kib") > 0, "{p}");
+    assert!(p["rss_per_call_bytes"].is_number(), "{p}");
+    assert!(ratios(&lines).is_empty());
+}
+
+#[actix_rt::test]
 async fn sse_reaches_every_client_next_to_the_amqp_reference() {
     let lines = run("sse --clients 5 --events 10 --warmup 2 --rate 200 --workers 1").await;
     let pts = points(&lines);
