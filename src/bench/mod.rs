@@ -648,6 +648,16 @@ pub(crate) struct Env {
 }
 
 impl Env {
+    /// The configured `echo` service's settings (queue type, delivery
+    /// limit), for a service of the run's own.
+    pub(crate) fn echo_settings(&self) -> ServiceSettings {
+        self.settings
+            .services
+            .get("echo")
+            .cloned()
+            .unwrap_or_default()
+    }
+
     async fn start(settings: &Settings, external: bool) -> Result<Self> {
         let run_id = format!(
             "sbbench-{}",
@@ -693,12 +703,7 @@ impl Env {
                 "--timeout must be a positive number".into(),
             ));
         }
-        let configured = self
-            .settings
-            .services
-            .get("echo")
-            .cloned()
-            .unwrap_or_default();
+        let configured = self.echo_settings();
         let queue_type = match (a.queue_type, profile) {
             (Some(QueueTypeArg::Quorum), _) => QueueType::Quorum,
             (Some(QueueTypeArg::Classic), _) | (None, Profile::Fast) => QueueType::Classic,
@@ -976,6 +981,22 @@ async fn measure_sides(
 
 /// The point of one drive of `workload`'s `variant`: its call latencies,
 /// the time to the confirm of each request, and the probe's readings.
+impl Labels {
+    /// The labels of a point through the gateway: profile `safe`, the
+    /// gateway's durable reply queue, `svc`'s queue type.
+    pub(crate) fn gateway(svc: &ServiceSettings, payload: usize) -> Self {
+        Labels {
+            profile: "safe",
+            reply_mode: "queue",
+            queue_type: match svc.queue_type {
+                QueueType::Quorum => "quorum",
+                QueueType::Classic => "classic",
+            },
+            payload: payload.max(10),
+        }
+    }
+}
+
 pub(crate) fn measured_point(
     workload: &str,
     variant: &str,

@@ -161,12 +161,7 @@ pub(crate) async fn run(
             Ok(Reply::ok(req.content_type, req.payload))
         }
     });
-    let configured = env
-        .settings
-        .services
-        .get("echo")
-        .cloned()
-        .unwrap_or_default();
+    let configured = env.echo_settings();
     let svc = ServiceSettings {
         // Every client's call runs at once: each ends `delay` after it starts.
         concurrency: args.clients.clamp(1, 10_000) as u16,
@@ -174,15 +169,7 @@ pub(crate) async fn run(
         timeout_ms: 30_000 + 2 * args.delay_ms,
         ..configured
     };
-    let labels = Labels {
-        profile: "safe",
-        reply_mode: "queue",
-        queue_type: match svc.queue_type {
-            crate::settings::QueueType::Quorum => "quorum",
-            crate::settings::QueueType::Classic => "classic",
-        },
-        payload: args.payload.max(10),
-    };
+    let labels = Labels::gateway(&svc, args.payload);
     let rendezvous = Rendezvous::default();
     let receiver = callback_receiver(rendezvous.clone())?;
     let (wait, workers) = (args.wait.max(1), args.workers);

@@ -18,7 +18,7 @@ use super::rig::{Rig, Served, http_client, on_client_thread};
 use super::{Env, Labels, Out, PendingArgs, json_payload, measured_point};
 use crate::amqp::wire;
 use crate::error::{Error, Result};
-use crate::settings::{QueueType, ServiceSettings};
+use crate::settings::ServiceSettings;
 use crate::worker;
 
 /// The service that never answers in time.
@@ -38,26 +38,13 @@ pub(crate) async fn run(
             "--calls and --concurrency must be positive".into(),
         ));
     }
-    let configured = env
-        .settings
-        .services
-        .get("echo")
-        .cloned()
-        .unwrap_or_default();
+    let configured = env.echo_settings();
     let svc = ServiceSettings {
         concurrency: 1,
         timeout_ms: HOLD.as_millis() as u64,
         ..configured
     };
-    let labels = Labels {
-        profile: "safe",
-        reply_mode: "queue",
-        queue_type: match svc.queue_type {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        },
-        payload: args.payload.max(10),
-    };
+    let labels = Labels::gateway(&svc, args.payload);
     // Holds its request until the run ends (so the worker drains at once).
     let release = tokio_util::sync::CancellationToken::new();
     let handler: std::sync::Arc<dyn worker::Handler> = std::sync::Arc::new({
