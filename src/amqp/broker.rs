@@ -250,6 +250,11 @@ impl Broker {
         }
     }
 
+    /// How long a publish waits for its confirm (`amqp.confirm_timeout_ms`).
+    pub fn confirm_timeout(&self) -> Duration {
+        self.inner.confirm_timeout
+    }
+
     /// Whether a publishing connection can be had now.
     pub async fn is_reachable(&self) -> bool {
         match self.channel().await {

@@ -24,7 +24,7 @@ use actix::prelude::*;
 use deadpool_lapin::lapin::{
     self, Connection,
     message::Delivery,
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
     types::FieldTable,
 };
 use futures_util::FutureExt;
@@ -33,7 +33,7 @@ use tracing::{Instrument, debug, error, field::Empty, info, info_span, warn};
 
 pub use handler::{Handler, HandlerError, Reply, Request, echo};
 
-use crate::amqp::{Broker, InFlight, Outgoing, topology, wire};
+use crate::amqp::{Broker, InFlight, Outgoing, broker::publish_on, topology, wire};
 use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
 
@@ -176,6 +176,10 @@ async fn open(shared: &Shared) -> Result<(Link, lapin::Consumer)> {
         .await?;
     let channel = conn.create_channel().await?;
     topology::declare_service(&channel, names, &shared.service, &shared.settings).await?;
+    // Replies are published on this channel too, confirmed (see `reply`).
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     // Prefetch = concurrency: the broker never hands this worker more
     // unacked requests than it will run at once.
     channel
@@ -349,7 +353,8 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
             self.dedup.running.insert(k.clone(), Vec::new());
         }
         self.in_flight += 1;
-        let fut = process(self.shared.clone(), inflight);
+        let channel = self.link.as_ref().map(|l| l.channel.clone());
+        let fut = process(self.shared.clone(), inflight, channel);
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |outcome, act, _| act.finish(key, outcome)),
@@ -407,7 +412,11 @@ impl actix::Handler<Drain> for Worker {
 }
 
 /// Handles one delivery: expiry check, handler, reply, settlement.
-async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
+async fn process(
+    shared: Arc<Shared>,
+    mut inflight: InFlight,
+    channel: Option<lapin::Channel>,
+) -> Outcome {
     let payload = inflight.take_payload();
     let d = inflight.delivery();
     let props = &d.properties;
@@ -469,19 +478,17 @@ async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
                 &reply.content_type,
                 traceparent.as_deref(),
             );
-            let published = shared
-                .broker
-                .publish(Outgoing {
-                    exchange: "",
-                    routing_key: reply_to.as_str(),
-                    payload: &reply.body,
-                    properties: props,
-                    // RabbitMQ returns mandatory publishes to direct reply-to
-                    // addresses even when it delivers them: only ask for
-                    // returns where they mean "the caller's queue is gone".
-                    mandatory: !reply_to.as_str().starts_with(wire::DIRECT_REPLY_TO),
-                })
-                .await;
+            let msg = Outgoing {
+                exchange: "",
+                routing_key: reply_to.as_str(),
+                payload: &reply.body,
+                properties: props,
+                // RabbitMQ returns mandatory publishes to direct reply-to
+                // addresses even when it delivers them: only ask for
+                // returns where they mean "the caller's queue is gone".
+                mandatory: !reply_to.as_str().starts_with(wire::DIRECT_REPLY_TO),
+            };
+            let published = publish_reply(&shared, channel.as_ref(), msg).await;
             match published {
                 Ok(()) => {}
                 Err(Error::NoRoute { .. }) => {
@@ -502,6 +509,32 @@ async fn process(shared: Arc<Shared>, mut inflight: InFlight) -> Outcome {
     }
     .instrument(span)
     .await
+}
+
+/// Publishes a reply, confirmed: on the channel its request came on (as a
+/// hand-written worker would: no other connection's I/O thread to wake), or,
+/// when that fails (the connection is going, no confirm in time, a nack),
+/// through the broker's publishing pool, with its retries. A reply that made
+/// it on the first way as well reaches its caller twice: the second is
+/// counted there as late and dropped. The handler never runs twice for it.
+async fn publish_reply(
+    shared: &Shared,
+    channel: Option<&lapin::Channel>,
+    msg: Outgoing<'_>,
+) -> Result<()> {
+    if let Some(channel) = channel.filter(|c| c.status().connected()) {
+        let sent =
+            tokio::time::timeout(shared.broker.confirm_timeout(), publish_on(channel, &msg)).await;
+        match sent {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),
+            Ok(Err(e)) => {
+                debug!(error = %e, "reply not confirmed on the request's channel; publishing it through the pool")
+            }
+            Err(_) => debug!("no confirm of the reply in time; publishing it through the pool"),
+        }
+    }
+    shared.broker.publish(msg).await
 }
 
 /// After a panic or transient failure: redeliver, or dead-letter where the
