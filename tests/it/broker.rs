@@ -88,5 +88,6 @@ async fn the_cli_serves_and_calls_echo() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nobody"));
     serve.kill().await.unwrap();
-    c.cleanup(&["echo"]).await;
+    // `serve` declared every configured service: echo and the demo `slow`.
+    c.cleanup(&["echo", "slow"]).await;
 }
