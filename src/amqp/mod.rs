@@ -53,6 +53,41 @@ where
     }
 }
 
+/// Consumes `queue` on `channel` under the consumer tag of this instance and
+/// `role` ([`wire::consumer_tag`]). `Some(prefetch)`: manual acks, at most
+/// `prefetch` deliveries unacked at once (the bound on what a consumer holds
+/// in memory); `None`: no acks (direct reply-to requires it). Never
+/// exclusive: several processes may consume one service queue, and a
+/// consumer coming back must not be refused by its own stale one.
+pub async fn consume(
+    broker: &Broker,
+    channel: &deadpool_lapin::lapin::Channel,
+    queue: &str,
+    role: &str,
+    prefetch: Option<u16>,
+) -> crate::error::Result<deadpool_lapin::lapin::Consumer> {
+    use deadpool_lapin::lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    if let Some(prefetch) = prefetch {
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+    }
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            wire::consumer_tag(broker.instance_id(), role).into(),
+            BasicConsumeOptions {
+                no_local: false,
+                no_ack: prefetch.is_none(),
+                exclusive: false,
+                nowait: false,
+            },
+            deadpool_lapin::lapin::types::FieldTable::default(),
+        )
+        .await?;
+    Ok(consumer)
+}
+
 /// How long a clean close may take before it is abandoned.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 

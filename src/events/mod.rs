@@ -14,10 +14,7 @@ use std::collections::BTreeMap;
 
 use deadpool_lapin::lapin::{
     Channel, Connection, Consumer,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use futures_util::StreamExt;
@@ -145,23 +142,8 @@ pub(crate) async fn consume_fanout(
             FieldTable::default(),
         )
         .await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions { global: false })
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            wire::consumer_tag(broker.instance_id(), what).into(),
-            BasicConsumeOptions {
-                no_local: false,
-                // Manual acks, so that the prefetch bounds what is in flight.
-                no_ack: false,
-                exclusive: false,
-                nowait: false,
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    // Manual acks, so that the prefetch bounds what is in flight.
+    let consumer = crate::amqp::consume(broker, channel, &queue, what, Some(prefetch)).await?;
     Ok((queue, consumer))
 }
 

@@ -521,13 +521,14 @@ pub async fn caller_call(st: &AppState, caller: &Caller, id: &str) -> Result<Cal
 }
 
 fn document_response(st: &AppState, call: &CallRecord) -> HttpResponse {
+    let doc = StatusDocument::of(call);
     let mut res = HttpResponse::Ok();
     if call.status == CallStatus::Pending {
         res.insert_header((header::RETRY_AFTER, retry_after(st.gateway.retry_after_s)));
     } else {
-        st.tracker.remember_finished(call);
+        st.tracker.remember_finished(call, &doc);
     }
-    res.json(StatusDocument::of(call))
+    res.json(doc)
 }
 
 /// A call's status document; with `?wait=N`, held until the call ends.

@@ -77,8 +77,8 @@ impl FinishedDocs {
         (age < self.retention_ms.load(Ordering::Relaxed)).then_some(doc)
     }
 
-    /// Keeps the document of `call` if it can no longer change.
-    pub fn remember(&self, call: &CallRecord) {
+    /// Keeps `doc`, the document of `call`, if it can no longer change.
+    pub fn remember(&self, call: &CallRecord, doc: &StatusDocument) {
         let (true, None, Some(completed_ms)) =
             (call.status.is_terminal(), &call.callback, call.completed_ms)
         else {
@@ -87,7 +87,7 @@ impl FinishedDocs {
         if self.lock().docs.contains_key(&call.id) {
             return;
         }
-        let Ok(body) = serde_json::to_vec(&StatusDocument::of(call)) else {
+        let Ok(body) = serde_json::to_vec(doc) else {
             return;
         };
         if body.len() > MAX_DOC {
@@ -131,6 +131,10 @@ mod tests {
     use super::*;
     use crate::calls::{CallStatus, StoredResult};
 
+    fn remember(docs: &FinishedDocs, call: &CallRecord) {
+        docs.remember(call, &StatusDocument::of(call));
+    }
+
     fn call(id: &str, status: CallStatus, body: usize) -> CallRecord {
         CallRecord {
             id: id.into(),
@@ -156,10 +160,10 @@ mod tests {
     #[test]
     fn keeps_finished_calls_only_and_serves_the_document_the_store_would() {
         let docs = FinishedDocs::default();
-        docs.remember(&call("p", CallStatus::Pending, 0));
+        remember(&docs, &call("p", CallStatus::Pending, 0));
         assert!(docs.get("p", 2_000).is_none(), "a pending call changes");
         let done = call("d", CallStatus::Succeeded, 10);
-        docs.remember(&done);
+        remember(&docs, &done);
         let got = docs.get("d", 2_000).expect("kept");
         assert_eq!(got.caller, "alice");
         assert_eq!(
@@ -181,7 +185,7 @@ mod tests {
             event_id: None,
             body: None,
         });
-        docs.remember(&c);
+        remember(&docs, &c);
         assert!(docs.is_empty());
     }
 
@@ -189,13 +193,13 @@ mod tests {
     fn retention_and_bounds_hold() {
         let docs = FinishedDocs::default();
         docs.set_retention_ms(1_000);
-        docs.remember(&call("r", CallStatus::Succeeded, 10));
+        remember(&docs, &call("r", CallStatus::Succeeded, 10));
         assert!(docs.get("r", 2_999).is_some());
         assert!(docs.get("r", 3_000).is_none(), "past its retention");
-        docs.remember(&call("big", CallStatus::Succeeded, MAX_DOC));
+        remember(&docs, &call("big", CallStatus::Succeeded, MAX_DOC));
         assert!(docs.get("big", 2_000).is_none(), "too large to keep");
         for i in 0..MAX_ENTRIES + 10 {
-            docs.remember(&call(&i.to_string(), CallStatus::Failed, 1));
+            remember(&docs, &call(&i.to_string(), CallStatus::Failed, 1));
         }
         assert_eq!(docs.len(), MAX_ENTRIES);
         assert!(docs.get("0", 2_000).is_none(), "oldest out first");

@@ -14,10 +14,7 @@ use std::time::Duration;
 
 use deadpool_lapin::lapin::{
     Channel, Connection, Consumer,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use futures_util::StreamExt;
@@ -107,9 +104,9 @@ impl Tracker {
         self.inner.finished.get(id, wire::now_ms() as i64)
     }
 
-    /// Keeps `call`'s document if it can no longer change.
-    pub fn remember_finished(&self, call: &CallRecord) {
-        self.inner.finished.remember(call);
+    /// Keeps `doc`, `call`'s document, if it can no longer change.
+    pub fn remember_finished(&self, call: &CallRecord, doc: &StatusDocument) {
+        self.inner.finished.remember(call, doc);
     }
 
     /// A lifecycle CloudEvent about `doc`.
@@ -212,7 +209,7 @@ impl Tracker {
             return Ok(false);
         }
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
-        self.remember_finished(&call);
+        self.remember_finished(&call, &doc);
         if !answered {
             count_finished(&self.inner.broker, &call, now);
         }
@@ -485,24 +482,6 @@ async fn open_dead_letter_watch(
         )
         .await?;
     }
-    ch.basic_qos(64, BasicQosOptions { global: false }).await?;
-    let consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            wire::consumer_tag(broker.instance_id(), "deadwatch").into(),
-            BasicConsumeOptions {
-                no_local: false,
-                no_ack: false,
-                exclusive: false,
-                nowait: false,
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = crate::amqp::consume(broker, &ch, &queue, "deadwatch", Some(64)).await?;
     Ok((conn, ch, consumer))
-}
-
-/// The document of a stored call, as its caller sees it.
-pub fn document(call: &CallRecord) -> StatusDocument {
-    StatusDocument::of(call)
 }

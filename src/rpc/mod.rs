@@ -21,10 +21,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use deadpool_lapin::lapin::{
-    options::{BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
-    types::FieldTable,
-};
+use deadpool_lapin::lapin::options::ConfirmSelectOptions;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -167,38 +164,22 @@ struct Inner {
 pub(crate) async fn open_replies(broker: &Broker, mode: ReplyMode) -> Result<router::Link> {
     let conn = broker.dedicated_connection("rpc").await?;
     let channel = conn.create_channel().await?;
-    let (queue, no_ack) = match mode {
+    let (queue, prefetch) = match mode {
         ReplyMode::Queue => {
             let q = topology::declare_reply_queue(&channel, broker.names(), broker.instance_id())
                 .await?;
             // Bounds the replies in this process's memory that are not yet acked.
-            channel
-                .basic_qos(4096, BasicQosOptions { global: false })
-                .await?;
-            (q, false)
+            (q, Some(4096))
         }
         ReplyMode::Direct => {
             channel
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
             // Direct reply-to requires no-ack consumption.
-            (wire::DIRECT_REPLY_TO.to_owned(), true)
+            (wire::DIRECT_REPLY_TO.to_owned(), None)
         }
     };
-    let consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            wire::consumer_tag(broker.instance_id(), "replies").into(),
-            BasicConsumeOptions {
-                no_local: false,
-                no_ack,
-                // One instance owns its reply queue.
-                exclusive: false,
-                nowait: false,
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = crate::amqp::consume(broker, &channel, &queue, "replies", prefetch).await?;
     Ok(router::Link {
         conn,
         channel,

@@ -24,8 +24,7 @@ use actix::prelude::*;
 use deadpool_lapin::lapin::{
     self, Connection,
     message::Delivery,
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions},
-    types::FieldTable,
+    options::{BasicCancelOptions, ConfirmSelectOptions},
 };
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
@@ -180,30 +179,18 @@ async fn open(shared: &Shared) -> Result<(Link, lapin::Consumer)> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    // Prefetch = concurrency: the broker never hands this worker more
+    // Manual acks (a request is done only once its reply is confirmed), and
+    // prefetch = concurrency: the broker never hands this worker more
     // unacked requests than it will run at once.
-    channel
-        .basic_qos(
-            shared.settings.concurrency,
-            BasicQosOptions { global: false },
-        )
-        .await?;
     let tag = wire::consumer_tag(broker.instance_id(), &shared.service);
-    let consumer = channel
-        .basic_consume(
-            names.service_queue(&shared.service).into(),
-            tag.as_str().into(),
-            BasicConsumeOptions {
-                no_local: false,
-                // Manual acks: a request is done only once its reply is confirmed.
-                no_ack: false,
-                // Several workers (processes) may share a service queue.
-                exclusive: false,
-                nowait: false,
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = crate::amqp::consume(
+        broker,
+        &channel,
+        &names.service_queue(&shared.service),
+        &shared.service,
+        Some(shared.settings.concurrency),
+    )
+    .await?;
     Ok((Link { conn, channel, tag }, consumer))
 }
 

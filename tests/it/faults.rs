@@ -59,6 +59,25 @@ async fn start_call(gw: &Gw, i: usize) -> Fate {
     }
 }
 
+/// Sends `call` once the service's queue exists (a `serve` started by the
+/// test declares it): until then the call has no route and is sent again,
+/// for up to a minute.
+async fn send_once_routed(
+    client: &switchboard::rpc::RpcClient,
+    call: switchboard::rpc::Call,
+) -> switchboard::rpc::PendingReply {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.send(call.clone()).await {
+            Ok(p) => return p,
+            Err(switchboard::Error::NoRoute { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 async fn wait_succeeded(gw: &Gw, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -398,21 +417,11 @@ async fn a_worker_killed_mid_handler_leaves_its_request_to_another_worker_answer
     svc.timeout_ms = 120_000;
     let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
     // Until A's queue exists the call has no route: retry until it is sent.
-    let pending = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match client
-                .send(Call::new("twin", &b"\"once\""[..]).timeout(Duration::from_secs(120)))
-                .await
-            {
-                Ok(p) => break p,
-                Err(switchboard::Error::NoRoute { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
+    let pending = send_once_routed(
+        &client,
+        Call::new("twin", &b"\"once\""[..]).timeout(Duration::from_secs(120)),
+    )
+    .await;
     // A has the request in hand once the queue shows it unacknowledged.
     let http = reqwest::Client::new();
     let queue = c.broker.names().service_queue("twin");
@@ -489,21 +498,11 @@ async fn sigterm_lets_the_running_handler_finish_and_takes_no_new_work() {
     );
     let mut serve = Serve::start(&env);
     let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
-    let first = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match client
-                .send(Call::new("twin", &b"\"first\""[..]).timeout(Duration::from_secs(60)))
-                .await
-            {
-                Ok(p) => break p,
-                Err(switchboard::Error::NoRoute { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-    };
+    let first = send_once_routed(
+        &client,
+        Call::new("twin", &b"\"first\""[..]).timeout(Duration::from_secs(60)),
+    )
+    .await;
     let http = reqwest::Client::new();
     let queue = c.broker.names().service_queue("twin");
     let encoded: String = url::form_urlencoded::byte_serialize(queue.as_bytes()).collect();
