@@ -6,8 +6,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_lapin::lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use deadpool_lapin::lapin::types::FieldTable;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -203,43 +201,19 @@ async fn one_traceparent_goes_from_http_through_the_worker_and_its_reply_to_the_
 
     // The reply: what the worker sends back to `reply_to` carries the
     // request's trace (read here on a reply queue of the test's own).
-    let conn = gw
-        .ctx
-        .broker
-        .dedicated_connection("test-replies")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = ch
-        .basic_consume(
-            q.name().clone(),
-            "trace-test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let crate::common::Foreign {
+        conn,
+        reply_queue,
+        mut replies,
+        ..
+    } = crate::common::foreign_client("trace-test").await;
     let other = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let props = wire::request_properties(
         &wire::RequestMeta {
             service: "traced",
             correlation_id: "trace-reply-1",
             message_id: None,
-            reply_to: Some(q.name().as_str()),
+            reply_to: Some(reply_queue.as_str()),
             content_type: wire::CONTENT_JSON,
             timeout: Some(Duration::from_secs(10)),
             traceparent: Some(other),
