@@ -38,6 +38,11 @@ enum Command {
     /// (each is named, with the argument and how to resolve it), 2 on a
     /// failure (bad settings, broker unreachable).
     Declare,
+    /// Print the AsyncAPI 3.0 document of the AMQP side for these settings:
+    /// every service's queues, operations and messages, the replies and the
+    /// events exchange (the contract a worker in another language follows;
+    /// the gateway serves the same at /asyncapi.json).
+    Asyncapi,
     /// Call a service and print its reply; exits 1 on an error status, 2 on
     /// a failure (timeout, no such service, broker unreachable).
     Call {
@@ -132,6 +137,11 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Declare => declare(settings).await,
+        Command::Asyncapi => {
+            let doc = switchboard::asyncapi::document(&settings);
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Call {
             service,
             payload,

@@ -5,7 +5,9 @@
 //! answers, the first test to look stops the whole run with one message.
 
 mod common;
+mod toolchains;
 
+mod asyncapi;
 mod bench;
 mod broker;
 mod callbacks;
