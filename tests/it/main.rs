@@ -14,6 +14,7 @@ mod callbacks;
 mod configuration;
 mod declare;
 mod events;
+mod examples;
 mod faults;
 mod gateway;
 mod hostile;
