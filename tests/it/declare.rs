@@ -4,8 +4,6 @@
 
 use std::process::Output;
 
-use deadpool_lapin::lapin::options::QueueDeclareOptions;
-use deadpool_lapin::lapin::types::FieldTable;
 use switchboard::Error;
 use switchboard::amqp::topology::{self, Entity};
 use switchboard::management::Management;
@@ -34,22 +32,11 @@ async fn switchboard(c: &Ctx, toml: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Whether `queue` exists (a passive declare on a channel of its own).
+/// Whether `queue` exists.
 async fn exists(c: &Ctx, queue: &str) -> bool {
-    let ch = c.broker.channel().await.unwrap();
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    crate::common::queue_consumers(&c.broker, queue)
         .await
-        .is_ok();
-    let _ = ch.close(200, "checked".into()).await;
-    found
+        .is_some()
 }
 
 #[actix_rt::test]

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use deadpool_lapin::lapin::options::QueueDeclareOptions;
-use deadpool_lapin::lapin::types::{AMQPValue, FieldTable};
+use deadpool_lapin::lapin::types::AMQPValue;
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -78,21 +77,9 @@ fn free_port() -> u16 {
 
 /// Consumers of `queue` now.
 async fn consumers(c: &Ctx, queue: &str) -> u32 {
-    let ch = c.broker.channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    crate::common::queue_consumers(&c.broker, queue)
         .await
-        .map(|q| q.consumer_count())
-        .unwrap_or(0);
-    let _ = ch.close(200, "checked".into()).await;
-    q
+        .unwrap_or(0)
 }
 
 /// Runs `serve` with examples/invoice.toml, then the worker `worker` (told
@@ -131,6 +118,10 @@ async fn serves_invoice(name: &str, worker: &mut Command) {
             .is_ok_and(|r| r.status().is_success())
     })
     .await;
+    let get_json = |path: String| {
+        let req = http.get(format!("{base}{path}"));
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
     let post = |body: &str| {
         http.post(format!("{base}/v1/services/invoice/calls"))
             .header("content-type", "application/json")
@@ -235,14 +226,7 @@ async fn serves_invoice(name: &str, worker: &mut Command) {
         .unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let location = res.headers()["location"].to_str().unwrap().to_owned();
-    let doc: Value = http
-        .get(format!("{base}{location}?wait=20"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = get_json(format!("{location}?wait=20")).await;
     assert_eq!(doc["status"], "failed", "{doc}");
     let res = http
         .get(format!("{base}{location}/result"))
