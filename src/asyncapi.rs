@@ -329,9 +329,11 @@ fn request_message(service: &str, svc: &ServiceSettings) -> Message {
     }
 }
 
-/// The replies: success, and the problem+json error.
-fn reply_messages() -> [Message; 2] {
-    [
+/// What a worker may send to a request's `reply_to`: the reply, and the
+/// problem+json error. (A message added here is on the replies channel and
+/// among the replies of every call and serve operation.)
+fn reply_messages() -> Vec<Message> {
+    vec![
         Message {
             key: "reply".into(),
             title: "Reply".into(),
@@ -494,10 +496,10 @@ fn reply_of_request() -> Value {
             "location": "$message.header#/reply_to",
         },
         "channel": reference("#/channels/replies"),
-        "messages": [
-            reference("#/channels/replies/messages/reply"),
-            reference("#/channels/replies/messages/errorReply"),
-        ],
+        "messages": reply_messages()
+            .iter()
+            .map(|m| reference(&format!("#/channels/replies/messages/{}", m.key)))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -681,7 +683,7 @@ pub fn document(settings: &Settings) -> Value {
             }),
         );
     }
-    let replies: Vec<Message> = reply_messages().into();
+    let replies = reply_messages();
     channels.insert(
         "replies".into(),
         json!({

@@ -250,6 +250,8 @@ pub struct Mismatch {
     /// The setting that decides the argument, when one does
     /// (`services.invoice.delivery_limit`).
     pub setting: Option<String>,
+    /// The vhost, when RabbitMQ's reply names it.
+    pub vhost: Option<String>,
     /// RabbitMQ's refusal.
     #[source]
     pub cause: lapin::Error,
@@ -264,6 +266,7 @@ impl std::fmt::Display for Mismatch {
             declared,
             existing,
             setting,
+            vhost,
             cause,
         } = self;
         match (argument, declared, existing) {
@@ -287,9 +290,13 @@ impl std::fmt::Display for Mismatch {
             Entity::Queue => "delete_queue",
             Entity::Exchange => "delete_exchange",
         };
+        let vhost = match vhost.as_deref() {
+            Some(v) if v != "/" => format!(" -p {v}"),
+            _ => String::new(),
+        };
         write!(
             f,
-            "delete the {entity} so that switchboard declares it anew (`rabbitmqctl {delete} {name}`; a queue's messages go with it: let it drain, or move them, first); or give this deployment names of its own with amqp.prefix"
+            "delete the {entity} so that switchboard declares it anew (`rabbitmqctl{vhost} {delete} {name}`; a queue's messages go with it: let it drain, or move them, first); or give this deployment names of its own with amqp.prefix"
         )
     }
 }
@@ -303,11 +310,15 @@ fn mismatch(entity: Entity, name: &str, e: lapin::Error) -> Error {
     if *amqp.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
         return Error::Amqp(e);
     }
-    let parsed = parse_inequivalent(amqp.get_message().as_str());
-    let (argument, declared, existing) = match parsed {
+    let text = amqp.get_message().as_str();
+    let (argument, declared, existing) = match parse_inequivalent(text) {
         Some((a, d, x)) => (Some(a), Some(d), Some(x)),
         None => (None, None, None),
     };
+    let vhost = text
+        .split_once(" in vhost '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(v, _)| v.to_owned());
     Error::Topology(vec![Mismatch {
         entity,
         name: name.to_owned(),
@@ -315,6 +326,7 @@ fn mismatch(entity: Entity, name: &str, e: lapin::Error) -> Error {
         declared,
         existing,
         setting: None,
+        vhost,
         cause: e,
     }])
 }
