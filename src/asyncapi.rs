@@ -27,7 +27,7 @@ use deadpool_lapin::lapin::{
 use serde_json::{Map, Value, json};
 
 use crate::amqp::{Names, topology, wire};
-use crate::settings::{ServiceSettings, Settings};
+use crate::settings::{QueueType, ServiceSettings, Settings};
 
 /// The AsyncAPI version of the document.
 pub const ASYNCAPI_VERSION: &str = "3.0.0";
@@ -594,6 +594,13 @@ pub fn document(settings: &Settings) -> Value {
         messages.insert(request.key.clone(), request.to_json());
         let queue = names.service_queue(service);
         let dead_queue = names.dead_queue(service);
+        let redelivery = match svc.queue_type {
+            QueueType::Quorum => format!(
+                "The queue counts deliveries: a request given back past its delivery limit (`x-delivery-limit` = {}) is dead-lettered.",
+                svc.delivery_limit
+            ),
+            QueueType::Classic => "A classic queue does not count deliveries: a worker rejects without requeue (to the dead letters) a request that fails again after a redelivery.".to_owned(),
+        };
         let served_by = match svc.handler {
             Some(_) => "a built-in handler of `switchboard serve`",
             None => "workers outside switchboard",
@@ -613,7 +620,7 @@ pub fn document(settings: &Settings) -> Value {
             json!({
                 "address": queue,
                 "title": format!("Work queue of {service}"),
-                "description": format!("The queue workers of {service} consume (served by {served_by}); `switchboard serve` and `switchboard declare` declare it with exactly these arguments: a worker only consumes it. A request given back more than {} times is dead-lettered.", svc.delivery_limit),
+                "description": format!("The queue workers of {service} consume (served by {served_by}); `switchboard serve` and `switchboard declare` declare it with exactly these arguments: a worker only consumes it. {redelivery}"),
                 "messages": channel_messages([request.key.as_str()]),
                 "bindings": queue_binding(
                     &queue,
