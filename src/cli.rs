@@ -1,5 +1,5 @@
-//! The command line: `serve`, `call`, `publish`, `tail`, `bench`, `status`,
-//! `health`.
+//! The command line: `serve`, `declare`, `asyncapi`, `call`, `publish`,
+//! `tail`, `bench`, `status`, `health`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,8 +28,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the workers of every configured service that has a handler.
+    /// Declare every configured service's queues, run the workers of those
+    /// that have a handler, and the HTTP gateway.
     Serve,
+    /// Declare the exchanges and every configured service's queues (as
+    /// `serve` does at start), print them and exit: for deployments where an
+    /// operator prepares the broker. Exits 0 when declared (or already there
+    /// as declared), 1 if a queue or exchange exists with other arguments
+    /// (each is named, with the argument and how to resolve it), 2 on a
+    /// failure (bad settings, broker unreachable).
+    Declare,
+    /// Print the AsyncAPI 3.0 document of the AMQP side for these settings:
+    /// every service's queues, operations and messages, the replies and the
+    /// events exchange (the contract a worker in another language follows;
+    /// the gateway serves the same at /asyncapi.json).
+    Asyncapi,
     /// Call a service and print its reply; exits 1 on an error status, 2 on
     /// a failure (timeout, no such service, broker unreachable).
     Call {
@@ -123,6 +136,12 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Serve => app::serve(settings, app::shutdown_signal())
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Declare => declare(settings).await,
+        Command::Asyncapi => {
+            let doc = switchboard::asyncapi::document(&settings);
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Call {
             service,
             payload,
@@ -150,6 +169,32 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
         eprintln!("switchboard: {e}");
         ExitCode::from(2)
     })
+}
+
+async fn declare(settings: Settings) -> Result<ExitCode, Error> {
+    let names = switchboard::amqp::Names::new(settings.amqp.prefix.clone());
+    match app::declare(&settings).await {
+        Ok(()) => {}
+        Err(e @ Error::Topology(_)) => {
+            eprintln!("switchboard: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e),
+    }
+    for (name, svc) in &settings.services {
+        let served_by = if svc.handler.is_some() {
+            "served by switchboard serve"
+        } else {
+            "served elsewhere"
+        };
+        println!(
+            "{name}: queue {} bound to {} with key {name}, dead letters to {} ({served_by})",
+            names.service_queue(name),
+            names.requests_exchange(),
+            names.dead_queue(name),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn call(

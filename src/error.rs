@@ -67,6 +67,10 @@ pub enum Error {
     /// A setting is wrong.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
+    /// Exchanges or queues exist on the broker with other arguments than
+    /// switchboard declares; each names what differs and how to resolve it.
+    #[error("{}", .0.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("\n"))]
+    Topology(Vec<crate::amqp::topology::Mismatch>),
 }
 
 impl Error {

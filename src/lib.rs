@@ -15,7 +15,8 @@
 //! - [`events`]: CloudEvents broadcast and subscription, and the hub relaying them to streams.
 //! - [`gateway`]: the HTTP gateway (sync, bounded wait, polling, callbacks, SSE/WebSocket streams).
 //! - [`callbacks`]: signed delivery of results to callback URLs, with retries.
-//! - [`app`]: `serve`: the workers of the configured services.
+//! - [`app`]: `serve` and `declare`: the configured services' topology and workers.
+//! - [`asyncapi`]: the AMQP contract as an AsyncAPI 3.0 document.
 //! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
 //! - [`management`]: RabbitMQ's management API, for `switchboard status`.
@@ -24,6 +25,7 @@
 
 pub mod amqp;
 pub mod app;
+pub mod asyncapi;
 pub mod bench;
 pub mod callbacks;
 pub mod calls;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, Source};
 use serde::Deserialize;
 
 /// The defaults, compiled in so the binary runs without any file beside it.
@@ -20,6 +20,69 @@ pub const DEFAULTS: &str = include_str!("../config/default.toml");
 #[derive(Debug, thiserror::Error)]
 #[error("invalid settings: {0}")]
 pub struct SettingsError(pub String);
+
+/// Where the services in effect come from (see [`Settings::load_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServicesSource {
+    /// No file and no environment variable names a service of its own: the
+    /// demo services of `config/default.toml` (`echo`, `slow`).
+    Defaults,
+    /// The settings file's `[services]` table, exactly.
+    File,
+    /// The environment alone: the services its variables name.
+    Environment,
+}
+
+impl ServicesSource {
+    /// Decides from the user's files (`user`), the embedded `defaults` and
+    /// the names of the `SWITCHBOARD__*` variables.
+    fn of<'a>(
+        user: &Config,
+        defaults: &config::Map<String, config::Value>,
+        vars: impl Iterator<Item = &'a str>,
+    ) -> Result<Self, SettingsError> {
+        let user = user.collect().map_err(|e| SettingsError(e.to_string()))?;
+        if user.contains_key("services") {
+            return Ok(Self::File);
+        }
+        let demos: Vec<String> = defaults
+            .get("services")
+            .and_then(|v| v.clone().into_table().ok())
+            .map(|t| t.into_keys().collect())
+            .unwrap_or_default();
+        // `SWITCHBOARD__SERVICES__<NAME>__<KEY>`, the name lower-cased as
+        // the loader reads it.
+        let named_by_env = vars.filter_map(|k| {
+            let rest = k.strip_prefix("SWITCHBOARD__SERVICES__")?;
+            let (name, _) = rest.split_once("__")?;
+            Some(name.to_lowercase())
+        });
+        let mut adds = false;
+        for name in named_by_env {
+            adds |= !demos.contains(&name);
+        }
+        Ok(if adds {
+            Self::Environment
+        } else {
+            Self::Defaults
+        })
+    }
+}
+
+/// An already-read table as a settings source (the defaults, less what the
+/// user replaces).
+#[derive(Debug, Clone)]
+struct Layer(config::Map<String, config::Value>);
+
+impl config::Source for Layer {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
 
 /// All of switchboard's settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -407,12 +470,19 @@ impl Settings {
 
     /// Loads defaults, then `file`, then `extra` (TOML text), then the
     /// `SWITCHBOARD__*` variables among `env`. Tests pass their own `env`.
+    ///
+    /// The services in effect are named in one place: when `file` or
+    /// `extra` has a `[services]` table, or the environment names a service
+    /// the defaults do not have, the default (demo) services are dropped and
+    /// only the named ones are in effect. Environment
+    /// variables then adjust those services, and add any they name.
     pub fn load_from(
         file: Option<&Path>,
         extra: Option<&str>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
-        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        let invalid = |e: config::ConfigError| SettingsError(e.to_string());
+        let mut user = Config::builder();
         if let Some(path) = file {
             if !path.exists() {
                 return Err(SettingsError(format!(
@@ -420,26 +490,36 @@ impl Settings {
                     path.display()
                 )));
             }
-            builder = builder.add_source(File::from(path).required(true));
+            user = user.add_source(File::from(path).required(true));
         }
         if let Some(text) = extra {
-            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+            user = user.add_source(File::from_str(text, FileFormat::Toml));
         }
+        let user = user.build().map_err(invalid)?;
         let vars: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("SWITCHBOARD__"))
             .collect();
-        builder = builder.add_source(
-            Environment::with_prefix("SWITCHBOARD")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(vars)),
-        );
-        let settings: Settings = builder
+        let mut defaults = File::from_str(DEFAULTS, FileFormat::Toml)
+            .collect()
+            .map_err(invalid)?;
+        let source = ServicesSource::of(&user, &defaults, vars.keys().map(String::as_str))?;
+        if source != ServicesSource::Defaults {
+            defaults.remove("services");
+        }
+        let settings: Settings = Config::builder()
+            .add_source(Layer(defaults))
+            .add_source(user)
+            .add_source(
+                Environment::with_prefix("SWITCHBOARD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(vars)),
+            )
             .build()
             .and_then(Config::try_deserialize)
-            .map_err(|e| SettingsError(e.to_string()))?;
+            .map_err(invalid)?;
         settings.validate()?;
         Ok(settings)
     }

@@ -29,6 +29,23 @@ pub const CONTENT_CLOUDEVENTS: &str = "application/cloudevents+json";
 /// CloudEvents extension attribute naming the caller of a call lifecycle
 /// event, so event streams show each caller only its own calls.
 pub const EXT_CALLER: &str = "switchboardcaller";
+/// CloudEvent `type` of the lifecycle event published when a call is
+/// accepted with a 202 (`subject` = call id, `data` = its status document).
+pub const EVENT_CALL_ACCEPTED: &str = "switchboard.call.accepted";
+/// CloudEvent `type` of the lifecycle event published when a call ends
+/// (`data` = its status document with the result).
+pub const EVENT_CALL_COMPLETED: &str = "switchboard.call.completed";
+/// Every lifecycle event type with what it says, for the descriptions.
+pub const CALL_LIFECYCLE_EVENTS: &[(&str, &str)] = &[
+    (
+        EVENT_CALL_ACCEPTED,
+        "A call was accepted with a 202 (or, with `sync_events`, started): `data` is its status document, `pending`.",
+    ),
+    (
+        EVENT_CALL_COMPLETED,
+        "A call ended (`succeeded`, `failed` or `expired`): `data` is its status document with the result.",
+    ),
+];
 /// `app_id` on every message switchboard publishes.
 pub const APP_ID: &str = "switchboard";
 /// `delivery_mode` of a persistent message.

@@ -126,6 +126,17 @@ pub async fn openapi() -> HttpResponse {
         .body(body.clone())
 }
 
+/// The AsyncAPI 3.0 description of the AMQP side for this gateway's
+/// settings ([`crate::asyncapi`]): the contract of workers and callers in
+/// other languages.
+#[utoipa::path(get, path = "/asyncapi.json", tag = "operations",
+    responses((status = 200, description = "The AsyncAPI document of the AMQP side: each service's queues, operations and messages, the replies, the events exchange", content_type = "application/json")))]
+pub async fn asyncapi(st: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(st.asyncapi.clone())
+}
+
 /// Any route that does not exist: a problem+json 404.
 pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".into()))

@@ -34,9 +34,9 @@ use crate::rpc::OrphanSink;
 use crate::worker::Reply;
 
 /// `type` of the event published when a call is accepted with a 202.
-pub const EVENT_ACCEPTED: &str = "switchboard.call.accepted";
+pub const EVENT_ACCEPTED: &str = crate::amqp::wire::EVENT_CALL_ACCEPTED;
 /// `type` of the event published when a call ends.
-pub const EVENT_COMPLETED: &str = "switchboard.call.completed";
+pub const EVENT_COMPLETED: &str = crate::amqp::wire::EVENT_CALL_COMPLETED;
 use crate::amqp::wire::EXT_CALLER;
 
 /// How a call ended.

@@ -154,6 +154,24 @@ impl Ctx {
     }
 }
 
+/// The consumers of `queue` now, `None` if it does not exist (a passive
+/// declare, on a channel of its own since a missing queue closes it).
+pub async fn queue_consumers(broker: &Broker, queue: &str) -> Option<u32> {
+    use deadpool_lapin::lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let ch = broker.channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.consumer_count())
+        .ok();
+    let _ = ch.close(200, "checked".into()).await;
+    found
+}
+
 /// Waits until `cond` holds, checking on every tick, failing after `limit`.
 /// For conditions observable only by looking (counters); never a fixed sleep.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
