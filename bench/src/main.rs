@@ -14,9 +14,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, fmt};
 
-/// Measure throughput and latency; one JSON line per measured point.
+/// Measure switchboard's throughput and latency against RabbitMQ, next to
+/// the same workloads written directly on lapin; one JSON line per
+/// measured point.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     /// Settings file (TOML) over the defaults; SWITCHBOARD__SECTION__KEY
     /// environment variables override both.
