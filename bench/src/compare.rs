@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::Out;
 use crate::env::{Env, Target};
 use crate::error::Result;
-use crate::load::{Measured, Stop};
+use crate::load::{Measured, Phases, Stop};
 use crate::probe::Probe;
 use crate::progress::Tally;
 use crate::raw::RawRpc;
@@ -142,16 +142,16 @@ async fn measure_sides(
                     variant.name(),
                     labels.profile
                 );
-                if a.load.warmup > 0 {
-                    let warmup = Stop::Calls(a.load.warmup);
-                    let phase = out.phase(format!("{label} warm-up"), warmup);
-                    side.drive(c, warmup, phase.tally()).await;
-                }
-                let phase = out.phase(label, stop);
-                let snap = probe.start();
-                let m = side.drive(c, stop, phase.tally()).await;
-                let usage = probe.finish(&snap);
-                drop(phase);
+                let phases = Phases {
+                    label,
+                    warmup: a.load.warmup,
+                    stop,
+                    probe,
+                    progress: out.progress(),
+                };
+                let (m, usage) = phases
+                    .run(|| {}, |stop, tally| side.drive(c, stop, tally))
+                    .await;
                 let point = measured_point("rpc", variant.name(), *labels, c, round, &m, usage);
                 totals.entry((c, *variant)).or_insert_with(Totals::new).add(
                     m.calls,

@@ -30,7 +30,7 @@ use crate::Out;
 use crate::compare::Variant;
 use crate::env::{Env, check_reply};
 use crate::error::{BenchError, Result};
-use crate::load::{LoadArgs, Measured, Stop, drive};
+use crate::load::{LoadArgs, Measured, Phases, Stop, drive};
 use crate::probe::{Probe, Usage};
 use crate::progress::Progress;
 use crate::report::{self, Labels, Line, Point, Totals, measured_point};
@@ -232,17 +232,16 @@ async fn measure(
             out.emit(Line::Point(p));
         }
         if let Some(sb) = sb {
-            let label = format!("http rpc reference c={c}");
-            if args.load.warmup > 0 {
-                let warmup = Stop::Calls(args.load.warmup);
-                let phase = out.phase(format!("{label} warm-up"), warmup);
-                sb.drive(c, warmup, phase.tally()).await;
-            }
-            let phase = out.phase(label, stop);
-            let snap = probe.start();
-            let m = sb.drive(c, stop, phase.tally()).await;
-            let usage = probe.finish(&snap);
-            drop(phase);
+            let phases = Phases {
+                label: format!("http rpc reference c={c}"),
+                warmup: args.load.warmup,
+                stop,
+                probe,
+                progress: out.progress(),
+            };
+            let (m, usage) = phases
+                .run(|| {}, |stop, tally| sb.drive(c, stop, tally))
+                .await;
             let p = measured_point("rpc", Variant::Switchboard.name(), labels, c, 1, &m, usage);
             keep("rpc", c, &p, &m);
             out.emit(Line::Point(p));
@@ -282,17 +281,19 @@ async fn drive_variant(
             async move { one_call(&client, &spec, variant, &requests).await }
         }
     };
-    let label = format!("http {} c={concurrency}", variant.name());
-    if warmup > 0 {
-        let warmup = Stop::Calls(warmup);
-        let phase = progress.phase(format!("{label} warm-up"), "calls", warmup.total());
-        drive(concurrency, warmup, phase.tally(), call.clone()).await;
-    }
-    requests.set(0);
-    let phase = progress.phase(label, "calls", stop.total());
-    let snap = probe.start();
-    let m = drive(concurrency, stop, phase.tally(), call).await;
-    let usage = probe.finish(&snap);
+    let phases = Phases {
+        label: format!("http {} c={concurrency}", variant.name()),
+        warmup,
+        stop,
+        probe: &probe,
+        progress: &progress,
+    };
+    let (m, usage) = phases
+        .run(
+            || requests.set(0),
+            |stop, tally| drive(concurrency, stop, tally, call.clone()),
+        )
+        .await;
     Ok((m, usage, requests.get()))
 }
 

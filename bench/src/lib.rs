@@ -65,9 +65,7 @@ pub use sse::SseArgs;
 
 use compare::Variant;
 use env::Env;
-use load::Stop;
 use probe::Probe;
-use progress::Phase;
 
 /// Runs the workload named by `args` against the broker of `settings`;
 /// hands each line to `on_line` as soon as it is measured (with the
@@ -123,12 +121,7 @@ impl Out<'_> {
         self.lines.push(line);
     }
 
-    /// A phase of calls that lasts until `stop`, shown as a bar.
-    pub fn phase(&self, label: String, stop: Stop) -> Phase {
-        self.progress.phase(label, "calls", stop.total())
-    }
-
-    /// The progress, for a phase that runs on another thread.
+    /// Where the workload's phases show their progress.
     pub fn progress(&self) -> &Progress {
         self.progress
     }

@@ -14,7 +14,8 @@ use hdrhistogram::Histogram;
 use tracing::warn;
 
 use crate::error::{BenchError, Result};
-use crate::progress::{Tally, Total};
+use crate::probe::{Probe, Usage};
+use crate::progress::{Progress, Tally, Total};
 use crate::report::{histogram, record};
 
 /// How long each point lasts.
@@ -75,6 +76,40 @@ pub(crate) struct Measured {
     pub errors: u64,
     /// From the first call started to the last one finished.
     pub elapsed: Duration,
+}
+
+/// The two phases of a measured point: a warm-up of `warmup` calls (not
+/// recorded; none when 0), then the measured phase until `stop` between two
+/// probe readings; each shown as a bar under `label`.
+pub(crate) struct Phases<'a> {
+    pub label: String,
+    pub warmup: u64,
+    pub stop: Stop,
+    pub probe: &'a Probe,
+    pub progress: &'a Progress,
+}
+
+impl Phases<'_> {
+    /// Runs both phases with `drive` (one phase: calls until the stop it is
+    /// given, each counted on the tally); `between` runs after the warm-up,
+    /// right before the first reading (to reset what the warm-up counted).
+    pub async fn run<D, Fut>(self, between: impl FnOnce(), drive: D) -> (Measured, Usage)
+    where
+        D: Fn(Stop, Tally) -> Fut,
+        Fut: Future<Output = Measured>,
+    {
+        if self.warmup > 0 {
+            let warmup = Stop::Calls(self.warmup);
+            let label = format!("{} warm-up", self.label);
+            let phase = self.progress.phase(label, "calls", warmup.total());
+            drive(warmup, phase.tally()).await;
+        }
+        let phase = self.progress.phase(self.label, "calls", self.stop.total());
+        between();
+        let snap = self.probe.start();
+        let m = drive(self.stop, phase.tally()).await;
+        (m, self.probe.finish(&snap))
+    }
 }
 
 /// Runs calls made by `call` with `concurrency` in flight until `stop`,

@@ -48,7 +48,7 @@ use crate::Out;
 use crate::env::{Env, check_reply, json_payload};
 use crate::error::Result;
 use crate::http::accepted_location;
-use crate::load::{LoadArgs, Measured, Stop, drive};
+use crate::load::{LoadArgs, Measured, Phases, Stop, drive};
 use crate::probe::{Probe, Usage};
 use crate::progress::Progress;
 use crate::report::{self, Labels, Line, histogram, measured_point, record};
@@ -383,18 +383,22 @@ async fn drive_style(
             }
         }
     };
-    let label = format!("notify {} clients={clients}", style.name());
-    if warmup > 0 {
-        let warmup = Stop::Calls(warmup);
-        let phase = progress.phase(format!("{label} warm-up"), "calls", warmup.total());
-        drive(clients, warmup, phase.tally(), call.clone()).await;
-    }
-    requests.set(0);
-    aware.replace(histogram());
-    let phase = progress.phase(label, "calls", stop.total());
-    let snap = probe.start();
-    let m = drive(clients, stop, phase.tally(), call).await;
-    let usage = probe.finish(&snap);
+    let phases = Phases {
+        label: format!("notify {} clients={clients}", style.name()),
+        warmup,
+        stop,
+        probe: &probe,
+        progress: &progress,
+    };
+    let reset = || {
+        requests.set(0);
+        aware.replace(histogram());
+    };
+    let (m, usage) = phases
+        .run(reset, |stop, tally| {
+            drive(clients, stop, tally, call.clone())
+        })
+        .await;
     let aware = aware.replace(histogram());
     Ok((m, usage, requests.get(), aware))
 }

@@ -18,7 +18,7 @@ use switchboard::worker;
 use crate::Out;
 use crate::env::{Env, json_payload};
 use crate::error::{BenchError, Result};
-use crate::load::{Stop, drive};
+use crate::load::{Phases, Stop, drive};
 use crate::probe::{self, Probe};
 use crate::report::{self, Labels, Line, measured_point};
 use crate::rig::{Rig, Served, http_client, on_client_thread};
@@ -110,17 +110,20 @@ pub(crate) async fn run(
                 }
             }
         };
-        if warmup > 0 {
-            let warmup = Stop::Calls(warmup);
-            let phase = progress.phase("pending warm-up".into(), "calls", warmup.total());
-            drive(concurrency, warmup, phase.tally(), call.clone()).await;
-        }
-        let stop = Stop::Calls(calls);
-        let phase = progress.phase("pending".into(), "calls", stop.total());
-        let before = probe::rss_kib();
-        let snap = probe2.start();
-        let m = drive(concurrency, stop, phase.tally(), call).await;
-        let usage = probe2.finish(&snap);
+        let phases = Phases {
+            label: "pending".into(),
+            warmup,
+            stop: Stop::Calls(calls),
+            probe: &probe2,
+            progress: &progress,
+        };
+        let mut before = None;
+        let (m, usage) = phases
+            .run(
+                || before = probe::rss_kib(),
+                |stop, tally| drive(concurrency, stop, tally, call.clone()),
+            )
+            .await;
         Ok::<_, BenchError>((m, usage, before, probe::rss_kib()))
     })
     .await;
