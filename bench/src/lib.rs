@@ -8,8 +8,8 @@
 //! start and the wire conventions), so the library's users compile none of
 //! it. The `switchboard-bench` binary is what `switchboard bench` runs.
 //!
-//! Every run works under names of its own and deletes what it declared
-//! when it ends ([`env`]).
+//! Every run works under names of its own (`sbbench-<8 hex>`) and deletes
+//! what it declared when it ends (`env`).
 //!
 //! # Layout
 //! - [`execute`]: runs one workload, hands each line out as it is measured.
@@ -24,10 +24,10 @@
 //!   - `sse`: SSE clients next to an AMQP subscriber;
 //!   - `notify`: how soon a client learns that a call has ended, per style;
 //!   - `pending`: the gateway's memory per pending call.
-//! - shared pieces: `load` (keeps N calls in flight), `report` (the
-//!   lines, histograms, ratios), `probe` (RSS and CPU readings), `rig` (the
-//!   in-process gateway and the HTTP client thread), `progress` (bars on a
-//!   terminal's stderr).
+//! - shared pieces: `load` (keeps N calls in flight; a point's warm-up and
+//!   measured phases), `report` (the lines, histograms, ratios), `probe`
+//!   (RSS and CPU readings), `rig` (the in-process gateway and the HTTP
+//!   client thread), `progress` (bars on a terminal's stderr).
 //! - `error`: [`BenchError`].
 
 mod args;

@@ -15,7 +15,7 @@
 //! - `sse`: the 202, then `GET <Location>/events` until its
 //!   `switchboard.call.completed` frame;
 //! - `amqp`: the 202, then the `switchboard.call.completed` event from an
-//!   [`events::Subscription`] on the events fanout.
+//!   [`Subscription`] on the events fanout.
 //!
 //! Each call's awareness delay is the instant the client has the result
 //! (the response read, the callback or event received) minus the instant
