@@ -17,16 +17,17 @@
 //! - [`callbacks`]: signed delivery of results to callback URLs, with retries.
 //! - [`app`]: `serve` and `declare`: the configured services' topology and workers.
 //! - [`asyncapi`]: the AMQP contract as an AsyncAPI 3.0 document.
-//! - [`bench`]: the load generator and its raw-lapin reference.
 //! - [`telemetry`]: logging and trace context.
 //! - [`management`]: RabbitMQ's management API, for `switchboard status`.
 //! - [`metrics`]: the Prometheus metrics of every part, and their exposition.
 //! - [`error`]: the library's error type.
+//!
+//! The load generator (`switchboard bench`) is a crate beside this one,
+//! `switchboard-bench` (`bench/`), built on the public API above.
 
 pub mod amqp;
 pub mod app;
 pub mod asyncapi;
-pub mod bench;
 pub mod callbacks;
 pub mod calls;
 pub mod error;
