@@ -141,6 +141,7 @@ impl Ctx {
         let _ = ch
             .queue_delete(names.reply_queue(self.broker.instance_id()).into(), q)
             .await;
+        let _ = ch.queue_delete(names.poison_queue().into(), q).await;
         for x in [
             names.requests_exchange(),
             names.dead_exchange(),
