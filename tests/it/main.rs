@@ -10,6 +10,7 @@ mod bench;
 mod broker;
 mod callbacks;
 mod configuration;
+mod consumers;
 mod events;
 mod faults;
 mod gateway;
