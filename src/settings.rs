@@ -195,7 +195,7 @@ pub struct ShutdownSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// Listen address of `GET /metrics` and `GET /healthz` when
+    /// Listen address of `GET /metrics`, `GET /healthz` and `GET /readyz` when
     /// `gateway.enabled` is false; empty: no metrics endpoint.
     pub bind: String,
 }

@@ -7,7 +7,9 @@
 //!
 //! Two kinds of numbers, both cheap where things happen:
 //! - The parts' own counters (`WorkerStats`, `RpcStats`, `HubStats`,
-//!   `CallbackStats`, plain atomics they keep anyway) are read at scrape time:
+//!   `CallbackStats`, and the supervised consumers' statuses,
+//!   [`crate::amqp::consumer::Consumers`]: plain atomics they keep anyway)
+//!   are read at scrape time:
 //!   each part registers a [`Source`] that adds its values to a [`Collected`],
 //!   which is encoded here. Nothing extra runs per message.
 //! - What only the gateway sees (calls by service, mode and status, their
@@ -17,7 +19,7 @@
 //!
 //! Label sets are bounded: services come from the settings, `mode`,
 //! `status` (the HTTP status class), `role`, `reason` and `transport` from
-//! fixed lists. Call ids never become labels (they are in the logs, as the
+//! fixed lists, `consumer` from roles and configured services. Call ids never become labels (they are in the logs, as the
 //! `call_id` field).
 //!
 //! # Layout
