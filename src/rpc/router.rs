@@ -17,6 +17,7 @@
 //! `<prefix>.poison` (queue mode). A reply that the orphan sink fails to
 //! take (the call store is down) is offered again for [`SINK_PATIENCE`],
 //! then moved there too.
+//!
 //! Nothing a peer sends can make the map grow: entries are added only by
 //! [`PendingCalls::register`] (bounded by `max_pending`) and removed by the
 //! reply, by [`PendingCalls::forget`] (the caller gave up) or by the

@@ -407,8 +407,7 @@ async fn the_reply_router_and_dead_letter_watch_come_back_when_their_queues_are_
     let delete = |queue: String| {
         let http = gw.http.clone();
         async move {
-            let encoded: String =
-                url::form_urlencoded::byte_serialize(queue.as_bytes()).collect();
+            let encoded: String = url::form_urlencoded::byte_serialize(queue.as_bytes()).collect();
             let res = http
                 .delete(format!(
                     "{}/api/queues/%2F/{encoded}",
