@@ -232,13 +232,24 @@ impl Tracker {
     /// stored here.
     pub fn adopt(&self, pending: crate::rpc::PendingReply) {
         let id = pending.call_id().to_owned();
-        let Some(reply) = pending.detach() else {
+        let Some(routed) = pending.detach() else {
             return;
         };
         let tracker = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = tracker.complete(&id, Outcome::Reply(reply)).await {
-                warn!(call_id = %id, error = %e, "could not store the call's end; the deadline sweep ends it");
+            // The reply is acked only once stored: a gateway killed before
+            // finds it in its reply queue again.
+            match tracker
+                .complete(&id, Outcome::Reply(routed.reply().clone()))
+                .await
+            {
+                Ok(_) => {
+                    routed.done();
+                }
+                Err(e) => {
+                    warn!(call_id = %id, error = %e, "could not store the call's end; its reply goes back to the queue");
+                    routed.hand_back().await;
+                }
             }
         });
     }

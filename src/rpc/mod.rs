@@ -25,7 +25,7 @@ use deadpool_lapin::lapin::Connection;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-pub use router::{OrphanSink, ReplyRouter, RpcStats};
+pub use router::{OrphanSink, ReplyRouter, Routed, RpcStats};
 
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
 use crate::amqp::{Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_on, topology, wire};
@@ -363,7 +363,7 @@ impl RpcClient {
 /// call, so an abandoned call never leaks an entry.
 pub struct PendingReply {
     call_id: String,
-    rx: Option<oneshot::Receiver<Reply>>,
+    rx: Option<oneshot::Receiver<Routed>>,
     deadline: Instant,
     timeout: Duration,
     calls: Arc<PendingCalls>,
@@ -388,9 +388,9 @@ impl PendingReply {
         }
         let rx = self.rx.as_mut()?;
         match tokio::time::timeout_at(until, rx).await {
-            Ok(Ok(reply)) => {
+            Ok(Ok(routed)) => {
                 self.rx = None;
-                Some(Ok(reply))
+                Some(Ok(routed.done()))
             }
             Ok(Err(_)) => {
                 self.rx = None;
@@ -416,9 +416,11 @@ impl PendingReply {
     /// Stops waiting here: the reply goes to the client's orphan sink (the
     /// gateway's store) instead, and nothing is held for the call from now
     /// on. A reply that already arrived is returned: the caller must hand it
-    /// on itself.
+    /// on itself, then settle it ([`Routed::done`] once stored,
+    /// [`Routed::hand_back`] if it could not be): until then it stays
+    /// unacked, so a process that dies in between does not lose it.
     #[must_use = "a reply that already arrived is returned, not sent to the sink"]
-    pub fn detach(mut self) -> Option<Reply> {
+    pub fn detach(mut self) -> Option<Routed> {
         let mut rx = self.rx.take()?;
         // Closed first, then read: a reply the router sends from now on
         // fails to arrive here and goes to the orphan sink instead, and one
@@ -442,9 +444,9 @@ impl PendingReply {
             return Err(Error::RouterStopped);
         };
         match tokio::time::timeout_at(self.deadline, rx).await {
-            Ok(Ok(reply)) => {
+            Ok(Ok(routed)) => {
                 self.rx = None;
-                Ok(reply)
+                Ok(routed.done())
             }
             Ok(Err(_)) => {
                 self.rx = None;
@@ -460,8 +462,13 @@ impl PendingReply {
 
 impl Drop for PendingReply {
     fn drop(&mut self) {
-        if self.rx.is_some() {
+        if let Some(mut rx) = self.rx.take() {
             self.calls.forget(&self.call_id, false);
+            // A reply that arrived for a caller that let go is done with.
+            rx.close();
+            if let Ok(routed) = rx.try_recv() {
+                routed.done();
+            }
         }
     }
 }

@@ -86,8 +86,51 @@ pub type OrphanSink = std::sync::Arc<
         + Sync,
 >;
 
+/// A reply on its way to its waiting caller, with its delivery when the
+/// reply queue is consumed with acks. The caller settles it once it holds
+/// the reply for good ([`Routed::done`]: answered, or stored by the
+/// gateway), so that a process killed in between leaves the reply in the
+/// durable reply queue rather than losing it with the process.
+#[derive(Debug)]
+pub struct Routed {
+    reply: Reply,
+    delivery: Option<InFlight>,
+}
+
+impl Routed {
+    /// The reply.
+    pub fn reply(&self) -> &Reply {
+        &self.reply
+    }
+
+    /// The caller holds the reply for good: the broker may forget it (acked
+    /// in the background: no round trip on the caller's path).
+    pub fn done(self) -> Reply {
+        if let Some(delivery) = self.delivery {
+            ack_later(delivery);
+        }
+        self.reply
+    }
+
+    /// The caller could not keep the reply (its store failed): back to the
+    /// queue, unprocessed; redelivered, it goes to the orphan sink.
+    pub async fn hand_back(self) {
+        if let Some(delivery) = self.delivery {
+            settle(delivery.hand_back().await);
+        }
+    }
+}
+
+/// Acks `delivery` on a task of its own, if a runtime runs here (a
+/// delivery left unacked goes back to the queue with its connection).
+fn ack_later(delivery: InFlight) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move { settle(delivery.ack().await) });
+    }
+}
+
 struct Waiter {
-    tx: oneshot::Sender<Reply>,
+    tx: oneshot::Sender<Routed>,
     deadline: Instant,
 }
 
@@ -144,7 +187,7 @@ impl PendingCalls {
         &self,
         id: String,
         deadline: Instant,
-        tx: oneshot::Sender<Reply>,
+        tx: oneshot::Sender<Routed>,
     ) -> Result<(), Error> {
         let mut st = self.lock();
         if st.waiters.len() >= self.max_pending {
@@ -283,29 +326,32 @@ impl ReplyRouter {
         }
     }
 
-    /// Hands a reply with call id `id` to its waiter; returns it when no
-    /// waiter takes it.
-    fn route(&mut self, delivery: &Delivery, body: Bytes, id: &str) -> Option<Orphan> {
-        let reply = to_reply(delivery, body, id);
-        let (waiter, late) = self.pending.take(id);
+    /// Hands a reply with call id `id` (and its delivery, to settle) to its
+    /// waiter; returns both when no waiter takes them.
+    fn route(
+        &mut self,
+        id: String,
+        reply: Reply,
+        delivery: Option<InFlight>,
+    ) -> Option<(Orphan, Option<InFlight>)> {
+        let (waiter, late) = self.pending.take(&id);
         let Some(waiter) = waiter else {
-            return Some(Orphan {
-                id: id.to_owned(),
-                reply,
-                late,
-            });
+            return Some((Orphan { id, reply, late }, delivery));
         };
-        match waiter.tx.send(reply) {
+        match waiter.tx.send(Routed { reply, delivery }) {
             Ok(()) => {
                 self.stats.routed.fetch_add(1, Ordering::Relaxed);
                 None
             }
             // The caller let go in between: the reply is an orphan after all.
-            Err(reply) => Some(Orphan {
-                id: id.to_owned(),
-                reply,
-                late: true,
-            }),
+            Err(Routed { reply, delivery }) => Some((
+                Orphan {
+                    id,
+                    reply,
+                    late: true,
+                },
+                delivery,
+            )),
         }
     }
 }
@@ -421,41 +467,35 @@ impl StreamHandler<Event> for ReplyRouter {
             return;
         };
         let body = Bytes::from(std::mem::take(&mut delivery.data));
-        let orphan = self.route(&delivery, body, &id);
+        let reply = to_reply(&delivery, body, &id);
         let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
-        let sink = match orphan {
-            None => None,
-            Some(o) => match &self.orphans {
-                Some(sink) => Some((sink.clone(), o)),
-                None => {
-                    o.count_dropped(&self.stats);
-                    None
-                }
-            },
+        // Routed: its caller settles it once it holds the reply for good.
+        let Some((orphan, inflight)) = self.route(id, reply, inflight) else {
+            return;
         };
-        let Some(inflight) = inflight else {
-            // No acks: a direct-mode orphan still goes to the sink, if any.
-            if let Some((sink, orphan)) = sink {
-                let stats = self.stats.clone();
-                ctx.spawn(
-                    async move {
-                        match sink(orphan.id.clone(), orphan.reply.clone()).await {
-                            Ok(true) => {
-                                stats.handed_off.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => orphan.count_dropped(&stats),
-                        }
-                    }
-                    .into_actor(self),
-                );
+        let Some(sink) = self.orphans.clone() else {
+            orphan.count_dropped(&self.stats);
+            if let Some(inflight) = inflight {
+                ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
             }
             return;
         };
-        let Some((sink, orphan)) = sink else {
-            ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
+        let stats = self.stats.clone();
+        let Some(inflight) = inflight else {
+            // No acks (direct reply-to): the sink takes it or it is dropped.
+            ctx.spawn(
+                async move {
+                    match sink(orphan.id.clone(), orphan.reply.clone()).await {
+                        Ok(true) => {
+                            stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => orphan.count_dropped(&stats),
+                    }
+                }
+                .into_actor(self),
+            );
             return;
         };
-        let stats = self.stats.clone();
         let supervisor = self.consumer.supervisor().clone();
         ctx.spawn(
             async move {
