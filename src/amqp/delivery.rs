@@ -21,8 +21,32 @@ use deadpool_lapin::lapin::{
     options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
 
+use std::future::Future;
+use std::time::Duration;
+
 use super::wire;
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// The longest a settlement may wait for lapin to take it. On a healthy
+/// connection it is immediate; on one whose I/O thread died it never
+/// completes, and a handler's task must not wait forever (the link's
+/// watchdog replaces the connection; the message comes back when the old
+/// one is closed).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bounds a settlement by [`SETTLE_TIMEOUT`].
+async fn bounded(
+    what: &'static str,
+    settled: impl Future<Output = deadpool_lapin::lapin::Result<bool>>,
+) -> Result<()> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, settled).await {
+        Ok(done) => done.map(|_| ()).map_err(Error::from),
+        Err(_) => Err(Error::SettleTimeout {
+            what,
+            after: SETTLE_TIMEOUT,
+        }),
+    }
+}
 
 /// A delivery not yet acked or rejected.
 #[derive(Debug)]
@@ -57,11 +81,8 @@ impl InFlight {
 
     /// Done: the broker forgets the message.
     pub async fn ack(self) -> Result<()> {
-        self.delivery
-            .acker
-            .ack(BasicAckOptions { multiple: false })
-            .await?;
-        Ok(())
+        let acker = &self.delivery.acker;
+        bounded("ack", acker.ack(BasicAckOptions { multiple: false })).await
     }
 
     /// Not processed, through no fault of the message: a request prefetched
@@ -72,14 +93,11 @@ impl InFlight {
     /// healthy requests towards the dead-letter queue (3.x and 4.0 to 4.2
     /// count every return; see the module doc).
     pub async fn hand_back(self) -> Result<()> {
-        self.delivery
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await?;
-        Ok(())
+        let nack = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        bounded("nack", self.delivery.acker.nack(nack)).await
     }
 
     /// Processing failed (the handler panicked or failed transiently): sent
@@ -87,19 +105,13 @@ impl InFlight {
     /// against a quorum queue's `x-delivery-limit`, so a message that always
     /// fails ends in the dead-letter queue instead of looping.
     pub async fn retry(self) -> Result<()> {
-        self.delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: true })
-            .await?;
-        Ok(())
+        let reject = BasicRejectOptions { requeue: true };
+        bounded("reject", self.delivery.acker.reject(reject)).await
     }
 
     /// Given up: the broker dead-letters it to the queue's dead-letter exchange.
     pub async fn dead_letter(self) -> Result<()> {
-        self.delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await?;
-        Ok(())
+        let reject = BasicRejectOptions { requeue: false };
+        bounded("reject", self.delivery.acker.reject(reject)).await
     }
 }

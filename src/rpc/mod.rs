@@ -351,7 +351,15 @@ impl RpcClient {
                         url: inner.broker.url_redacted(),
                         reason: "the reply channel is being re-established".into(),
                     })?;
-                publish_on(&ch, &msg).await?
+                // Bounded: a wedged reply connection must not hold the
+                // caller (its watchdog replaces it meanwhile).
+                let confirm = inner.broker.confirm_timeout();
+                tokio::time::timeout(confirm, publish_on(&ch, &msg))
+                    .await
+                    .map_err(|_| Error::BrokerUnavailable {
+                        url: inner.broker.url_redacted(),
+                        reason: format!("no publisher confirm within {confirm:?}"),
+                    })??
             }
             ReplyMode::Queue => inner.broker.publish(msg).await?,
         }
