@@ -425,6 +425,8 @@ impl Actor for EventHub {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         info!(epoch = %self.epoch, "event hub relaying");
+        // A hub started again after one panicked: its sessions are gone.
+        self.set_sessions_gauge();
         ActorConsumer::start(self, ctx);
         ctx.run_interval(SWEEP_EVERY, |act, _| act.sweep());
     }
