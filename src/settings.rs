@@ -129,6 +129,12 @@ pub struct AmqpSettings {
     pub connect_timeout_ms: u64,
     /// How long a publish waits for its confirm before sending again, ms.
     pub confirm_timeout_ms: u64,
+    /// How often each consumer makes a round trip to the broker (and how
+    /// long it waits for the answer) to tell a wedged connection, ms.
+    pub consumer_check_ms: u64,
+    /// `x-expires` of the per-instance queues (reply, dead-letter watch), s;
+    /// 0: they never expire.
+    pub instance_queue_expires_s: u64,
 }
 
 /// Where replies come back to an RPC client.
@@ -252,7 +258,7 @@ pub struct ShutdownSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// Listen address of `GET /metrics` and `GET /healthz` when
+    /// Listen address of `GET /metrics`, `GET /healthz` and `GET /readyz` when
     /// `gateway.enabled` is false; empty: no metrics endpoint.
     pub bind: String,
 }
@@ -554,6 +560,18 @@ impl Settings {
         if self.amqp.confirm_timeout_ms == 0 {
             return fail("amqp.confirm_timeout_ms", "must be above 0".into());
         }
+        if !(100..=600_000).contains(&self.amqp.consumer_check_ms) {
+            return fail(
+                "amqp.consumer_check_ms",
+                format!(
+                    "must be 100 to 600000 (got {})",
+                    self.amqp.consumer_check_ms
+                ),
+            );
+        }
+        if let Some(why) = self.instance_queue_expiry_conflict() {
+            return fail("amqp.instance_queue_expires_s", why);
+        }
         if self.rpc.max_pending == 0 {
             return fail("rpc.max_pending", "must be above 0".into());
         }
@@ -704,6 +722,32 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Why `amqp.instance_queue_expires_s` is too short, if it is: a reply
+    /// queue must outlive every call deadline, or an instance away for
+    /// longer than the expiry but shorter than a deadline would lose the
+    /// reply of a call that is still owed one.
+    fn instance_queue_expiry_conflict(&self) -> Option<String> {
+        let expires_ms = self.amqp.instance_queue_expires_s.checked_mul(1000)?;
+        if expires_ms == 0 {
+            return None;
+        }
+        let mut longest = (
+            "rpc.default_timeout_ms".to_owned(),
+            self.rpc.default_timeout_ms,
+        );
+        for (name, svc) in &self.services {
+            if svc.timeout_ms > longest.1 {
+                longest = (format!("services.{name}.timeout_ms"), svc.timeout_ms);
+            }
+        }
+        (expires_ms <= longest.1).then(|| {
+            format!(
+                "must be 0 (never) or longer than every call deadline, but {} is {} ms",
+                longest.0, longest.1
+            )
+        })
     }
 
     /// The instance id in force: the setting, or the host name.

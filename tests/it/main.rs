@@ -12,6 +12,7 @@ mod bench;
 mod broker;
 mod callbacks;
 mod configuration;
+mod consumers;
 mod declare;
 mod events;
 mod examples;
