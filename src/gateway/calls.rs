@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use bytes::{Bytes, BytesMut};
@@ -31,21 +30,17 @@ const ACCEPTED_EVENT_WAIT: Duration = Duration::from_secs(2);
 
 /// Reads the body, refusing more than `limit` bytes with a 413, and a body
 /// that has not all arrived within `timeout` with a 408 (the whole body, so
-/// a byte now and then does not hold the connection either). A refusal is
-/// the whole answer ([`refuse_unread`]).
+/// a byte now and then does not hold the connection either; the connection
+/// is then closed: [`super::unread`]).
 pub async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, HttpResponse> {
-    let error =
-        match tokio::time::timeout(timeout, read_body_within(req, &mut payload, limit)).await {
-            Ok(Ok(body)) => return Ok(body),
-            Ok(Err(e)) => e,
-            Err(_) => ApiError::RequestTimeout(timeout.as_millis() as u64),
-        };
-    Err(refuse_unread(&error, payload))
+) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(timeout, read_body_within(req, &mut payload, limit))
+        .await
+        .unwrap_or(Err(ApiError::RequestTimeout(timeout.as_millis() as u64)))
 }
 
 async fn read_body_within(
@@ -71,40 +66,6 @@ async fn read_body_within(
         buf.extend_from_slice(&chunk);
     }
     Ok(buf.freeze())
-}
-
-/// The answer to a request refused while its body is still arriving. The
-/// answer holds the body's stream until it is sent: actix-web then closes
-/// the connection after it, instead of reading (draining) the rest of a
-/// chunked body nobody wants, which a client could drip for ever.
-fn refuse_unread(error: &ApiError, unread: web::Payload) -> HttpResponse {
-    let (res, body) = error.error_response().into_parts();
-    res.set_body(BoxBody::new(Holding {
-        body,
-        _unread: unread,
-    }))
-}
-
-/// A response body that keeps the request's unread payload alive while it
-/// is sent (see [`refuse_unread`]).
-struct Holding {
-    body: BoxBody,
-    _unread: web::Payload,
-}
-
-impl MessageBody for Holding {
-    type Error = <BoxBody as MessageBody>::Error;
-
-    fn size(&self) -> BodySize {
-        self.body.size()
-    }
-
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Bytes, Self::Error>>> {
-        std::pin::Pin::new(&mut self.get_mut().body).poll_next(cx)
-    }
 }
 
 fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -265,17 +226,13 @@ pub async fn start_call(
         .unwrap_or(wire::CONTENT_JSON)
         .to_owned();
     headers::check_content_type(&content_type)?;
-    let body = match read_body(
+    let body = read_body(
         &req,
         payload,
         st.gateway.payload_limit_bytes,
         Duration::from_millis(st.gateway.body_timeout_ms),
     )
-    .await
-    {
-        Ok(body) => body,
-        Err(refused) => return Ok(refused),
-    };
+    .await?;
     let call_id = uuid::Uuid::now_v7().to_string();
     let span = info_span!("call", %call_id, %service, caller = %caller.name, trace_id = Empty);
     // The gateway is a hop of its own: its span continues the caller's trace

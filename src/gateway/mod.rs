@@ -9,7 +9,8 @@
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
 //!   problem+json answers (also for the errors actix-web answers itself).
 //! - [`browser`]: what a web page may make a browser do (`Origin` checks,
-//!   CORS, DNS rebinding).
+//!   CORS, DNS rebinding); [`unread`]: request bodies nobody reads end their
+//!   connection.
 //! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
 //!   WebSocket relays of the event hub.
 //! - [`ops`], [`openapi`]: health, readiness, metrics, the API description
@@ -27,6 +28,7 @@ pub mod openapi;
 pub mod ops;
 pub mod streams;
 pub mod tracker;
+pub mod unread;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -209,8 +211,9 @@ pub async fn start(
     let data = state.clone();
     let origins = g.allowed_origins.clone();
     let mut server = HttpServer::new(move || {
-        // The last `wrap` is the outermost: errors are shaped after the
-        // browser checks, which run before CORS and the routes.
+        // The last `wrap` is the outermost: a body left unread ends its
+        // connection whatever answered; errors are shaped after the browser
+        // checks, which run before CORS and the routes.
         App::new()
             .app_data(data.clone())
             .configure(routes)
@@ -218,6 +221,7 @@ pub async fn start(
             .wrap(browser::cors(&origins))
             .wrap(from_fn(browser::guard))
             .wrap(ErrorHandlers::new().default_handler(error::shape_bare_error))
+            .wrap(from_fn(unread::hold))
     })
     // Signals are the process's business (one shutdown path, app::serve).
     .disable_signals()

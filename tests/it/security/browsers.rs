@@ -95,6 +95,15 @@ async fn a_cross_origin_text_plain_post_is_403() {
     gw.cleanup().await;
 }
 
+/// Header `name` of `res` in lower case, empty when absent.
+fn lower_header(res: &reqwest::Response, name: &str) -> String {
+    res.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
 /// A GET from a foreign origin is answered (it changes nothing) without
 /// CORS headers, so the browser does not let the page read it.
 async fn res_has_no_cors(gw: &Gw, origin: &str) -> bool {
@@ -128,13 +137,7 @@ async fn an_allowed_origin_gets_cors_headers_and_its_preflight() {
     };
     let res = preflight(APP).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    let h = |name: &str| {
-        res.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    };
+    let h = |name: &str| lower_header(&res, name);
     assert_eq!(h("access-control-allow-origin"), APP);
     assert!(
         h("access-control-allow-methods").contains("post"),
@@ -161,13 +164,7 @@ async fn an_allowed_origin_gets_cors_headers_and_its_preflight() {
         .await
         .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
-    let h = |name: &str| {
-        res.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_ascii_lowercase()
-    };
+    let h = |name: &str| lower_header(&res, name);
     assert_eq!(h("access-control-allow-origin"), APP);
     assert!(
         h("access-control-expose-headers").contains("call-id"),

@@ -58,9 +58,30 @@ async fn a_declared_body_that_does_not_arrive_is_cut_with_408() {
     // A byte now and then does not keep it open: the timeout is for the
     // whole body, not between bytes.
     let request = format!("{HEAD}Content-Length: 1000\r\n\r\n");
-    let every = Some(Duration::from_millis(100));
-    let got = raw_drip(&addr, request.as_bytes(), every, limit).await;
+    let byte = Some((Duration::from_millis(100), b" ".as_slice()));
+    let got = raw_drip(&addr, request.as_bytes(), byte, limit).await;
     assert_408_problem_and_closed("a byte every 100 ms", &got);
+    let request = format!("{HEAD}Transfer-Encoding: chunked\r\n\r\n");
+    let chunk = Some((Duration::from_millis(100), b"1\r\n \r\n".as_slice()));
+    let got = raw_drip(&addr, request.as_bytes(), chunk, limit).await;
+    assert_408_problem_and_closed("a chunk every 100 ms", &got);
+
+    // A route that reads no body: the body it was sent is not waited for.
+    for route in [
+        "GET /healthz",
+        "GET /v1/calls/nope",
+        "POST /v1/services/nosuch/calls",
+    ] {
+        let request = format!(
+            "{route} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{{\r\n"
+        );
+        let got = raw_drip(&addr, request.as_bytes(), chunk, limit).await;
+        assert!(got.status().is_some(), "{route}: {}", got.text());
+        assert!(
+            got.closed,
+            "{route}: a chunked body it does not read holds the connection"
+        );
+    }
 
     // A body that arrives in time is served.
     let res = gw.post("echo").body("{}").send().await.unwrap();
@@ -108,25 +129,18 @@ async fn errors_of_the_http_layer_are_problem_json() {
     let res = gw.http.get(gw.url("/v1/events/ws")).send().await.unwrap();
     problem(res, 400).await;
     // A preflight of an allowed origin for a method or header not allowed.
-    let res = gw
-        .http
-        .request(reqwest::Method::OPTIONS, gw.url("/v1/services/echo/calls"))
-        .header("origin", "http://app.example")
-        .header("access-control-request-method", "PUT")
-        .send()
-        .await
-        .unwrap();
-    problem(res, 400).await;
-    let res = gw
-        .http
-        .request(reqwest::Method::OPTIONS, gw.url("/v1/services/echo/calls"))
-        .header("origin", "http://app.example")
-        .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "x-not-honoured")
-        .send()
-        .await
-        .unwrap();
-    problem(res, 400).await;
+    for (method, headers) in [("PUT", "content-type"), ("POST", "x-not-honoured")] {
+        let res = gw
+            .http
+            .request(reqwest::Method::OPTIONS, gw.url("/v1/services/echo/calls"))
+            .header("origin", "http://app.example")
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", headers)
+            .send()
+            .await
+            .unwrap();
+        problem(res, 400).await;
+    }
     // An unknown route, a known route with another method.
     let res = gw.http.get(gw.url("/v2/nothing")).send().await.unwrap();
     problem(res, 404).await;

@@ -8,8 +8,11 @@
 //! - [`http_layer`]: body and header timeouts, and problem+json for what
 //!   the HTTP layer refuses.
 //! - [`browsers`]: `Origin` checks, CORS, and DNS rebinding.
+//! - [`broker`]: the vhost permissions per role of docs/SECURITY.md, applied
+//!   in a vhost of its own.
 //! - [`secrets`]: no password, token or signing secret in any output.
 
+mod broker;
 mod browsers;
 mod callers;
 mod http_layer;
@@ -101,19 +104,19 @@ pub async fn raw_exchange(addr: &str, request: &[u8], limit: Duration) -> RawAns
     raw_drip(addr, request, None, limit).await
 }
 
-/// As [`raw_exchange`], then, when `drip` is given, one more byte every
-/// `drip` for as long as the connection takes them (a slow-loris body).
+/// As [`raw_exchange`], then, when `drip` is given, its bytes again every
+/// so often for as long as the connection takes them (a slow-loris body).
 pub async fn raw_drip(
     addr: &str,
     request: &[u8],
-    drip: Option<Duration>,
+    drip: Option<(Duration, &'static [u8])>,
     limit: Duration,
 ) -> RawAnswer {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut read, mut write) = stream.into_split();
     write.write_all(request).await.unwrap();
     let writer = tokio::spawn(async move {
-        let Some(every) = drip else {
+        let Some((every, bytes)) = drip else {
             // Keep the writing half open: a closed half could end the request.
             std::future::pending::<()>().await;
             return;
@@ -121,7 +124,7 @@ pub async fn raw_drip(
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            if write.write_all(b" ").await.is_err() {
+            if write.write_all(bytes).await.is_err() {
                 return;
             }
         }
