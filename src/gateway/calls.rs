@@ -31,7 +31,7 @@ const ACCEPTED_EVENT_WAIT: Duration = Duration::from_secs(2);
 /// Reads the body, refusing more than `limit` bytes with a 413, and a body
 /// that has not all arrived within `timeout` with a 408 (the whole body, so
 /// a byte now and then does not hold the connection either; the connection
-/// is then closed: [`super::unread`]).
+/// is then closed: [`super::connections`]).
 pub async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,

@@ -113,6 +113,75 @@ async fn slow_headers_are_cut() {
         got.text()
     );
     assert_eq!(got.status(), Some(408), "{}", got.text());
+    // The head of a second request on a kept-alive connection, dripped:
+    // actix-web times only a connection's first head; the gateway closes a
+    // connection with no request in progress as long.
+    let first = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /healthz HTTP/1.1\r\nX-A: ";
+    let drip = Some((Duration::from_millis(100), b"b".as_slice()));
+    let got = raw_drip(&addr(&gw), first.as_bytes(), drip, limit).await;
+    assert_eq!(got.status(), Some(200), "{}", got.text());
+    assert!(
+        got.closed,
+        "a dripped second head holds the connection: {}",
+        got.text()
+    );
+    gw.cleanup().await;
+}
+
+/// What waits on purpose is not idle: an event stream, a WebSocket and a
+/// long-poll outlast `gateway.header_timeout_ms`.
+#[actix_rt::test]
+async fn streams_and_long_polls_outlast_the_header_timeout() {
+    use futures_util::StreamExt;
+    let gw = gateway("sec-idle", |s| {
+        s.gateway.header_timeout_ms = TIMEOUT_MS;
+        s.gateway.heartbeat_s = 1;
+    })
+    .await;
+    let outlast = Duration::from_millis(TIMEOUT_MS * 3);
+    // SSE: heartbeats keep coming past the timeout.
+    let res = gw.http.get(gw.url("/v1/events")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.bytes_stream();
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < outlast {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.next())
+            .await
+            .expect("the stream goes on");
+        assert!(matches!(chunk, Some(Ok(_))), "the stream ended: {chunk:?}");
+    }
+    drop(body);
+    // WebSocket: still open, and answering, past the timeout.
+    let url = format!("{}/v1/events/ws", gw.base.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < outlast {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("the WebSocket goes on");
+        assert!(matches!(msg, Some(Ok(_))), "the WebSocket ended: {msg:?}");
+    }
+    let _ = ws.close(None).await;
+    // A long-poll of a call that stays pending.
+    let res = gw
+        .post("slow")
+        .header("prefer", "respond-async")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let doc: Value = res.json().await.unwrap();
+    let id = doc["id"].as_str().unwrap();
+    let wait = outlast.as_secs().max(2);
+    let res = gw
+        .http
+        .get(gw.url(&format!("/v1/calls/{id}?wait={wait}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    gw.gate.add_permits(1);
     gw.cleanup().await;
 }
 
