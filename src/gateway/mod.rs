@@ -211,9 +211,10 @@ pub async fn start(
     let data = state.clone();
     let origins = g.allowed_origins.clone();
     let mut server = HttpServer::new(move || {
-        // The last `wrap` is the outermost: a body left unread ends its
-        // connection whatever answered; errors are shaped after the browser
-        // checks, which run before CORS and the routes.
+        // The last `wrap` is the outermost: every request is counted on its
+        // connection, and a body left unread ends the connection, whatever
+        // answered; errors are shaped after the browser checks, which run
+        // before CORS and the routes.
         App::new()
             .app_data(data.clone())
             .configure(routes)
