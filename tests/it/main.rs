@@ -24,6 +24,7 @@ mod interop;
 mod management;
 mod metrics;
 mod rpc;
+mod security;
 mod settings;
 mod store;
 mod trace;
