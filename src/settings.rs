@@ -1057,6 +1057,8 @@ impl fmt::Debug for AmqpSettings {
             .field("publish_channels", &self.publish_channels)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .field("consumer_check_ms", &self.consumer_check_ms)
+            .field("instance_queue_expires_s", &self.instance_queue_expires_s)
             .finish()
     }
 }
