@@ -94,6 +94,7 @@ impl Broker {
         let manager = PoolManager {
             connector: connector.clone(),
             name: wire::connection_name(&instance, "publish"),
+            runtime: async_rs::TokioRuntime::tokio_current(),
         };
         let pool = Pool::builder(manager)
             .config(PoolConfig::new(settings.pool_size))

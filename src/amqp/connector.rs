@@ -27,6 +27,7 @@ use std::io;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use async_rs::TokioRuntime;
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use deadpool_lapin::lapin::{
     self, Connection, ConnectionProperties,
@@ -112,12 +113,25 @@ pub enum TlsError {
         source: io::Error,
     },
     /// The TLS handshake with the broker failed, or the broker ended the
-    /// session at once (a client certificate it refused).
+    /// session with an alert (a client certificate it refused).
     #[error("{hint} ({source})")]
     Handshake {
         /// What it most likely means and what to do, for the operator.
         hint: String,
         /// lapin's error, holding rustls's.
+        #[source]
+        source: lapin::Error,
+    },
+    /// The broker closed the connection while it was being opened, with no
+    /// TLS alert read: with TLS 1.3 a broker that refuses the client's
+    /// certificate (or its lack of one) does this when the alert is lost to
+    /// the connection's reset. May also be a broker shutting down, so this
+    /// one may be tried again.
+    #[error(
+        "the broker closed the connection while it was being opened; a broker that requires a client certificate does so when it gets none it trusts: set amqp.tls_cert_file and amqp.tls_key_file ({source})"
+    )]
+    Closed {
+        /// lapin's I/O error.
         #[source]
         source: lapin::Error,
     },
@@ -140,7 +154,7 @@ impl Connector {
             AMQPScheme::AMQPS => {
                 let tls_error = |source| Error::Tls {
                     url: url.clone(),
-                    source,
+                    source: Box::new(source),
                 };
                 let connector = rustls_connector(settings).map_err(tls_error)?;
                 let server_name = if settings.tls_server_name.is_empty() {
@@ -162,15 +176,24 @@ impl Connector {
         self.tls.is_some()
     }
 
-    /// Opens a connection. Not bounded in time here: callers bound it with
-    /// `amqp.connect_timeout_ms`. A TLS failure is [`Error::Tls`] with a hint;
-    /// anything else [`Error::BrokerUnavailable`]; both name the URL with its
-    /// password hidden.
+    /// Opens a connection whose tasks run on the caller's Tokio runtime. Not
+    /// bounded in time here: callers bound it with `amqp.connect_timeout_ms`.
+    /// A TLS failure is [`Error::Tls`] with a hint; anything else
+    /// [`Error::BrokerUnavailable`]; both name the URL with its password
+    /// hidden.
     pub async fn connect(&self, props: ConnectionProperties) -> Result<Connection> {
+        self.connect_on(props, TokioRuntime::tokio_current()).await
+    }
+
+    /// [`Connector::connect`], the connection's tasks on `runtime`.
+    pub async fn connect_on(
+        &self,
+        props: ConnectionProperties,
+        runtime: TokioRuntime,
+    ) -> Result<Connection> {
         let opened = match &self.tls {
-            None => Connection::connect_uri(self.uri.clone(), props).await,
+            None => Connection::connect_uri_with_runtime(self.uri.clone(), props, runtime).await,
             Some(tls) => {
-                let runtime = lapin::runtime::default_runtime()?;
                 let tls = tls.clone();
                 Connection::connector(
                     self.uri.clone(),
@@ -201,14 +224,26 @@ impl Connector {
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
             _ => None,
         };
+        let closed = matches!(
+            e.kind(),
+            lapin::ErrorKind::IOError(io) if matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            )
+        );
+        let tls = |source| Error::Tls {
+            url: self.url.clone(),
+            source: Box::new(source),
+        };
         match (rustls_error, &self.tls) {
-            (Some(cause), Some(tls)) => Error::Tls {
-                url: self.url.clone(),
-                source: TlsError::Handshake {
-                    hint: hint(cause, &tls.server_name),
-                    source: e,
-                },
-            },
+            (Some(cause), Some(t)) => tls(TlsError::Handshake {
+                hint: hint(cause, &t.server_name),
+                source: e,
+            }),
+            (None, Some(_)) if closed => tls(TlsError::Closed { source: e }),
             _ => Error::BrokerUnavailable {
                 url: self.url.clone(),
                 reason: e.to_string(),
@@ -318,6 +353,11 @@ pub struct PoolManager {
     pub(crate) connector: Arc<Connector>,
     /// The connection name the broker shows.
     pub(crate) name: String,
+    /// The runtime of `Broker::connect`, where every pooled connection's
+    /// tasks run, whichever task asks the pool for one: a connection opened
+    /// on the runtime of, say, an actix-web worker thread would die with
+    /// that thread (deadpool-lapin's manager did the same).
+    pub(crate) runtime: TokioRuntime,
 }
 
 impl deadpool::managed::Manager for PoolManager {
@@ -326,7 +366,7 @@ impl deadpool::managed::Manager for PoolManager {
 
     async fn create(&self) -> Result<Connection> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        self.connector.connect(props).await
+        self.connector.connect_on(props, self.runtime.clone()).await
     }
 
     /// A connection that is no longer open is dropped, and another opened.
