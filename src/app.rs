@@ -1,13 +1,14 @@
-//! `serve`: runs a worker for every configured service that has a built-in
-//! handler, the gateway when enabled (else a metrics-only endpoint), until
-//! the shutdown future resolves.
+//! `serve`: declares the topology of every configured service, runs a worker
+//! for each one that has a built-in handler, the gateway when enabled (else a
+//! metrics-only endpoint), until the shutdown future resolves. `declare`:
+//! the declarations alone.
 
 use std::future::Future;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::amqp::Broker;
+use crate::amqp::{Broker, topology};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -34,11 +35,37 @@ pub async fn start_workers(broker: &Broker, settings: &Settings) -> Result<Vec<W
     Ok(handles)
 }
 
-/// Connects, starts the workers and the gateway (when enabled) and runs
-/// until `shutdown` resolves.
+/// Declares the shared exchanges and the queues of every configured
+/// service, handler or not, so that calls of a service served elsewhere
+/// are routed from the start. Idempotent; a queue that exists with other
+/// arguments is [`crate::Error::Topology`], naming it and the argument.
+pub async fn declare_services(broker: &Broker, settings: &Settings) -> Result<()> {
+    topology::declare_services(broker, &settings.services).await?;
+    for (name, svc) in &settings.services {
+        let served_by = match svc.handler {
+            Some(BuiltinHandler::Echo) => "echo handler",
+            None => "served elsewhere",
+        };
+        info!(service = %name, queue = %broker.names().service_queue(name), served_by, "declared");
+    }
+    Ok(())
+}
+
+/// `switchboard declare`: connects, declares as [`declare_services`] does,
+/// and closes.
+pub async fn declare(settings: &Settings) -> Result<()> {
+    let broker = Broker::connect(&settings.amqp).await?;
+    let declared = topology::declare_services(&broker, &settings.services).await;
+    broker.close().await;
+    declared
+}
+
+/// Connects, declares every service's topology, starts the workers and the
+/// gateway (when enabled) and runs until `shutdown` resolves.
 pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     let broker = Broker::connect(&settings.amqp).await?;
     info!(url = %broker.url_redacted(), instance = %broker.instance_id(), prefix = %broker.names().prefix(), "connected");
+    declare_services(&broker, &settings).await?;
     let workers = start_workers(&broker, &settings).await?;
     let cancel = CancellationToken::new();
     let gateway = if settings.gateway.enabled {

@@ -1,7 +1,8 @@
-//! The command line: `serve`, `call`, `publish`, `tail`, `bench`, `status`,
-//! `health`.
+//! The command line: `serve`, `declare`, `asyncapi`, `call`, `publish`,
+//! `tail`, `bench`, `status`, `health`.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -28,8 +29,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the workers of every configured service that has a handler.
+    /// Declare every configured service's queues, run the workers of those
+    /// that have a handler, and the HTTP gateway.
     Serve,
+    /// Declare the exchanges and every configured service's queues (as
+    /// `serve` does at start), print them and exit: for deployments where an
+    /// operator prepares the broker. Exits 0 when declared (or already there
+    /// as declared), 1 if a queue or exchange exists with other arguments
+    /// (each is named, with the argument and how to resolve it), 2 on a
+    /// failure (bad settings, broker unreachable).
+    Declare,
+    /// Print the AsyncAPI 3.0 document of the AMQP side for these settings:
+    /// every service's queues, operations and messages, the replies and the
+    /// events exchange (the contract a worker in another language follows;
+    /// the gateway serves the same at /asyncapi.json).
+    Asyncapi,
     /// Call a service and print its reply; exits 1 on an error status, 2 on
     /// a failure (timeout, no such service, broker unreachable).
     Call {
@@ -69,8 +83,15 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Measure throughput and latency; one JSON line per measured point.
-    Bench(switchboard::bench::BenchArgs),
+    /// Measure throughput and latency; one JSON line per measured point
+    /// (`switchboard bench --help` lists the workloads). Runs the
+    /// `switchboard-bench` binary built beside this one.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// The workload and its flags, handed to `switchboard-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Show each configured service's queue depth, consumers, message rates
     /// and dead letters, read from RabbitMQ's management API
     /// (`[management]` settings). Exits 1 if a service has no consumer, 2 if
@@ -96,6 +117,10 @@ enum Command {
 /// Entry point: parse, load settings, run on the actix runtime.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = cli.command {
+        // The bench loads the settings and sets up its logs itself.
+        return bench(cli.config.as_deref(), args);
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -123,6 +148,12 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
         Command::Serve => app::serve(settings, app::shutdown_signal())
             .await
             .map(|()| ExitCode::SUCCESS),
+        Command::Declare => declare(settings).await,
+        Command::Asyncapi => {
+            let doc = switchboard::asyncapi::document(&settings);
+            println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Call {
             service,
             payload,
@@ -140,9 +171,9 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
             durable,
             count,
         } => tail(settings, type_prefix, durable, count).await,
-        Command::Bench(args) => switchboard::bench::run(settings, args)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Bench { .. } => {
+            unreachable!("`bench` runs switchboard-bench before the settings load")
+        }
         Command::Status { json } => Ok(status(settings, json).await),
         Command::Health { url, timeout } => Ok(health(settings, url, timeout).await),
     };
@@ -150,6 +181,90 @@ async fn run(command: Command, settings: Settings) -> ExitCode {
         eprintln!("switchboard: {e}");
         ExitCode::from(2)
     })
+}
+
+async fn declare(settings: Settings) -> Result<ExitCode, Error> {
+    let names = switchboard::amqp::Names::new(settings.amqp.prefix.clone());
+    match app::declare(&settings).await {
+        Ok(()) => {}
+        Err(e @ Error::Topology(_)) => {
+            eprintln!("switchboard: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e),
+    }
+    for (name, svc) in &settings.services {
+        let served_by = if svc.handler.is_some() {
+            "served by switchboard serve"
+        } else {
+            "served elsewhere"
+        };
+        println!(
+            "{name}: queue {} bound to {} with key {name}, dead letters to {} ({served_by})",
+            names.service_queue(name),
+            names.requests_exchange(),
+            names.dead_queue(name),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The binary `switchboard bench` runs, built beside this one by `cargo
+/// build` at the workspace root (as cargo runs `cargo-<name>` for `cargo
+/// <name>`).
+const BENCH_BIN: &str = "switchboard-bench";
+
+/// Where `switchboard-bench` is expected: next to the executable `exe`.
+fn bench_path(exe: &Path) -> PathBuf {
+    exe.with_file_name(format!("{BENCH_BIN}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// What to tell a user whose `switchboard-bench` is not at `path`.
+fn bench_missing(path: &Path) -> String {
+    format!(
+        "switchboard: `switchboard bench` runs {BENCH_BIN}, which is not built: \
+         expected at {}. Build it with `cargo build --release` at the workspace \
+         root (it builds both binaries), or `cargo build --release -p switchboard-bench`",
+        path.display()
+    )
+}
+
+/// `switchboard bench ARGS`: runs `switchboard-bench ARGS` in place of this
+/// process (its JSON lines, progress, exit status and signals are its own),
+/// with `--config`, when given, passed on as `SWITCHBOARD_CONFIG`.
+fn bench(config: Option<&Path>, args: Vec<OsString>) -> ExitCode {
+    let path = match std::env::current_exe() {
+        Ok(exe) => bench_path(&exe),
+        Err(e) => {
+            eprintln!("switchboard: cannot find this executable's directory: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !path.is_file() {
+        eprintln!("{}", bench_missing(&path));
+        return ExitCode::from(2);
+    }
+    let mut command = std::process::Command::new(&path);
+    command.args(args);
+    if let Some(config) = config {
+        command.env("SWITCHBOARD_CONFIG", config);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        // Its usage lines then read `switchboard bench ...`.
+        let e = command.arg0("switchboard bench").exec();
+        eprintln!("switchboard: cannot run {}: {e}", path.display());
+        ExitCode::from(2)
+    }
+    #[cfg(not(unix))]
+    match command.status() {
+        Ok(status) => ExitCode::from(status.code().map_or(2, |c| c as u8)),
+        Err(e) => {
+            eprintln!("switchboard: cannot run {}: {e}", path.display());
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn call(
@@ -319,5 +434,60 @@ async fn health(settings: Settings, url: Option<String>, timeout: f64) -> ExitCo
             eprintln!("switchboard: {url}: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::{Cli, Command, bench_missing, bench_path};
+
+    #[test]
+    fn the_bench_binary_is_looked_for_next_to_this_one() {
+        let exe = Path::new("/opt/sb/target/release/switchboard");
+        let expected = format!("switchboard-bench{}", std::env::consts::EXE_SUFFIX);
+        assert_eq!(
+            bench_path(exe),
+            Path::new("/opt/sb/target/release").join(expected)
+        );
+    }
+
+    #[test]
+    fn a_missing_bench_binary_says_where_and_how_to_build_it() {
+        let msg = bench_missing(Path::new("/opt/sb/target/debug/switchboard-bench"));
+        assert!(
+            msg.contains("/opt/sb/target/debug/switchboard-bench"),
+            "{msg}"
+        );
+        assert!(msg.contains("cargo build --release"), "{msg}");
+    }
+
+    /// Everything after `bench` goes to switchboard-bench untouched, `--help`
+    /// and flags included; `--config` before it is switchboard's.
+    #[test]
+    fn bench_hands_every_argument_on() {
+        let cli = Cli::parse_from([
+            "switchboard",
+            "--config",
+            "my.toml",
+            "bench",
+            "compare",
+            "--calls",
+            "5",
+            "--help",
+        ]);
+        assert_eq!(cli.config.as_deref(), Some(Path::new("my.toml")));
+        let Command::Bench { args } = cli.command else {
+            panic!("not the bench command: {:?}", cli.command);
+        };
+        assert_eq!(args, ["compare", "--calls", "5", "--help"]);
+        let cli = Cli::parse_from(["switchboard", "bench", "--help"]);
+        let Command::Bench { args } = cli.command else {
+            panic!("not the bench command");
+        };
+        assert_eq!(args, ["--help"]);
     }
 }

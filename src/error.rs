@@ -68,6 +68,16 @@ pub enum Error {
     /// reconnect): its reply cannot arrive, whether or not it was handled.
     #[error("the reply channel of call {0} was lost; its outcome is unknown")]
     ReplyLost(String),
+    /// The broker did not take a delivery's ack, nack or reject in time:
+    /// its connection is wedged. The message comes back to the queue once
+    /// that connection is closed.
+    #[error("the broker did not take the {what} of a delivery within {after:?}")]
+    SettleTimeout {
+        /// `ack`, `nack` or `reject`.
+        what: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
     /// The actor that routes replies has stopped.
     #[error("the reply router has stopped")]
     RouterStopped,
@@ -80,6 +90,10 @@ pub enum Error {
     /// A setting is wrong.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
+    /// Exchanges or queues exist on the broker with other arguments than
+    /// switchboard declares; each names what differs and how to resolve it.
+    #[error("{}", .0.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("\n"))]
+    Topology(Vec<crate::amqp::topology::Mismatch>),
 }
 
 impl Error {
@@ -92,6 +106,7 @@ impl Error {
                 | Error::Nacked
                 | Error::Timeout { .. }
                 | Error::Overloaded { .. }
+                | Error::SettleTimeout { .. }
         ) || matches!(self, Error::Tls { source, .. } if matches!(**source, crate::amqp::TlsError::Closed { .. }))
     }
 }

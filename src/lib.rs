@@ -15,16 +15,19 @@
 //! - [`events`]: CloudEvents broadcast and subscription, and the hub relaying them to streams.
 //! - [`gateway`]: the HTTP gateway (sync, bounded wait, polling, callbacks, SSE/WebSocket streams).
 //! - [`callbacks`]: signed delivery of results to callback URLs, with retries.
-//! - [`app`]: `serve`: the workers of the configured services.
-//! - [`bench`]: the load generator and its raw-lapin reference.
+//! - [`app`]: `serve` and `declare`: the configured services' topology and workers.
+//! - [`asyncapi`]: the AMQP contract as an AsyncAPI 3.0 document.
 //! - [`telemetry`]: logging and trace context.
 //! - [`management`]: RabbitMQ's management API, for `switchboard status`.
 //! - [`metrics`]: the Prometheus metrics of every part, and their exposition.
 //! - [`error`]: the library's error type.
+//!
+//! The load generator (`switchboard bench`) is a crate beside this one,
+//! `switchboard-bench` (`bench/`), built on the public API above.
 
 pub mod amqp;
 pub mod app;
-pub mod bench;
+pub mod asyncapi;
 pub mod callbacks;
 pub mod calls;
 pub mod error;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, Environment, File, FileFormat, Source};
 use serde::Deserialize;
 
 /// The defaults, compiled in so the binary runs without any file beside it.
@@ -20,6 +20,69 @@ pub const DEFAULTS: &str = include_str!("../config/default.toml");
 #[derive(Debug, thiserror::Error)]
 #[error("invalid settings: {0}")]
 pub struct SettingsError(pub String);
+
+/// Where the services in effect come from (see [`Settings::load_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServicesSource {
+    /// No file and no environment variable names a service of its own: the
+    /// demo services of `config/default.toml` (`echo`, `slow`).
+    Defaults,
+    /// The settings file's `[services]` table, exactly.
+    File,
+    /// The environment alone: the services its variables name.
+    Environment,
+}
+
+impl ServicesSource {
+    /// Decides from the user's files (`user`), the embedded `defaults` and
+    /// the names of the `SWITCHBOARD__*` variables.
+    fn of<'a>(
+        user: &Config,
+        defaults: &config::Map<String, config::Value>,
+        vars: impl Iterator<Item = &'a str>,
+    ) -> Result<Self, SettingsError> {
+        let user = user.collect().map_err(|e| SettingsError(e.to_string()))?;
+        if user.contains_key("services") {
+            return Ok(Self::File);
+        }
+        let demos: Vec<String> = defaults
+            .get("services")
+            .and_then(|v| v.clone().into_table().ok())
+            .map(|t| t.into_keys().collect())
+            .unwrap_or_default();
+        // `SWITCHBOARD__SERVICES__<NAME>__<KEY>`, the name lower-cased as
+        // the loader reads it.
+        let named_by_env = vars.filter_map(|k| {
+            let rest = k.strip_prefix("SWITCHBOARD__SERVICES__")?;
+            let (name, _) = rest.split_once("__")?;
+            Some(name.to_lowercase())
+        });
+        let mut adds = false;
+        for name in named_by_env {
+            adds |= !demos.contains(&name);
+        }
+        Ok(if adds {
+            Self::Environment
+        } else {
+            Self::Defaults
+        })
+    }
+}
+
+/// An already-read table as a settings source (the defaults, less what the
+/// user replaces).
+#[derive(Debug, Clone)]
+struct Layer(config::Map<String, config::Value>);
+
+impl config::Source for Layer {
+    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}
 
 /// All of switchboard's settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +129,12 @@ pub struct AmqpSettings {
     pub connect_timeout_ms: u64,
     /// How long a publish waits for its confirm before sending again, ms.
     pub confirm_timeout_ms: u64,
+    /// How often each consumer makes a round trip to the broker (and how
+    /// long it waits for the answer) to tell a wedged connection, ms.
+    pub consumer_check_ms: u64,
+    /// `x-expires` of the per-instance queues (reply, dead-letter watch), s;
+    /// 0: they never expire.
+    pub instance_queue_expires_s: u64,
     /// `amqps://` only: PEM file of the CA certificates that the broker's
     /// certificate must chain to; empty: the system's root certificates.
     pub tls_ca_file: String,
@@ -200,7 +269,7 @@ pub struct ShutdownSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
-    /// Listen address of `GET /metrics` and `GET /healthz` when
+    /// Listen address of `GET /metrics`, `GET /healthz` and `GET /readyz` when
     /// `gateway.enabled` is false; empty: no metrics endpoint.
     pub bind: String,
 }
@@ -418,12 +487,19 @@ impl Settings {
 
     /// Loads defaults, then `file`, then `extra` (TOML text), then the
     /// `SWITCHBOARD__*` variables among `env`. Tests pass their own `env`.
+    ///
+    /// The services in effect are named in one place: when `file` or
+    /// `extra` has a `[services]` table, or the environment names a service
+    /// the defaults do not have, the default (demo) services are dropped and
+    /// only the named ones are in effect. Environment
+    /// variables then adjust those services, and add any they name.
     pub fn load_from(
         file: Option<&Path>,
         extra: Option<&str>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
-        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        let invalid = |e: config::ConfigError| SettingsError(e.to_string());
+        let mut user = Config::builder();
         if let Some(path) = file {
             if !path.exists() {
                 return Err(SettingsError(format!(
@@ -431,26 +507,36 @@ impl Settings {
                     path.display()
                 )));
             }
-            builder = builder.add_source(File::from(path).required(true));
+            user = user.add_source(File::from(path).required(true));
         }
         if let Some(text) = extra {
-            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+            user = user.add_source(File::from_str(text, FileFormat::Toml));
         }
+        let user = user.build().map_err(invalid)?;
         let vars: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("SWITCHBOARD__"))
             .collect();
-        builder = builder.add_source(
-            Environment::with_prefix("SWITCHBOARD")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(vars)),
-        );
-        let settings: Settings = builder
+        let mut defaults = File::from_str(DEFAULTS, FileFormat::Toml)
+            .collect()
+            .map_err(invalid)?;
+        let source = ServicesSource::of(&user, &defaults, vars.keys().map(String::as_str))?;
+        if source != ServicesSource::Defaults {
+            defaults.remove("services");
+        }
+        let settings: Settings = Config::builder()
+            .add_source(Layer(defaults))
+            .add_source(user)
+            .add_source(
+                Environment::with_prefix("SWITCHBOARD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(vars)),
+            )
             .build()
             .and_then(Config::try_deserialize)
-            .map_err(|e| SettingsError(e.to_string()))?;
+            .map_err(invalid)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -484,6 +570,18 @@ impl Settings {
         }
         if self.amqp.confirm_timeout_ms == 0 {
             return fail("amqp.confirm_timeout_ms", "must be above 0".into());
+        }
+        if !(100..=600_000).contains(&self.amqp.consumer_check_ms) {
+            return fail(
+                "amqp.consumer_check_ms",
+                format!(
+                    "must be 100 to 600000 (got {})",
+                    self.amqp.consumer_check_ms
+                ),
+            );
+        }
+        if let Some(why) = self.instance_queue_expiry_conflict() {
+            return fail("amqp.instance_queue_expires_s", why);
         }
         if let Err((key, why)) = self.amqp.check_tls() {
             return fail(key, why);
@@ -638,6 +736,32 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Why `amqp.instance_queue_expires_s` is too short, if it is: a reply
+    /// queue must outlive every call deadline, or an instance away for
+    /// longer than the expiry but shorter than a deadline would lose the
+    /// reply of a call that is still owed one.
+    fn instance_queue_expiry_conflict(&self) -> Option<String> {
+        let expires_ms = self.amqp.instance_queue_expires_s.checked_mul(1000)?;
+        if expires_ms == 0 {
+            return None;
+        }
+        let mut longest = (
+            "rpc.default_timeout_ms".to_owned(),
+            self.rpc.default_timeout_ms,
+        );
+        for (name, svc) in &self.services {
+            if svc.timeout_ms > longest.1 {
+                longest = (format!("services.{name}.timeout_ms"), svc.timeout_ms);
+            }
+        }
+        (expires_ms <= longest.1).then(|| {
+            format!(
+                "must be 0 (never) or longer than every call deadline, but {} is {} ms",
+                longest.0, longest.1
+            )
+        })
     }
 
     /// The instance id in force: the setting, or the host name.

@@ -6,7 +6,6 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -139,7 +138,7 @@ async fn after_a_broker_restart_everything_comes_back_and_no_accepted_call_is_lo
     let reconnects: u64 = gw
         .workers
         .iter()
-        .map(|(_, w)| w.stats.reconnects.load(Ordering::Relaxed))
+        .map(|(_, w)| w.stats.consumer.reconnects())
         .sum();
     assert!(
         reconnects >= gw.workers.len() as u64,
@@ -151,7 +150,7 @@ async fn after_a_broker_restart_everything_comes_back_and_no_accepted_call_is_lo
         "the event hub consumes again",
         || {
             let state = state.clone();
-            async move { state.hub.stats.consuming.load(Ordering::Relaxed) }
+            async move { state.hub.stats.consumer.is_up() }
         },
     )
     .await;

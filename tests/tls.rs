@@ -107,9 +107,10 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether this process runs as root (the owner of its /proc entry).
 fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// `program` with `args`, run as the `rabbitmq` user when this process is

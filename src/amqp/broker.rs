@@ -21,7 +21,7 @@ use deadpool_lapin::lapin::{
 use tokio::sync::Mutex;
 
 use super::connector::{Connector, Pool, PoolManager};
-
+use super::consumer::Consumers;
 use super::topology;
 use super::wire::{self, Names};
 use crate::error::{Error, Result};
@@ -71,6 +71,14 @@ struct Inner {
     next: AtomicUsize,
     /// The process's metrics: every part holds the broker, so they find it here.
     metrics: Arc<Metrics>,
+    /// Every supervised consumer on this broker, for readiness and metrics.
+    consumers: Arc<Consumers>,
+    /// `amqp.consumer_check_ms`: the period (and timeout) of each consumer's
+    /// round trip to the broker.
+    consumer_check: Duration,
+    /// `amqp.instance_queue_expires_s`: `x-expires` of the per-instance
+    /// queues; `None`: never.
+    instance_queue_expires: Option<Duration>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -118,8 +126,16 @@ impl Broker {
                     .collect(),
                 next: AtomicUsize::new(0),
                 metrics: Arc::new(Metrics::new()),
+                consumers: Arc::new(Consumers::default()),
+                consumer_check: Duration::from_millis(settings.consumer_check_ms),
+                instance_queue_expires: (settings.instance_queue_expires_s > 0)
+                    .then(|| Duration::from_secs(settings.instance_queue_expires_s)),
             }),
         };
+        broker
+            .inner
+            .metrics
+            .register(broker.inner.consumers.clone());
         let channel = broker.channel().await?;
         topology::declare_shared(&channel, broker.names()).await?;
         crate::amqp::close_channel(&channel, "declared").await;
@@ -134,6 +150,24 @@ impl Broker {
     /// The metrics of the parts that use this broker ([`crate::metrics`]).
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// Every supervised consumer on this broker ([`super::consumer`]):
+    /// whether each consumes now, for readiness and metrics.
+    pub fn consumers(&self) -> &Arc<Consumers> {
+        &self.inner.consumers
+    }
+
+    /// How often (and how long) each consumer checks its connection with a
+    /// round trip (`amqp.consumer_check_ms`).
+    pub fn consumer_check(&self) -> Duration {
+        self.inner.consumer_check
+    }
+
+    /// `x-expires` of the per-instance queues (`amqp.instance_queue_expires_s`);
+    /// `None`: they never expire.
+    pub fn instance_queue_expires(&self) -> Option<Duration> {
+        self.inner.instance_queue_expires
     }
 
     /// This process's instance id.

@@ -1,13 +1,52 @@
 //! [`InFlight`]: a delivery that must be settled exactly once. `ack`,
-//! `requeue` and `dead_letter` consume it, so a second settlement does not
-//! compile.
+//! `hand_back`, `retry` and `dead_letter` consume it, so a second settlement
+//! does not compile.
+//!
+//! Two ways of returning a message to its queue exist because RabbitMQ
+//! counts them differently against a quorum queue's `x-delivery-limit`:
+//!
+//! | RabbitMQ | `basic.reject(requeue)` ([`InFlight::retry`]) | `basic.nack(requeue)` ([`InFlight::hand_back`]) | connection closed with the message unacked |
+//! | --- | --- | --- | --- |
+//! | 3.10 to 3.13 | counts | counts | counts |
+//! | 4.0 to 4.2 | counts | counts | counts |
+//! | 4.3 and later | counts | **does not count** | counts |
+//!
+//! So from 4.3 a message handed back unprocessed (at shutdown, or because
+//! its reply could not be published) no longer moves towards the dead-letter
+//! queue, while one whose handler failed still does. Before 4.3 both count,
+//! which is why `delivery_limit` should leave room for a few restarts.
 
 use deadpool_lapin::lapin::{
     message::Delivery,
-    options::{BasicAckOptions, BasicRejectOptions},
+    options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
 
-use crate::error::Result;
+use std::future::Future;
+use std::time::Duration;
+
+use super::wire;
+use crate::error::{Error, Result};
+
+/// The longest a settlement may wait for lapin to take it. On a healthy
+/// connection it is immediate; on one whose I/O thread died it never
+/// completes, and a handler's task must not wait forever (the link's
+/// watchdog replaces the connection; the message comes back when the old
+/// one is closed).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bounds a settlement by [`SETTLE_TIMEOUT`].
+async fn bounded(
+    what: &'static str,
+    settled: impl Future<Output = deadpool_lapin::lapin::Result<bool>>,
+) -> Result<()> {
+    match tokio::time::timeout(SETTLE_TIMEOUT, settled).await {
+        Ok(done) => done.map(|_| ()).map_err(Error::from),
+        Err(_) => Err(Error::SettleTimeout {
+            what,
+            after: SETTLE_TIMEOUT,
+        }),
+    }
+}
 
 /// A delivery not yet acked or rejected.
 #[derive(Debug)]
@@ -16,7 +55,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    /// Wraps a delivery taken from a consumer.
+    /// Wraps a delivery taken from a consumer with manual acks.
     pub fn new(delivery: Delivery) -> Self {
         Self { delivery }
     }
@@ -31,31 +70,48 @@ impl InFlight {
         &self.delivery
     }
 
-    /// Done: the broker forgets the message.
-    pub async fn ack(self) -> Result<()> {
-        self.delivery
-            .acker
-            .ack(BasicAckOptions { multiple: false })
-            .await?;
-        Ok(())
+    /// How many deliveries of this message failed before this one, as a
+    /// quorum queue counts them (`x-delivery-count`); 0 for classic queues
+    /// and first deliveries.
+    pub fn failed_deliveries(&self) -> u64 {
+        wire::header_int(&self.delivery.properties, wire::HEADER_DELIVERY_COUNT)
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0)
     }
 
-    /// Not done: the broker delivers it again (a quorum queue counts it
-    /// towards `x-delivery-limit`).
-    pub async fn requeue(self) -> Result<()> {
-        self.delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: true })
-            .await?;
-        Ok(())
+    /// Done: the broker forgets the message.
+    pub async fn ack(self) -> Result<()> {
+        let acker = &self.delivery.acker;
+        bounded("ack", acker.ack(BasicAckOptions { multiple: false })).await
+    }
+
+    /// Not processed, through no fault of the message: a request prefetched
+    /// when the worker began to drain, a request whose reply could not be
+    /// published, a redelivered copy parked behind one handed back. Sent as
+    /// `basic.nack(requeue = true)`: from RabbitMQ 4.3 a quorum queue does
+    /// not count it against `x-delivery-limit`, so rolling restarts never push
+    /// healthy requests towards the dead-letter queue (3.x and 4.0 to 4.2
+    /// count every return; see the module doc).
+    pub async fn hand_back(self) -> Result<()> {
+        let nack = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        bounded("nack", self.delivery.acker.nack(nack)).await
+    }
+
+    /// Processing failed (the handler panicked or failed transiently): sent
+    /// as `basic.reject(requeue = true)`, which every RabbitMQ version counts
+    /// against a quorum queue's `x-delivery-limit`, so a message that always
+    /// fails ends in the dead-letter queue instead of looping.
+    pub async fn retry(self) -> Result<()> {
+        let reject = BasicRejectOptions { requeue: true };
+        bounded("reject", self.delivery.acker.reject(reject)).await
     }
 
     /// Given up: the broker dead-letters it to the queue's dead-letter exchange.
     pub async fn dead_letter(self) -> Result<()> {
-        self.delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await?;
-        Ok(())
+        let reject = BasicRejectOptions { requeue: false };
+        bounded("reject", self.delivery.acker.reject(reject)).await
     }
 }

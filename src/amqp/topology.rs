@@ -1,18 +1,29 @@
 //! Idempotent declaration of DESIGN.md's topology. Every option that decides
 //! a delivery guarantee is written out with its reason.
+//!
+//! What is declared (exchanges, queues, their options and arguments) is
+//! defined here once: the declarations use it, and so does the AsyncAPI
+//! description ([`crate::asyncapi`]). Declaring what exists with other
+//! arguments is a [`Mismatch`] naming the queue, the argument and the way
+//! out.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use deadpool_lapin::lapin::{
-    Channel, ExchangeKind,
+    self, Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable},
 };
 
+use super::Broker;
 use super::wire::Names;
 use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
 
 /// Durable, not auto-deleted: the exchanges outlive every process.
-fn durable_exchange() -> ExchangeDeclareOptions {
+pub fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         passive: false,
         durable: true,
@@ -24,7 +35,7 @@ fn durable_exchange() -> ExchangeDeclareOptions {
 
 /// Durable, shared, not auto-deleted: requests and replies survive restarts
 /// of the broker and of every consumer.
-fn durable_queue() -> QueueDeclareOptions {
+pub fn durable_queue() -> QueueDeclareOptions {
     QueueDeclareOptions {
         passive: false,
         durable: true,
@@ -34,31 +45,29 @@ fn durable_queue() -> QueueDeclareOptions {
     }
 }
 
-/// `<p>.requests` (direct), `<p>.dead` (direct) and `<p>.events` (fanout).
+/// The exchanges every deployment shares: `<p>.requests` (direct, routing
+/// key = service), `<p>.dead` (direct, routing key = service) and
+/// `<p>.events` (fanout).
+pub fn shared_exchanges(names: &Names) -> [(String, ExchangeKind); 3] {
+    [
+        (names.requests_exchange(), ExchangeKind::Direct),
+        (names.dead_exchange(), ExchangeKind::Direct),
+        (names.events_exchange(), ExchangeKind::Fanout),
+    ]
+}
+
+/// Declares [`shared_exchanges`], durable.
 pub async fn declare_shared(ch: &Channel, names: &Names) -> Result<()> {
-    let opts = durable_exchange();
-    let none = FieldTable::default();
-    ch.exchange_declare(
-        names.requests_exchange().into(),
-        ExchangeKind::Direct,
-        opts,
-        none.clone(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.dead_exchange().into(),
-        ExchangeKind::Direct,
-        opts,
-        none.clone(),
-    )
-    .await?;
-    ch.exchange_declare(
-        names.events_exchange().into(),
-        ExchangeKind::Fanout,
-        opts,
-        none,
-    )
-    .await?;
+    for (name, kind) in shared_exchanges(names) {
+        ch.exchange_declare(
+            name.as_str().into(),
+            kind,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| mismatch(Entity::Exchange, &name, e))?;
+    }
     Ok(())
 }
 
@@ -89,9 +98,21 @@ pub fn service_queue_arguments(names: &Names, service: &str, svc: &ServiceSettin
     args
 }
 
+/// The arguments of a service's dead-letter queue: a classic queue, where
+/// dead letters wait for an operator.
+pub fn dead_queue_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args
+}
+
 /// A service's queue bound to the requests exchange, its dead-letter queue
 /// bound to the dead exchange. Declaring an existing queue with other
-/// arguments is an error that names the queue.
+/// arguments is [`Error::Topology`]: a [`Mismatch`] naming the queue, the
+/// argument and the setting that decides it.
 pub async fn declare_service(
     ch: &Channel,
     names: &Names,
@@ -101,13 +122,22 @@ pub async fn declare_service(
     let queue = names.service_queue(service);
     let dead = names.dead_queue(service);
     let none = FieldTable::default();
+    let for_service = |e: Error| match e {
+        Error::Topology(mut found) => {
+            for m in &mut found {
+                m.setting = m.setting.take().or_else(|| setting_of(m, service));
+            }
+            Error::Topology(found)
+        }
+        other => other,
+    };
     ch.queue_declare(
         queue.as_str().into(),
         durable_queue(),
         service_queue_arguments(names, service, svc),
     )
     .await
-    .map_err(|e| mismatch(&queue, e))?;
+    .map_err(|e| for_service(mismatch(Entity::Queue, &queue, e)))?;
     ch.queue_bind(
         queue.as_str().into(),
         names.requests_exchange().into(),
@@ -116,14 +146,13 @@ pub async fn declare_service(
         none.clone(),
     )
     .await?;
-    let mut dead_args = FieldTable::default();
-    dead_args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
-    );
-    ch.queue_declare(dead.as_str().into(), durable_queue(), dead_args)
-        .await
-        .map_err(|e| mismatch(&dead, e))?;
+    ch.queue_declare(
+        dead.as_str().into(),
+        durable_queue(),
+        dead_queue_arguments(),
+    )
+    .await
+    .map_err(|e| mismatch(Entity::Queue, &dead, e))?;
     ch.queue_bind(
         dead.as_str().into(),
         names.dead_exchange().into(),
@@ -135,28 +164,415 @@ pub async fn declare_service(
     Ok(())
 }
 
-/// `<p>.reply.<instance>`: durable, so replies that arrive while this
-/// instance is down wait for it.
+/// Declares the shared exchanges and every service's queues, each service
+/// on a channel of its own (a refused declaration closes its channel), so
+/// that every mismatch is found in one pass. All of them, if any, are one
+/// [`Error::Topology`].
+pub async fn declare_services(
+    broker: &Broker,
+    services: &BTreeMap<String, ServiceSettings>,
+) -> Result<()> {
+    let names = broker.names();
+    let mut found = Vec::new();
+    let mut keep = |result: Result<()>| match result {
+        Err(Error::Topology(m)) => {
+            found.extend(m);
+            Ok(())
+        }
+        other => other,
+    };
+    let ch = broker.channel().await?;
+    let shared = declare_shared(&ch, names).await;
+    super::close_channel(&ch, "declared").await;
+    keep(shared)?;
+    for (service, svc) in services {
+        let ch = broker.channel().await?;
+        let declared = declare_service(&ch, names, service, svc).await;
+        super::close_channel(&ch, "declared").await;
+        keep(declared)?;
+    }
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Topology(found))
+    }
+}
+
+/// `<p>.reply.<instance>` without `x-expires`, on `ch`: for tools that
+/// consume a reply queue of their own (the benchmark's hand-written client).
+/// switchboard's reply router declares its queue with
+/// [`declare_instance_queue`], which sets the expiry.
 pub async fn declare_reply_queue(ch: &Channel, names: &Names, instance: &str) -> Result<String> {
     let queue = names.reply_queue(instance);
+    ch.queue_declare(
+        queue.as_str().into(),
+        durable_queue(),
+        instance_queue_arguments(None),
+    )
+    .await
+    .map_err(|e| mismatch(Entity::Queue, &queue, e))?;
+    Ok(queue)
+}
+
+/// The arguments of a per-instance queue: classic (replies and dead-letter
+/// copies are short-lived and on the hot path: no replication), and
+/// `x-expires` when set, so that an instance that never comes back leaves
+/// nothing behind. Always the same AMQP type for the expiry (a long long):
+/// RabbitMQ compares argument types too when it checks a redeclaration.
+pub fn instance_queue_arguments(expires: Option<Duration>) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("classic".into()),
     );
-    ch.queue_declare(queue.as_str().into(), durable_queue(), args)
+    if let Some(expires) = expires {
+        let ms = i64::try_from(expires.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+    }
+    args
+}
+
+/// How a per-instance queue was declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// With the arguments asked for.
+    AsAsked,
+    /// It existed with other arguments (declared by an earlier version
+    /// without `x-expires`, or with another `amqp.instance_queue_expires_s`)
+    /// and is used as it is: any expiry, or none, serves it equally well.
+    AsFound,
+}
+
+/// Declares the durable per-instance queue `queue` (see
+/// [`instance_queue_arguments`]) on channels of its own on `conn`. A queue
+/// that exists with other arguments is kept as it is ([`Declared::AsFound`]):
+/// a user upgrading from a version without `x-expires` must not lose the
+/// replies waiting in it, nor be stopped at start-up.
+pub async fn declare_instance_queue(
+    conn: &Connection,
+    queue: &str,
+    expires: Option<Duration>,
+) -> Result<Declared> {
+    let ch = conn.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            queue.into(),
+            durable_queue(),
+            instance_queue_arguments(expires),
+        )
+        .await;
+    match declared {
+        Ok(_) => {
+            super::close_channel(&ch, "declared").await;
+            Ok(Declared::AsAsked)
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            // The 406 closed that channel: look at the queue on another.
+            let ch = conn.create_channel().await?;
+            ch.queue_declare(queue.into(), passive(), FieldTable::default())
+                .await?;
+            super::close_channel(&ch, "declared").await;
+            Ok(Declared::AsFound)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The gateway's dead-letter watch (`<p>.deadwatch.<instance>`, see
+/// [`declare_instance_queue`]), bound to the dead exchange for each of
+/// `services`, beside each service's own dead-letter queue. Returns the
+/// queue's name and how it was declared.
+pub async fn declare_deadwatch(
+    conn: &Connection,
+    names: &Names,
+    instance: &str,
+    services: &[String],
+    expires: Option<Duration>,
+) -> Result<(String, Declared)> {
+    let queue = names.deadwatch_queue(instance);
+    let declared = declare_instance_queue(conn, &queue, expires).await?;
+    let ch = conn.create_channel().await?;
+    for s in services {
+        ch.queue_bind(
+            queue.as_str().into(),
+            names.dead_exchange().into(),
+            s.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    super::close_channel(&ch, "declared").await;
+    Ok((queue, declared))
+}
+
+/// A subscriber's queue bound to the events fanout, on `ch`:
+/// `<p>.sub.<name>` (durable, shared, not auto-deleted: it keeps events
+/// while its subscriber is away) when `durable_name` is given, else a
+/// server-named one (exclusive to this connection and auto-deleted: nothing
+/// piles up once its consumer is gone). Returns the queue's name.
+pub async fn declare_subscription(
+    ch: &Channel,
+    names: &Names,
+    durable_name: Option<&str>,
+) -> Result<String> {
+    let (name, options) = match durable_name {
+        Some(n) => (names.subscriber_queue(n), durable_queue()),
+        None => (
+            String::new(),
+            QueueDeclareOptions {
+                passive: false,
+                durable: false,
+                exclusive: true,
+                auto_delete: true,
+                nowait: false,
+            },
+        ),
+    };
+    let queue = ch
+        .queue_declare(name.as_str().into(), options, FieldTable::default())
         .await
-        .map_err(|e| mismatch(&queue, e))?;
+        .map_err(|e| mismatch(Entity::Queue, &name, e))?;
+    let queue = queue.name().as_str().to_owned();
+    ch.queue_bind(
+        queue.as_str().into(),
+        names.events_exchange().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
     Ok(queue)
 }
 
-fn mismatch(queue: &str, e: deadpool_lapin::lapin::Error) -> Error {
-    let text = e.to_string();
-    if text.contains("PRECONDITION_FAILED") || text.contains("406") {
-        Error::Malformed(format!(
-            "queue {queue} already exists with other arguments ({text}); delete it or change the settings to match"
-        ))
-    } else {
-        Error::Amqp(e)
+/// Messages kept in `<p>.poison` at most; past it the oldest go
+/// (`x-overflow` drop-head, RabbitMQ's default): a peer that floods
+/// switchboard's queues with garbage cannot fill the broker's disk through it.
+pub const POISON_MAX_LENGTH: i64 = 10_000;
+
+/// `<p>.poison` ([`Names::poison_queue`]): durable, classic, bounded by
+/// [`POISON_MAX_LENGTH`], never expiring (operators decide what becomes of
+/// its messages).
+pub async fn declare_poison(ch: &Channel, names: &Names) -> Result<String> {
+    let queue = names.poison_queue();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert(
+        "x-max-length".into(),
+        AMQPValue::LongLongInt(POISON_MAX_LENGTH),
+    );
+    ch.queue_declare(queue.as_str().into(), durable_queue(), args)
+        .await
+        .map_err(|e| mismatch(Entity::Queue, &queue, e))?;
+    Ok(queue)
+}
+
+/// Only looks: fails (404) when the queue does not exist.
+pub(crate) fn passive() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        nowait: false,
+    }
+}
+
+/// Whether the broker refused an operation with 406 PRECONDITION_FAILED
+/// (a declaration whose arguments differ from the existing queue's).
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406)
+}
+
+/// What a [`Mismatch`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entity {
+    /// A queue.
+    Queue,
+    /// An exchange.
+    Exchange,
+}
+
+impl std::fmt::Display for Entity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Entity::Queue => "queue",
+            Entity::Exchange => "exchange",
+        })
+    }
+}
+
+/// An exchange or queue that exists on the broker with other properties or
+/// arguments than switchboard declares: RabbitMQ refused the declaration
+/// (406 PRECONDITION_FAILED). Nothing is changed on the broker; the message
+/// says which argument differs and how to resolve it.
+#[derive(Debug, thiserror::Error)]
+pub struct Mismatch {
+    /// Queue or exchange.
+    pub entity: Entity,
+    /// Its name.
+    pub name: String,
+    /// The argument or property that differs (`x-delivery-limit`,
+    /// `durable`...), when RabbitMQ's reply names it.
+    pub argument: Option<String>,
+    /// The value switchboard declared (`absent` when it sent none).
+    pub declared: Option<String>,
+    /// The value of the existing one (`absent` when it has none).
+    pub existing: Option<String>,
+    /// The setting that decides the argument, when one does
+    /// (`services.invoice.delivery_limit`).
+    pub setting: Option<String>,
+    /// The vhost, when RabbitMQ's reply names it.
+    pub vhost: Option<String>,
+    /// RabbitMQ's refusal.
+    #[source]
+    pub cause: lapin::Error,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            entity,
+            name,
+            argument,
+            declared,
+            existing,
+            setting,
+            vhost,
+            cause,
+        } = self;
+        match (argument, declared, existing) {
+            (Some(arg), Some(declared), Some(existing)) => write!(
+                f,
+                "{entity} {name} exists with {arg} = {existing}, and switchboard declares {arg} = {declared}"
+            )?,
+            _ => write!(
+                f,
+                "{entity} {name} exists with other arguments than switchboard declares ({cause})"
+            )?,
+        }
+        if let Some(setting) = setting {
+            write!(f, " (setting {setting})")?;
+        }
+        write!(f, ". To resolve: ")?;
+        if let (Some(setting), Some(existing)) = (setting, existing) {
+            write!(f, "set {setting} to {existing} to match the {entity}; or ")?;
+        }
+        let delete = match entity {
+            Entity::Queue => "delete_queue",
+            Entity::Exchange => "delete_exchange",
+        };
+        let vhost = match vhost.as_deref() {
+            Some(v) if v != "/" => format!(" -p {v}"),
+            _ => String::new(),
+        };
+        write!(
+            f,
+            "delete the {entity} so that switchboard declares it anew (`rabbitmqctl{vhost} {delete} {name}`; a queue's messages go with it: let it drain, or move them, first); or give this deployment names of its own with amqp.prefix"
+        )
+    }
+}
+
+/// A refused declaration of `name` as a [`Mismatch`] when RabbitMQ says
+/// PRECONDITION_FAILED (recognised by its reply code), else as it came.
+fn mismatch(entity: Entity, name: &str, e: lapin::Error) -> Error {
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return Error::Amqp(e);
+    };
+    if *amqp.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
+        return Error::Amqp(e);
+    }
+    let text = amqp.get_message().as_str();
+    let (argument, declared, existing) = match parse_inequivalent(text) {
+        Some((a, d, x)) => (Some(a), Some(d), Some(x)),
+        None => (None, None, None),
+    };
+    let vhost = text
+        .split_once(" in vhost '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(v, _)| v.to_owned());
+    Error::Topology(vec![Mismatch {
+        entity,
+        name: name.to_owned(),
+        argument,
+        declared,
+        existing,
+        setting: None,
+        vhost,
+        cause: e,
+    }])
+}
+
+/// The argument, the value declared and the existing one from RabbitMQ's
+/// reply text: `PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit'
+/// for queue 'sb.svc.invoice' in vhost '/': received the value '3' of type
+/// 'signedint' but current is the value '5' of type 'signedint'` (3.x and
+/// 4.x alike). `None` when the text says something else.
+pub fn parse_inequivalent(text: &str) -> Option<(String, String, String)> {
+    let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+    let (argument, rest) = rest.split_once('\'')?;
+    let rest = &rest[rest.find(": received ")? + ": received ".len()..];
+    let (declared, existing) = rest.split_once(" but current is ")?;
+    Some((
+        argument.to_owned(),
+        shown_value(declared),
+        shown_value(existing),
+    ))
+}
+
+/// `the value '5' of type 'signedint'` -> `5`; `'true'` -> `true`;
+/// `none` -> `absent`.
+fn shown_value(v: &str) -> String {
+    let v = v.trim();
+    if v == "none" {
+        return "absent".into();
+    }
+    let v = v.strip_prefix("the value ").unwrap_or(v);
+    let v = v.split(" of type ").next().unwrap_or(v);
+    v.trim_matches('\'').to_owned()
+}
+
+/// The setting of `service` that decides the argument of a mismatch on its
+/// work queue, if one does.
+fn setting_of(m: &Mismatch, service: &str) -> Option<String> {
+    let key = match m.argument.as_deref()? {
+        "x-queue-type" => "queue_type",
+        "x-delivery-limit" => "delivery_limit",
+        _ => return None,
+    };
+    Some(format!("services.{service}.{key}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rabbitmq_replies_are_read_for_the_argument_and_both_values() {
+        let text = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'sb.svc.invoice' in vhost '/': received the value '3' of type 'signedint' but current is the value '5' of type 'signedint'";
+        assert_eq!(
+            parse_inequivalent(text),
+            Some(("x-delivery-limit".into(), "3".into(), "5".into()))
+        );
+        let text = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost 'v': received none but current is the value 'quorum' of type 'longstr'";
+        assert_eq!(
+            parse_inequivalent(text),
+            Some(("x-queue-type".into(), "absent".into(), "quorum".into()))
+        );
+        let text = "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'";
+        assert_eq!(
+            parse_inequivalent(text),
+            Some(("durable".into(), "true".into(), "false".into()))
+        );
+        assert_eq!(
+            parse_inequivalent("PRECONDITION_FAILED - unknown delivery tag 1"),
+            None
+        );
+        assert_eq!(parse_inequivalent("inequivalent arg '"), None);
     }
 }

@@ -18,6 +18,18 @@ pub const HEADER_TRACEPARENT: &str = "traceparent";
 /// dropped it yet (`expiration` is relative to enqueueing, and the AMQP
 /// `timestamp` only has whole seconds).
 pub const HEADER_DEADLINE: &str = "x-sb-deadline-ms";
+/// Header in which a quorum queue says how many deliveries of a message
+/// failed before this one (RabbitMQ 4.3 and later: rejects and lost
+/// connections; before: every return).
+pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
+/// Headers on a message moved to the poison queue ([`Names::poison_queue`]):
+/// the queue it was taken from, why it could not be handled, and the
+/// instance that moved it.
+pub const HEADER_POISON_QUEUE: &str = "x-sb-poison-queue";
+/// See [`HEADER_POISON_QUEUE`].
+pub const HEADER_POISON_REASON: &str = "x-sb-poison-reason";
+/// See [`HEADER_POISON_QUEUE`].
+pub const HEADER_POISON_INSTANCE: &str = "x-sb-poison-instance";
 /// RabbitMQ's pseudo-queue for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Default content type of a request.
@@ -29,6 +41,23 @@ pub const CONTENT_CLOUDEVENTS: &str = "application/cloudevents+json";
 /// CloudEvents extension attribute naming the caller of a call lifecycle
 /// event, so event streams show each caller only its own calls.
 pub const EXT_CALLER: &str = "switchboardcaller";
+/// CloudEvent `type` of the lifecycle event published when a call is
+/// accepted with a 202 (`subject` = call id, `data` = its status document).
+pub const EVENT_CALL_ACCEPTED: &str = "switchboard.call.accepted";
+/// CloudEvent `type` of the lifecycle event published when a call ends
+/// (`data` = its status document with the result).
+pub const EVENT_CALL_COMPLETED: &str = "switchboard.call.completed";
+/// Every lifecycle event type with what it says, for the descriptions.
+pub const CALL_LIFECYCLE_EVENTS: &[(&str, &str)] = &[
+    (
+        EVENT_CALL_ACCEPTED,
+        "A call was accepted with a 202 (or, with `sync_events`, started): `data` is its status document, `pending`.",
+    ),
+    (
+        EVENT_CALL_COMPLETED,
+        "A call ended (`succeeded`, `failed` or `expired`): `data` is its status document with the result.",
+    ),
+];
 /// `app_id` on every message switchboard publishes.
 pub const APP_ID: &str = "switchboard";
 /// `delivery_mode` of a persistent message.
@@ -88,6 +117,14 @@ impl Names {
     /// `<p>.sub.<name>`: a named, durable event subscription.
     pub fn subscriber_queue(&self, name: &str) -> String {
         format!("{}.sub.{name}", self.prefix)
+    }
+    /// `<p>.poison`: messages that switchboard's consumers could not decode
+    /// or handle on the queues without a dead-letter queue of their own
+    /// (reply, dead-letter watch, durable subscriptions), kept for operators.
+    /// One per prefix, not per instance: an instance that never comes back
+    /// leaves nothing behind, and operators look in one place.
+    pub fn poison_queue(&self) -> String {
+        format!("{}.poison", self.prefix)
     }
 }
 
@@ -286,6 +323,8 @@ mod tests {
         assert_eq!(n.dead_queue("echo"), "sb.svc.echo.dead");
         assert_eq!(n.events_exchange(), "sb.events");
         assert_eq!(n.reply_queue("host1"), "sb.reply.host1");
+        assert_eq!(n.deadwatch_queue("host1"), "sb.deadwatch.host1");
+        assert_eq!(n.poison_queue(), "sb.poison");
     }
 
     #[test]

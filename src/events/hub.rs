@@ -4,9 +4,15 @@
 //!
 //! The hub consumes `<prefix>.events` through a queue of its own
 //! (server-named, exclusive, auto-delete) on a dedicated connection
-//! (`switchboard/<instance>/hub`). Each valid CloudEvent is numbered, kept in
-//! a bounded history ring and offered to every session whose [`EventFilter`]
-//! matches it. Messages that are not CloudEvents are skipped and counted.
+//! (`switchboard/<instance>/hub`), a supervised consumer
+//! ([`crate::amqp::consumer`]): lost, it comes back with a new queue (events
+//! published in between are not relayed: the hub is a live relay), and a
+//! [`Keeper`] starts a new hub if this one stops or panics (its sessions
+//! end; clients resume with a gap). Each valid CloudEvent is numbered, kept
+//! in a bounded history ring and offered to every session whose
+//! [`EventFilter`] matches it. Messages that are not CloudEvents are skipped
+//! and counted (the events exchange is shared with every client of the
+//! vhost, and the hub's queue is temporary: nothing to keep).
 //!
 //! # Bounds
 //! - sessions: at most [`HubOptions::max_sessions`]; one more is refused with
@@ -36,19 +42,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use deadpool_lapin::lapin::{
-    self, Channel, Connection, message::Delivery, options::BasicAckOptions,
-};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tracing::{debug, info, warn};
 
-use super::CloudEvent;
-use crate::amqp::Broker;
+use super::{CloudEvent, FanoutQueue};
+use crate::amqp::consumer::{ActorConsumer, ConsumerStatus, Consumes, Event, Keeper, Link, settle};
+use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor};
 use crate::error::Result;
 
 /// Unacked deliveries the broker may hand the hub at once: bounds what waits
@@ -192,7 +196,7 @@ pub enum HubError {
 }
 
 /// Counters of one hub, readable while it runs (tests, metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct HubStats {
     /// Sessions open now.
     pub sessions: AtomicU64,
@@ -202,10 +206,9 @@ pub struct HubStats {
     pub dropped_slow: AtomicU64,
     /// Messages on the fanout that were not CloudEvents (skipped).
     pub malformed: AtomicU64,
-    /// Whether the broker consumer is running (false once it ended).
-    pub consuming: AtomicBool,
-    /// Times the consumer was re-established after it was lost.
-    pub reconnects: AtomicU64,
+    /// The hub's consumer: whether it consumes now, since when it does not,
+    /// how often it came back.
+    pub consumer: Arc<ConsumerStatus>,
 }
 
 impl HubStats {
@@ -221,7 +224,6 @@ impl crate::metrics::Source for Arc<HubStats> {
         v.relayed += HubStats::get(&self.relayed);
         v.dropped_slow += HubStats::get(&self.dropped_slow);
         v.malformed += HubStats::get(&self.malformed);
-        v.reconnects += HubStats::get(&self.reconnects);
     }
 }
 
@@ -241,8 +243,8 @@ pub struct Subscribed {
 /// A handle to a running hub.
 #[derive(Clone)]
 pub struct HubHandle {
-    /// The actor.
-    pub addr: Addr<EventHub>,
+    /// The actor (a new one if it stopped or panicked).
+    keeper: Keeper<EventHub>,
     /// Its counters.
     pub stats: Arc<HubStats>,
 }
@@ -254,7 +256,8 @@ impl HubHandle {
         filter: EventFilter,
         last_event_id: Option<String>,
     ) -> Result<Subscribed, HubError> {
-        self.addr
+        self.keeper
+            .addr()
             .send(Subscribe {
                 filter,
                 last_event_id,
@@ -265,12 +268,13 @@ impl HubHandle {
 
     /// Ends a session ([`Unsubscribe`]); nothing if the hub is gone.
     pub async fn unsubscribe(&self, id: u64) {
-        let _ = self.addr.send(Unsubscribe { id }).await;
+        let _ = self.keeper.addr().send(Unsubscribe { id }).await;
     }
 
     /// Stops the hub ([`Stop`]); nothing if it is gone already.
     pub async fn stop(&self) {
-        let _ = self.addr.send(Stop).await;
+        self.keeper.stop_restarting();
+        let _ = self.keeper.addr().send(Stop).await;
     }
 }
 
@@ -292,33 +296,8 @@ pub struct EventHub {
     sessions: HashMap<u64, Session>,
     next_session: u64,
     stats: Arc<HubStats>,
-    /// The consumer's connection and channel: kept so that they live (and
-    /// the queue exists) as long as the actor; dropped, they close.
-    link: Option<(Connection, Channel)>,
-    /// To re-establish the consumer after it is lost.
-    broker: Broker,
-    /// Whether a new consumer is being established.
-    reconnecting: bool,
-}
-
-/// A temporary queue of the hub's own, bound to the events fanout, on a
-/// dedicated connection.
-async fn open_link(broker: &Broker) -> Result<(Connection, Channel, String, lapin::Consumer)> {
-    let conn = broker.dedicated_connection("hub").await?;
-    let channel = conn.create_channel().await?;
-    // A temporary queue: the hub is a live relay, nothing should pile up
-    // while it is gone. The prefetch bounds the deliveries held in memory
-    // before the actor handles them.
-    let (queue, consumer) = super::consume_fanout(
-        broker,
-        &channel,
-        "",
-        super::temporary_queue(),
-        PREFETCH,
-        "hub",
-    )
-    .await?;
-    Ok((conn, channel, queue, consumer))
+    /// The supervised consumer of the hub's queue.
+    consumer: ActorConsumer,
 }
 
 impl EventHub {
@@ -328,16 +307,39 @@ impl EventHub {
     /// actor on the current Actix arbiter, so it must be called inside an
     /// Actix system (`actix_rt`, `#[actix_web::main]`).
     pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
-        let (conn, channel, queue, consumer) = open_link(broker).await?;
-        let broker = broker.clone();
-        let stats = Arc::new(HubStats::default());
-        stats.consuming.store(true, Ordering::Relaxed);
+        let supervisor = Supervisor::new(
+            broker,
+            ConsumerSpec {
+                name: "hub".into(),
+                tag: "hub".into(),
+                // Bounds the deliveries held in memory before the actor
+                // handles them.
+                prefetch: Some(PREFETCH),
+                confirm: false,
+            },
+            // A temporary queue: the hub is a live relay, nothing should
+            // pile up while it is gone.
+            FanoutQueue { durable_name: None },
+        );
+        let link = match supervisor.open().await {
+            Ok(link) => link,
+            Err(e) => {
+                supervisor.status().set_stopped();
+                return Err(e);
+            }
+        };
+        let stats = Arc::new(HubStats {
+            sessions: AtomicU64::new(0),
+            relayed: AtomicU64::new(0),
+            dropped_slow: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            consumer: supervisor.status().clone(),
+        });
         broker.metrics().register(stats.clone());
-        let epoch = format!("{:016x}", rand::random::<u64>());
-        info!(%queue, %epoch, history = opts.history, max_sessions = opts.max_sessions, session_buffer = opts.session_buffer, "event hub started");
+        info!(queue = %link.queue(), history = opts.history, max_sessions = opts.max_sessions, session_buffer = opts.session_buffer, "event hub started");
         let hub_stats = stats.clone();
-        let addr = EventHub::create(move |ctx| {
-            ctx.add_stream(consumer);
+        let keeper = Keeper::start(supervisor, link, move |consumer| {
+            let epoch = format!("{:016x}", rand::random::<u64>());
             EventHub {
                 opts: HubOptions {
                     // A channel of 0 does not exist; 1 is the least bound.
@@ -349,47 +351,12 @@ impl EventHub {
                 history: VecDeque::with_capacity(opts.history.min(4096)),
                 sessions: HashMap::new(),
                 next_session: 1,
-                stats: hub_stats,
-                link: Some((conn, channel)),
-                broker,
-                reconnecting: false,
+                stats: hub_stats.clone(),
+                consumer,
             }
+            .start()
         });
-        Ok(HubHandle { addr, stats })
-    }
-
-    /// Drops the lost consumer and binds a new queue, with backoff. Events
-    /// published while the hub had no queue are not relayed (the hub is a
-    /// live relay); positions go on, so resumption stays exact for what the
-    /// history holds.
-    fn reconnect(&mut self, ctx: &mut Context<Self>) {
-        if self.reconnecting {
-            return;
-        }
-        self.reconnecting = true;
-        self.stats.consuming.store(false, Ordering::Relaxed);
-        if let Some((conn, _)) = self.link.take() {
-            actix::spawn(async move {
-                crate::amqp::close_connection(&conn, "replaced").await;
-            });
-        }
-        warn!(
-            sessions = self.sessions.len(),
-            "event hub consumer lost; re-establishing"
-        );
-        let broker = self.broker.clone();
-        let fut = async move { crate::amqp::reopen("event hub", || open_link(&broker)).await };
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(|(conn, channel, queue, consumer), act, ctx| {
-                    act.reconnecting = false;
-                    act.link = Some((conn, channel));
-                    act.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                    act.stats.consuming.store(true, Ordering::Relaxed);
-                    info!(%queue, "event hub consumer re-established");
-                    ctx.add_stream(consumer);
-                }),
-        );
+        Ok(HubHandle { keeper, stats })
     }
 
     /// The events to replay after `last_event_id`, or `None` when that
@@ -457,34 +424,34 @@ impl Actor for EventHub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(SWEEP_EVERY, |act, ctx| {
-            act.sweep();
-            let dead = act
-                .link
-                .as_ref()
-                .is_some_and(|(conn, _)| !conn.status().connected());
-            if dead {
-                act.reconnect(ctx);
-            }
-        });
+        info!(epoch = %self.epoch, "event hub relaying");
+        // A hub started again after one panicked: its sessions are gone.
+        self.set_sessions_gauge();
+        ActorConsumer::start(self, ctx);
+        ctx.run_interval(SWEEP_EVERY, |act, _| act.sweep());
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
-        self.stats.consuming.store(false, Ordering::Relaxed);
         self.stats.sessions.store(0, Ordering::Relaxed);
         info!(sessions = self.sessions.len(), "event hub stopped");
     }
 }
 
-impl StreamHandler<Result<Delivery, lapin::Error>> for EventHub {
-    fn handle(&mut self, item: Result<Delivery, lapin::Error>, ctx: &mut Self::Context) {
-        let delivery = match item {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(error = %e, "event hub consumer error");
-                self.reconnect(ctx);
-                return;
-            }
+impl Consumes for EventHub {
+    fn consumer(&mut self) -> &mut ActorConsumer {
+        &mut self.consumer
+    }
+
+    fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
+        debug!(queue = %link.queue(), sessions = self.sessions.len(), "event hub consuming");
+    }
+}
+
+impl StreamHandler<Event> for EventHub {
+    fn handle(&mut self, event: Event, ctx: &mut Self::Context) {
+        let Some(delivery) = ActorConsumer::delivered(self, event, ctx) else {
+            // Sessions stay open (heartbeats go on) while the consumer comes back.
+            return;
         };
         let seq = self.seq + 1;
         match HubEvent::parse(&self.epoch, seq, &delivery.data) {
@@ -501,20 +468,13 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for EventHub {
             }
         }
         // Acked once relayed (or skipped): the hub keeps nothing for later.
-        let acker = delivery.acker;
-        ctx.spawn(
-            async move {
-                if let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await {
-                    debug!(error = %e, "event ack failed");
-                }
-            }
-            .into_actor(self),
-        );
+        let inflight = InFlight::new(delivery);
+        ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
     }
 
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        // Sessions stay open (heartbeats go on) while the consumer comes back.
-        self.reconnect(ctx);
+    fn finished(&mut self, _: &mut Self::Context) {
+        // Every stream ends with a `Lost` event, handled above; the default
+        // would stop the actor.
     }
 }
 
@@ -611,6 +571,9 @@ impl Handler<Stop> for EventHub {
 
     fn handle(&mut self, _: Stop, ctx: &mut Self::Context) {
         self.sessions.clear();
+        if let Some(link) = ActorConsumer::stop(self, ctx) {
+            actix::spawn(link.stop("shutdown"));
+        }
         ctx.stop();
     }
 }

@@ -12,15 +12,11 @@ pub mod hub;
 
 use std::collections::BTreeMap;
 
-use deadpool_lapin::lapin::{
-    Channel, Connection, Consumer,
-    options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
-use futures_util::StreamExt;
+use deadpool_lapin::lapin::{Connection, types::FieldTable};
 use serde::{Deserialize, Serialize};
 
-use crate::amqp::{Broker, Outgoing, wire};
+use crate::amqp::consumer::{Consuming, Declare, settle};
+use crate::amqp::{Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, topology, wire};
 use crate::error::{Error, Result};
 
 /// A CloudEvent in structured JSON mode.
@@ -105,46 +101,24 @@ pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
         .await
 }
 
-/// Server-named, this connection's only, deleted with it: nothing piles up
-/// while its consumer is gone.
-pub(crate) fn temporary_queue() -> QueueDeclareOptions {
-    QueueDeclareOptions {
-        passive: false,
-        durable: false,
-        exclusive: true,
-        auto_delete: true,
-        nowait: false,
-    }
+/// A subscriber's queue bound to the events fanout, declared on every
+/// (re-)open of its consumer ([`topology::declare_subscription`]): durable
+/// under a name, or temporary (server-named, a new one each time).
+pub(crate) struct FanoutQueue {
+    /// The durable subscription's name; `None`: temporary.
+    pub(crate) durable_name: Option<String>,
 }
 
-/// Declares the queue `name` (`""`: server-named) with `qopts`, binds it to
-/// the events fanout and consumes it with manual acks, at most `prefetch`
-/// unacked at once. Returns the queue's name and the consumer (tagged
-/// `what`).
-pub(crate) async fn consume_fanout(
-    broker: &Broker,
-    channel: &Channel,
-    name: &str,
-    qopts: QueueDeclareOptions,
-    prefetch: u16,
-    what: &str,
-) -> Result<(String, Consumer)> {
-    let queue = channel
-        .queue_declare(name.into(), qopts, FieldTable::default())
-        .await?;
-    let queue = queue.name().as_str().to_owned();
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            broker.names().events_exchange().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    // Manual acks, so that the prefetch bounds what is in flight.
-    let consumer = crate::amqp::consume(broker, channel, &queue, what, Some(prefetch)).await?;
-    Ok((queue, consumer))
+#[async_trait::async_trait]
+impl Declare for FanoutQueue {
+    async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String> {
+        let ch = conn.create_channel().await?;
+        let queue =
+            topology::declare_subscription(&ch, broker.names(), self.durable_name.as_deref())
+                .await?;
+        crate::amqp::close_channel(&ch, "declared").await;
+        Ok(queue)
+    }
 }
 
 /// How to subscribe.
@@ -158,82 +132,94 @@ pub struct SubscribeOptions {
     pub type_prefix: Option<String>,
 }
 
-/// A subscription: events in the order the exchange routed them.
+/// Events buffered unacked for one subscriber: bounds what a slow
+/// subscriber holds in memory.
+const SUBSCRIPTION_PREFETCH: u16 = 256;
+
+/// A subscription: events in the order the exchange routed them. Its
+/// consumer is supervised ([`crate::amqp::consumer`]): a lost connection is
+/// re-established by [`Subscription::recv`] itself. A durable subscription
+/// loses nothing meanwhile (its queue keeps the events); a temporary one
+/// gets a new queue, and events published in between are not seen.
 pub struct Subscription {
-    consumer: Consumer,
+    consuming: Consuming,
     type_prefix: Option<String>,
     /// Durable subscriptions ack an event when the next one is asked for, so
     /// an event is acked only after its subscriber has handled it.
-    unacked: Option<deadpool_lapin::lapin::Acker>,
+    unacked: Option<InFlight>,
     durable: bool,
-    /// The queue's name (server-named for temporary subscriptions).
+    /// The queue's name (server-named for temporary subscriptions: the
+    /// first one's).
     pub queue: String,
-    _channel: Channel,
-    _conn: Connection,
 }
 
 impl Subscription {
-    /// Subscribes on a dedicated connection (`switchboard/<instance>/subscriber`).
+    /// Subscribes on a connection of its own (`switchboard/<instance>/subscriber`).
     pub async fn start(broker: &Broker, opts: SubscribeOptions) -> Result<Self> {
-        let conn = broker.dedicated_connection("subscriber").await?;
-        let channel = conn.create_channel().await?;
         let durable = opts.durable_name.is_some();
-        let (name, qopts) = match &opts.durable_name {
-            Some(n) => (
-                broker.names().subscriber_queue(n),
-                // Survives restarts and absences of its subscriber.
-                QueueDeclareOptions {
-                    passive: false,
-                    durable: true,
-                    exclusive: false,
-                    auto_delete: false,
-                    nowait: false,
-                },
-            ),
-            None => (String::new(), temporary_queue()),
-        };
-        // Bounds the events buffered in memory for a slow subscriber.
-        let (queue, consumer) =
-            consume_fanout(broker, &channel, &name, qopts, 256, "events").await?;
+        let supervisor = Supervisor::new(
+            broker,
+            ConsumerSpec {
+                name: "subscriber".into(),
+                tag: "events".into(),
+                // Manual acks, so that the prefetch bounds what is in flight.
+                prefetch: Some(SUBSCRIPTION_PREFETCH),
+                confirm: false,
+            },
+            FanoutQueue {
+                durable_name: opts.durable_name,
+            },
+        );
+        let consuming = Consuming::start(supervisor).await?;
+        let queue = consuming.queue().unwrap_or_default().to_owned();
         Ok(Self {
-            consumer,
+            consuming,
             type_prefix: opts.type_prefix,
             unacked: None,
             durable,
             queue,
-            _channel: channel,
-            _conn: conn,
         })
     }
 
-    /// The next event; `None` when the subscription ended. Events that are
-    /// not valid CloudEvents are skipped and acked.
+    /// The next event; `None` never (a lost consumer is re-established
+    /// here), kept for callers that loop `while let Some(..)`. Events that
+    /// are not valid CloudEvents are poison on a durable subscription (moved
+    /// once to `<prefix>.poison`, see
+    /// [`Supervisor::quarantine`](crate::amqp::Supervisor::quarantine)) and
+    /// skipped on a temporary one; events of other types are acked and
+    /// skipped.
     pub async fn recv(&mut self) -> Option<Result<CloudEvent>> {
-        if let Some(acker) = self.unacked.take() {
-            let _ = acker.ack(BasicAckOptions { multiple: false }).await;
+        if let Some(previous) = self.unacked.take() {
+            settle(previous.ack().await);
         }
         loop {
-            let delivery = match self.consumer.next().await? {
-                Ok(d) => d,
-                Err(e) => return Some(Err(e.into())),
+            let delivery = self.consuming.next().await;
+            let inflight = InFlight::new(delivery);
+            let Ok(event) = serde_json::from_slice::<CloudEvent>(&inflight.delivery().data) else {
+                if self.durable {
+                    self.consuming
+                        .supervisor()
+                        .quarantine(inflight, "an event that is not a CloudEvent")
+                        .await;
+                } else {
+                    settle(inflight.ack().await);
+                }
+                continue;
             };
-            let event: Option<CloudEvent> = serde_json::from_slice(&delivery.data).ok();
-            let wanted = event.as_ref().is_some_and(|e| {
-                self.type_prefix
-                    .as_deref()
-                    .is_none_or(|p| e.ty.starts_with(p))
-            });
-            if wanted && self.durable {
-                self.unacked = Some(delivery.acker);
+            let wanted = self
+                .type_prefix
+                .as_deref()
+                .is_none_or(|p| event.ty.starts_with(p));
+            if !wanted {
+                settle(inflight.ack().await);
+                continue;
+            }
+            if self.durable {
+                self.unacked = Some(inflight);
             } else {
-                let _ = delivery
-                    .acker
-                    .ack(BasicAckOptions { multiple: false })
-                    .await;
+                settle(inflight.ack().await);
             }
-            if wanted {
-                return event.map(Ok);
-            }
+            return Some(Ok(event));
         }
     }
 }

@@ -10,8 +10,9 @@
 //!   problem+json answers.
 //! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
 //!   WebSocket relays of the event hub.
-//! - [`ops`], [`openapi`]: health, readiness, metrics, the API description;
-//!   the metrics-only server of `serve` without the gateway.
+//! - [`ops`], [`openapi`]: health, readiness, metrics, the API description
+//!   (and the AMQP side's, [`crate::asyncapi`]); the metrics-only server of
+//!   `serve` without the gateway.
 
 pub mod auth;
 pub mod calls;
@@ -70,6 +71,8 @@ pub struct AppState {
     pub callbacks: Option<DispatcherHandle>,
     /// Call counters per service, made once so counting takes no lock.
     pub call_metrics: HashMap<String, Arc<CallMetrics>>,
+    /// The AsyncAPI document of these settings, made once at start.
+    pub asyncapi: bytes::Bytes,
 }
 
 /// A running gateway.
@@ -123,7 +126,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/healthz", web::get().to(ops::healthz))
     .route("/readyz", web::get().to(ops::readyz))
     .route("/metrics", web::get().to(ops::metrics))
-    .route("/openapi.json", web::get().to(ops::openapi));
+    .route("/openapi.json", web::get().to(ops::openapi))
+    .route("/asyncapi.json", web::get().to(ops::asyncapi));
 }
 
 /// Starts the gateway on `listener`: opens the store, resumes its pending
@@ -191,6 +195,9 @@ pub async fn start(
         hub,
         callbacks,
         call_metrics,
+        asyncapi: serde_json::to_vec(&crate::asyncapi::document(settings))
+            .unwrap_or_default()
+            .into(),
     });
     let addr = listener
         .local_addr()

@@ -26,6 +26,7 @@ use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
         super::ops::readyz,
         super::ops::metrics,
         super::ops::openapi,
+        super::ops::asyncapi,
     ),
     components(schemas(StatusDocument, ResultDocument, CallbackDocument, Problem, Health)),
     modifiers(&BearerAuth),

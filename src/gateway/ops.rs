@@ -28,20 +28,34 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// Readiness: the broker and the call store answer.
+/// Readiness: the broker answers, every consumer of this process consumes
+/// (the workers, the reply router, the event hub, the dead-letter watch),
+/// and the call store answers.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Broker or store unavailable; Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Broker or store unavailable, or a consumer down (named, with the time it went down); Retry-After", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn readyz(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    if !st.broker.is_reachable().await {
-        return Err(ApiError::unavailable("the message broker is unavailable"));
-    }
+    broker_ready(&st.broker).await?;
     if !st.tracker.store().ping().await {
         return Err(ApiError::unavailable("the call store is unavailable"));
     }
     Ok(HttpResponse::Ok().json(Health { status: "ok" }))
+}
+
+/// The broker answers and no consumer of this process is down; else a 503
+/// that names the consumers down and since when.
+async fn broker_ready(broker: &Broker) -> Result<(), ApiError> {
+    if !broker.is_reachable().await {
+        return Err(ApiError::unavailable("the message broker is unavailable"));
+    }
+    let down = broker.consumers().down();
+    if down.is_empty() {
+        return Ok(());
+    }
+    let detail: Vec<String> = down.iter().map(ToString::to_string).collect();
+    Err(ApiError::unavailable(detail.join("; ")))
 }
 
 /// Prometheus metrics of this process: its gateway, workers, RPC client,
@@ -72,6 +86,13 @@ async fn metrics_only(req: HttpRequest, broker: web::Data<Broker>) -> HttpRespon
     metrics_of(&req, &broker).await
 }
 
+/// `GET /readyz` of the metrics-only server: as the gateway's, without a
+/// call store.
+async fn readyz_only(broker: web::Data<Broker>) -> Result<HttpResponse, ApiError> {
+    broker_ready(&broker).await?;
+    Ok(HttpResponse::Ok().json(Health { status: "ok" }))
+}
+
 /// A running metrics-only server.
 pub struct MetricsServer {
     /// Where it listens.
@@ -80,8 +101,9 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Starts `GET /metrics` and `GET /healthz` on `listener`, for a process
-    /// that serves workers without the gateway (`metrics.bind`).
+    /// Starts `GET /metrics`, `GET /healthz` and `GET /readyz` on
+    /// `listener`, for a process that serves workers without the gateway
+    /// (`metrics.bind`).
     pub fn start(broker: &Broker, listener: TcpListener) -> Result<Self> {
         let addr = listener
             .local_addr()
@@ -92,6 +114,7 @@ impl MetricsServer {
                 .app_data(data.clone())
                 .route("/metrics", web::get().to(metrics_only))
                 .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz_only))
                 .default_service(web::to(not_found))
         })
         .disable_signals()
@@ -124,6 +147,17 @@ pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(body.clone())
+}
+
+/// The AsyncAPI 3.0 description of the AMQP side for this gateway's
+/// settings ([`crate::asyncapi`]): the contract of workers and callers in
+/// other languages.
+#[utoipa::path(get, path = "/asyncapi.json", tag = "operations",
+    responses((status = 200, description = "The AsyncAPI document of the AMQP side: each service's queues, operations and messages, the replies, the events exchange", content_type = "application/json")))]
+pub async fn asyncapi(st: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(st.asyncapi.clone())
 }
 
 /// Any route that does not exist: a problem+json 404.

@@ -12,18 +12,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use deadpool_lapin::lapin::{
-    Channel, Connection, Consumer,
-    options::{BasicAckOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
-};
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use deadpool_lapin::lapin::Connection;
+use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::amqp::{Broker, wire};
+use crate::amqp::consumer::{Consuming, Declare, settle};
+use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, topology, wire};
 use crate::callbacks::DispatcherHandle;
 use crate::calls::document::StatusDocument;
 use crate::calls::{CallRecord, CallStatus, CallStore, StoredResult};
@@ -34,9 +33,9 @@ use crate::rpc::OrphanSink;
 use crate::worker::Reply;
 
 /// `type` of the event published when a call is accepted with a 202.
-pub const EVENT_ACCEPTED: &str = "switchboard.call.accepted";
+pub const EVENT_ACCEPTED: &str = crate::amqp::wire::EVENT_CALL_ACCEPTED;
 /// `type` of the event published when a call ends.
-pub const EVENT_COMPLETED: &str = "switchboard.call.completed";
+pub const EVENT_COMPLETED: &str = crate::amqp::wire::EVENT_CALL_COMPLETED;
 use crate::amqp::wire::EXT_CALLER;
 
 /// How a call ended.
@@ -233,13 +232,24 @@ impl Tracker {
     /// stored here.
     pub fn adopt(&self, pending: crate::rpc::PendingReply) {
         let id = pending.call_id().to_owned();
-        let Some(reply) = pending.detach() else {
+        let Some(routed) = pending.detach() else {
             return;
         };
         let tracker = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = tracker.complete(&id, Outcome::Reply(reply)).await {
-                warn!(call_id = %id, error = %e, "could not store the call's end; the deadline sweep ends it");
+            // The reply is acked only once stored: a gateway killed before
+            // finds it in its reply queue again.
+            match tracker
+                .complete(&id, Outcome::Reply(routed.reply().clone()))
+                .await
+            {
+                Ok(_) => {
+                    routed.done();
+                }
+                Err(e) => {
+                    warn!(call_id = %id, error = %e, "could not store the call's end; its reply goes back to the queue");
+                    routed.hand_back().await;
+                }
             }
         });
     }
@@ -252,15 +262,7 @@ impl Tracker {
         let tracker = self.clone();
         Arc::new(move |id: String, reply: Reply| {
             let tracker = tracker.clone();
-            Box::pin(async move {
-                match tracker.complete(&id, Outcome::Reply(reply)).await {
-                    Ok(taken) => taken,
-                    Err(e) => {
-                        warn!(call_id = %id, error = %e, "reply could not be stored");
-                        false
-                    }
-                }
-            })
+            Box::pin(async move { tracker.complete(&id, Outcome::Reply(reply)).await })
         })
     }
 
@@ -374,62 +376,135 @@ impl Tracker {
 
     /// Consumes the gateway's copy of dead letters (`<p>.deadwatch.<instance>`,
     /// bound to the dead exchange for each of `services`) and fails the
-    /// stored calls among them. Comes back by itself after losing its
-    /// connection.
+    /// stored calls among them. A supervised consumer: it comes back by
+    /// itself after losing its connection, and the task starts it again if
+    /// it panics. A dead letter whose call cannot be recorded (the store is
+    /// down) is offered again for [`DEAD_LETTER_PATIENCE`], then moved to
+    /// `<prefix>.poison`; one without a correlation id is no call of ours:
+    /// counted and acked (the original stays in the service's dead-letter
+    /// queue).
     pub async fn start_dead_letter_watch(
         &self,
         services: &[String],
         cancel: CancellationToken,
     ) -> Result<()> {
         let broker = self.inner.broker.clone();
-        let services = services.to_vec();
-        let mut link = Some(open_dead_letter_watch(&broker, &services).await?);
+        let supervisor = Supervisor::new(
+            &broker,
+            ConsumerSpec {
+                name: "deadwatch".into(),
+                tag: "deadwatch".into(),
+                // Bounds the dead letters held in memory at once.
+                prefetch: Some(64),
+                confirm: false,
+            },
+            DeadwatchQueue {
+                services: services.to_vec(),
+            },
+        );
+        let mut first = Some(Consuming::start(supervisor.clone()).await?);
         let tracker = self.clone();
         tokio::spawn(async move {
             loop {
-                let reopened = async {
-                    match link.take() {
-                        Some(l) => l,
-                        None => {
-                            let l = crate::amqp::reopen("dead-letter watch", || {
-                                open_dead_letter_watch(&broker, &services)
-                            })
-                            .await;
-                            info!("dead-letter watch re-established");
-                            l
-                        }
-                    }
+                let consuming = match first.take() {
+                    Some(c) => c,
+                    None => Consuming::with(supervisor.clone(), supervisor.reopen().await),
                 };
-                let (conn, ch, mut consumer) = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    l = reopened => l,
-                };
-                loop {
-                    let next = tokio::select! {
-                        _ = cancel.cancelled() => {
-                            crate::amqp::close_channel(&ch, "shutdown").await;
-                            crate::amqp::close_connection(&conn, "shutdown").await;
-                            return;
-                        }
-                        n = consumer.next() => n,
-                    };
-                    let Some(Ok(delivery)) = next else { break };
-                    broker.metrics().dead_letter(delivery.routing_key.as_str());
-                    if let Some(id) = delivery.properties.correlation_id().as_ref()
-                        && let Err(e) = tracker.complete(id.as_str(), Outcome::DeadLettered).await
-                    {
-                        warn!(call_id = %id, error = %e, "dead letter not recorded");
-                    }
-                    let _ = delivery
-                        .acker
-                        .ack(BasicAckOptions { multiple: false })
-                        .await;
+                let run = AssertUnwindSafe(tracker.watch_dead_letters(consuming, &cancel))
+                    .catch_unwind()
+                    .await;
+                if run.is_ok() || cancel.is_cancelled() {
+                    return;
                 }
-                warn!("dead-letter watch lost its consumer; re-establishing");
-                crate::amqp::close_connection(&conn, "replaced").await;
+                warn!("dead-letter watch panicked; starting it again");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         });
         Ok(())
+    }
+
+    /// The dead-letter watch's loop, until `cancel`.
+    async fn watch_dead_letters(&self, mut consuming: Consuming, cancel: &CancellationToken) {
+        loop {
+            let delivery = tokio::select! {
+                _ = cancel.cancelled() => {
+                    consuming.stop("shutdown").await;
+                    return;
+                }
+                d = consuming.next() => d,
+            };
+            let broker = &self.inner.broker;
+            broker.metrics().dead_letter(delivery.routing_key.as_str());
+            let inflight = InFlight::new(delivery);
+            let Some(id) = inflight
+                .delivery()
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string())
+            else {
+                settle(inflight.ack().await);
+                continue;
+            };
+            if self.record_dead_letter(&id).await {
+                settle(inflight.ack().await);
+            } else {
+                consuming
+                    .supervisor()
+                    .quarantine(inflight, "a dead letter the call store failed to record")
+                    .await;
+            }
+        }
+    }
+
+    /// Ends call `id` as dead-lettered, trying again while the store fails,
+    /// for at most [`DEAD_LETTER_PATIENCE`]; false when it failed all that time.
+    async fn record_dead_letter(&self, id: &str) -> bool {
+        let give_up = tokio::time::Instant::now() + DEAD_LETTER_PATIENCE;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.complete(id, Outcome::DeadLettered).await {
+                Ok(_) => return true,
+                Err(e) if tokio::time::Instant::now() + pause < give_up => {
+                    warn!(call_id = %id, error = %e, retry_in = ?pause, "dead letter not recorded yet");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    warn!(call_id = %id, error = %e, "dead letter not recorded");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// How long a dead letter whose call the store fails to record is kept in
+/// hand and tried again before it is settled as poison.
+pub const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The dead-letter watch's queue, declared on every (re-)open of its
+/// consumer ([`topology::declare_deadwatch`]).
+struct DeadwatchQueue {
+    services: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl Declare for DeadwatchQueue {
+    async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String> {
+        let (queue, declared) = topology::declare_deadwatch(
+            conn,
+            broker.names(),
+            broker.instance_id(),
+            &self.services,
+            broker.instance_queue_expires(),
+        )
+        .await?;
+        crate::amqp::consumer::note_declared(&queue, declared);
+        Ok(queue)
     }
 }
 
@@ -447,41 +522,4 @@ fn count_finished(broker: &Broker, call: &CallRecord, now_ms: i64) {
         .metrics()
         .calls(&call.service)
         .finished(mode, status, Duration::from_millis(took));
-}
-
-/// The dead-letter watch's queue, bindings and consumer, on a connection of
-/// its own.
-async fn open_dead_letter_watch(
-    broker: &Broker,
-    services: &[String],
-) -> Result<(Connection, Channel, Consumer)> {
-    let names = broker.names();
-    let conn = broker.dedicated_connection("deadwatch").await?;
-    let ch = conn.create_channel().await?;
-    let queue = names.deadwatch_queue(broker.instance_id());
-    // Durable: dead letters of this gateway's calls wait for it across restarts.
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            passive: false,
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            nowait: false,
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    for s in services {
-        ch.queue_bind(
-            queue.as_str().into(),
-            names.dead_exchange().into(),
-            s.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    }
-    let consumer = crate::amqp::consume(broker, &ch, &queue, "deadwatch", Some(64)).await?;
-    Ok((conn, ch, consumer))
 }

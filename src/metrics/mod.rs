@@ -7,7 +7,9 @@
 //!
 //! Two kinds of numbers, both cheap where things happen:
 //! - The parts' own counters (`WorkerStats`, `RpcStats`, `HubStats`,
-//!   `CallbackStats`, plain atomics they keep anyway) are read at scrape time:
+//!   `CallbackStats`, and the supervised consumers' statuses,
+//!   [`crate::amqp::consumer::Consumers`]: plain atomics they keep anyway)
+//!   are read at scrape time:
 //!   each part registers a [`Source`] that adds its values to a [`Collected`],
 //!   which is encoded here. Nothing extra runs per message.
 //! - What only the gateway sees (calls by service, mode and status, their
@@ -17,7 +19,7 @@
 //!
 //! Label sets are bounded: services come from the settings, `mode`,
 //! `status` (the HTTP status class), `role`, `reason` and `transport` from
-//! fixed lists. Call ids never become labels (they are in the logs, as the
+//! fixed lists, `consumer` from roles and configured services. Call ids never become labels (they are in the logs, as the
 //! `call_id` field).
 //!
 //! # Layout
@@ -400,8 +402,6 @@ pub struct WorkerValues {
     pub dead_letters: u64,
     /// Requests dropped because their deadline had passed.
     pub expired: u64,
-    /// Consumers re-established.
-    pub reconnects: u64,
     /// Workers consuming now.
     pub consuming: i64,
     /// Handler run times.
@@ -425,8 +425,6 @@ pub struct RpcValues {
     pub malformed: u64,
     /// Calls that reached their deadline without a reply.
     pub timeouts: u64,
-    /// Reply consumers re-established.
-    pub reconnects: u64,
 }
 
 /// The event hubs' numbers.
@@ -438,8 +436,19 @@ pub struct HubValues {
     pub dropped_slow: u64,
     /// Messages on the events exchange that were not CloudEvents.
     pub malformed: u64,
-    /// Hub consumers re-established.
+}
+
+/// The numbers of the supervised consumers of one name
+/// ([`crate::amqp::consumer`]): `worker/<service>`, `rpc`, `hub`,
+/// `deadwatch`, `subscriber`.
+#[derive(Debug, Default, Clone)]
+pub struct ConsumerValues {
+    /// Consumers of that name consuming now.
+    pub up: i64,
+    /// Times they were re-established after they were lost.
     pub reconnects: u64,
+    /// Poison messages they settled to a dead-letter queue.
+    pub poisoned: u64,
 }
 
 /// The callback dispatchers' numbers.
@@ -462,6 +471,7 @@ pub struct Collected {
     rpc: Option<RpcValues>,
     hub: Option<HubValues>,
     callbacks: Option<CallbackValues>,
+    consumers: BTreeMap<String, ConsumerValues>,
 }
 
 impl Collected {
@@ -484,6 +494,17 @@ impl Collected {
     /// The event hubs' numbers, to add to.
     pub fn hub(&mut self) -> &mut HubValues {
         self.hub.get_or_insert_with(Default::default)
+    }
+
+    /// The numbers of the consumers named `name`, to add to.
+    pub fn consumer(&mut self, name: &str) -> &mut ConsumerValues {
+        if !self.consumers.contains_key(name) {
+            self.consumers
+                .insert(name.to_owned(), ConsumerValues::default());
+        }
+        self.consumers
+            .get_mut(name)
+            .expect("inserted just above when missing")
     }
 
     /// The callback dispatchers' numbers, to add to.
@@ -642,21 +663,36 @@ impl Collected {
                 c.dead_letters,
             )?;
         }
-        let mut reconnects = Vec::new();
-        if !w.is_empty() {
-            reconnects.push(("worker", w.values().map(|v| v.reconnects).sum()));
-        }
-        if let Some(r) = &self.rpc {
-            reconnects.push(("rpc", r.reconnects));
-        }
-        if let Some(h) = &self.hub {
-            reconnects.push(("hub", h.reconnects));
-        }
-        if !reconnects.is_empty() {
+        let c = &self.consumers;
+        if !c.is_empty() {
+            let up: Vec<(&str, i64)> = c.iter().map(|(n, v)| (n.as_str(), v.up)).collect();
+            gauges(
+                &mut enc,
+                "switchboard_consumer_up",
+                "Consumers of that name (worker/<service>, rpc, hub, deadwatch, subscriber) consuming now; 0 while one is down (lost, re-establishing, its actor or task gone).",
+                "consumer",
+                &up,
+            )?;
+            let poisoned: Vec<(&str, u64)> =
+                c.iter().map(|(n, v)| (n.as_str(), v.poisoned)).collect();
+            counters(
+                &mut enc,
+                "switchboard_consumer_poison",
+                "Messages a consumer could not decode or handle, settled once to a dead-letter queue (the service's, or <prefix>.poison) so that they never come back.",
+                "consumer",
+                &poisoned,
+            )?;
+            // By role: the name up to its first '/' (worker/<service> -> worker).
+            let mut by_role: BTreeMap<&str, u64> = BTreeMap::new();
+            for (name, v) in c {
+                let role = name.split('/').next().unwrap_or(name);
+                *by_role.entry(role).or_default() += v.reconnects;
+            }
+            let reconnects: Vec<(&str, u64)> = by_role.into_iter().collect();
             counters(
                 &mut enc,
                 "switchboard_broker_reconnects",
-                "Consumer connections re-established after they were lost, by role.",
+                "Consumer connections re-established after they were lost, by role (worker, rpc, hub, deadwatch, subscriber).",
                 "role",
                 &reconnects,
             )?;
@@ -719,6 +755,7 @@ mod tests {
             w.deliveries += 2;
             w.consuming += 1;
             out.rpc().late += 1;
+            out.consumer("worker/echo").up += 1;
         }
     }
 
@@ -745,6 +782,8 @@ mod tests {
             "switchboard_worker_consuming{service=\"echo\"} 2",
             "switchboard_rpc_replies_dropped_total{reason=\"late\"} 2",
             "switchboard_broker_reconnects_total{role=\"worker\"} 0",
+            "switchboard_consumer_up{consumer=\"worker/echo\"} 2",
+            "switchboard_consumer_poison_total{consumer=\"worker/echo\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");

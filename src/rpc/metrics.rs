@@ -25,6 +25,5 @@ impl Source for RpcSource {
         v.unknown += get(&s.unknown);
         v.malformed += get(&s.malformed);
         v.timeouts += get(&s.timed_out);
-        v.reconnects += get(&s.reconnects);
     }
 }

@@ -21,13 +21,14 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use deadpool_lapin::lapin::options::ConfirmSelectOptions;
+use deadpool_lapin::lapin::Connection;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-pub use router::{OrphanSink, ReplyRouter, RpcStats};
+pub use router::{OrphanSink, ReplyRouter, Routed, RpcStats};
 
-use crate::amqp::{Broker, Outgoing, broker::publish_on, topology, wire};
+use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
+use crate::amqp::{Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_on, topology, wire};
 use crate::error::{Error, Result};
 use crate::settings::{ReplyMode, RpcSettings};
 use crate::worker::Reply;
@@ -146,7 +147,10 @@ pub struct RpcClient {
 
 struct Inner {
     broker: Broker,
-    router: Addr<ReplyRouter>,
+    /// The router actor (a new one if it stopped or panicked).
+    router: Keeper<ReplyRouter>,
+    /// The reply consumer's status.
+    consumer: Arc<ConsumerStatus>,
     /// The `reply_to` of every request.
     reply_to: String,
     /// Direct reply-to only: requests must be published on the channel that
@@ -158,61 +162,93 @@ struct Inner {
     stats: Arc<RpcStats>,
 }
 
-/// Opens the reply consumer on a connection of its own
-/// (`switchboard/<instance>/rpc`): the instance's durable reply queue, or
-/// direct reply-to on a confirm-mode channel that also publishes the requests.
-pub(crate) async fn open_replies(broker: &Broker, mode: ReplyMode) -> Result<router::Link> {
-    let conn = broker.dedicated_connection("rpc").await?;
-    let channel = conn.create_channel().await?;
-    let (queue, prefetch) = match mode {
-        ReplyMode::Queue => {
-            let q = topology::declare_reply_queue(&channel, broker.names(), broker.instance_id())
-                .await?;
-            // Bounds the replies in this process's memory that are not yet acked.
-            (q, Some(4096))
+/// The reply consumer's queue, declared on every (re-)open: the instance's
+/// durable reply queue (with `x-expires`, see
+/// [`topology::declare_instance_queue`]), or nothing for direct reply-to.
+struct ReplyQueue {
+    mode: ReplyMode,
+}
+
+#[async_trait::async_trait]
+impl Declare for ReplyQueue {
+    async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String> {
+        match self.mode {
+            ReplyMode::Queue => {
+                let queue = broker.names().reply_queue(broker.instance_id());
+                let declared =
+                    topology::declare_instance_queue(conn, &queue, broker.instance_queue_expires())
+                        .await?;
+                crate::amqp::consumer::note_declared(&queue, declared);
+                Ok(queue)
+            }
+            ReplyMode::Direct => Ok(wire::DIRECT_REPLY_TO.to_owned()),
         }
-        ReplyMode::Direct => {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            // Direct reply-to requires no-ack consumption.
-            (wire::DIRECT_REPLY_TO.to_owned(), None)
-        }
-    };
-    let consumer = crate::amqp::consume(broker, &channel, &queue, "replies", prefetch).await?;
-    Ok(router::Link {
-        conn,
-        channel,
-        consumer: Some(consumer),
-    })
+    }
 }
 
 impl RpcClient {
-    /// Starts the client: the reply consumer on a dedicated connection and
-    /// the router actor, which re-establishes the consumer when it is lost.
+    /// Starts the client: the reply consumer on a connection of its own
+    /// (`switchboard/<instance>/rpc`) and the router actor, which
+    /// re-establishes the consumer when it is lost.
     pub async fn start(broker: &Broker, options: RpcOptions) -> Result<Self> {
-        let link = open_replies(broker, options.reply_mode).await?;
-        let reply_to = match options.reply_mode {
+        let mode = options.reply_mode;
+        let supervisor = Supervisor::new(
+            broker,
+            ConsumerSpec {
+                name: "rpc".into(),
+                tag: "replies".into(),
+                prefetch: match mode {
+                    // Bounds the replies in this process's memory that are
+                    // not yet acked.
+                    ReplyMode::Queue => Some(4096),
+                    // Direct reply-to requires no-ack consumption.
+                    ReplyMode::Direct => None,
+                },
+                // Direct mode publishes its requests on the consuming channel.
+                confirm: mode == ReplyMode::Direct,
+            },
+            ReplyQueue { mode },
+        );
+        let link = match supervisor.open().await {
+            Ok(link) => link,
+            Err(e) => {
+                supervisor.status().set_stopped();
+                return Err(e);
+            }
+        };
+        let reply_to = match mode {
             ReplyMode::Queue => broker.names().reply_queue(broker.instance_id()),
             ReplyMode::Direct => wire::DIRECT_REPLY_TO.to_owned(),
         };
         let stats = Arc::new(RpcStats::default());
         broker.metrics().register(metrics::RpcSource(stats.clone()));
         let direct_channel = router::ChannelSlot::default();
+        if mode == ReplyMode::Direct {
+            // Before the first call, not once the actor has started.
+            direct_channel.set(Some(link.channel().clone()));
+        }
         let pending = Arc::new(PendingCalls::new(options.max_pending, stats.clone()));
-        let router = ReplyRouter::start_with(
-            broker.clone(),
-            options.reply_mode,
-            link,
-            direct_channel.clone(),
-            pending.clone(),
-            stats.clone(),
-            options.orphans.clone(),
-        );
+        let consumer = supervisor.status().clone();
+        let router = {
+            let (slot, pending, stats) = (direct_channel.clone(), pending.clone(), stats.clone());
+            let orphans = options.orphans.clone();
+            Keeper::start(supervisor, link, move |consumer| {
+                ReplyRouter::new(
+                    mode,
+                    consumer,
+                    slot.clone(),
+                    pending.clone(),
+                    stats.clone(),
+                    orphans.clone(),
+                )
+                .start()
+            })
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 broker: broker.clone(),
                 router,
+                consumer,
                 reply_to,
                 direct_channel,
                 pending,
@@ -220,6 +256,11 @@ impl RpcClient {
                 stats,
             }),
         })
+    }
+
+    /// The reply consumer's status (whether it consumes now).
+    pub fn consumer(&self) -> &Arc<ConsumerStatus> {
+        &self.inner.consumer
     }
 
     /// Counters: pending, late, unknown, malformed replies.
@@ -235,7 +276,8 @@ impl RpcClient {
     /// Stops consuming replies and closes the client's connection; replies
     /// still on the way stay in the durable reply queue for the next start.
     pub async fn close(&self) {
-        let _ = self.inner.router.send(router::Close).await;
+        self.inner.router.stop_restarting();
+        let _ = self.inner.router.addr().send(router::Close).await;
     }
 
     /// Calls and waits for the reply (or the deadline).
@@ -309,7 +351,15 @@ impl RpcClient {
                         url: inner.broker.url_redacted(),
                         reason: "the reply channel is being re-established".into(),
                     })?;
-                publish_on(&ch, &msg).await?
+                // Bounded: a wedged reply connection must not hold the
+                // caller (its watchdog replaces it meanwhile).
+                let confirm = inner.broker.confirm_timeout();
+                tokio::time::timeout(confirm, publish_on(&ch, &msg))
+                    .await
+                    .map_err(|_| Error::BrokerUnavailable {
+                        url: inner.broker.url_redacted(),
+                        reason: format!("no publisher confirm within {confirm:?}"),
+                    })??
             }
             ReplyMode::Queue => inner.broker.publish(msg).await?,
         }
@@ -321,7 +371,7 @@ impl RpcClient {
 /// call, so an abandoned call never leaks an entry.
 pub struct PendingReply {
     call_id: String,
-    rx: Option<oneshot::Receiver<Reply>>,
+    rx: Option<oneshot::Receiver<Routed>>,
     deadline: Instant,
     timeout: Duration,
     calls: Arc<PendingCalls>,
@@ -346,9 +396,9 @@ impl PendingReply {
         }
         let rx = self.rx.as_mut()?;
         match tokio::time::timeout_at(until, rx).await {
-            Ok(Ok(reply)) => {
+            Ok(Ok(routed)) => {
                 self.rx = None;
-                Some(Ok(reply))
+                Some(Ok(routed.done()))
             }
             Ok(Err(_)) => {
                 self.rx = None;
@@ -374,9 +424,11 @@ impl PendingReply {
     /// Stops waiting here: the reply goes to the client's orphan sink (the
     /// gateway's store) instead, and nothing is held for the call from now
     /// on. A reply that already arrived is returned: the caller must hand it
-    /// on itself.
+    /// on itself, then settle it ([`Routed::done`] once stored,
+    /// [`Routed::hand_back`] if it could not be): until then it stays
+    /// unacked, so a process that dies in between does not lose it.
     #[must_use = "a reply that already arrived is returned, not sent to the sink"]
-    pub fn detach(mut self) -> Option<Reply> {
+    pub fn detach(mut self) -> Option<Routed> {
         let mut rx = self.rx.take()?;
         // Closed first, then read: a reply the router sends from now on
         // fails to arrive here and goes to the orphan sink instead, and one
@@ -400,9 +452,9 @@ impl PendingReply {
             return Err(Error::RouterStopped);
         };
         match tokio::time::timeout_at(self.deadline, rx).await {
-            Ok(Ok(reply)) => {
+            Ok(Ok(routed)) => {
                 self.rx = None;
-                Ok(reply)
+                Ok(routed.done())
             }
             Ok(Err(_)) => {
                 self.rx = None;
@@ -418,8 +470,13 @@ impl PendingReply {
 
 impl Drop for PendingReply {
     fn drop(&mut self) {
-        if self.rx.is_some() {
+        if let Some(mut rx) = self.rx.take() {
             self.calls.forget(&self.call_id, false);
+            // A reply that arrived for a caller that let go is done with.
+            rx.close();
+            if let Ok(routed) = rx.try_recv() {
+                routed.done();
+            }
         }
     }
 }

@@ -6,8 +6,18 @@
 //! under a short lock, rather than through the actor's mailbox: a call costs
 //! no round trip through the actor before its request is published.
 //!
-//! A reply with no, a malformed or an unknown correlation id is dropped and
-//! counted; a reply for a call whose deadline passed is counted as late.
+//! The reply consumer is a supervised consumer
+//! ([`crate::amqp::consumer`]): lost, it comes back by itself, and a
+//! [`Keeper`](crate::amqp::consumer::Keeper) starts a new router if this one
+//! stops or panics (the pending calls, shared, stay).
+//!
+//! A reply with an unknown correlation id is dropped and counted; a reply
+//! for a call whose deadline passed is counted as late. A reply without a
+//! correlation id can never reach a call: it is poison, moved once to
+//! `<prefix>.poison` (queue mode). A reply that the orphan sink fails to
+//! take (the call store is down) is offered again for [`SINK_PATIENCE`],
+//! then moved there too.
+//!
 //! Nothing a peer sends can make the map grow: entries are added only by
 //! [`PendingCalls::register`] (bounded by `max_pending`) and removed by the
 //! reply, by [`PendingCalls::forget`] (the caller gave up) or by the
@@ -19,14 +29,13 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
-use deadpool_lapin::lapin::{
-    self, Channel, Connection, Consumer, message::Delivery, options::BasicAckOptions,
-};
+use deadpool_lapin::lapin::{Channel, message::Delivery};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::amqp::{Broker, wire};
+use crate::amqp::consumer::{ActorConsumer, Consumes, Event, Link, settle};
+use crate::amqp::{InFlight, wire};
 use crate::error::Error;
 use crate::settings::ReplyMode;
 use crate::worker::Reply;
@@ -53,10 +62,6 @@ pub struct RpcStats {
     pub malformed: AtomicU64,
     /// Calls that reached their deadline without a reply.
     pub timed_out: AtomicU64,
-    /// Times the reply consumer was re-established after it was lost.
-    pub reconnects: AtomicU64,
-    /// Whether the reply consumer consumes now.
-    pub consuming: std::sync::atomic::AtomicBool,
 }
 
 impl RpcStats {
@@ -72,13 +77,60 @@ impl RpcStats {
 /// Where replies for calls this router does not know go, when set: the
 /// gateway uses it to finish calls that outlived the process that made them
 /// (the router acks such a reply only after the returned future resolves).
-/// The sink's future says whether it took the reply (a stored call ended).
+/// The sink's future says whether it took the reply (`Ok(true)`: a stored
+/// call ended; `Ok(false)`: no call of its own), or that it failed (`Err`:
+/// the store is down), in which case the reply is offered again.
 pub type OrphanSink = std::sync::Arc<
-    dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, bool> + Send + Sync,
+    dyn Fn(String, Reply) -> futures_util::future::BoxFuture<'static, crate::error::Result<bool>>
+        + Send
+        + Sync,
 >;
 
+/// A reply on its way to its waiting caller, with its delivery when the
+/// reply queue is consumed with acks. The caller settles it once it holds
+/// the reply for good ([`Routed::done`]: answered, or stored by the
+/// gateway), so that a process killed in between leaves the reply in the
+/// durable reply queue rather than losing it with the process.
+#[derive(Debug)]
+pub struct Routed {
+    reply: Reply,
+    delivery: Option<InFlight>,
+}
+
+impl Routed {
+    /// The reply.
+    pub fn reply(&self) -> &Reply {
+        &self.reply
+    }
+
+    /// The caller holds the reply for good: the broker may forget it (acked
+    /// in the background: no round trip on the caller's path).
+    pub fn done(self) -> Reply {
+        if let Some(delivery) = self.delivery {
+            ack_later(delivery);
+        }
+        self.reply
+    }
+
+    /// The caller could not keep the reply (its store failed): back to the
+    /// queue, unprocessed; redelivered, it goes to the orphan sink.
+    pub async fn hand_back(self) {
+        if let Some(delivery) = self.delivery {
+            settle(delivery.hand_back().await);
+        }
+    }
+}
+
+/// Acks `delivery` on a task of its own, if a runtime runs here (a
+/// delivery left unacked goes back to the queue with its connection).
+fn ack_later(delivery: InFlight) {
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move { settle(delivery.ack().await) });
+    }
+}
+
 struct Waiter {
-    tx: oneshot::Sender<Reply>,
+    tx: oneshot::Sender<Routed>,
     deadline: Instant,
 }
 
@@ -135,7 +187,7 @@ impl PendingCalls {
         &self,
         id: String,
         deadline: Instant,
-        tx: oneshot::Sender<Reply>,
+        tx: oneshot::Sender<Routed>,
     ) -> Result<(), Error> {
         let mut st = self.lock();
         if st.waiters.len() >= self.max_pending {
@@ -216,16 +268,6 @@ impl PendingCalls {
     }
 }
 
-/// The reply consumer's connection and channel.
-pub struct Link {
-    /// Its own connection.
-    pub conn: Connection,
-    /// The consuming channel (in direct mode, also the publishing one).
-    pub channel: Channel,
-    /// The consumer, until the router takes it as its stream.
-    pub consumer: Option<Consumer>,
-}
-
 /// Where the router puts the channel that direct-mode requests must be
 /// published on; empty while it is being re-established.
 #[derive(Clone, Default)]
@@ -236,10 +278,16 @@ impl ChannelSlot {
     pub fn get(&self) -> Option<Channel> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
-    fn set(&self, ch: Option<Channel>) {
+    pub(super) fn set(&self, ch: Option<Channel>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = ch;
     }
 }
+
+/// How long a reply whose orphan sink fails (the call store is down) is
+/// kept in hand and offered again (100 ms, doubling up to 5 s) before it is
+/// settled as poison: a store that is briefly away loses nothing, one that
+/// never takes it cannot hold a prefetch slot forever.
+pub const SINK_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The actor routing replies to waiting callers.
 pub struct ReplyRouter {
@@ -249,69 +297,81 @@ pub struct ReplyRouter {
     /// Where unknown and late replies go, if anywhere.
     orphans: Option<OrphanSink>,
     stats: std::sync::Arc<RpcStats>,
-    /// To re-establish the consumer.
-    broker: Broker,
     mode: ReplyMode,
-    /// The consumer now, if any.
-    link: Option<Link>,
+    /// The supervised reply consumer.
+    consumer: ActorConsumer,
     /// Direct mode: where publishers find the channel.
     slot: ChannelSlot,
-    /// Whether a new consumer is being established.
-    reconnecting: bool,
-    /// Set by [`Close`]: no reconnecting.
-    closing: bool,
 }
 
 impl ReplyRouter {
-    /// Starts the router on the current arbiter, consuming `link`.
-    pub fn start_with(
-        broker: Broker,
+    /// A router over `consumer` (the client's reply consumer).
+    pub(super) fn new(
         mode: ReplyMode,
-        mut link: Link,
+        consumer: ActorConsumer,
         slot: ChannelSlot,
         pending: std::sync::Arc<PendingCalls>,
         stats: std::sync::Arc<RpcStats>,
         orphans: Option<OrphanSink>,
-    ) -> Addr<Self> {
-        ReplyRouter::create(move |ctx| {
-            if let Some(consumer) = link.consumer.take() {
-                ctx.add_stream(consumer);
-            }
-            if mode == ReplyMode::Direct {
-                slot.set(Some(link.channel.clone()));
-            }
-            stats.consuming.store(true, Ordering::Relaxed);
-            ReplyRouter {
-                pending,
-                // Direct reply-to is consumed without acks.
-                no_ack: mode == ReplyMode::Direct,
-                orphans,
-                stats,
-                broker,
-                mode,
-                link: Some(link),
-                slot,
-                reconnecting: false,
-                closing: false,
-            }
-        })
+    ) -> Self {
+        ReplyRouter {
+            pending,
+            // Direct reply-to is consumed without acks.
+            no_ack: mode == ReplyMode::Direct,
+            orphans,
+            stats,
+            mode,
+            consumer,
+            slot,
+        }
     }
 
-    /// Drops the lost consumer and establishes a new one, with backoff. In
-    /// direct mode the replies of pending calls can no longer arrive (the
+    /// Hands a reply with call id `id` (and its delivery, to settle) to its
+    /// waiter; returns both when no waiter takes them.
+    fn route(
+        &mut self,
+        id: String,
+        reply: Reply,
+        delivery: Option<InFlight>,
+    ) -> Option<(Orphan, Option<InFlight>)> {
+        let (waiter, late) = self.pending.take(&id);
+        let Some(waiter) = waiter else {
+            return Some((Orphan { id, reply, late }, delivery));
+        };
+        match waiter.tx.send(Routed { reply, delivery }) {
+            Ok(()) => {
+                self.stats.routed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            // The caller let go in between: the reply is an orphan after all.
+            Err(Routed { reply, delivery }) => Some((
+                Orphan {
+                    id,
+                    reply,
+                    late: true,
+                },
+                delivery,
+            )),
+        }
+    }
+}
+
+impl Consumes for ReplyRouter {
+    fn consumer(&mut self) -> &mut ActorConsumer {
+        &mut self.consumer
+    }
+
+    fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
+        if self.mode == ReplyMode::Direct {
+            self.slot.set(Some(link.channel().clone()));
+        }
+        info!(pending = self.pending.len(), queue = %link.queue(), "reply consumer ready");
+    }
+
+    /// In direct mode the replies of pending calls can no longer arrive (the
     /// pseudo-queue was the old channel's): those calls fail at once.
-    fn reconnect(&mut self, ctx: &mut Context<Self>) {
-        if self.reconnecting || self.closing {
-            return;
-        }
-        self.reconnecting = true;
-        self.stats.consuming.store(false, Ordering::Relaxed);
+    fn unlinked(&mut self, _: &mut Context<Self>) {
         self.slot.set(None);
-        if let Some(old) = self.link.take() {
-            actix::spawn(async move {
-                crate::amqp::close_connection(&old.conn, "replaced").await;
-            });
-        }
         if self.mode == ReplyMode::Direct {
             // Dropping the senders wakes each caller with ReplyLost.
             let calls = self.pending.clear();
@@ -321,65 +381,6 @@ impl ReplyRouter {
                     "direct reply-to channel lost: its pending calls fail"
                 );
             }
-        }
-        warn!(
-            pending = self.pending.len(),
-            "reply consumer lost; re-establishing"
-        );
-        let broker = self.broker.clone();
-        let mode = self.mode;
-        let fut = async move {
-            crate::amqp::reopen("reply consumer", || super::open_replies(&broker, mode)).await
-        };
-        ctx.spawn(fut.into_actor(self).map(|mut link, act, ctx| {
-            act.reconnecting = false;
-            if act.closing {
-                actix::spawn(async move {
-                    crate::amqp::close_connection(&link.conn, "closing").await;
-                });
-                return;
-            }
-            if let Some(consumer) = link.consumer.take() {
-                ctx.add_stream(consumer);
-            }
-            if act.mode == ReplyMode::Direct {
-                act.slot.set(Some(link.channel.clone()));
-            }
-            act.link = Some(link);
-            act.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            act.stats.consuming.store(true, Ordering::Relaxed);
-            info!(pending = act.pending.len(), "reply consumer re-established");
-        }));
-    }
-
-    /// Hands a reply to its waiter; returns it when no waiter takes it.
-    fn route(&mut self, delivery: &Delivery, body: Bytes) -> Option<Orphan> {
-        let props = &delivery.properties;
-        let Some(id) = props.correlation_id().as_ref().map(|c| c.as_str()) else {
-            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-            warn!("reply without correlation id dropped");
-            return None;
-        };
-        let reply = to_reply(delivery, body, id);
-        let (waiter, late) = self.pending.take(id);
-        let Some(waiter) = waiter else {
-            return Some(Orphan {
-                id: id.to_owned(),
-                reply,
-                late,
-            });
-        };
-        match waiter.tx.send(reply) {
-            Ok(()) => {
-                self.stats.routed.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-            // The caller let go in between: the reply is an orphan after all.
-            Err(reply) => Some(Orphan {
-                id: id.to_owned(),
-                reply,
-                late: true,
-            }),
         }
     }
 }
@@ -428,71 +429,122 @@ impl Actor for ReplyRouter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ActorConsumer::start(self, ctx);
         // Deadlines are enforced by the callers' timers; the sweep catches
-        // callers that vanished without saying so, and a connection that
-        // died without its consumer stream ending.
-        ctx.run_interval(Duration::from_millis(500), |act, ctx| {
-            act.pending.sweep();
-            let dead = act
-                .link
-                .as_ref()
-                .is_some_and(|l| !l.conn.status().connected());
-            if dead {
-                act.reconnect(ctx);
-            }
-        });
+        // callers that vanished without saying so.
+        ctx.run_interval(Duration::from_millis(500), |act, _| act.pending.sweep());
     }
 }
 
-impl StreamHandler<Result<Delivery, lapin::Error>> for ReplyRouter {
-    fn handle(&mut self, item: Result<Delivery, lapin::Error>, ctx: &mut Self::Context) {
-        let mut delivery = match item {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(error = %e, "reply consumer error");
-                self.reconnect(ctx);
+impl StreamHandler<Event> for ReplyRouter {
+    fn handle(&mut self, event: Event, ctx: &mut Self::Context) {
+        let Some(mut delivery) = ActorConsumer::delivered(self, event, ctx) else {
+            return;
+        };
+        let Some(id) = delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.as_str().to_owned())
+        else {
+            // No call can be found for it, ever: poison.
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            if self.no_ack {
+                // Direct reply-to: nothing to settle, nowhere to keep it.
+                warn!("reply without correlation id dropped");
                 return;
             }
+            let supervisor = self.consumer.supervisor().clone();
+            let inflight = InFlight::new(delivery);
+            ctx.spawn(
+                async move {
+                    supervisor
+                        .quarantine(inflight, "a reply without a correlation id")
+                        .await
+                }
+                .into_actor(self),
+            );
+            return;
         };
         let body = Bytes::from(std::mem::take(&mut delivery.data));
-        let orphan = self.route(&delivery, body);
-        let acker = (!self.no_ack).then_some(delivery.acker);
-        let sink = match orphan {
-            None => None,
-            Some(o) => match &self.orphans {
-                Some(sink) => Some((sink(o.id.clone(), o.reply.clone()), o)),
-                None => {
-                    o.count_dropped(&self.stats);
-                    None
-                }
-            },
-        };
-        if sink.is_none() && acker.is_none() {
+        let reply = to_reply(&delivery, body, &id);
+        let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
+        // Routed: its caller settles it once it holds the reply for good.
+        let Some((orphan, inflight)) = self.route(id, reply, inflight) else {
             return;
-        }
+        };
+        let Some(sink) = self.orphans.clone() else {
+            orphan.count_dropped(&self.stats);
+            if let Some(inflight) = inflight {
+                ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
+            }
+            return;
+        };
         let stats = self.stats.clone();
-        ctx.spawn(
-            async move {
-                // An orphan is acked only once its sink has taken it.
-                if let Some((taken, orphan)) = sink {
-                    if taken.await {
-                        stats.handed_off.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        orphan.count_dropped(&stats);
+        let Some(inflight) = inflight else {
+            // No acks (direct reply-to): the sink takes it or it is dropped.
+            ctx.spawn(
+                async move {
+                    match sink(orphan.id.clone(), orphan.reply.clone()).await {
+                        Ok(true) => {
+                            stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => orphan.count_dropped(&stats),
                     }
                 }
-                if let Some(acker) = acker
-                    && let Err(e) = acker.ack(BasicAckOptions { multiple: false }).await
-                {
-                    debug!(error = %e, "reply ack failed; the broker will redeliver it");
+                .into_actor(self),
+            );
+            return;
+        };
+        let supervisor = self.consumer.supervisor().clone();
+        ctx.spawn(
+            async move {
+                // An orphan is acked only once its sink has taken it (or
+                // said it is no call of its own).
+                match offer(&sink, &orphan).await {
+                    Ok(true) => {
+                        stats.handed_off.fetch_add(1, Ordering::Relaxed);
+                        settle(inflight.ack().await);
+                    }
+                    Ok(false) => {
+                        orphan.count_dropped(&stats);
+                        settle(inflight.ack().await);
+                    }
+                    Err(()) => {
+                        supervisor
+                            .quarantine(inflight, "a reply the call store failed to take")
+                            .await
+                    }
                 }
             }
             .into_actor(self),
         );
     }
 
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        self.reconnect(ctx);
+    fn finished(&mut self, _: &mut Self::Context) {
+        // Every stream ends with a `Lost` event, handled above; the default
+        // would stop the actor.
+    }
+}
+
+/// Offers an orphan to the sink until it answers, for at most
+/// [`SINK_PATIENCE`]; `Err` when it failed all that time.
+async fn offer(sink: &OrphanSink, orphan: &Orphan) -> Result<bool, ()> {
+    let give_up = Instant::now() + SINK_PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match sink(orphan.id.clone(), orphan.reply.clone()).await {
+            Ok(taken) => return Ok(taken),
+            Err(e) if Instant::now() + pause < give_up => {
+                warn!(call_id = %orphan.id, error = %e, retry_in = ?pause, "reply could not be stored; offered again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                warn!(call_id = %orphan.id, error = %e, "reply could not be stored");
+                return Err(());
+            }
+        }
     }
 }
 
@@ -505,14 +557,12 @@ pub struct Close;
 impl Handler<Close> for ReplyRouter {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: Close, _: &mut Self::Context) -> Self::Result {
-        self.closing = true;
+    fn handle(&mut self, _: Close, ctx: &mut Self::Context) -> Self::Result {
         self.slot.set(None);
-        self.stats.consuming.store(false, Ordering::Relaxed);
-        let link = self.link.take();
+        let link = ActorConsumer::stop(self, ctx);
         Box::pin(async move {
             if let Some(link) = link {
-                crate::amqp::close_connection(&link.conn, "shutdown").await;
+                link.stop("shutdown").await;
             }
         })
     }

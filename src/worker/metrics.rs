@@ -33,8 +33,7 @@ impl Source for WorkerSource {
         v.requeues += get(&s.requeued);
         v.dead_letters += get(&s.dead_lettered);
         v.expired += get(&s.expired);
-        v.reconnects += get(&s.reconnects);
-        v.consuming += i64::from(s.consuming.load(Ordering::Relaxed));
+        v.consuming += i64::from(s.consumer.is_up());
         v.handler.add(&s.handler_time.snapshot());
     }
 }

@@ -1,11 +1,17 @@
 //! Workers: one Actix actor per consumed service queue.
 //!
-//! The actor takes the queue's consumer as its stream. Each delivery runs
-//! the service's [`Handler`] concurrently (the channel's prefetch, the
-//! service's `concurrency`, bounds how many run at once), publishes the reply
-//! to `reply_to` with publisher confirms, and only then acks. A handler that
-//! panics or fails transiently leaves the request to be delivered again; the
-//! queue's delivery limit dead-letters it in the end.
+//! The actor consumes the queue through a supervised consumer
+//! ([`crate::amqp::consumer`]): its deliveries are the actor's stream, a lost
+//! consumer comes back by itself, and a [`Keeper`] starts a new actor if
+//! this one stops or panics. Each delivery runs the service's [`Handler`]
+//! concurrently (the channel's prefetch, the service's `concurrency`, bounds
+//! how many run at once), publishes the reply to `reply_to` with publisher
+//! confirms, and only then acks. A handler that panics or fails transiently
+//! leaves the request to be delivered again (`basic.reject`); on its last
+//! allowed delivery the worker dead-letters it itself, once, counted and
+//! logged. Work handed back unprocessed (prefetched when a drain begins, a
+//! reply that could not be published) goes back with `basic.nack`, which
+//! RabbitMQ 4.3 and later do not count against the delivery limit.
 //!
 //! # Layout
 //! - [`handler`]: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
@@ -21,45 +27,64 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
-use deadpool_lapin::lapin::{
-    self, Connection,
-    message::Delivery,
-    options::{BasicCancelOptions, ConfirmSelectOptions},
-};
+use deadpool_lapin::lapin::{self, Connection};
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
-use tracing::{Instrument, debug, error, field::Empty, info, info_span, warn};
+use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 
 pub use handler::{Handler, HandlerError, Reply, Request, echo};
 
-use crate::amqp::{Broker, InFlight, Outgoing, broker::publish_on, topology, wire};
+use crate::amqp::consumer::{
+    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, settle,
+};
+use crate::amqp::{
+    Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology, wire,
+};
 use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
 
 /// Counters of one worker, readable while it runs (tests, metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerStats {
     /// Requests answered (any status) and acked.
     pub replied: AtomicU64,
-    /// Deliveries left for redelivery after a panic or transient failure.
+    /// Deliveries left for redelivery after a panic or transient failure
+    /// (rejected), or handed back because their reply could not be
+    /// published (nacked).
     pub requeued: AtomicU64,
-    /// Deliveries rejected to the dead-letter queue by the worker itself.
+    /// Deliveries rejected to the dead-letter queue by the worker itself:
+    /// the handler failed on the last delivery the queue allows.
     pub dead_lettered: AtomicU64,
     /// Requests dropped unprocessed because their deadline had passed.
     pub expired: AtomicU64,
     /// Deliveries of a request already answered (or being answered) here,
     /// settled without running the handler again.
     pub duplicates: AtomicU64,
-    /// Times the consumer was re-established after it was lost.
-    pub reconnects: AtomicU64,
-    /// Whether the worker consumes now.
-    pub consuming: std::sync::atomic::AtomicBool,
+    /// The worker's consumer: whether it consumes now, since when it does
+    /// not, how often it came back, the poison it dead-lettered.
+    pub consumer: Arc<ConsumerStatus>,
     /// Deliveries taken from the queue (duplicates included).
     pub deliveries: AtomicU64,
     /// Deliveries the broker marked as delivered before.
     pub redelivered: AtomicU64,
     /// How long the handler ran, per request.
     pub handler_time: crate::metrics::Histogram,
+}
+
+impl WorkerStats {
+    fn new(consumer: Arc<ConsumerStatus>) -> Self {
+        Self {
+            replied: AtomicU64::new(0),
+            requeued: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            consumer,
+            deliveries: AtomicU64::new(0),
+            redelivered: AtomicU64::new(0),
+            handler_time: Default::default(),
+        }
+    }
 }
 
 /// How many answered message ids a worker remembers to spot redeliveries.
@@ -106,25 +131,21 @@ impl Dedup {
     }
 }
 
-/// One consumer: its own connection, channel and tag.
-struct Link {
-    conn: Connection,
-    channel: lapin::Channel,
-    tag: String,
-}
-
 /// The actor consuming one service queue.
 pub struct Worker {
     shared: Arc<Shared>,
-    /// Handlers running now; bounded by the prefetch.
+    /// The supervised consumer of the service queue.
+    consumer: ActorConsumer,
+    /// Handlers running now, and deliveries being handed back while
+    /// draining; bounded by the prefetch.
     in_flight: usize,
-    /// The consumer now, if any.
-    link: Option<Link>,
-    /// Whether a new consumer is being established.
-    reconnecting: bool,
     dedup: Dedup,
     /// Set by [`Drain`]: no new work is taken.
     draining: bool,
+    /// While draining: whether the cancelled consumer's stream has ended, so
+    /// that every delivery it had prefetched reached the actor (and was
+    /// handed back).
+    stream_done: bool,
     /// Who waits for the drain to end.
     drained: Vec<oneshot::Sender<()>>,
 }
@@ -133,78 +154,95 @@ impl Actor for Worker {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        // A safety net beside the consumer stream ending: a connection that
-        // died without a word is noticed within a second.
-        ctx.run_interval(Duration::from_secs(1), |act, ctx| {
-            let dead = act
-                .link
-                .as_ref()
-                .is_some_and(|l| !l.conn.status().connected());
-            if dead {
-                act.reconnect(ctx);
-            }
-        });
+        ActorConsumer::start(self, ctx);
+    }
+}
+
+impl Consumes for Worker {
+    fn consumer(&mut self) -> &mut ActorConsumer {
+        &mut self.consumer
     }
 }
 
 /// A handle to a running worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    /// The actor.
-    pub addr: Addr<Worker>,
+    /// The actor (a new one if it stopped or panicked).
+    keeper: Keeper<Worker>,
     /// Its counters.
     pub stats: Arc<WorkerStats>,
 }
 
 impl WorkerHandle {
+    /// The actor running now.
+    pub fn addr(&self) -> Addr<Worker> {
+        self.keeper.addr()
+    }
+
     /// Stops taking requests and waits (at most `grace`) for the handlers
-    /// running now; what is left is redelivered once the worker's
+    /// running now; requests it had prefetched are handed back at once, and
+    /// those still running after `grace` go back when the worker's
     /// connection closes.
     pub async fn drain(&self, grace: Duration) {
-        let _ = self.addr.send(Drain { grace }).await;
+        self.keeper.stop_restarting();
+        let _ = self.keeper.addr().send(Drain { grace }).await;
     }
 }
 
-/// Opens a consumer of `service`'s queue on a connection of its own
-/// (`switchboard/<instance>/worker/<service>`), declaring the topology first.
-async fn open(shared: &Shared) -> Result<(Link, lapin::Consumer)> {
-    let broker = &shared.broker;
-    let names = broker.names();
-    let conn = broker
-        .dedicated_connection(&format!("worker/{}", shared.service))
-        .await?;
-    let channel = conn.create_channel().await?;
-    topology::declare_service(&channel, names, &shared.service, &shared.settings).await?;
-    // Replies are published on this channel too, confirmed (see `reply`).
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    // Manual acks (a request is done only once its reply is confirmed), and
-    // prefetch = concurrency: the broker never hands this worker more
-    // unacked requests than it will run at once.
-    let tag = wire::consumer_tag(broker.instance_id(), &shared.service);
-    let consumer = crate::amqp::consume(
-        broker,
-        &channel,
-        &names.service_queue(&shared.service),
-        &shared.service,
-        Some(shared.settings.concurrency),
-    )
-    .await?;
-    Ok((Link { conn, channel, tag }, consumer))
+/// `service`'s queues, declared on every (re-)open of its consumer.
+struct ServiceQueue {
+    service: String,
+    settings: ServiceSettings,
+}
+
+#[async_trait::async_trait]
+impl Declare for ServiceQueue {
+    async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String> {
+        let ch = conn.create_channel().await?;
+        topology::declare_service(&ch, broker.names(), &self.service, &self.settings).await?;
+        crate::amqp::close_channel(&ch, "declared").await;
+        Ok(broker.names().service_queue(&self.service))
+    }
 }
 
 impl Worker {
     /// Declares the service's queues and starts consuming them on a
-    /// connection of the worker's own. Fails if the broker cannot be reached
-    /// now; once started, a lost consumer comes back by itself.
+    /// connection of the worker's own (`switchboard/<instance>/worker/<service>`).
+    /// Fails if the broker cannot be reached now; once started, a lost
+    /// consumer comes back by itself, and so does a worker actor that
+    /// stopped or panicked.
     pub async fn start(
         broker: &Broker,
         service: &str,
         settings: &ServiceSettings,
         handler: Arc<dyn Handler>,
     ) -> Result<WorkerHandle> {
-        let stats = Arc::new(WorkerStats::default());
+        let supervisor = Supervisor::new(
+            broker,
+            ConsumerSpec {
+                name: format!("worker/{service}"),
+                tag: service.to_owned(),
+                // Manual acks (a request is done only once its reply is
+                // confirmed), and prefetch = concurrency: the broker never
+                // hands this worker more unacked requests than it will run
+                // at once.
+                prefetch: Some(settings.concurrency),
+                // Replies are published on this channel too, confirmed.
+                confirm: true,
+            },
+            ServiceQueue {
+                service: service.to_owned(),
+                settings: settings.clone(),
+            },
+        );
+        let link = match supervisor.open().await {
+            Ok(link) => link,
+            Err(e) => {
+                supervisor.status().set_stopped();
+                return Err(e);
+            }
+        };
+        let stats = Arc::new(WorkerStats::new(supervisor.status().clone()));
         broker
             .metrics()
             .register(metrics::WorkerSource::new(service, stats.clone()));
@@ -215,58 +253,19 @@ impl Worker {
             handler,
             stats: stats.clone(),
         });
-        let (link, consumer) = open(&shared).await?;
-        stats.consuming.store(true, Ordering::Relaxed);
-        let addr = Worker::create(move |ctx| {
-            ctx.add_stream(consumer);
+        let keeper = Keeper::start(supervisor, link, move |consumer| {
             Worker {
-                shared,
+                shared: shared.clone(),
+                consumer,
                 in_flight: 0,
-                link: Some(link),
-                reconnecting: false,
                 dedup: Dedup::default(),
                 draining: false,
+                stream_done: false,
                 drained: Vec::new(),
             }
+            .start()
         });
-        Ok(WorkerHandle { addr, stats })
-    }
-
-    /// Drops the current consumer and establishes a new one, with backoff,
-    /// until it succeeds or the worker drains or stops.
-    fn reconnect(&mut self, ctx: &mut Context<Self>) {
-        if self.reconnecting || self.draining {
-            return;
-        }
-        self.reconnecting = true;
-        self.shared.stats.consuming.store(false, Ordering::Relaxed);
-        if let Some(old) = self.link.take() {
-            // Deliveries of the old channel are never acked on the new one:
-            // their ackers belong to the old channel, which is closed here.
-            actix::spawn(async move {
-                crate::amqp::close_connection(&old.conn, "replaced").await;
-            });
-        }
-        warn!(service = %self.shared.service, in_flight = self.in_flight, "consumer lost; re-establishing");
-        let shared = self.shared.clone();
-        let fut = async move {
-            let what = format!("worker {}", shared.service);
-            crate::amqp::reopen(&what, || open(&shared)).await
-        };
-        ctx.spawn(fut.into_actor(self).map(|(link, consumer), act, ctx| {
-            act.reconnecting = false;
-            if act.draining {
-                actix::spawn(async move {
-                    crate::amqp::close_connection(&link.conn, "draining").await;
-                });
-                return;
-            }
-            act.link = Some(link);
-            act.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            act.shared.stats.consuming.store(true, Ordering::Relaxed);
-            info!(service = %act.shared.service, "consumer re-established");
-            ctx.add_stream(consumer);
-        }));
+        Ok(WorkerHandle { keeper, stats })
     }
 
     /// Settles what waited for `key` and remembers it when answered.
@@ -280,16 +279,21 @@ impl Worker {
             for copy in parked {
                 actix::spawn(async move {
                     // A copy of an answered request is done; of one given
-                    // back, it goes back too.
+                    // back, it goes back too, unprocessed (not a failure).
                     let settled = match outcome {
                         Outcome::Answered => copy.ack().await,
-                        Outcome::GivenBack => copy.requeue().await,
+                        Outcome::GivenBack => copy.hand_back().await,
                     };
                     settle(settled);
                 });
             }
         }
-        if self.draining && self.in_flight == 0 {
+        self.check_drained();
+    }
+
+    /// Wakes who waits for the drain once nothing is left in hand.
+    fn check_drained(&mut self) {
+        if self.draining && self.stream_done && self.in_flight == 0 {
             for tx in self.drained.drain(..) {
                 let _ = tx.send(());
             }
@@ -297,15 +301,16 @@ impl Worker {
     }
 }
 
-impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
-    fn handle(&mut self, item: Result<Delivery, lapin::Error>, ctx: &mut Self::Context) {
-        let delivery = match item {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(service = %self.shared.service, error = %e, "consumer error");
-                self.reconnect(ctx);
-                return;
-            }
+impl StreamHandler<Event> for Worker {
+    fn handle(&mut self, event: Event, ctx: &mut Self::Context) {
+        if self.draining && matches!(event, Event::Lost(_)) {
+            // The cancelled consumer's stream ended: every delivery it had
+            // prefetched has been seen.
+            self.stream_done = true;
+        }
+        let Some(delivery) = ActorConsumer::delivered(self, event, ctx) else {
+            self.check_drained();
+            return;
         };
         let stats = &self.shared.stats;
         stats.deliveries.fetch_add(1, Ordering::Relaxed);
@@ -315,8 +320,14 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
         let inflight = InFlight::new(delivery);
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
-            // for another worker.
-            actix::spawn(async move { settle(inflight.requeue().await) });
+            // unprocessed, for another worker. In flight until the nack is
+            // sent, so that the connection closes only after it.
+            self.in_flight += 1;
+            ctx.spawn(
+                async move { settle(inflight.hand_back().await) }
+                    .into_actor(self)
+                    .map(|(), act, _| act.finish(None, Outcome::GivenBack)),
+            );
             return;
         }
         let props = &inflight.delivery().properties;
@@ -340,7 +351,7 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
             self.dedup.running.insert(k.clone(), Vec::new());
         }
         self.in_flight += 1;
-        let channel = self.link.as_ref().map(|l| l.channel.clone());
+        let channel = self.consumer.link().map(|l| l.channel().clone());
         let fut = process(self.shared.clone(), inflight, channel);
         ctx.spawn(
             fut.into_actor(self)
@@ -348,10 +359,9 @@ impl StreamHandler<Result<Delivery, lapin::Error>> for Worker {
         );
     }
 
-    fn finished(&mut self, ctx: &mut Self::Context) {
-        if !self.draining {
-            self.reconnect(ctx);
-        }
+    fn finished(&mut self, _: &mut Self::Context) {
+        // Every stream ends with a `Lost` event, handled above; the default
+        // would stop the actor.
     }
 }
 
@@ -369,30 +379,22 @@ impl actix::Handler<Drain> for Worker {
 
     fn handle(&mut self, msg: Drain, ctx: &mut Self::Context) -> Self::Result {
         self.draining = true;
-        self.shared.stats.consuming.store(false, Ordering::Relaxed);
-        if let Some(link) = &self.link {
-            let channel = link.channel.clone();
-            let tag = link.tag.clone();
-            actix::spawn(async move {
-                let _ = channel
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions { nowait: false })
-                    .await;
-            });
-        }
+        let link = ActorConsumer::stop(self, ctx);
+        // No link (being re-established): nothing is prefetched.
+        self.stream_done = link.is_none();
         let (tx, rx) = oneshot::channel();
-        if self.in_flight == 0 {
-            let _ = tx.send(());
-        } else {
-            self.drained.push(tx);
-        }
-        let link = self.link.take();
+        self.drained.push(tx);
+        self.check_drained();
         let grace = msg.grace;
-        let _ = ctx;
         Box::pin(async move {
+            if let Some(link) = &link {
+                // Deliveries already sent still arrive, and are handed back.
+                link.cancel().await;
+            }
             let _ = tokio::time::timeout(grace, rx).await;
             if let Some(link) = link {
                 // Unacked deliveries (handlers past the grace) go back to the queue.
-                crate::amqp::close_connection(&link.conn, "shutdown").await;
+                link.stop("shutdown").await;
             }
         })
     }
@@ -482,9 +484,10 @@ async fn process(
                     debug!(%reply_to, "the caller's reply queue is gone: reply dropped")
                 }
                 Err(e) => {
-                    warn!(error = %e, "reply not published: left for redelivery");
+                    // Not the request's fault: handed back, not rejected.
+                    warn!(error = %e, "reply not published: handed back for redelivery");
                     shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-                    settle(inflight.requeue().await);
+                    settle(inflight.hand_back().await);
                     return Outcome::GivenBack;
                 }
             }
@@ -524,23 +527,35 @@ async fn publish_reply(
     shared.broker.publish(msg).await
 }
 
-/// After a panic or transient failure: redeliver, or dead-letter where the
-/// queue cannot count deliveries itself (classic: a second failure ends it).
+/// After a panic or transient failure: rejected for redelivery (which every
+/// RabbitMQ version counts against a quorum queue's delivery limit), or, on
+/// the last delivery the queue allows, dead-lettered here, once: counted as
+/// poison and logged with its queue and message id. Quorum queues say how
+/// many deliveries failed before (`x-delivery-count`; the broker would
+/// dead-letter it itself on the next return); classic queues count
+/// nothing, so there a request that fails again once redelivered ends.
 async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
-    let redelivered = inflight.delivery().redelivered;
-    if shared.settings.queue_type == QueueType::Classic && redelivered {
-        shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        settle(inflight.dead_letter().await);
-    } else {
+    let d = inflight.delivery();
+    let failed_before = inflight.failed_deliveries();
+    let last = match shared.settings.queue_type {
+        QueueType::Classic => d.redelivered,
+        QueueType::Quorum => failed_before >= u64::from(shared.settings.delivery_limit),
+    };
+    if !last {
         shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-        settle(inflight.requeue().await);
+        settle(inflight.retry().await);
+        return Outcome::GivenBack;
     }
+    let message_id = d.properties.message_id().as_ref().map(|m| m.to_string());
+    warn!(
+        queue = %shared.broker.names().service_queue(&shared.service),
+        ?message_id,
+        failed_before,
+        to = %shared.broker.names().dead_queue(&shared.service),
+        "request dead-lettered: its handler failed on every delivery the queue allows"
+    );
+    shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    shared.stats.consumer.count_poison();
+    settle(inflight.dead_letter().await);
     Outcome::GivenBack
-}
-
-fn settle(result: Result<()>) {
-    if let Err(e) = result {
-        // The channel is gone; the broker redelivers the message on its own.
-        warn!(error = %e, "could not settle a delivery");
-    }
 }

@@ -1,287 +1,82 @@
-//! `switchboard bench`: every workload once, with tiny counts. Only the shape
-//! of the output is checked (every field, the call counts, no errors): the
-//! timings are for docs/BENCHMARKS.md, never for assertions.
+//! `switchboard bench ...` runs the `switchboard-bench` binary found next to
+//! `switchboard`, with every argument after `bench` untouched: seen here
+//! with a stand-in for that binary beside a link to the real `switchboard`
+//! (the bench itself is tested in `bench/tests`).
 
-use clap::Parser;
-use serde_json::Value;
-use switchboard::bench::{self, BenchArgs, Line};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use crate::common::settings_for;
-
-/// The command line of `switchboard bench`, to parse the flags as users give them.
-#[derive(Parser)]
-struct Cmd {
-    #[command(flatten)]
-    bench: BenchArgs,
-}
-
-fn args(line: &str) -> BenchArgs {
-    Cmd::parse_from(std::iter::once("bench").chain(line.split_whitespace())).bench
-}
-
-const POINT_FIELDS: &[&str] = &[
-    "kind",
-    "workload",
-    "variant",
-    "profile",
-    "reply_mode",
-    "queue_type",
-    "payload",
-    "concurrency",
-    "calls",
-    "errors",
-    "seconds",
-    "calls_per_s",
-    "p50_us",
-    "p99_us",
-    "max_us",
-    "peak_rss_kib",
-    "cpu_s",
-    "main_cpu_s",
-    "cpu_by_thread",
-    "machine_cpu_s",
-    "round",
-];
-
-const RATIO_FIELDS: &[&str] = &[
-    "kind",
-    "workload",
-    "profile",
-    "concurrency",
-    "switchboard_calls_per_s",
-    "raw_calls_per_s",
-    "calls_per_s_ratio",
-    "round_ratios",
-    "median_round_ratio",
-    "switchboard_p50_us",
-    "raw_p50_us",
-    "p50_ratio",
-    "p99_ratio",
-];
-
-/// Runs `line` and returns its lines as printed JSON, checking that what
-/// was handed out as it came is what was returned.
-async fn run(line: &str) -> Vec<Value> {
-    let settings = settings_for("bench");
-    let mut seen = 0;
-    let lines = bench::execute(&settings, &args(line), &mut |_| seen += 1)
-        .await
-        .unwrap_or_else(|e| panic!("bench {line}: {e}"));
-    assert_eq!(seen, lines.len(), "every line is handed out as measured");
-    lines
-        .iter()
-        .map(|l| {
-            let json = serde_json::to_string(l).unwrap();
-            assert_eq!(&serde_json::from_str::<Line>(&json).unwrap(), l);
-            serde_json::from_str(&json).unwrap()
-        })
-        .collect()
-}
-
-fn points(lines: &[Value]) -> Vec<&Value> {
-    lines.iter().filter(|l| l["kind"] == "point").collect()
-}
-
-fn ratios(lines: &[Value]) -> Vec<&Value> {
-    lines.iter().filter(|l| l["kind"] == "ratio").collect()
-}
-
-/// Every field present, `calls` calls made, none failed.
-fn check_point(p: &Value, calls: u64) {
-    for f in POINT_FIELDS {
-        assert!(p.get(f).is_some(), "field {f} missing from {p}");
+/// A directory of the test's own holding a link to the `switchboard` binary
+/// under test (it looks for `switchboard-bench` next to its own path).
+fn lone_switchboard(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join(format!("switchboard{}", std::env::consts::EXE_SUFFIX));
+    let real = env!("CARGO_BIN_EXE_switchboard");
+    // A hard link keeps its own path (a symbolic link would resolve to the
+    // real binary's directory); a copy where links are not possible.
+    if std::fs::hard_link(real, &exe).is_err() {
+        std::fs::copy(real, &exe).unwrap();
     }
-    assert_eq!(p["calls"], calls, "{p}");
-    assert_eq!(p["errors"], 0, "{p}");
-    assert!(p["seconds"].as_f64().unwrap() > 0.0, "{p}");
-    assert!(p["calls_per_s"].as_f64().unwrap() > 0.0, "{p}");
-    assert!(p["p50_us"].as_u64().unwrap() <= p["p99_us"].as_u64().unwrap());
-    assert!(p["p99_us"].as_u64().unwrap() <= p["max_us"].as_u64().unwrap());
-    if cfg!(target_os = "linux") {
-        assert!(p["peak_rss_kib"].as_u64().unwrap() > 0, "{p}");
-    }
+    exe
 }
 
-fn check_ratio(r: &Value) {
-    for f in RATIO_FIELDS {
-        assert!(r.get(f).is_some(), "field {f} missing from {r}");
-    }
-    assert!(r["calls_per_s_ratio"].as_f64().unwrap() > 0.0, "{r}");
-}
+#[cfg(unix)]
+#[test]
+fn bench_runs_the_bench_binary_with_every_argument_and_its_exit_status() {
+    use std::os::unix::fs::PermissionsExt;
 
-fn concurrencies(points: &[&Value]) -> Vec<u64> {
-    points
-        .iter()
-        .map(|p| p["concurrency"].as_u64().unwrap())
-        .collect()
-}
+    let exe = lone_switchboard("bench-dispatch");
+    let dir = exe.parent().unwrap().to_owned();
+    // Prints what it was given, one argument a line, then the settings file
+    // it was told about; exits 7.
+    let stand_in = dir.join("switchboard-bench");
+    std::fs::write(
+        &stand_in,
+        "#!/bin/sh\nfor a in \"$@\"; do echo \"arg:$a\"; done\necho \"config:$SWITCHBOARD_CONFIG\"\nexit 7\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755)).unwrap();
 
-#[actix_rt::test]
-async fn rpc_measures_each_concurrency() {
-    let lines = run("rpc --calls 20 --warmup 2 --concurrency 1,4").await;
-    let pts = points(&lines);
-    assert_eq!(concurrencies(&pts), [1, 4]);
-    for p in &pts {
-        check_point(p, 20);
-        assert_eq!(p["workload"], "rpc");
-        assert_eq!(p["variant"], "switchboard");
-        assert_eq!(p["profile"], "safe");
-        assert_eq!(p["queue_type"], "quorum");
-        assert_eq!(p["payload"], 256);
-        let confirm = p["confirm_p50_us"]
-            .as_u64()
-            .expect("rpc points time the confirm");
-        assert!(confirm <= p["max_us"].as_u64().unwrap(), "{p}");
-    }
-    assert!(ratios(&lines).is_empty());
-}
-
-#[actix_rt::test]
-async fn raw_measures_the_reference_with_direct_reply_to() {
-    let lines =
-        run("raw --calls 20 --warmup 2 --concurrency 1,4 --reply-mode direct --profile fast").await;
-    let pts = points(&lines);
-    assert_eq!(concurrencies(&pts), [1, 4]);
-    for p in &pts {
-        check_point(p, 20);
-        assert_eq!(p["variant"], "raw");
-        assert_eq!(p["reply_mode"], "direct");
-        assert_eq!(p["queue_type"], "classic");
-    }
-}
-
-#[actix_rt::test]
-async fn compare_alternates_both_variants_and_gives_ratios() {
-    let lines =
-        run("compare --calls 20 --warmup 2 --concurrency 1,4 --profile safe,fast --rounds 2").await;
-    let pts = points(&lines);
-    // 2 profiles x 2 rounds x 2 concurrencies x 2 variants.
-    assert_eq!(pts.len(), 16);
-    for p in &pts {
-        check_point(p, 20);
-    }
-    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
-    // Round 1 runs raw first, round 2 switchboard first.
-    assert_eq!(&variants[..4], ["raw", "switchboard", "raw", "switchboard"]);
+    let out = Command::new(&exe)
+        .args(["--config", "my.toml", "bench", "compare", "--calls", "5"])
+        .args(["--concurrency", "1,32", "--help"])
+        .env_remove("SWITCHBOARD_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
-        &variants[4..8],
-        ["switchboard", "raw", "switchboard", "raw"]
+        lines,
+        [
+            "arg:compare",
+            "arg:--calls",
+            "arg:5",
+            "arg:--concurrency",
+            "arg:1,32",
+            "arg:--help",
+            "config:my.toml",
+        ]
     );
-    let rs = ratios(&lines);
-    assert_eq!(rs.len(), 4, "one ratio per profile and concurrency");
-    for r in &rs {
-        check_ratio(r);
-        assert_eq!(r["rounds"], 2);
-        assert_eq!(r["round_ratios"].as_array().unwrap().len(), 2);
-    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[actix_rt::test]
-async fn events_reach_every_subscriber_in_both_variants() {
-    let lines = run("events --events 20 --warmup 2 --rate 500 --subscribers 3").await;
-    let pts = points(&lines);
-    assert_eq!(pts.len(), 2);
-    for p in &pts {
-        check_point(p, 20);
-        assert_eq!(p["workload"], "events");
-        assert_eq!(p["concurrency"], 3);
-        assert_eq!(p["deliveries"], 60, "{p}");
-    }
-    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
-    assert_eq!(variants, ["raw", "switchboard"]);
-    let rs = ratios(&lines);
-    assert_eq!(rs.len(), 1);
-    check_ratio(rs[0]);
-}
-
-#[actix_rt::test]
-async fn http_measures_every_variant_and_the_rpc_reference() {
-    let lines = run("http --calls 10 --warmup 2 --concurrency 2 --workers 1 --wait 5").await;
-    let pts = points(&lines);
-    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
-    assert_eq!(variants, ["sync", "accepted", "get", "bare", "switchboard"]);
-    for p in &pts {
-        check_point(p, 10);
-        assert_eq!(p["concurrency"], 2);
-    }
-    for p in &pts[..4] {
-        assert_eq!(p["workload"], "http");
-        let per_call = p["requests_per_call"].as_f64().unwrap();
-        // One request each, but `accepted`: a POST and at least one GET.
-        if p["variant"] == "accepted" {
-            assert!(per_call >= 2.0, "{p}");
-        } else {
-            assert_eq!(per_call, 1.0, "{p}");
-        }
-    }
-    assert_eq!(pts[4]["workload"], "rpc");
-    let rs = ratios(&lines);
-    let of: Vec<&str> = rs.iter().map(|r| r["of"].as_str().unwrap()).collect();
-    assert_eq!(of, ["sync / rpc", "get / bare"]);
-    for r in &rs {
-        check_ratio(r);
-        assert_eq!(r["workload"], "http");
-    }
-}
-
-#[actix_rt::test]
-async fn notify_measures_every_style() {
-    let lines = run("notify --calls 6 --warmup 0 --clients 3 --delay-ms 20 --workers 1").await;
-    let pts = points(&lines);
-    let styles: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
-    assert_eq!(
-        styles,
-        ["sync", "longpoll", "poll", "callback", "sse", "amqp"]
-    );
-    for p in &pts {
-        check_point(p, 6);
-        assert_eq!(p["workload"], "notify");
-        assert_eq!(p["concurrency"], 3);
-        let aware = |f: &str| p[f].as_u64().unwrap_or_else(|| panic!("{f} in {p}"));
-        assert!(aware("aware_p50_us") <= aware("aware_p99_us"), "{p}");
-        assert!(aware("aware_p99_us") <= aware("aware_max_us"), "{p}");
-        let per_call = p["requests_per_call"].as_f64().unwrap();
-        let least = match p["variant"].as_str().unwrap() {
-            "sync" | "callback" | "amqp" => 1.0,
-            _ => 2.0,
-        };
-        assert!(per_call >= least, "{p}");
-    }
-    assert!(ratios(&lines).is_empty());
-}
-
-#[actix_rt::test]
-async fn pending_leaves_every_call_pending_and_reports_the_memory_it_takes() {
-    let lines = run("pending --calls 30 --warmup 3 --concurrency 3").await;
-    let pts = points(&lines);
-    assert_eq!(pts.len(), 1);
-    let p = &pts[0];
-    check_point(p, 30);
-    assert_eq!(p["workload"], "pending");
-    let kib = |f: &str| p[f].as_u64().unwrap_or_else(|| panic!("{f} in {p}"));
-    assert!(kib("rss_before_kib") > 0 && kib("rss_after_kib") > 0, "{p}");
-    assert!(p["rss_per_call_bytes"].is_number(), "{p}");
-    assert!(ratios(&lines).is_empty());
-}
-
-#[actix_rt::test]
-async fn sse_reaches_every_client_next_to_the_amqp_reference() {
-    let lines = run("sse --clients 5 --events 10 --warmup 2 --rate 200 --workers 1").await;
-    let pts = points(&lines);
-    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
-    assert_eq!(variants, ["amqp", "sse"]);
-    for p in &pts {
-        check_point(p, 10);
-        assert_eq!(p["workload"], "sse");
-        assert_eq!(p["missing"], 0, "{p}");
-    }
-    assert_eq!(pts[0]["deliveries"], 10);
-    assert_eq!(pts[1]["concurrency"], 5);
-    assert_eq!(pts[1]["deliveries"], 50);
-    let p50 = pts[1]["minus_amqp_p50_us"]
-        .as_i64()
-        .expect("a signed median");
-    let p99 = pts[1]["minus_amqp_p99_us"].as_i64().expect("a signed p99");
-    assert!(p50 <= p99, "{}", pts[1]);
-    assert!(ratios(&lines).is_empty());
+#[test]
+fn bench_without_the_bench_binary_says_how_to_build_it() {
+    let exe = lone_switchboard("bench-missing");
+    let out = Command::new(&exe)
+        .args(["bench", "rpc", "--calls", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(out.stdout.is_empty());
+    let expected = exe.with_file_name(format!("switchboard-bench{}", std::env::consts::EXE_SUFFIX));
+    assert!(stderr.contains(&expected.display().to_string()), "{stderr}");
+    assert!(stderr.contains("cargo build --release"), "{stderr}");
+    std::fs::remove_dir_all(exe.parent().unwrap()).unwrap();
 }

@@ -55,7 +55,14 @@ pub fn settings_for(name: &str) -> Settings {
 /// Connects for the test named `name`. If the broker does not answer, the
 /// whole run stops at once with one message saying where it looked.
 pub async fn ctx(name: &str) -> Ctx {
-    let settings = settings_for(name);
+    ctx_with(name, |_| {}).await
+}
+
+/// [`ctx`], with `tweak` applied to the settings before connecting (another
+/// broker URL, a shorter consumer check...).
+pub async fn ctx_with(name: &str, tweak: impl FnOnce(&mut Settings)) -> Ctx {
+    let mut settings = settings_for(name);
+    tweak(&mut settings);
     let broker = match Broker::connect(&settings.amqp).await {
         Ok(b) => b,
         Err(e @ Error::BrokerUnavailable { .. }) => no_broker(&e),
@@ -88,11 +95,7 @@ fn no_broker(e: &Error) -> ! {
 impl Ctx {
     /// Service settings for tests: quorum by default, as in production.
     pub fn service(&self) -> ServiceSettings {
-        ServiceSettings {
-            concurrency: 64,
-            timeout_ms: 10_000,
-            ..ServiceSettings::default()
-        }
+        test_service()
     }
 
     /// Starts a worker that cleanup stops.
@@ -141,6 +144,7 @@ impl Ctx {
         let _ = ch
             .queue_delete(names.reply_queue(self.broker.instance_id()).into(), q)
             .await;
+        let _ = ch.queue_delete(names.poison_queue().into(), q).await;
         for x in [
             names.requests_exchange(),
             names.dead_exchange(),
@@ -151,6 +155,33 @@ impl Ctx {
                 .await;
         }
         let _ = ch.close(200, "cleanup".into()).await;
+    }
+}
+
+/// The consumers of `queue` now, `None` if it does not exist (a passive
+/// declare, on a channel of its own since a missing queue closes it).
+pub async fn queue_consumers(broker: &Broker, queue: &str) -> Option<u32> {
+    use deadpool_lapin::lapin::{options::QueueDeclareOptions, types::FieldTable};
+    let ch = broker.channel().await.ok()?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.consumer_count())
+        .ok();
+    let _ = ch.close(200, "checked".into()).await;
+    found
+}
+
+/// Service settings for tests: quorum by default, as in production.
+pub fn test_service() -> ServiceSettings {
+    ServiceSettings {
+        concurrency: 64,
+        timeout_ms: 10_000,
+        ..ServiceSettings::default()
     }
 }
 
@@ -196,24 +227,24 @@ pub struct Gw {
 pub const GATEWAY_SERVICES: &[&str] = &["echo", "slow", "fail", "count", "poison"];
 
 /// Starts workers and a gateway for the test `name`; `tweak` adjusts the
-/// settings first (tokens, limits, callbacks...).
+/// settings first (tokens, limits, callbacks, the broker's URL...).
 pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
     use switchboard::worker::{self, HandlerError, Reply, Request};
 
-    let mut c = ctx(name).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc_settings = c.service();
-    let s = &mut c.settings;
-    s.gateway.store_url = format!("sqlite://{}/calls.db?mode=rwc", dir.path().display());
-    s.gateway.workers = 1;
-    s.gateway.bind = "127.0.0.1:0".into();
-    s.services.clear();
-    for svc in GATEWAY_SERVICES {
-        s.services.insert((*svc).into(), svc_settings.clone());
-    }
-    tweak(s);
+    let c = ctx_with(name, |s| {
+        s.gateway.store_url = format!("sqlite://{}/calls.db?mode=rwc", dir.path().display());
+        s.gateway.workers = 1;
+        s.gateway.bind = "127.0.0.1:0".into();
+        s.services.clear();
+        for svc in GATEWAY_SERVICES {
+            s.services.insert((*svc).into(), test_service());
+        }
+        tweak(s);
+    })
+    .await;
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let counted = Arc::new(AtomicU64::new(0));
     let processed = Arc::new(Mutex::new(std::collections::HashMap::new()));

@@ -182,7 +182,7 @@ async fn connections_closed_by_the_broker_under_load_lose_no_call_and_process_no
     let reconnects: u64 = gw
         .workers
         .iter()
-        .map(|(_, w)| w.stats.reconnects.load(Ordering::Relaxed))
+        .map(|(_, w)| w.stats.consumer.reconnects())
         .sum();
     assert!(reconnects >= 1, "the workers never had to reconnect");
     // Still serving normally afterwards.
@@ -583,10 +583,7 @@ async fn a_worker_whose_queue_is_deleted_notices_and_consumes_again() {
     eventually(
         Duration::from_secs(30),
         "the worker re-established its consumer",
-        || async {
-            w.stats.reconnects.load(Ordering::Relaxed) >= 1
-                && w.stats.consuming.load(Ordering::Relaxed)
-        },
+        || async { w.stats.consumer.reconnects() >= 1 && w.stats.consumer.is_up() },
     )
     .await;
     let reply = client

@@ -420,6 +420,7 @@ async fn health_readiness_and_the_openapi_document() {
         "/healthz",
         "/readyz",
         "/openapi.json",
+        "/asyncapi.json",
     ] {
         assert!(
             paths.contains_key(route),

@@ -5,13 +5,18 @@
 //! answers, the first test to look stops the whole run with one message.
 
 mod common;
+mod toolchains;
 
+mod asyncapi;
 mod bench;
 mod broker;
 mod callbacks;
 mod configuration;
+mod consumers;
+mod declare;
 mod dependents;
 mod events;
+mod examples;
 mod faults;
 mod gateway;
 mod hostile;

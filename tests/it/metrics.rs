@@ -13,14 +13,14 @@ use switchboard::worker;
 use crate::common::{ctx, gateway};
 
 /// One scrape: `name{labels}` to value, and the page itself.
-struct Scrape {
+pub(crate) struct Scrape {
     samples: BTreeMap<String, f64>,
-    text: String,
+    pub(crate) text: String,
 }
 
 impl Scrape {
     /// The value of a sample, 0 when absent (a series not yet made).
-    fn get(&self, series: &str) -> f64 {
+    pub(crate) fn get(&self, series: &str) -> f64 {
         self.samples.get(series).copied().unwrap_or(0.0)
     }
 }
@@ -39,7 +39,7 @@ fn parse(text: String) -> Scrape {
     Scrape { samples, text }
 }
 
-async fn scrape(http: &reqwest::Client, url: &str) -> Scrape {
+pub(crate) async fn scrape(http: &reqwest::Client, url: &str) -> Scrape {
     let res = http
         .get(url)
         .header("accept", "application/openmetrics-text; version=1.0.0")
@@ -61,7 +61,7 @@ async fn scrape(http: &reqwest::Client, url: &str) -> Scrape {
 
 /// Scrapes until `cond` holds (counters that lag what the test saw, such as
 /// a worker counting its reply after the confirm); fails after 20 s.
-async fn scrape_until(
+pub(crate) async fn scrape_until(
     http: &reqwest::Client,
     url: &str,
     what: &str,

@@ -30,17 +30,115 @@ fn defaults_load_and_environment_overrides_them() {
     assert_eq!(s.services["echo"].queue_type, QueueType::Quorum);
 }
 
+/// A settings file as a user writes it, in a directory of its own.
+fn settings_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchboard.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn names(s: &Settings) -> Vec<&str> {
+    s.services.keys().map(String::as_str).collect()
+}
+
 #[test]
-fn a_settings_file_adds_services() {
+fn without_a_settings_file_the_demo_services_serve() {
+    let s = Settings::load_from(None, None, env(&[])).unwrap();
+    assert_eq!(names(&s), ["echo", "slow"]);
+    assert!(s.services.values().all(|svc| svc.handler.is_some()));
+    // A file that names no service keeps them too.
+    let (_dir, path) = settings_file("[gateway]\ndefault_wait_s = 5\n");
+    let s = Settings::load_from(Some(&path), None, env(&[])).unwrap();
+    assert_eq!(names(&s), ["echo", "slow"]);
+}
+
+#[test]
+fn a_settings_file_with_services_replaces_the_demo_services() {
+    let (_dir, path) = settings_file(
+        "# served by a worker of our own, in Python\n[services.invoice]\ntimeout_ms = 20000\n\n[services.billing]\nqueue_type = \"classic\"\n",
+    );
+    let s = Settings::load_from(Some(&path), None, env(&[])).unwrap();
+    assert_eq!(names(&s), ["billing", "invoice"]);
+    assert!(s.services["invoice"].handler.is_none());
+    assert_eq!(s.services["invoice"].timeout_ms, 20_000);
+    assert_eq!(s.services["billing"].queue_type, QueueType::Classic);
+    // Naming a demo service replaces it too: it keeps only what the file says.
+    let (_dir, path) = settings_file("[services.echo]\nconcurrency = 8\n");
+    let s = Settings::load_from(Some(&path), None, env(&[])).unwrap();
+    assert_eq!(names(&s), ["echo"]);
+    assert_eq!(s.services["echo"].concurrency, 8);
+    assert!(s.services["echo"].handler.is_none());
+    // An empty table: no service at all.
+    let (_dir, path) = settings_file("[services]\n");
+    let s = Settings::load_from(Some(&path), None, env(&[])).unwrap();
+    assert!(s.services.is_empty(), "{:?}", names(&s));
+}
+
+#[test]
+fn the_example_settings_file_names_only_invoice_without_a_handler() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/invoice.toml");
+    let s = Settings::load_from(Some(&path), None, env(&[])).unwrap();
+    assert_eq!(names(&s), ["invoice"]);
+    assert!(s.services["invoice"].handler.is_none());
+}
+
+#[test]
+fn environment_variables_adjust_the_services_in_effect() {
+    // The README's example keeps its meaning without a file...
+    let readme = [("SWITCHBOARD__SERVICES__ECHO__CONCURRENCY", "128")];
+    let s = Settings::load_from(None, None, env(&readme)).unwrap();
+    assert_eq!(names(&s), ["echo", "slow"]);
+    assert_eq!(s.services["echo"].concurrency, 128);
+    assert!(s.services["echo"].handler.is_some());
+    // ... and adjusts a service of the file.
+    let (_dir, path) = settings_file("[services.invoice]\ntimeout_ms = 20000\n");
     let s = Settings::load_from(
+        Some(&path),
         None,
-        Some("[services.billing]\nqueue_type = \"classic\"\ntimeout_ms = 500\n"),
-        env(&[]),
+        env(&[("SWITCHBOARD__SERVICES__INVOICE__CONCURRENCY", "8")]),
     )
     .unwrap();
-    assert_eq!(s.services["billing"].queue_type, QueueType::Classic);
-    assert_eq!(s.services["billing"].timeout_ms, 500);
-    assert!(s.services["billing"].handler.is_none());
+    assert_eq!(names(&s), ["invoice"]);
+    assert_eq!(s.services["invoice"].concurrency, 8);
+    assert_eq!(s.services["invoice"].timeout_ms, 20_000);
+    // A variable naming another service adds it, beside the file's.
+    let s = Settings::load_from(
+        Some(&path),
+        None,
+        env(&[("SWITCHBOARD__SERVICES__AUDIT__TIMEOUT_MS", "500")]),
+    )
+    .unwrap();
+    assert_eq!(names(&s), ["audit", "invoice"]);
+    assert!(s.services["audit"].handler.is_none());
+}
+
+#[test]
+fn environment_variables_alone_can_name_the_services() {
+    // No file: a variable that names a service of its own replaces the
+    // demo services, as a file would.
+    let s = Settings::load_from(
+        None,
+        None,
+        env(&[
+            ("SWITCHBOARD__SERVICES__INVOICE__TIMEOUT_MS", "20000"),
+            ("SWITCHBOARD__SERVICES__INVOICE__QUEUE_TYPE", "classic"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(names(&s), ["invoice"]);
+    assert_eq!(s.services["invoice"].timeout_ms, 20_000);
+    assert_eq!(s.services["invoice"].queue_type, QueueType::Classic);
+    assert!(s.services["invoice"].handler.is_none());
+    // A handler by environment too.
+    let s = Settings::load_from(
+        None,
+        None,
+        env(&[("SWITCHBOARD__SERVICES__TWIN__HANDLER", "echo")]),
+    )
+    .unwrap();
+    assert_eq!(names(&s), ["twin"]);
+    assert!(s.services["twin"].handler.is_some());
 }
 
 #[test]

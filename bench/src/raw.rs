@@ -22,7 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deadpool_lapin::lapin::{
+use futures_util::StreamExt;
+use rand::Rng;
+use switchboard::amqp::{topology, wire};
+use switchboard::lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     message::Delivery,
     options::{
@@ -31,14 +34,13 @@ use deadpool_lapin::lapin::{
     },
     types::FieldTable,
 };
-use futures_util::StreamExt;
+use switchboard::settings::{ReplyMode, ServiceSettings};
 use tokio::sync::oneshot;
 
-use super::Target;
-use super::load::{Measured, Stop, drive};
-use crate::amqp::{topology, wire};
+use crate::env::{Target, check_reply};
 use crate::error::Result;
-use crate::settings::{ReplyMode, ServiceSettings};
+use crate::load::{Measured, Stop, drive};
+use crate::progress::Tally;
 
 /// Correlation id to the task waiting for that reply.
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Delivery>>>>;
@@ -127,9 +129,9 @@ impl RawRpc {
     }
 
     /// Measures calls at `concurrency` until `stop`.
-    pub async fn drive(&self, concurrency: usize, stop: Stop) -> Measured {
+    pub async fn drive(&self, concurrency: usize, stop: Stop, tally: Tally) -> Measured {
         let client = self.client.clone();
-        drive(concurrency, stop, move || {
+        drive(concurrency, stop, tally, move || {
             let client = client.clone();
             async move { client.call().await }
         })
@@ -152,7 +154,7 @@ impl RawClient {
         let id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
         lock(&self.waiters).insert(id.clone(), tx);
-        let traceparent = crate::telemetry::new_traceparent();
+        let traceparent = new_traceparent();
         let meta = wire::RequestMeta {
             service: &self.service,
             correlation_id: &id,
@@ -196,13 +198,22 @@ impl RawClient {
                 return Err(format!("no reply within {:?}", self.timeout));
             }
         };
-        super::check_reply(
+        check_reply(
             wire::reply_status(&reply.properties).unwrap_or(502),
             reply.data.len(),
             self.payload.len(),
         )
         .map(|()| sent)
     }
+}
+
+/// A new W3C `traceparent` (version 00, sampled), as switchboard's client
+/// sends one with every request.
+fn new_traceparent() -> String {
+    let mut rng = rand::rng();
+    let trace: u128 = rng.random::<u128>().max(1);
+    let span: u64 = rng.random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-01")
 }
 
 fn lock(w: &Waiters) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Delivery>>> {

@@ -13,7 +13,35 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tracing::warn;
 
-use super::report::{histogram, record};
+use crate::error::{BenchError, Result};
+use crate::probe::{Probe, Usage};
+use crate::progress::{Progress, Tally, Total};
+use crate::report::{histogram, record};
+
+/// How long each point lasts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// Calls per measured point.
+    #[arg(long, default_value_t = 20_000)]
+    pub calls: u64,
+    /// Measure for this many seconds instead of a number of calls.
+    #[arg(long, conflicts_with = "calls")]
+    pub duration: Option<f64>,
+    /// Calls made before each point, at its concurrency, and not recorded.
+    #[arg(long, default_value_t = 1_000)]
+    pub warmup: u64,
+}
+
+impl LoadArgs {
+    /// When each measured point ends.
+    pub(crate) fn stop(&self) -> Result<Stop> {
+        match self.duration {
+            Some(s) if s.is_finite() && s > 0.0 => Ok(Stop::After(Duration::from_secs_f64(s))),
+            Some(_) => Err(BenchError::flag("--duration", "must be positive")),
+            None => Ok(Stop::Calls(self.calls)),
+        }
+    }
+}
 
 /// When a measured point ends.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +50,16 @@ pub(crate) enum Stop {
     Calls(u64),
     /// When this much time has passed (calls in flight then finish).
     After(Duration),
+}
+
+impl Stop {
+    /// The work of a phase that ends here, for its progress bar.
+    pub fn total(self) -> Total {
+        match self {
+            Stop::Calls(n) => Total::Count(n),
+            Stop::After(d) => Total::Time(d),
+        }
+    }
 }
 
 /// What one drive measured.
@@ -40,10 +78,45 @@ pub(crate) struct Measured {
     pub elapsed: Duration,
 }
 
-/// Runs calls made by `call` with `concurrency` in flight until `stop`.
-/// A call answers the instant its request was confirmed, or `Err(reason)`
-/// when it failed; the first reason is logged.
-pub(crate) async fn drive<F, Fut>(concurrency: usize, stop: Stop, call: F) -> Measured
+/// The two phases of a measured point: a warm-up of `warmup` calls (not
+/// recorded; none when 0), then the measured phase until `stop` between two
+/// probe readings; each shown as a bar under `label`.
+pub(crate) struct Phases<'a> {
+    pub label: String,
+    pub warmup: u64,
+    pub stop: Stop,
+    pub probe: &'a Probe,
+    pub progress: &'a Progress,
+}
+
+impl Phases<'_> {
+    /// Runs both phases with `drive` (one phase: calls until the stop it is
+    /// given, each counted on the tally); `between` runs after the warm-up,
+    /// right before the first reading (to reset what the warm-up counted).
+    pub async fn run<D, Fut>(self, between: impl FnOnce(), drive: D) -> (Measured, Usage)
+    where
+        D: Fn(Stop, Tally) -> Fut,
+        Fut: Future<Output = Measured>,
+    {
+        if self.warmup > 0 {
+            let warmup = Stop::Calls(self.warmup);
+            let label = format!("{} warm-up", self.label);
+            let phase = self.progress.phase(label, "calls", warmup.total());
+            drive(warmup, phase.tally()).await;
+        }
+        let phase = self.progress.phase(self.label, "calls", self.stop.total());
+        between();
+        let snap = self.probe.start();
+        let m = drive(self.stop, phase.tally()).await;
+        (m, self.probe.finish(&snap))
+    }
+}
+
+/// Runs calls made by `call` with `concurrency` in flight until `stop`,
+/// counting each finished call on `tally`. A call answers the instant its
+/// request was confirmed, or `Err(reason)` when it failed; the first
+/// reason is logged.
+pub(crate) async fn drive<F, Fut>(concurrency: usize, stop: Stop, tally: Tally, call: F) -> Measured
 where
     F: Fn() -> Fut + Clone + 'static,
     Fut: Future<Output = Result<Instant, String>> + 'static,
@@ -61,6 +134,7 @@ where
             let call = call.clone();
             let issued = issued.clone();
             let logged = logged.clone();
+            let tally = tally.clone();
             actix_rt::spawn(async move {
                 let (mut hist, mut confirmed) = (histogram(), histogram());
                 let (mut calls, mut errors) = (0u64, 0u64);
@@ -73,6 +147,7 @@ where
                     let t0 = Instant::now();
                     let outcome = call().await;
                     calls += 1;
+                    tally.add(1);
                     match outcome {
                         Ok(sent) => {
                             record(&mut hist, t0.elapsed());

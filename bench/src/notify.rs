@@ -15,7 +15,7 @@
 //! - `sse`: the 202, then `GET <Location>/events` until its
 //!   `switchboard.call.completed` frame;
 //! - `amqp`: the 202, then the `switchboard.call.completed` event from an
-//!   [`events::Subscription`] on the events fanout.
+//!   [`Subscription`] on the events fanout.
 //!
 //! Each call's awareness delay is the instant the client has the result
 //! (the response read, the callback or event received) minus the instant
@@ -38,22 +38,128 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use switchboard::amqp::wire;
+use switchboard::events::{SubscribeOptions, Subscription};
+use switchboard::settings::ServiceSettings;
+use switchboard::worker::{HandlerError, Reply, Request};
 use tokio::sync::oneshot;
 
-use super::http::accepted_location;
-use super::load::{Measured, Stop, drive};
-use super::report::{self, Probe, Usage, histogram, record};
-use super::rig::{LocalServer, Rig, Served, http_client, on_client_thread};
-use super::{Env, Labels, NotifyArgs, NotifyStyle, Out, json_payload, measured_point};
-use crate::amqp::wire;
+use crate::Out;
+use crate::env::{Env, check_reply, json_payload};
 use crate::error::Result;
-use crate::events::{SubscribeOptions, Subscription};
-use crate::gateway::tracker::EVENT_COMPLETED;
-use crate::settings::ServiceSettings;
-use crate::worker::{HandlerError, Reply, Request};
+use crate::http::accepted_location;
+use crate::load::{LoadArgs, Measured, Phases, Stop, drive};
+use crate::probe::{Probe, Usage};
+use crate::progress::Progress;
+use crate::report::{self, Labels, Line, histogram, measured_point, record};
+use crate::rig::{LocalServer, Rig, Served, http_client, on_client_thread};
+
+pub(crate) const NOTIFY_HELP: &str = "\
+Styles (--style, a point each; variant = the style):
+  sync      POST with `Prefer: wait=--wait`, answered 200 with the reply (Call-Id
+            names the call)
+  longpoll  POST `Prefer: respond-async` (202), then GET <Location>?wait=--wait
+            until the call has ended
+  poll      the 202, then GET <Location> after each Retry-After (the
+            gateway's retry_after_s, jittered: 1 to 2 s by default)
+  callback  POST with Callback-Url: a receiver in this process on 127.0.0.1
+            (the run's gateway allows loopback callback targets)
+  sse       the 202, then GET <Location>/events until the completed frame
+  amqp      the 202, then the switchboard.call.completed event from an AMQP
+            subscriber (events::Subscription) on the events fanout
+
+The service's handler sleeps --delay-ms, then notes the instant it returns
+its reply (by call id). aware_p50_us / aware_p99_us / aware_max_us: the
+instant the client has the result (response read, callback or event
+received) minus that instant, on one monotonic clock. p50_us / p99_us: the
+whole call, from the POST. requests_per_call: HTTP requests the client sent
+per call (the callback POST the gateway makes is not counted).";
+
+/// Flags of `bench notify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NotifyArgs {
+    /// Calls per style.
+    #[arg(long, default_value_t = 500)]
+    pub calls: u64,
+    /// Measure each style for this many seconds instead.
+    #[arg(long, conflicts_with = "calls")]
+    pub duration: Option<f64>,
+    /// Calls made before each style's point and not recorded.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u64,
+    /// Clients calling at once (each one call at a time).
+    #[arg(long, default_value_t = 50)]
+    pub clients: usize,
+    /// How long the service works on each call before it replies, ms.
+    #[arg(long, default_value_t = 200)]
+    pub delay_ms: u64,
+    /// The styles to measure, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sync,longpoll,poll,callback,sse,amqp"
+    )]
+    pub style: Vec<NotifyStyle>,
+    /// Size of each request's JSON payload in bytes (at least 10).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Seconds each long-poll may wait (`?wait=`).
+    #[arg(long, default_value_t = 30)]
+    pub wait: u64,
+    /// HTTP worker threads of the gateway (0: the `gateway.workers` setting).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+}
+
+/// `bench notify --style`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NotifyStyle {
+    /// The reply as the POST's answer.
+    Sync,
+    /// 202, then long-polls.
+    Longpoll,
+    /// 202, then polls at Retry-After.
+    Poll,
+    /// A Callback-Url.
+    Callback,
+    /// 202, then the call's SSE stream.
+    Sse,
+    /// 202, then the lifecycle event from an AMQP subscriber.
+    Amqp,
+}
+
+impl NotifyArgs {
+    /// How long each style's point lasts.
+    fn load(&self) -> LoadArgs {
+        LoadArgs {
+            calls: self.calls,
+            duration: self.duration,
+            warmup: self.warmup,
+        }
+    }
+}
+
+impl NotifyStyle {
+    /// The point's `variant`.
+    fn name(self) -> &'static str {
+        match self {
+            NotifyStyle::Sync => "sync",
+            NotifyStyle::Longpoll => "longpoll",
+            NotifyStyle::Poll => "poll",
+            NotifyStyle::Callback => "callback",
+            NotifyStyle::Sse => "sse",
+            NotifyStyle::Amqp => "amqp",
+        }
+    }
+}
 
 /// The service the clients call.
 const SERVICE: &str = "notify";
+/// The type of the lifecycle event of a call that has ended (DESIGN.md,
+/// "Lifecycle events"): spelled here as any subscriber outside the library
+/// spells it, so that the `sse` and `amqp` styles fail if it drifts.
+const EVENT_COMPLETED: &str = "switchboard.call.completed";
 /// How long a client waits for a callback or an event before the call
 /// counts as failed.
 const NOTIFY_LIMIT: Duration = Duration::from_secs(30);
@@ -218,7 +324,8 @@ pub(crate) async fn run(
             let measured = on_client_thread({
                 let (spec, probe, clients, warmup) =
                     (spec.clone(), probe.clone(), args.clients, load.warmup);
-                move || drive_style(spec, style, clients, warmup, stop, probe)
+                let progress = out.progress().clone();
+                move || drive_style(spec, style, clients, warmup, stop, probe, progress)
             })
             .await;
             if let Some(s) = subscriber {
@@ -232,7 +339,7 @@ pub(crate) async fn run(
             p.aware_p50_us = Some(aware.value_at_quantile(0.5));
             p.aware_p99_us = Some(aware.value_at_quantile(0.99));
             p.aware_max_us = Some(aware.max());
-            out.emit(super::Line::Point(p));
+            out.emit(Line::Point(p));
         }
         Ok(())
     }
@@ -243,8 +350,9 @@ pub(crate) async fn run(
 }
 
 /// One style's point on the client thread: warm-up (not recorded), then
-/// the measured drive between two probe readings. Returns the drive, the
-/// readings, the HTTP requests made and the awareness delays.
+/// the measured drive between two probe readings, each shown on
+/// `progress`. Returns the drive, the readings, the HTTP requests made and
+/// the awareness delays.
 async fn drive_style(
     spec: Spec,
     style: NotifyStyle,
@@ -252,6 +360,7 @@ async fn drive_style(
     warmup: u64,
     stop: Stop,
     probe: Probe,
+    progress: Progress,
 ) -> Result<(Measured, Usage, u64, Histogram<u64>)> {
     let client = http_client()?;
     let requests = Rc::new(Cell::new(0u64));
@@ -274,14 +383,22 @@ async fn drive_style(
             }
         }
     };
-    if warmup > 0 {
-        drive(clients, Stop::Calls(warmup), call.clone()).await;
-    }
-    requests.set(0);
-    aware.replace(histogram());
-    let snap = probe.start();
-    let m = drive(clients, stop, call).await;
-    let usage = probe.finish(&snap);
+    let phases = Phases {
+        label: format!("notify {} clients={clients}", style.name()),
+        warmup,
+        stop,
+        probe: &probe,
+        progress: &progress,
+    };
+    let reset = || {
+        requests.set(0);
+        aware.replace(histogram());
+    };
+    let (m, usage) = phases
+        .run(reset, |stop, tally| {
+            drive(clients, stop, tally, call.clone())
+        })
+        .await;
     let aware = aware.replace(histogram());
     Ok((m, usage, requests.get(), aware))
 }
@@ -321,7 +438,7 @@ async fn one_call(
             .ok_or("an answer without Call-Id")?;
         let body = res.bytes().await.map_err(text)?;
         let at = Instant::now();
-        super::check_reply(status, body.len(), spec.payload.len())?;
+        check_reply(status, body.len(), spec.payload.len())?;
         return Ok((id, at));
     }
     let res = match style {

@@ -13,21 +13,20 @@
 
 use std::future::Future;
 use std::net::TcpListener;
-
-use actix_web::{App, HttpServer, web};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::{App, HttpServer, web};
+use switchboard::amqp::Broker;
+use switchboard::gateway::{self, RunningGateway};
+use switchboard::settings::{ServiceSettings, Settings};
+use switchboard::worker::{Handler, Worker, WorkerHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::Env;
-use crate::amqp::Broker;
-use crate::error::{Error, Result};
-use crate::gateway::{self, RunningGateway};
-use crate::settings::{ServiceSettings, Settings};
-use crate::worker::{Handler, Worker, WorkerHandle};
+use crate::env::Env;
+use crate::error::{BenchError, Result};
 
 /// A service the rig serves with an in-process worker.
 pub(crate) struct Served {
@@ -50,10 +49,6 @@ pub(crate) struct Rig {
     dir: PathBuf,
 }
 
-fn io(what: &str, e: std::io::Error) -> Error {
-    Error::Malformed(format!("{what}: {e}"))
-}
-
 impl Rig {
     /// Starts the workers of `services` and the gateway; `tweak` adjusts
     /// the gateway's settings first (stream bounds, callbacks...). What it
@@ -67,7 +62,7 @@ impl Rig {
         settings.amqp = env.amqp.clone();
         settings.amqp.instance_id = env.instance("gateway");
         let dir = std::env::temp_dir().join(format!("{}-store", settings.amqp.instance_id));
-        std::fs::create_dir_all(&dir).map_err(|e| io("store directory", e))?;
+        std::fs::create_dir_all(&dir).map_err(BenchError::io("store directory"))?;
         settings.gateway.store_url = format!("sqlite://{}/calls.db?mode=rwc", dir.display());
         // Anonymous callers: the gateway faces loopback only.
         settings.gateway.tokens.clear();
@@ -87,14 +82,15 @@ impl Rig {
                 Err(e) => {
                     stop_workers(workers).await;
                     broker.close().await;
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
         let started = async {
             let listener =
-                TcpListener::bind("127.0.0.1:0").map_err(|e| io("gateway listener", e))?;
-            gateway::start(&settings, &broker, listener, CancellationToken::new()).await
+                TcpListener::bind("127.0.0.1:0").map_err(BenchError::io("gateway listener"))?;
+            let cancel = CancellationToken::new();
+            Ok::<_, BenchError>(gateway::start(&settings, &broker, listener, cancel).await?)
         }
         .await;
         let gateway = match started {
@@ -149,11 +145,11 @@ pub(crate) fn http_client() -> Result<reqwest::Client> {
         .pool_max_idle_per_host(usize::MAX)
         .pool_idle_timeout(Duration::from_secs(300))
         .build()
-        .map_err(|e| Error::Malformed(format!("HTTP client: {e}")))
+        .map_err(BenchError::HttpClient)
 }
 
 /// Runs the future `make` builds on a thread of its own (`bench-client`,
-/// an actix system of its own, so [`super::load::drive`] works there) and
+/// an actix system of its own, so [`crate::load::drive`] works there) and
 /// returns its output.
 pub(crate) async fn on_client_thread<T, F, Fut>(make: F) -> Result<T>
 where
@@ -168,10 +164,10 @@ where
             let out = actix_rt::System::new().block_on(async move { make().await });
             let _ = tx.send(out);
         })
-        .map_err(|e| io("client thread", e))?;
+        .map_err(BenchError::io("client thread"))?;
     rx.await.map_err(|_| {
         warn!("the bench client thread ended without an answer");
-        Error::Malformed("the bench client thread panicked".into())
+        BenchError::ThreadLost("bench-client")
     })
 }
 
@@ -186,19 +182,18 @@ pub(crate) struct LocalServer {
 impl LocalServer {
     /// Serves the routes `configure` mounts with `workers` threads (0: one
     /// per core); `what` names it in errors.
-    pub fn start<F>(what: &str, workers: usize, configure: F) -> Result<Self>
+    pub fn start<F>(what: &'static str, workers: usize, configure: F) -> Result<Self>
     where
         F: Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
     {
-        let failed = |e: std::io::Error| io(what, e);
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(failed)?;
-        let addr = listener.local_addr().map_err(failed)?;
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(BenchError::io(what))?;
+        let addr = listener.local_addr().map_err(BenchError::io(what))?;
         let mut server =
             HttpServer::new(move || App::new().configure(configure.clone())).disable_signals();
         if workers > 0 {
             server = server.workers(workers);
         }
-        let server = server.listen(listener).map_err(failed)?.run();
+        let server = server.listen(listener).map_err(BenchError::io(what))?.run();
         let handle = server.handle();
         actix_rt::spawn(server);
         Ok(Self {

@@ -23,17 +23,100 @@ use std::time::{Duration, Instant};
 use actix_web::{HttpResponse, web};
 use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, LOCATION};
+use switchboard::amqp::wire;
+use switchboard::worker;
 
-use super::load::{Measured, Stop, drive};
-use super::report::{self, Probe, Totals, Usage};
-use super::rig::{LocalServer, Rig, Served, http_client, on_client_thread};
-use super::{
-    Env, HttpArgs, HttpVariant, Labels, Out, Profile, ReplyModeArg, RpcArgs, Variant, check_reply,
-    measured_point, rpc,
-};
-use crate::amqp::wire;
-use crate::error::{Error, Result};
-use crate::worker;
+use crate::Out;
+use crate::compare::Variant;
+use crate::env::{Env, check_reply};
+use crate::error::{BenchError, Result};
+use crate::load::{LoadArgs, Measured, Phases, Stop, drive};
+use crate::probe::{Probe, Usage};
+use crate::progress::Progress;
+use crate::report::{self, Labels, Line, Point, Totals, measured_point};
+use crate::rig::{LocalServer, Rig, Served, http_client, on_client_thread};
+use crate::rpc::{Profile, ReplyModeArg, RpcArgs, SbRpc};
+
+pub(crate) const HTTP_HELP: &str = "\
+Variants (--variant, each a point per --concurrency):
+  sync      POST /v1/services/echo/calls with a --payload-byte JSON body,
+            answered 200 with the echo (the service's queue as configured,
+            persistent, confirmed, the gateway's durable reply queue)
+  accepted  the same POST with `Prefer: respond-async` (202 + Location),
+            then GET <Location>?wait=--wait until the call has ended
+            (requests_per_call says how many requests that took)
+  get       GET /v1/calls/{id} of one finished call, repeated: a read of the
+            call store (SQLite in a temporary directory)
+  bare      the same GET answered with the same document, a constant, by a
+            bare actix-web handler on another port: what HTTP alone costs
+
+--concurrency is the number of connections, each with one request at a
+time (HTTP/1.1 keep-alive). The gateway runs in this process under the run's
+prefix, without tokens, with --workers HTTP threads; the client runs on a
+thread of its own (`bench-client` in cpu_by_thread). With
+--with-rpc-reference true (the default) every concurrency also gets an rpc
+point (RpcClient, same payload, as many calls in flight), and ratio lines
+(kind ratio, `of`): sync / rpc and get / bare.";
+
+/// Flags of `bench http`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// How long each point lasts.
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Size of each request's JSON payload in bytes (at least 10); the echo
+    /// sends it back.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Connections, each with one request at a time; a comma-separated list
+    /// gives one point per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    pub concurrency: Vec<usize>,
+    /// The variants to measure, in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sync,accepted,get,bare"
+    )]
+    pub variant: Vec<HttpVariant>,
+    /// Also measure `bench rpc` with the same payload and calls in flight,
+    /// and print the ratio sync / rpc.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub with_rpc_reference: bool,
+    /// HTTP worker threads of the gateway and of the bare server (0: the
+    /// `gateway.workers` setting; its default, 0, is one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Seconds each long-poll of `accepted` may wait (`?wait=`).
+    #[arg(long, default_value_t = 10)]
+    pub wait: u64,
+}
+
+/// `bench http --variant`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HttpVariant {
+    /// POST answered 200 with the reply.
+    Sync,
+    /// POST answered 202, then long-polls until the call ends.
+    Accepted,
+    /// GET of a finished call's status document.
+    Get,
+    /// The same GET from a bare actix-web handler (the reference).
+    Bare,
+}
+
+impl HttpVariant {
+    /// The point's `variant`.
+    fn name(self) -> &'static str {
+        match self {
+            HttpVariant::Sync => "sync",
+            HttpVariant::Accepted => "accepted",
+            HttpVariant::Get => "get",
+            HttpVariant::Bare => "bare",
+        }
+    }
+}
 
 /// The service the gateway serves (under the run's prefix).
 const SERVICE: &str = "echo";
@@ -98,7 +181,7 @@ pub(crate) async fn run(
             wait: args.wait.max(1),
         };
         let sb = if args.with_rpc_reference {
-            Some(rpc::SbRpc::start(&target).await?)
+            Some(SbRpc::start(&target).await?)
         } else {
             None
         };
@@ -118,14 +201,14 @@ pub(crate) async fn run(
 async fn measure(
     args: &HttpArgs,
     spec: &Spec,
-    sb: Option<&rpc::SbRpc>,
+    sb: Option<&SbRpc>,
     labels: Labels,
     stop: Stop,
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    let mut totals: HashMap<(usize, &str), (Totals, super::Point)> = HashMap::new();
-    let mut keep = |name: &'static str, c: usize, p: &super::Point, m: &Measured| {
+    let mut totals: HashMap<(usize, &str), (Totals, Point)> = HashMap::new();
+    let mut keep = |name: &'static str, c: usize, p: &Point, m: &Measured| {
         let (t, _) = totals
             .entry((c, name))
             .or_insert_with(|| (Totals::new(), p.clone()));
@@ -136,8 +219,9 @@ async fn measure(
             let (m, usage, requests) = on_client_thread({
                 let spec = spec.clone();
                 let probe = probe.clone();
+                let progress = out.progress().clone();
                 let warmup = args.load.warmup;
-                move || drive_variant(spec, v, c, warmup, stop, probe)
+                move || drive_variant(spec, v, c, warmup, stop, probe, progress)
             })
             .await??;
             let mut p = measured_point("http", v.name(), labels, c, 1, &m, usage);
@@ -145,18 +229,22 @@ async fn measure(
             p.confirm_p99_us = None;
             p.requests_per_call = Some(report::round3(requests as f64 / (m.calls.max(1)) as f64));
             keep(v.name(), c, &p, &m);
-            out.emit(super::Line::Point(p));
+            out.emit(Line::Point(p));
         }
         if let Some(sb) = sb {
-            if args.load.warmup > 0 {
-                sb.drive(c, Stop::Calls(args.load.warmup)).await;
-            }
-            let snap = probe.start();
-            let m = sb.drive(c, stop).await;
-            let usage = probe.finish(&snap);
+            let phases = Phases {
+                label: format!("http rpc reference c={c}"),
+                warmup: args.load.warmup,
+                stop,
+                probe,
+                progress: out.progress(),
+            };
+            let (m, usage) = phases
+                .run(|| {}, |stop, tally| sb.drive(c, stop, tally))
+                .await;
             let p = measured_point("rpc", Variant::Switchboard.name(), labels, c, 1, &m, usage);
             keep("rpc", c, &p, &m);
-            out.emit(super::Line::Point(p));
+            out.emit(Line::Point(p));
         }
     }
     for &c in &args.concurrency {
@@ -165,7 +253,7 @@ async fn measure(
             {
                 let mut r = report::ratio(like, 1, n, d);
                 r.of = Some(format!("{num} / {den}"));
-                out.emit(super::Line::Ratio(r));
+                out.emit(Line::Ratio(r));
             }
         }
     }
@@ -173,8 +261,8 @@ async fn measure(
 }
 
 /// One point of `variant` on the client thread: warm-up (not recorded),
-/// then the measured drive between two probe readings. Also returns the
-/// HTTP requests the measured calls made.
+/// then the measured drive between two probe readings, each shown on
+/// `progress`. Also returns the HTTP requests the measured calls made.
 async fn drive_variant(
     spec: Spec,
     variant: HttpVariant,
@@ -182,6 +270,7 @@ async fn drive_variant(
     warmup: u64,
     stop: Stop,
     probe: Probe,
+    progress: Progress,
 ) -> Result<(Measured, Usage, u64)> {
     let client = http_client()?;
     let requests = Rc::new(Cell::new(0u64));
@@ -192,13 +281,19 @@ async fn drive_variant(
             async move { one_call(&client, &spec, variant, &requests).await }
         }
     };
-    if warmup > 0 {
-        drive(concurrency, Stop::Calls(warmup), call.clone()).await;
-    }
-    requests.set(0);
-    let snap = probe.start();
-    let m = drive(concurrency, stop, call).await;
-    let usage = probe.finish(&snap);
+    let phases = Phases {
+        label: format!("http {} c={concurrency}", variant.name()),
+        warmup,
+        stop,
+        probe: &probe,
+        progress: &progress,
+    };
+    let (m, usage) = phases
+        .run(
+            || requests.set(0),
+            |stop, tally| drive(concurrency, stop, tally, call.clone()),
+        )
+        .await;
     Ok((m, usage, requests.get()))
 }
 
@@ -290,7 +385,10 @@ pub(crate) fn accepted_location(res: &reqwest::Response) -> Result<String, Strin
 /// Makes one call that is kept (202), waits until it has ended, and returns
 /// its id and its status document as `GET /v1/calls/{id}` answers it.
 async fn finished_call(rig: &Rig, payload: &Bytes) -> Result<(String, Bytes)> {
-    let failed = |e: String| Error::Malformed(format!("bench http set-up: {e}"));
+    let failed = |reason: String| BenchError::Setup {
+        workload: "http",
+        reason,
+    };
     let client = http_client()?;
     let res = client
         .post(rig.url(&format!("/v1/services/{SERVICE}/calls")))

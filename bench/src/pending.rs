@@ -11,15 +11,34 @@
 use std::time::{Duration, Instant};
 
 use reqwest::header::CONTENT_TYPE;
+use switchboard::amqp::wire;
+use switchboard::settings::ServiceSettings;
+use switchboard::worker;
 
-use super::load::{Stop, drive};
-use super::report::{self, Probe};
-use super::rig::{Rig, Served, http_client, on_client_thread};
-use super::{Env, Labels, Out, PendingArgs, json_payload, measured_point};
-use crate::amqp::wire;
-use crate::error::{Error, Result};
-use crate::settings::ServiceSettings;
-use crate::worker;
+use crate::Out;
+use crate::env::{Env, json_payload};
+use crate::error::{BenchError, Result};
+use crate::load::{Phases, Stop, drive};
+use crate::probe::{self, Probe};
+use crate::report::{self, Labels, Line, measured_point};
+use crate::rig::{Rig, Served, http_client, on_client_thread};
+
+/// Flags of `bench pending`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PendingArgs {
+    /// Calls left pending in the measured point.
+    #[arg(long, default_value_t = 100_000)]
+    pub calls: u64,
+    /// Calls made (and left pending) before the first RSS reading.
+    #[arg(long, default_value_t = 2_000)]
+    pub warmup: u64,
+    /// Connections, each with one POST at a time.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Size of each request's JSON payload in bytes (at least 10).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+}
 
 /// The service that never answers in time.
 const SERVICE: &str = "hold";
@@ -33,10 +52,11 @@ pub(crate) async fn run(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    if args.calls == 0 || args.concurrency == 0 {
-        return Err(Error::Malformed(
-            "--calls and --concurrency must be positive".into(),
-        ));
+    if args.calls == 0 {
+        return Err(BenchError::flag("--calls", "must be positive"));
+    }
+    if args.concurrency == 0 {
+        return Err(BenchError::flag("--concurrency", "must be positive"));
     }
     let configured = env.echo_settings();
     let svc = ServiceSettings {
@@ -70,6 +90,7 @@ pub(crate) async fn run(
     let payload = json_payload(args.payload);
     let (warmup, calls, concurrency) = (args.warmup, args.calls, args.concurrency);
     let probe2 = probe.clone();
+    let progress = out.progress().clone();
     let measured = on_client_thread(move || async move {
         let client = http_client()?;
         let call = move || {
@@ -89,14 +110,21 @@ pub(crate) async fn run(
                 }
             }
         };
-        if warmup > 0 {
-            drive(concurrency, Stop::Calls(warmup), call.clone()).await;
-        }
-        let before = report::rss_kib();
-        let snap = probe2.start();
-        let m = drive(concurrency, Stop::Calls(calls), call).await;
-        let usage = probe2.finish(&snap);
-        Ok::<_, Error>((m, usage, before, report::rss_kib()))
+        let phases = Phases {
+            label: "pending".into(),
+            warmup,
+            stop: Stop::Calls(calls),
+            probe: &probe2,
+            progress: &progress,
+        };
+        let mut before = None;
+        let (m, usage) = phases
+            .run(
+                || before = probe::rss_kib(),
+                |stop, tally| drive(concurrency, stop, tally, call.clone()),
+            )
+            .await;
+        Ok::<_, BenchError>((m, usage, before, probe::rss_kib()))
     })
     .await;
     release.cancel();
@@ -111,6 +139,6 @@ pub(crate) async fn run(
         let per_call = (a as f64 - b as f64) * 1024.0 / m.calls.max(1) as f64;
         p.rss_per_call_bytes = Some(report::round2(per_call));
     }
-    out.emit(super::Line::Point(p));
+    out.emit(Line::Point(p));
     Ok(())
 }

@@ -27,16 +27,62 @@ use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::json;
+use switchboard::amqp::Broker;
+use switchboard::events::{CloudEvent, SubscribeOptions, Subscription};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::events::{EVENT_TYPE, SbPublisher, paced_count, publish_paced};
-use super::report::{Line, Point, Probe, histogram, per_s, round2, round3};
-use super::rig::{Rig, http_client, on_client_thread};
-use super::{Env, Out, SseArgs};
-use crate::amqp::Broker;
-use crate::error::{Error, Result};
-use crate::events::{CloudEvent, SubscribeOptions, Subscription};
+use crate::Out;
+use crate::env::Env;
+use crate::error::{BenchError, Result};
+use crate::events::{EVENT_TYPE, SbPublisher, paced_count, publish_paced};
+use crate::notify::find;
+use crate::probe::Probe;
+use crate::progress::Total;
+use crate::report::{Line, Point, histogram, per_s, round2, round3};
+use crate::rig::{Rig, http_client, on_client_thread};
+
+pub(crate) const SSE_HELP: &str = "\
+Two points (workload sse): variant amqp, an events::Subscription on the
+fanout (the reference), and variant sse, --clients SSE clients on
+GET /v1/events?type=switchboard.bench.tick, each on a keep-alive connection of
+its own, all on the client thread. Publishing starts once every client is
+subscribed; --warmup events first (not counted), then --events at --rate.
+p50_us / p99_us: publish to delivery. minus_amqp_p50_us / minus_amqp_p99_us
+(sse): for every event and client, the SSE client's delivery minus the AMQP
+subscriber's of the same event (negative: the client had it first).
+missing: events that never reached a client (10 s after the reference had
+them all), summed over clients; errors = missing + failed publishes.
+
+The gateway's stream bounds are raised for the run (max_streams to at least
+--clients + 64, stream_buffer to at least 1024), and the soft open-files
+limit (ulimit -n) to 2 x --clients + 512 where the hard limit allows.";
+
+/// Flags of `bench sse`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SseArgs {
+    /// SSE clients, each on a connection of its own.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Events published and measured.
+    #[arg(long, default_value_t = 200)]
+    pub events: u64,
+    /// Publish for this many seconds instead (rate x duration events).
+    #[arg(long, conflicts_with = "events")]
+    pub duration: Option<f64>,
+    /// Events published first and not counted.
+    #[arg(long, default_value_t = 20)]
+    pub warmup: u64,
+    /// Events published per second (paced).
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// HTTP worker threads of the gateway (0: the `gateway.workers` setting).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+}
 
 /// How long receivers may take after the last publish before what has not
 /// arrived counts as missing.
@@ -78,7 +124,7 @@ pub(crate) async fn run(
             broker.close().await;
             r
         }
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     };
     rig.stop().await;
     result
@@ -142,11 +188,11 @@ async fn measure(
         Ok(Err(e)) => {
             cancel.cancel();
             amqp_task.abort();
-            return Err(Error::Malformed(format!("SSE clients: {e}")));
+            return Err(setup(format!("SSE clients: {e}")));
         }
         Err(_) => {
             amqp_task.abort();
-            return Err(Error::Malformed("the SSE clients did not start".into()));
+            return Err(setup("the SSE clients did not start".into()));
         }
     }
     info!(clients = k, "SSE clients subscribed; publishing");
@@ -164,14 +210,32 @@ async fn measure(
         )
     };
     let publisher = SbPublisher(broker.clone());
-    let mut publish_errors =
-        publish_paced(&publisher, args.warmup, args.rate, Instant::now(), &make).await;
+    let progress = out.progress().clone();
+    let phase = progress.phase("sse warm-up".into(), "events", Total::Count(args.warmup));
+    let mut publish_errors = publish_paced(
+        &publisher,
+        args.warmup,
+        args.rate,
+        Instant::now(),
+        &make,
+        phase.tally(),
+    )
+    .await;
+    drop(phase);
+    let phase = progress.phase(format!("sse clients={k}"), "events", Total::Count(n));
     let _ = snap_tx.send(probe.start());
     let warmup = args.warmup;
-    publish_errors += publish_paced(&publisher, n, args.rate, Instant::now(), &|i| {
-        make(warmup + i)
-    })
+    let make_measured = |i| make(warmup + i);
+    publish_errors += publish_paced(
+        &publisher,
+        n,
+        args.rate,
+        Instant::now(),
+        &make_measured,
+        phase.tally(),
+    )
     .await;
+    drop(phase);
     let _ = amqp_task.await;
     // What has not reached a client GRACE after the reference has it is missing.
     let mut clients = clients;
@@ -185,7 +249,7 @@ async fn measure(
     let (per_client, usage) = match per_client {
         Ok(Ok(Ok(v))) => v,
         Ok(Ok(Err(e))) | Ok(Err(e)) => return Err(e),
-        Err(e) => return Err(Error::Malformed(format!("SSE clients: {e}"))),
+        Err(e) => return Err(setup(format!("SSE clients: {e}"))),
     };
     let sent = sent.borrow();
     let amqp = amqp_arrivals.borrow();
@@ -262,6 +326,14 @@ async fn measure(
     Ok(())
 }
 
+/// A failure of the workload's set-up (its clients connecting).
+fn setup(reason: String) -> BenchError {
+    BenchError::Setup {
+        workload: "sse",
+        reason,
+    }
+}
+
 /// `base` with the median, 99th percentile and maximum of `h`.
 fn quantiles(base: &Point, h: &Histogram<u64>) -> Point {
     Point {
@@ -334,7 +406,7 @@ async fn sse_clients(
             Ok(res) => streams.push(res),
             Err(e) => {
                 let _ = ready.send(Err(e.clone()));
-                return Err(Error::Malformed(e));
+                return Err(setup(e));
             }
         }
     }
@@ -361,7 +433,7 @@ async fn sse_clients(
                     };
                     let now = epoch.elapsed().as_micros() as u64;
                     buf.extend_from_slice(&chunk);
-                    while let Some(end) = super::notify::find(&buf, b"\n\n") {
+                    while let Some(end) = find(&buf, b"\n\n") {
                         if let Some(seq) = frame_seq(&buf[..end]) {
                             note(&mut arrivals, seq, now);
                             got += 1;
@@ -392,7 +464,7 @@ async fn sse_clients(
 /// such attribute, and `pad` is all `x`).
 fn frame_seq(frame: &[u8]) -> Option<usize> {
     const KEY: &[u8] = b"\"seq\":";
-    let at = super::notify::find(frame, KEY)? + KEY.len();
+    let at = find(frame, KEY)? + KEY.len();
     let digits = frame[at..]
         .iter()
         .take_while(|b| b.is_ascii_digit())

@@ -5,7 +5,7 @@
 //! The switchboard variant publishes with [`events::publish`] and receives
 //! through [`Subscription`]s on the run's events exchange. The raw variant
 //! does the same on bare lapin, the straightforward way, on an exchange of
-//! its own ([`super::raw_events_exchange`]): one publishing connection with
+//! its own ([`raw_events_exchange`]): one publishing connection with
 //! a confirm-mode channel, and per subscriber a connection, a server-named
 //! exclusive queue bound to the fanout, prefetch 256 and one ack per event,
 //! as [`Subscription`] does.
@@ -15,7 +15,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_lapin::lapin::{
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use switchboard::amqp::{Broker, Names, wire};
+use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
+use switchboard::lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     ExchangeKind,
     options::{
@@ -24,30 +29,55 @@ use deadpool_lapin::lapin::{
     },
     types::FieldTable,
 };
-use futures_util::StreamExt;
-use hdrhistogram::Histogram;
-use serde_json::json;
 use tokio::sync::Semaphore;
 
-use super::report::{Line, Point, Probe, Totals, histogram, per_s, ratio, record, round2};
-use super::{Env, EventsArgs, Out, Variant};
-use crate::amqp::{Broker, wire};
-use crate::error::{Error, Result};
-use crate::events::{self, CloudEvent, SubscribeOptions, Subscription};
+use crate::Out;
+use crate::compare::Variant;
+use crate::env::Env;
+use crate::error::{BenchError, Result};
+use crate::probe::Probe;
+use crate::progress::{Progress, Tally, Total};
+use crate::report::{Line, Point, Totals, histogram, per_s, ratio, record, round2, round3};
 
 /// The type of the events the bench publishes.
-pub(super) const EVENT_TYPE: &str = "switchboard.bench.tick";
+pub(crate) const EVENT_TYPE: &str = "switchboard.bench.tick";
 /// How long a subscriber waits for the next event before the rest count as lost.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
 /// Publishes in flight at most; beyond it the pacer waits (and the achieved
 /// rate, `calls_per_s`, falls below the asked one).
 const MAX_IN_FLIGHT: usize = 4096;
 
+/// Flags of `bench events`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EventsArgs {
+    /// Events published per measured point.
+    #[arg(long, default_value_t = 20_000)]
+    pub events: u64,
+    /// Publish for this many seconds instead (rate × duration events).
+    #[arg(long, conflicts_with = "events")]
+    pub duration: Option<f64>,
+    /// Events published before each point and not recorded.
+    #[arg(long, default_value_t = 500)]
+    pub warmup: u64,
+    /// Events published per second (paced; up to 4096 publishes in flight).
+    #[arg(long, default_value_t = 2_000.0)]
+    pub rate: f64,
+    /// Subscribers, each with a queue (and a connection) of its own.
+    #[arg(long, default_value_t = 4)]
+    pub subscribers: usize,
+    /// Bytes of padding in each event's data.
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Repetitions of raw and switchboard, alternating which goes first.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+}
+
 /// What a receiver reads from an event: its send time, µs since the run's epoch.
 type Stamp = u64;
 
 /// A publisher of one variant.
-pub(super) trait Publish: Clone + 'static {
+pub(crate) trait Publish: Clone + 'static {
     async fn publish(&self, event: CloudEvent) -> Result<(), String>;
 }
 
@@ -59,7 +89,7 @@ trait Receive: 'static {
 
 /// switchboard's publisher: [`events::publish`].
 #[derive(Clone)]
-pub(super) struct SbPublisher(pub(super) Broker);
+pub(crate) struct SbPublisher(pub(crate) Broker);
 
 impl Publish for SbPublisher {
     async fn publish(&self, event: CloudEvent) -> Result<(), String> {
@@ -153,6 +183,25 @@ fn stamp(event: &CloudEvent) -> Result<Stamp, String> {
         .ok_or_else(|| format!("event {} carries no send time", event.id))
 }
 
+/// The exchange of the raw events reference: a fanout of its own, so the two
+/// variants never see each other's events. Bench-only, under the run's prefix.
+fn raw_events_exchange(names: &Names) -> String {
+    format!("{}.bench.raw-events", names.prefix())
+}
+
+/// What every point of a run shares.
+struct Plan<'a> {
+    args: &'a EventsArgs,
+    /// Events of each measured phase.
+    events: u64,
+    /// The clock of the send times in the events.
+    epoch: Instant,
+    /// The padding of each event's data.
+    pad: String,
+    probe: &'a Probe,
+    progress: &'a Progress,
+}
+
 /// Runs both variants, alternating, and prints a point per variant and
 /// round plus the ratio line.
 pub(crate) async fn run(
@@ -161,12 +210,19 @@ pub(crate) async fn run(
     probe: &Probe,
     out: &mut Out<'_>,
 ) -> Result<()> {
-    let events = paced_count(args.rate, args.events, args.duration)?;
-    let epoch = Instant::now();
-    let pad = "x".repeat(args.payload);
+    let progress = out.progress().clone();
+    let plan = Plan {
+        args,
+        events: paced_count(args.rate, args.events, args.duration)?,
+        epoch: Instant::now(),
+        pad: "x".repeat(args.payload),
+        probe,
+        progress: &progress,
+    };
+    let rounds = args.rounds.max(1);
     let mut totals = [Totals::new(), Totals::new()];
     let mut last = None;
-    for round in 1..=args.rounds.max(1) {
+    for round in 1..=rounds {
         let order = if round % 2 == 1 {
             [Variant::Raw, Variant::Switchboard]
         } else {
@@ -183,24 +239,20 @@ pub(crate) async fn run(
                         subs.push(Subscription::start(&broker, SubscribeOptions::default()).await?);
                     }
                     let publisher = SbPublisher(broker.clone());
-                    let result =
-                        measure(args, events, epoch, &pad, probe, publisher, subs, variant).await;
+                    let result = measure(&plan, publisher, subs, variant, round).await;
                     // Dropping the subscriptions closes their connections.
                     broker.close().await;
                     result?.0
                 }
                 Variant::Raw => {
                     let (conn, publisher, subs) = raw_side(env, args.subscribers).await?;
-                    let (p, subs) =
-                        match measure(args, events, epoch, &pad, probe, publisher, subs, variant)
-                            .await
-                        {
-                            Ok(x) => x,
-                            Err(e) => {
-                                let _ = conn.close(200, "bench done".into()).await;
-                                return Err(e);
-                            }
-                        };
+                    let (p, subs) = match measure(&plan, publisher, subs, variant, round).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = conn.close(200, "bench done".into()).await;
+                            return Err(e);
+                        }
+                    };
                     for s in subs {
                         let _ = s.conn.close(200, "bench done".into()).await;
                     }
@@ -217,12 +269,7 @@ pub(crate) async fn run(
         }
     }
     if let Some(like) = last {
-        out.emit(Line::Ratio(ratio(
-            &like,
-            args.rounds.max(1),
-            &totals[1],
-            &totals[0],
-        )));
+        out.emit(Line::Ratio(ratio(&like, rounds, &totals[1], &totals[0])));
     }
     Ok(())
 }
@@ -234,7 +281,7 @@ async fn raw_side(
     k: usize,
 ) -> Result<(Connection, RawPublisher, Vec<RawSubscriber>)> {
     let instance = env.instance("raw-events");
-    let exchange = super::raw_events_exchange(&env.names());
+    let exchange = raw_events_exchange(&env.names());
     let props = |role: &str| {
         ConnectionProperties::default()
             .with_connection_name(wire::connection_name(&instance, role).into())
@@ -311,17 +358,21 @@ async fn raw_side(
 }
 
 /// Warm-up, then the measured phase; gives the subscribers back.
-#[allow(clippy::too_many_arguments)]
 async fn measure<P: Publish, R: Receive>(
-    args: &EventsArgs,
-    events: u64,
-    epoch: Instant,
-    pad: &str,
-    probe: &Probe,
+    plan: &Plan<'_>,
     publisher: P,
     subs: Vec<R>,
     variant: Variant,
+    round: u32,
 ) -> Result<((Point, Histogram<u64>), Vec<R>)> {
+    let Plan {
+        args,
+        events,
+        epoch,
+        probe,
+        ..
+    } = *plan;
+    let pad = plan.pad.as_str();
     let make = |seq: u64| {
         CloudEvent::new(
             EVENT_TYPE,
@@ -330,10 +381,41 @@ async fn measure<P: Publish, R: Receive>(
         )
     };
     let payload = serde_json::to_vec(&make(0)).map(|v| v.len()).unwrap_or(0);
-    let (subs, _) = phase(subs, &publisher, args.warmup, args.rate, epoch, &make).await;
+    let label = format!(
+        "events {} round {round}/{}",
+        variant.name(),
+        args.rounds.max(1)
+    );
+    let warmup = plan.progress.phase(
+        format!("{label} warm-up"),
+        "events",
+        Total::Count(args.warmup),
+    );
+    let (subs, _) = phase(
+        subs,
+        &publisher,
+        args.warmup,
+        args.rate,
+        epoch,
+        &make,
+        warmup.tally(),
+    )
+    .await;
+    drop(warmup);
+    let measured = plan.progress.phase(label, "events", Total::Count(events));
     let snap = probe.start();
-    let (subs, ph) = phase(subs, &publisher, events, args.rate, epoch, &make).await;
+    let (subs, ph) = phase(
+        subs,
+        &publisher,
+        events,
+        args.rate,
+        epoch,
+        &make,
+        measured.tally(),
+    )
+    .await;
     let usage = probe.finish(&snap);
+    drop(measured);
     let k = args.subscribers as u64;
     let seconds = ph.seconds;
     let point = usage.into_point(Point {
@@ -346,7 +428,7 @@ async fn measure<P: Publish, R: Receive>(
         concurrency: args.subscribers,
         calls: events,
         errors: ph.publish_errors + (events * k).saturating_sub(ph.delivered) + ph.bad,
-        seconds: super::report::round3(seconds),
+        seconds: round3(seconds),
         calls_per_s: round2(per_s(events, seconds)),
         p50_us: ph.hist.value_at_quantile(0.5),
         p99_us: ph.hist.value_at_quantile(0.99),
@@ -382,6 +464,7 @@ async fn phase<P: Publish, R: Receive>(
     rate: f64,
     epoch: Instant,
     make: &impl Fn(u64) -> CloudEvent,
+    tally: Tally,
 ) -> (Vec<R>, Phase) {
     let start = Instant::now();
     let receivers: Vec<_> = subs
@@ -407,7 +490,7 @@ async fn phase<P: Publish, R: Receive>(
             })
         })
         .collect();
-    let publish_errors = publish_paced(publisher, n, rate, start, make).await;
+    let publish_errors = publish_paced(publisher, n, rate, start, make, tally).await;
     let mut phase = Phase {
         hist: histogram(),
         delivered: 0,
@@ -433,26 +516,28 @@ async fn phase<P: Publish, R: Receive>(
 
 /// How many events a paced phase publishes: `events`, or `rate` x
 /// `duration` when a duration is given; checks both.
-pub(super) fn paced_count(rate: f64, events: u64, duration: Option<f64>) -> Result<u64> {
+pub(crate) fn paced_count(rate: f64, events: u64, duration: Option<f64>) -> Result<u64> {
     if !(rate.is_finite() && rate > 0.0) {
-        return Err(Error::Malformed("--rate must be a positive number".into()));
+        return Err(BenchError::flag("--rate", "must be a positive number"));
     }
     match duration {
         Some(secs) if secs.is_finite() && secs > 0.0 => Ok((rate * secs).ceil() as u64),
-        Some(_) => Err(Error::Malformed("--duration must be positive".into())),
+        Some(_) => Err(BenchError::flag("--duration", "must be positive")),
         None => Ok(events),
     }
 }
 
 /// Publishes `n` events made by `make` at `rate` per second from `start`
-/// (up to [`MAX_IN_FLIGHT`] unconfirmed), and returns once every publish is
-/// confirmed or failed, with the number that failed.
-pub(super) async fn publish_paced<P: Publish>(
+/// (up to [`MAX_IN_FLIGHT`] unconfirmed), counting each on `tally`, and
+/// returns once every publish is confirmed or failed, with the number that
+/// failed.
+pub(crate) async fn publish_paced<P: Publish>(
     publisher: &P,
     n: u64,
     rate: f64,
     start: Instant,
     make: &impl Fn(u64) -> CloudEvent,
+    tally: Tally,
 ) -> u64 {
     let errors = Rc::new(Cell::new(0u64));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -465,11 +550,13 @@ pub(super) async fn publish_paced<P: Publish>(
         };
         let publisher = publisher.clone();
         let errors = errors.clone();
+        let tally = tally.clone();
         let event = make(seq);
         actix_rt::spawn(async move {
             if publisher.publish(event).await.is_err() {
                 errors.set(errors.get() + 1);
             }
+            tally.add(1);
             drop(permit);
         });
     }
