@@ -414,6 +414,18 @@ async fn hostile_replies_do_not_stop_replies() {
         0,
         "hostile replies left in {queue}"
     );
+    // Those without a correlation id are poison, kept where operators look;
+    // the others are replies to no call: counted and dropped.
+    let poison = broker.names().poison_queue();
+    let uncorrelated = messages
+        .iter()
+        .filter(|(_, m)| m.correlation_id.is_none())
+        .count();
+    assert_eq!(
+        hostile_left(&gw, &poison).await,
+        uncorrelated,
+        "in {poison}"
+    );
     gw.cleanup().await;
 }
 
@@ -516,6 +528,14 @@ async fn hostile_events_stop_neither_streams_nor_subscriptions() {
         .queue_delete(queue.as_str().into(), Default::default())
         .await;
     assert_eq!(left, 0, "hostile events left in {queue}");
+    // Not CloudEvents: poison on a durable subscription, kept where
+    // operators look (the hub's temporary queue skips them).
+    let poison = broker.names().poison_queue();
+    assert_eq!(
+        hostile_left(&gw, &poison).await,
+        messages.len(),
+        "in {poison}"
+    );
     gw.cleanup().await;
 }
 
