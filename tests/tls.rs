@@ -14,6 +14,9 @@
 //! run as root, the `rabbitmq` user (the nodes run as it, with its Erlang
 //! cookie); docs/CONFIGURATION.md, "TLS".
 
+#[path = "it/common.rs"]
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,6 +30,8 @@ use switchboard::amqp::{Broker, TlsError};
 use switchboard::rpc::{Call, RpcClient, RpcOptions};
 use switchboard::settings::{QueueType, ServiceSettings, Settings};
 use switchboard::worker::{self, Worker};
+
+use common::{eventually, free_port};
 
 /// How long a node may take to boot (about 15 s here; CI machines vary).
 const BOOT_LIMIT: Duration = Duration::from_secs(90);
@@ -96,15 +101,6 @@ struct Node {
     pki: Pki,
     /// Removed after the node has stopped (fields drop after `drop`).
     dir: tempfile::TempDir,
-}
-
-/// A port free now on 127.0.0.1.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Whether this process runs as root (the owner of its /proc entry).
@@ -211,19 +207,18 @@ impl Node {
 
     /// Polls the TLS port until it accepts a connection.
     async fn wait_until_listening(&self) {
-        let deadline = Instant::now() + BOOT_LIMIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
+        let what = format!("node {} listening on {}", self.name, self.port);
+        let listening = eventually(BOOT_LIMIT, &what, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+        });
+        // The node's log says why it did not come up.
+        if let Err(panic) =
+            futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(listening)).await
         {
-            assert!(
-                Instant::now() < deadline,
-                "node {} did not listen on {} within {BOOT_LIMIT:?}; its log:\n{}",
-                self.name,
-                self.port,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            eprintln!("node {} log:\n{}", self.name, self.log_tail());
+            std::panic::resume_unwind(panic);
         }
     }
 

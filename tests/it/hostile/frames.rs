@@ -359,6 +359,12 @@ async fn hostile_left(gw: &Gw, queue: &str) -> usize {
     hostile
 }
 
+/// Fails if `queue` holds a hostile message once no consumer holds any.
+async fn assert_none_left(gw: &Gw, queue: &str) {
+    let left = hostile_left(gw, queue).await;
+    assert_eq!(left, 0, "{left} hostile messages left in {queue}");
+}
+
 /// The value of one series of the process's metrics (0 when absent).
 fn series(gw: &Gw, name: &str) -> f64 {
     let (text, _) = gw.ctx.broker.metrics().render(false);
@@ -387,11 +393,7 @@ async fn hostile_requests_on_a_service_queue_cost_nothing_but_themselves() {
     // Each was settled once: with its worker gone, nothing returns.
     gw.stop_gateway().await;
     stop_workers(&gw).await;
-    assert_eq!(
-        hostile_left(&gw, &queue).await,
-        0,
-        "hostile requests left in {queue}"
-    );
+    assert_none_left(&gw, &queue).await;
     gw.cleanup().await;
 }
 
@@ -409,11 +411,7 @@ async fn hostile_replies_do_not_stop_replies() {
     publish_reply(&ch, &queue, Some(&pending), None, "application/json", b"{}").await;
     assert_eq!(ended(&gw, &pending).await["status"], "succeeded");
     gw.stop_gateway().await;
-    assert_eq!(
-        hostile_left(&gw, &queue).await,
-        0,
-        "hostile replies left in {queue}"
-    );
+    assert_none_left(&gw, &queue).await;
     // Those without a correlation id are poison, kept where operators look;
     // the others are replies to no call: counted and dropped.
     let poison = broker.names().poison_queue();
@@ -445,27 +443,11 @@ async fn hostile_dead_letters_do_not_stop_the_dead_letter_watch() {
     publish_all(&messages, &names.dead_exchange(), "poison").await;
     // The watch still sees a real dead letter: a call that fails for good
     // ends failed.
-    let res = gw
-        .post("poison")
-        .bearer_auth(BOB)
-        .header("prefer", "respond-async")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), StatusCode::ACCEPTED);
-    let id = res.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = accepted_call(&gw, "poison").await;
     let doc = ended(&gw, &id).await;
     assert_eq!(doc["status"], "failed", "{doc}");
     gw.stop_gateway().await;
-    assert_eq!(
-        hostile_left(&gw, &watch).await,
-        0,
-        "hostile dead letters left in {watch}"
-    );
+    assert_none_left(&gw, &watch).await;
     // The hostile messages stay where an operator looks for dead letters.
     let dead = names.dead_queue("poison");
     assert_eq!(hostile_left(&gw, &dead).await, messages.len(), "in {dead}");
@@ -578,16 +560,8 @@ async fn a_restart_with_hostile_messages_waiting_in_its_queues_is_healthy() {
     assert_eq!(ended(&gw, &pending).await["status"], "succeeded");
     gw.stop_gateway().await;
     stop_workers(&gw).await;
-    assert_eq!(
-        hostile_left(&gw, &reply_queue).await,
-        0,
-        "left in {reply_queue}"
-    );
-    assert_eq!(
-        hostile_left(&gw, &service_queue).await,
-        0,
-        "left in {service_queue}"
-    );
+    assert_none_left(&gw, &reply_queue).await;
+    assert_none_left(&gw, &service_queue).await;
     gw.cleanup().await;
 }
 
