@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::amqp::Names;
-use crate::settings::Settings;
+use crate::settings::{Settings, redact_url};
 
 /// How long one request to the management API may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,8 +60,9 @@ pub enum ManagementError {
     Settings(String),
 }
 
-/// A client of the management API of the broker in the settings.
-#[derive(Debug, Clone)]
+/// A client of the management API of the broker in the settings. Its
+/// `Debug` shows neither the password nor one in the URL.
+#[derive(Clone)]
 pub struct Management {
     http: reqwest::Client,
     base: Url,
@@ -153,11 +154,26 @@ pub struct QueueRef {
     pub name: String,
 }
 
+impl std::fmt::Debug for Management {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Management")
+            .field("base", &redact_url(self.base.as_str()))
+            .field("user", &self.user)
+            .field("vhost", &self.vhost)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Management {
     /// A client for `settings.management`, in the vhost of `settings.amqp.url`.
     pub fn new(settings: &Settings) -> Result<Self, ManagementError> {
         let mut base = Url::parse(&settings.management.url)
             .map_err(|e| ManagementError::Settings(e.to_string()))?;
+        // Credentials come from management.user and .password (settings
+        // validation refuses them in the URL): whatever user info the URL
+        // has is dropped, so no error can show it.
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
         // `join` keeps a base path (a proxy prefix) only if it ends in `/`.
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
@@ -206,7 +222,8 @@ impl Management {
             .await
             .map_err(|e| ManagementError::Unreachable {
                 url: self.base.to_string(),
-                reason: e.to_string(),
+                // Its URL is the one shown, once.
+                reason: e.without_url().to_string(),
             })?;
         let status = res.status();
         if status == reqwest::StatusCode::NOT_FOUND {
@@ -223,7 +240,7 @@ impl Management {
             .map(Some)
             .map_err(|e| ManagementError::Malformed {
                 url: shown,
-                reason: e.to_string(),
+                reason: e.without_url().to_string(),
             })
     }
 

@@ -4,8 +4,14 @@
 //! Every key is documented in `config/default.toml`, where its default is
 //! defined. Loading fails with a [`SettingsError`] that names the offending
 //! key, so a typo stops start-up instead of being silently ignored.
+//!
+//! Secrets (tokens, the callback secret, the management password, passwords
+//! in URLs) never leave this module in clear through `Debug` or an error:
+//! the settings types show them through [`redact_url`] and [`REDACTED`],
+//! and validation messages name a setting, never its secret value.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -112,7 +118,8 @@ pub struct Settings {
 }
 
 /// `[amqp]`: where the broker is and how switchboard names things on it.
-#[derive(Debug, Clone, Deserialize)]
+// Debug shows no secret: see the impl below the type.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
     /// AMQP URI of the broker.
@@ -171,7 +178,8 @@ pub struct RpcSettings {
 }
 
 /// `[gateway]`: the HTTP face.
-#[derive(Debug, Clone, Deserialize)]
+// Debug shows no secret: see the impl below the type.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
     /// Whether `serve` runs the gateway.
@@ -200,21 +208,83 @@ pub struct GatewaySettings {
     pub heartbeat_s: u64,
     /// Events kept for Last-Event-ID resumption.
     pub event_history: usize,
+    /// Time allowed for a request's whole body to arrive, ms.
+    pub body_timeout_ms: u64,
+    /// Time allowed for a request's head (request line and headers), ms.
+    pub header_timeout_ms: u64,
+    /// Browser origins that may POST and open WebSockets (CORS).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub allowed_origins: Vec<String>,
     /// Bearer tokens by caller name.
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenSettings>,
 }
 
-/// `[gateway.tokens.<caller>]`: one bearer token.
-#[derive(Debug, Clone, Deserialize)]
+/// `[gateway.tokens.<caller>]`: one bearer token, given as the token itself
+/// or as its SHA-256 digest (exactly one of the two).
+// Debug shows no secret: see the impl below the type.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSettings {
     /// The secret the caller sends as `Authorization: Bearer <token>`.
-    pub token: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Or the token's SHA-256 digest, in hex: the settings then hold
+    /// nothing a caller could present.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
     /// Services it may call; `["*"]` for all. From the environment, where
     /// lists cannot be written, a comma-separated string.
     #[serde(deserialize_with = "list_or_commas")]
     pub services: Vec<String>,
+}
+
+impl TokenSettings {
+    /// A caller with `token`, allowed `services`.
+    pub fn bearer(token: &str, services: &[&str]) -> Self {
+        Self {
+            token: Some(token.to_owned()),
+            token_sha256: None,
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    /// A caller known by its token's SHA-256 digest (hex), allowed `services`.
+    pub fn digest(sha256_hex: &str, services: &[&str]) -> Self {
+        Self {
+            token: None,
+            token_sha256: Some(sha256_hex.to_owned()),
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+}
+
+impl TokenSettings {
+    /// The SHA-256 digest the gateway compares presented tokens with: of
+    /// `token`, or `token_sha256` decoded. `None` when neither is usable
+    /// (validation says which setting is wrong).
+    pub fn sha256(&self) -> Option<[u8; 32]> {
+        use sha2::Digest;
+        match (&self.token, &self.token_sha256) {
+            (Some(token), None) => Some(sha2::Sha256::digest(token.as_bytes()).into()),
+            (None, Some(hex)) => decode_sha256_hex(hex),
+            _ => None,
+        }
+    }
+}
+
+/// 64 hex digits (either case) as 32 bytes.
+fn decode_sha256_hex(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        let digit = |c: u8| (c as char).to_digit(16);
+        *byte = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
+    }
+    Some(out)
 }
 
 /// A list of strings, or one string of comma-separated items.
@@ -237,7 +307,8 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>,
 }
 
 /// `[callbacks]`: delivery of results to callback URLs.
-#[derive(Debug, Clone, Deserialize)]
+// Debug shows no secret: see the impl below the type.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallbackSettings {
     /// Standard Webhooks secret (`whsec_...`); empty disables callbacks.
@@ -276,7 +347,8 @@ pub struct MetricsSettings {
 
 /// `[management]`: RabbitMQ's management HTTP API, which `switchboard
 /// status` reads.
-#[derive(Debug, Clone, Deserialize)]
+// Debug shows no secret: see the impl below the type.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagementSettings {
     /// Base URL of the management API (`http://host:15672`).
@@ -340,7 +412,8 @@ pub enum OtelProtocol {
 }
 
 /// `[otel]`: export of spans over OTLP, off by default.
-#[derive(Debug, Clone, Deserialize)]
+// Debug shows no secret: see the impl below the type.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OtelSettings {
     /// Whether spans are exported.
@@ -366,11 +439,18 @@ impl OtelSettings {
     /// Checks what types alone cannot; the error is the setting and why.
     fn check(&self) -> Result<(), (&'static str, String)> {
         match url::Url::parse(&self.endpoint) {
+            // The exporter drops user info: it would not authenticate.
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                return Err((
+                    "otel.endpoint",
+                    "must not hold a user or password (the OTLP exporter sends no credentials from the URL)".into(),
+                ));
+            }
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
             _ => {
                 return Err((
                     "otel.endpoint",
-                    format!("not an http(s) URL: {:?}", self.endpoint),
+                    format!("not an http(s) URL: {:?}", redact_url(&self.endpoint)),
                 ));
             }
         }
@@ -545,7 +625,8 @@ impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         let fail = |key: &str, why: String| Err(SettingsError(format!("{key}: {why}")));
         if let Err(e) = deadpool_lapin::lapin::uri::AMQPUri::from_str(&self.amqp.url) {
-            return fail("amqp.url", format!("not an AMQP URI ({e})"));
+            // The parser's message may quote the URL, password and all.
+            return fail("amqp.url", format!("not an AMQP URI ({})", redact_url(&e)));
         }
         if !is_name(&self.amqp.prefix) {
             return fail("amqp.prefix", name_rule(&self.amqp.prefix));
@@ -604,11 +685,18 @@ impl Settings {
             );
         }
         match url::Url::parse(&self.management.url) {
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                return fail(
+                    "management.url",
+                    "must not hold a user or password: set management.user and management.password"
+                        .into(),
+                );
+            }
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => {
                 return fail(
                     "management.url",
-                    format!("not an http(s) URL: {:?}", self.management.url),
+                    format!("not an http(s) URL: {:?}", redact_url(&self.management.url)),
                 );
             }
         }
@@ -668,7 +756,7 @@ impl Settings {
                 "gateway.store_url",
                 format!(
                     "must start with sqlite: or postgres: (got {:?})",
-                    g.store_url
+                    redact_url(&g.store_url)
                 ),
             );
         }
@@ -681,19 +769,25 @@ impl Settings {
         if g.heartbeat_s == 0 {
             return fail("gateway.heartbeat_s", "must be above 0".into());
         }
-        for (caller, t) in &g.tokens {
-            if t.token.len() < 16 {
-                return fail(
-                    &format!("gateway.tokens.{caller}.token"),
-                    "must be at least 16 characters".into(),
-                );
+        if !(1..=3_600_000).contains(&g.body_timeout_ms) {
+            return fail(
+                "gateway.body_timeout_ms",
+                format!("must be 1 to 3600000 (got {})", g.body_timeout_ms),
+            );
+        }
+        if !(1..=3_600_000).contains(&g.header_timeout_ms) {
+            return fail(
+                "gateway.header_timeout_ms",
+                format!("must be 1 to 3600000 (got {})", g.header_timeout_ms),
+            );
+        }
+        for origin in &g.allowed_origins {
+            if let Err(why) = check_origin(origin) {
+                return fail("gateway.allowed_origins", why);
             }
-            if t.services.is_empty() {
-                return fail(
-                    &format!("gateway.tokens.{caller}.services"),
-                    "must name at least one service, or \"*\"".into(),
-                );
-            }
+        }
+        if let Err((key, why)) = check_tokens(&g.tokens) {
+            return fail(&key, why);
         }
         let c = &self.callbacks;
         if !c.secret.is_empty() && standardwebhooks::Webhook::new(&c.secret).is_err() {
@@ -853,6 +947,90 @@ fn name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
+/// Checks `gateway.allowed_origins` entries: each exactly as a browser
+/// sends it in `Origin` (`scheme://host[:port]`, lower case, no path), so
+/// that comparing the header with it is comparing origins.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(origin)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    let Some(parsed) = parsed else {
+        return Err(format!(
+            "{origin:?} is not an http(s) origin such as \"https://app.example.com\" (each origin is listed; \"*\" and \"null\" are not accepted)"
+        ));
+    };
+    let serialized = parsed.origin().ascii_serialization();
+    if serialized != origin {
+        return Err(format!(
+            "{origin:?} is not written as a browser sends it: {serialized:?} (scheme and host in lower case, the port only when not the scheme's, no path)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `gateway.tokens`: caller names, exactly one of `token` and
+/// `token_sha256` each, and no token shared by two callers (given plain or
+/// as a digest, or a token that is another caller's digest). The error is
+/// the setting (or settings) and why; never a token.
+fn check_tokens(tokens: &BTreeMap<String, TokenSettings>) -> Result<(), (String, String)> {
+    let mut digests: Vec<(&str, [u8; 32])> = Vec::new();
+    for (caller, t) in tokens {
+        let key = format!("gateway.tokens.{caller}");
+        if !is_name(caller) {
+            return Err((key, format!("the caller's name {}", name_rule(caller))));
+        }
+        match (&t.token, &t.token_sha256) {
+            (Some(token), None) if token.len() < 16 => {
+                return Err((
+                    format!("{key}.token"),
+                    "must be at least 16 characters".into(),
+                ));
+            }
+            (None, Some(hex)) if decode_sha256_hex(hex).is_none() => {
+                return Err((
+                    format!("{key}.token_sha256"),
+                    "must be 64 hex digits: the SHA-256 digest of the token (`printf %s \"$TOKEN\" | sha256sum`)".into(),
+                ));
+            }
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => {
+                return Err((key, "set exactly one of token and token_sha256".into()));
+            }
+        }
+        if t.services.is_empty() {
+            return Err((
+                format!("{key}.services"),
+                "must name at least one service, or \"*\"".into(),
+            ));
+        }
+        let digest = t
+            .sha256()
+            .ok_or_else(|| (key.clone(), "no usable token".to_owned()))?;
+        if let Some((other, _)) = digests.iter().find(|(_, d)| *d == digest) {
+            return Err((
+                format!("gateway.tokens.{other} and {key}"),
+                "have the same token: each caller needs a token of its own (one would silently be taken for the other)".into(),
+            ));
+        }
+        digests.push((caller, digest));
+    }
+    for (caller, t) in tokens {
+        let Some(token) = &t.token else { continue };
+        for (other, o) in tokens {
+            if o.token_sha256
+                .as_ref()
+                .is_some_and(|d| d.eq_ignore_ascii_case(token))
+            {
+                return Err((
+                    format!("gateway.tokens.{caller}.token and gateway.tokens.{other}.token_sha256"),
+                    "are the same text: a token must not be a digest written in the settings (whoever reads the digest could present it)".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Names that end up in queue names: ASCII letters, digits, `-`, `_`, `.`.
 pub fn is_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 100 && s.chars().all(name_char)
@@ -860,4 +1038,281 @@ pub fn is_name(s: &str) -> bool {
 
 fn name_rule(got: &str) -> String {
     format!("must be 1 to 100 of ASCII letters, digits, '-', '_' or '.' (got {got:?})")
+}
+
+/// What stands in for a secret wherever settings are shown.
+pub const REDACTED: &str = "***";
+
+/// `url` as it may be shown in a log line or an error: the password of its
+/// user info, and the value of any query parameter that names a secret
+/// (`password=`, `sslpassword=`, `secret=`, `token=`...), become
+/// [`REDACTED`]. The user name and the rest stay, to tell where it points.
+/// Everything between `://` and the last `@` is taken as user info, so a
+/// password with unescaped `/`, `?` or `@` is hidden too (at the price of
+/// hiding more when a path or query holds an `@`).
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return redact_query(url);
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => {
+                format!("{scheme}://{user}:{REDACTED}@{}", redact_query(host))
+            }
+            None => format!("{scheme}://{userinfo}@{}", redact_query(host)),
+        },
+        None => format!("{scheme}://{}", redact_query(rest)),
+    }
+}
+
+/// `s` with the value of every query parameter that names a secret
+/// replaced by [`REDACTED`].
+fn redact_query(s: &str) -> String {
+    let Some((path, query)) = s.split_once('?') else {
+        return s.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((key, _)) if names_a_secret(key) => format!("{key}={REDACTED}"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
+}
+
+/// Whether a URL query parameter's name says its value is a secret.
+fn names_a_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "apikey", "api_key"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+/// Shows a URL setting through [`redact_url`].
+struct ShownUrl<'a>(&'a str);
+
+impl fmt::Debug for ShownUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&redact_url(self.0), f)
+    }
+}
+
+/// Shows whether a secret setting is set, never its value.
+struct Hidden<'a>(Option<&'a str>);
+
+impl fmt::Debug for Hidden<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            None => f.write_str("None"),
+            Some("") => f.write_str("\"\""),
+            Some(_) => fmt::Debug::fmt(REDACTED, f),
+        }
+    }
+}
+
+// The `Debug` of the types that hold secrets. Each lists every field (the
+// lint makes a forgotten one an error), secrets through `ShownUrl` or
+// `Hidden`.
+
+#[deny(clippy::missing_fields_in_debug)]
+impl fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &ShownUrl(&self.url))
+            .field("prefix", &self.prefix)
+            .field("instance_id", &self.instance_id)
+            .field("pool_size", &self.pool_size)
+            .field("publish_channels", &self.publish_channels)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .finish()
+    }
+}
+
+#[deny(clippy::missing_fields_in_debug)]
+impl fmt::Debug for GatewaySettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GatewaySettings")
+            .field("enabled", &self.enabled)
+            .field("bind", &self.bind)
+            .field("workers", &self.workers)
+            .field("default_wait_s", &self.default_wait_s)
+            .field("max_wait_s", &self.max_wait_s)
+            .field("payload_limit_bytes", &self.payload_limit_bytes)
+            .field("store_url", &ShownUrl(&self.store_url))
+            .field("retention_s", &self.retention_s)
+            .field("retry_after_s", &self.retry_after_s)
+            .field("max_streams", &self.max_streams)
+            .field("stream_buffer", &self.stream_buffer)
+            .field("heartbeat_s", &self.heartbeat_s)
+            .field("event_history", &self.event_history)
+            .field("body_timeout_ms", &self.body_timeout_ms)
+            .field("header_timeout_ms", &self.header_timeout_ms)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+#[deny(clippy::missing_fields_in_debug)]
+impl fmt::Debug for TokenSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSettings")
+            .field("token", &Hidden(self.token.as_deref()))
+            .field("token_sha256", &Hidden(self.token_sha256.as_deref()))
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+#[deny(clippy::missing_fields_in_debug)]
+impl fmt::Debug for CallbackSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallbackSettings")
+            .field("secret", &Hidden(Some(&self.secret)))
+            .field("max_attempts", &self.max_attempts)
+            .field("initial_backoff_ms", &self.initial_backoff_ms)
+            .field("max_backoff_ms", &self.max_backoff_ms)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("allow_private", &self.allow_private)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+#[deny(clippy::missing_fields_in_debug)]
+impl fmt::Debug for ManagementSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ManagementSettings")
+            .field("url", &ShownUrl(&self.url))
+            .field("user", &self.user)
+            .field("password", &Hidden(Some(&self.password)))
+            .finish()
+    }
+}
+
+#[deny(clippy::missing_fields_in_debug)]
+impl fmt::Debug for OtelSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtelSettings")
+            .field("enabled", &self.enabled)
+            .field("endpoint", &ShownUrl(&self.endpoint))
+            .field("protocol", &self.protocol)
+            .field("service_name", &self.service_name)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("queue_size", &self.queue_size)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_url_hides_passwords_and_keeps_where_it_points() {
+        for (url, shown) in [
+            (
+                "amqp://guest:secret@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+            ("amqp://127.0.0.1:5672", "amqp://127.0.0.1:5672"),
+            (
+                "postgres://u:p@ss/w?rd@db:5432/x?sslmode=require",
+                "postgres://u:***@db:5432/x?sslmode=require",
+            ),
+            (
+                "postgres://db/x?user=u&password=pw&sslpassword=k",
+                "postgres://db/x?user=u&password=***&sslpassword=***",
+            ),
+            ("sqlite://calls.db?mode=rwc", "sqlite://calls.db?mode=rwc"),
+            ("http://user@host/", "http://user@host/"),
+            ("not a url", "not a url"),
+            // A parser's message that quotes the URL.
+            (
+                "Invalid URL: 'amqp://u:pw@h:x/'",
+                "Invalid URL: 'amqp://u:***@h:x/'",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn digests_are_64_hex_digits() {
+        assert_eq!(decode_sha256_hex(&"0f".repeat(32)), Some([0x0f; 32]));
+        assert_eq!(decode_sha256_hex(&"AB".repeat(32)), Some([0xab; 32]));
+        for bad in [
+            "",
+            "0f",
+            &"0f".repeat(33),
+            &"zz".repeat(32),
+            &"é".repeat(32),
+        ] {
+            assert_eq!(decode_sha256_hex(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins_are_written_as_browsers_send_them() {
+        for ok in [
+            "https://app.example.com",
+            "http://127.0.0.1:8080",
+            "http://[::1]:3000",
+        ] {
+            assert_eq!(check_origin(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "*",
+            "null",
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://APP.example.com",
+            "https://app.example.com:443",
+            "ftp://app.example.com",
+            "https://user:pw@app.example.com",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+/// Properties: whatever a password holds, [`redact_url`] does not show it.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn no_password_survives_redaction(
+            scheme in "(amqp|amqps|postgres|http|https)",
+            user in "[a-z]{1,8}",
+            password in "[!-~]{6,30}",
+            host in "[a-z0-9.-]{1,20}(:[0-9]{1,5})?",
+            path in "(/[a-z0-9%]{0,10})?",
+            query_password in prop::option::of("[A-Za-z0-9_-]{6,20}"),
+        ) {
+            let mut url = format!("{scheme}://{user}:{password}@{host}{path}");
+            if let Some(q) = &query_password {
+                url.push_str(&format!("?sslmode=require&password={q}"));
+            }
+            let shown = redact_url(&url);
+            // The password (when it is no substring of what stays shown).
+            let visible = format!("{scheme}://{user}:@{host}{path}?sslmode=require&password=");
+            if !visible.contains(&password) {
+                prop_assert!(!shown.contains(&password), "{} -> {}", url, shown);
+            }
+            if let Some(q) = &query_password
+                && !visible.contains(q.as_str())
+                && !password.contains(q.as_str())
+            {
+                prop_assert!(!shown.contains(q.as_str()), "{} -> {}", url, shown);
+            }
+            prop_assert!(shown.contains(&format!("{user}:***@")), "{}", shown);
+        }
+    }
 }

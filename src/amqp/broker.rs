@@ -382,34 +382,9 @@ pub async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
     }
 }
 
-/// The URL with any password replaced by `***`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
+/// `url` without its password, for logs and errors (the one redaction of
+/// the crate, [`crate::settings::redact_url`]).
+pub use crate::settings::redact_url as redact;
 
 /// Shorthand used by the parts for lapin errors they pass on.
 pub type LapinError = lapin::Error;
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_the_password() {
-        assert_eq!(
-            super::redact("amqp://guest:secret@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            super::redact("amqp://127.0.0.1:5672"),
-            "amqp://127.0.0.1:5672"
-        );
-    }
-}

@@ -149,6 +149,23 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The `message_id` of a gateway call made with an idempotency key:
+/// `<caller>:<hex SHA-256 of the caller's name and the key>`. Workers
+/// deduplicate on `message_id`, so the key is scoped to its caller: two
+/// callers' equal keys never meet. The caller's name stays readable for an
+/// operator; the key does not travel (a worker needs no more than a stable
+/// id). At most 100 + 1 + 64 bytes, a short string, for the caller names the
+/// settings accept.
+pub fn caller_message_id(caller: &str, key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    // Length-prefixed, so that no (caller, key) pair reads as another.
+    h.update((caller.len() as u64).to_be_bytes());
+    h.update(caller.as_bytes());
+    h.update(key.as_bytes());
+    format!("{caller}:{:x}", h.finalize())
+}
+
 /// What a caller publishes as a request.
 #[derive(Debug, Clone)]
 pub struct RequestMeta<'a> {
@@ -555,6 +572,34 @@ mod props {
                 content_type(&props),
                 ct.as_deref().unwrap_or("application/octet-stream")
             );
+        }
+
+        #[test]
+        fn caller_message_ids_are_stable_short_strings_and_never_shared(
+            a in "[A-Za-z0-9._-]{1,100}",
+            b in "[A-Za-z0-9._-]{1,100}",
+            key in "[!-~]{1,255}",
+            other_key in "[!-~]{1,255}",
+            cut in 0usize..100,
+        ) {
+            let id = caller_message_id(&a, &key);
+            prop_assert!(id.len() <= MAX_SHORT_STRING, "{} bytes", id.len());
+            prop_assert_eq!(&id, &caller_message_id(&a, &key));
+            prop_assert!(id.starts_with(&format!("{a}:")), "{}", id);
+            prop_assert!(!id.contains(&key) || a.contains(&key) || key.len() < 8, "{}", id);
+            if a != b {
+                prop_assert_ne!(&id, &caller_message_id(&b, &key));
+            }
+            if key != other_key {
+                prop_assert_ne!(&id, &caller_message_id(&a, &other_key));
+            }
+            // Moving characters between the name and the key makes another id.
+            let joined = format!("{a}{key}");
+            let cut = cut.min(joined.len() - 1) + 1;
+            let (a2, k2) = joined.split_at(cut);
+            if (a2, k2) != (a.as_str(), key.as_str()) {
+                prop_assert_ne!(&id, &caller_message_id(a2, k2));
+            }
         }
 
         #[test]

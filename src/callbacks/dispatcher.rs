@@ -327,9 +327,10 @@ impl Deliverer {
             // that checks the address.
             .no_proxy()
             .user_agent(USER_AGENT);
-        if !settings.allow_private {
-            builder = builder.dns_resolver(Arc::new(GuardedResolver));
-        }
+        // With allow_private too: some addresses are never reachable.
+        builder = builder.dns_resolver(Arc::new(GuardedResolver {
+            allow_private: settings.allow_private,
+        }));
         let client = builder
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;

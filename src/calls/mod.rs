@@ -352,8 +352,12 @@ impl CallStore {
         // The schema is made on a connection of its own before the pool
         // opens any: an SQLite connection opened before a `CREATE INDEX` can
         // keep an old schema and refuse `ON CONFLICT` on that index.
-        let opening =
-            |e: sqlx::Error| Error::Store(format!("cannot open the call store {url}: {e}"));
+        let opening = |e: sqlx::Error| {
+            Error::Store(format!(
+                "cannot open the call store {}: {e}",
+                crate::settings::redact_url(url)
+            ))
+        };
         let mut conn = sqlx::AnyConnection::connect(url).await.map_err(opening)?;
         let mut tx = conn.begin().await.map_err(db)?;
         if backend == Backend::Postgres {

@@ -1,14 +1,21 @@
 //! Bearer-token authentication: who is calling, and which services it may
 //! call. Without configured tokens every request is the `anonymous` caller
 //! (and the gateway only listens on loopback: see settings validation).
+//!
+//! Tokens are kept as SHA-256 digests (the settings may give the token or
+//! its digest); a presented token is digested and compared with every
+//! configured digest in constant time ([`subtle`]), so neither the time
+//! taken nor the length of a token tells anything.
 
 use std::collections::BTreeMap;
 
 use actix_web::HttpRequest;
 use actix_web::http::header;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
-use crate::settings::TokenSettings;
+use crate::settings::{ServiceSettings, TokenSettings};
 
 /// The caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,28 +34,70 @@ impl Caller {
             .is_none_or(|s| s.iter().any(|x| x == service))
     }
 
-    /// 403 unless this caller may call `service`.
-    pub fn check(&self, service: &str) -> Result<(), ApiError> {
-        if self.may_call(service) {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(service.to_owned()))
-        }
+    /// The settings of `service` when this caller may call it. Otherwise
+    /// 404, the very answer to a service that does not exist: a token
+    /// learns nothing of the services it may not call.
+    pub fn service<'a>(
+        &self,
+        services: &'a BTreeMap<String, ServiceSettings>,
+        name: &str,
+    ) -> Result<&'a ServiceSettings, ApiError> {
+        services
+            .get(name)
+            .filter(|_| self.may_call(name))
+            .ok_or_else(|| ApiError::NotFound(format!("no service named {name:?}")))
     }
 }
 
-/// The configured tokens.
-#[derive(Debug, Clone)]
+/// One configured token.
+#[derive(Clone)]
+struct Token {
+    /// The caller's name.
+    name: String,
+    /// SHA-256 of the token.
+    digest: [u8; 32],
+    /// Services it may call; `None` means all.
+    services: Option<Vec<String>>,
+}
+
+/// The configured tokens. Its `Debug` shows caller names only.
+#[derive(Clone)]
 pub struct Auth {
-    tokens: Vec<(String, TokenSettings)>,
+    tokens: Vec<Token>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field(
+                "callers",
+                &self.tokens.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Auth {
-    /// From `gateway.tokens`.
+    /// From `gateway.tokens` (validated: an entry without a usable token
+    /// has been refused at start-up, and would be left out here).
     pub fn new(tokens: &BTreeMap<String, TokenSettings>) -> Self {
-        Self {
-            tokens: tokens.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        }
+        let tokens = tokens
+            .iter()
+            .filter_map(|(name, t)| {
+                let all = t.services.iter().any(|s| s == "*");
+                Some(Token {
+                    name: name.clone(),
+                    digest: t.sha256()?,
+                    services: (!all).then(|| t.services.clone()),
+                })
+            })
+            .collect();
+        Self { tokens }
+    }
+
+    /// Whether no token is configured: every caller is `anonymous`.
+    pub fn is_anonymous(&self) -> bool {
+        self.tokens.is_empty()
     }
 
     /// Who sent `req`: 401 without a known bearer token when tokens are set.
@@ -68,27 +117,21 @@ impl Auth {
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             })
             .ok_or(ApiError::Unauthorized)?;
-        // Compare with every token in constant time, so timing tells nothing.
+        let presented = Sha256::digest(presented.as_bytes());
+        // Compare with every digest, each in constant time, without
+        // stopping at a match: timing tells nothing.
         let mut found = None;
-        for (name, t) in &self.tokens {
-            if constant_time_eq(t.token.as_bytes(), presented.as_bytes()) {
-                found = Some((name, t));
+        for t in &self.tokens {
+            if bool::from(t.digest.ct_eq(presented.as_slice())) {
+                found = Some(t);
             }
         }
-        let (name, t) = found.ok_or(ApiError::Unauthorized)?;
-        let all = t.services.iter().any(|s| s == "*");
+        let t = found.ok_or(ApiError::Unauthorized)?;
         Ok(Caller {
-            name: name.clone(),
-            services: (!all).then(|| t.services.clone()),
+            name: t.name.clone(),
+            services: t.services.clone(),
         })
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -100,17 +143,11 @@ mod tests {
         let mut t = BTreeMap::new();
         t.insert(
             "billing".to_string(),
-            TokenSettings {
-                token: "billing-token-0123456789".into(),
-                services: vec!["invoice".into()],
-            },
+            TokenSettings::bearer("billing-token-0123456789", &["invoice"]),
         );
         t.insert(
             "ops".to_string(),
-            TokenSettings {
-                token: "ops-token-0123456789abc".into(),
-                services: vec!["*".into()],
-            },
+            TokenSettings::bearer("ops-token-0123456789abc", &["*"]),
         );
         Auth::new(&t)
     }
@@ -129,6 +166,45 @@ mod tests {
             .insert_header(("Authorization", "bearer ops-token-0123456789abc"))
             .to_http_request();
         assert!(a.caller(&req).unwrap().may_call("anything"));
+    }
+
+    #[test]
+    fn a_token_given_as_its_digest_names_its_caller() {
+        let digest = format!("{:x}", Sha256::digest(b"billing-token-0123456789"));
+        let mut t = BTreeMap::new();
+        t.insert(
+            "billing".to_string(),
+            TokenSettings::digest(&digest, &["invoice"]),
+        );
+        let a = Auth::new(&t);
+        let req = TestRequest::default()
+            .insert_header(("Authorization", "Bearer billing-token-0123456789"))
+            .to_http_request();
+        assert_eq!(a.caller(&req).unwrap().name, "billing");
+        let req = TestRequest::default()
+            .insert_header(("Authorization", format!("Bearer {digest}")))
+            .to_http_request();
+        assert!(matches!(a.caller(&req), Err(ApiError::Unauthorized)));
+        assert!(!format!("{a:?}").contains(&digest));
+    }
+
+    #[test]
+    fn a_service_the_caller_may_not_call_is_not_found_as_one_that_does_not_exist() {
+        let mut services = BTreeMap::new();
+        services.insert("invoice".to_string(), ServiceSettings::default());
+        services.insert("echo".to_string(), ServiceSettings::default());
+        let req = TestRequest::default()
+            .insert_header(("Authorization", "Bearer billing-token-0123456789"))
+            .to_http_request();
+        let billing = auth().caller(&req).unwrap();
+        assert!(billing.service(&services, "invoice").is_ok());
+        let forbidden = billing.service(&services, "echo").unwrap_err();
+        let absent = billing.service(&services, "ehco").unwrap_err();
+        assert!(matches!(forbidden, ApiError::NotFound(_)));
+        assert_eq!(
+            forbidden.to_string().replace("echo", "X"),
+            absent.to_string().replace("ehco", "X")
+        );
     }
 
     #[test]
@@ -170,15 +246,7 @@ mod props {
     fn auth() -> Auth {
         let tokens = TOKENS
             .iter()
-            .map(|(name, token)| {
-                (
-                    name.to_string(),
-                    TokenSettings {
-                        token: token.to_string(),
-                        services: vec!["*".into()],
-                    },
-                )
-            })
+            .map(|(name, token)| (name.to_string(), TokenSettings::bearer(token, &["*"])))
             .collect();
         Auth::new(&tokens)
     }

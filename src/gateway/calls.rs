@@ -28,10 +28,24 @@ use crate::worker::Reply;
 /// How long a 202 waits for its `accepted` event to be confirmed.
 const ACCEPTED_EVENT_WAIT: Duration = Duration::from_secs(2);
 
-/// Reads the body, refusing more than `limit` bytes with a 413.
+/// Reads the body, refusing more than `limit` bytes with a 413, and a body
+/// that has not all arrived within `timeout` with a 408 (the whole body, so
+/// a byte now and then does not hold the connection either; the connection
+/// is then closed: [`super::connections`]).
 pub async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(timeout, read_body_within(req, &mut payload, limit))
+        .await
+        .unwrap_or(Err(ApiError::RequestTimeout(timeout.as_millis() as u64)))
+}
+
+async fn read_body_within(
+    req: &HttpRequest,
+    payload: &mut web::Payload,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
     let declared = req
@@ -152,7 +166,7 @@ fn repeat_answer(st: &AppState, call: &CallRecord) -> HttpResponse {
         ("service" = String, Path, description = "The service to call"),
         ("Prefer" = Option<String>, Header, description = "`wait=N` (seconds to wait for the reply) and/or `respond-async` (RFC 7240)"),
         ("Callback-Url" = Option<String>, Header, description = "Where to POST the signed result (Standard Webhooks); implies respond-async"),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a repeat returns the same call"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a repeat by the same caller returns the same call (keys are per caller)"),
         ("traceparent" = Option<String>, Header, description = "W3C trace context"),
     ),
     request_body(content = String, description = "The payload, passed through untouched with its content type", content_type = "*/*"),
@@ -161,8 +175,9 @@ fn repeat_answer(st: &AppState, call: &CallRecord) -> HttpResponse {
         (status = 202, description = "Accepted: the call goes on; headers Location, Retry-After, Preference-Applied, Call-Id", body = StatusDocument),
         (status = 400, description = "Malformed Prefer, Idempotency-Key or body", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The token may not call this service", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "Unknown service", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A browser page of an origin not in gateway.allowed_origins", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown service, or one the token may not call (the same answer)", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The declared body did not arrive within gateway.body_timeout_ms; the connection is closed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Payload too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid Callback-Url, or Idempotency-Key reused with another request", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Broker unavailable or overloaded; header Retry-After", body = Problem, content_type = "application/problem+json"),
@@ -178,10 +193,7 @@ pub async fn start_call(
     let received = Instant::now();
     let service = path.into_inner();
     let caller = st.auth.caller(&req)?;
-    let Some(svc) = st.services.get(&service) else {
-        return Err(ApiError::NotFound(format!("no service named {service:?}")));
-    };
-    caller.check(&service)?;
+    let svc = caller.service(&st.services, &service)?;
     // Read lossily rather than skipped when not visible ASCII: obs-text is
     // allowed in a quoted-string, and an unknown preference that has some
     // must not hide the `wait` or `respond-async` beside it.
@@ -214,7 +226,13 @@ pub async fn start_call(
         .unwrap_or(wire::CONTENT_JSON)
         .to_owned();
     headers::check_content_type(&content_type)?;
-    let body = read_body(&req, payload, st.gateway.payload_limit_bytes).await?;
+    let body = read_body(
+        &req,
+        payload,
+        st.gateway.payload_limit_bytes,
+        Duration::from_millis(st.gateway.body_timeout_ms),
+    )
+    .await?;
     let call_id = uuid::Uuid::now_v7().to_string();
     let span = info_span!("call", %call_id, %service, caller = %caller.name, trace_id = Empty);
     // The gateway is a hop of its own: its span continues the caller's trace
@@ -304,7 +322,11 @@ impl CallContext<'_> {
             payload: self.body.clone(),
             content_type: self.content_type.clone(),
             call_id: Some(self.call_id.clone()),
-            message_id: self.idem_key.clone(),
+            // Scoped to the caller: workers deduplicate on it.
+            message_id: self
+                .idem_key
+                .as_deref()
+                .map(|k| wire::caller_message_id(&self.caller.name, k)),
             timeout: Some(self.timeout),
             traceparent: Some(self.traceparent.clone()),
         };

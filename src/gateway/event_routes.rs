@@ -108,7 +108,9 @@ pub async fn events_sse(
     params(StreamQuery),
     responses(
         (status = 101, description = "WebSocket: each CloudEvent as one text frame"),
+        (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "An Origin not in gateway.allowed_origins (a browser page of another site)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]

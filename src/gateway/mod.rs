@@ -7,7 +7,10 @@
 //! - [`tracker`]: the life of calls that outlive their request (store,
 //!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
-//!   problem+json answers.
+//!   problem+json answers (also for the errors actix-web answers itself).
+//! - [`browser`]: what a web page may make a browser do (`Origin` checks,
+//!   CORS, DNS rebinding); [`connections`]: what one connection may hold
+//!   (idle time, unread bodies).
 //! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
 //!   WebSocket relays of the event hub.
 //! - [`ops`], [`openapi`]: health, readiness, metrics, the API description
@@ -15,7 +18,9 @@
 //!   `serve` without the gateway.
 
 pub mod auth;
+pub mod browser;
 pub mod calls;
+pub mod connections;
 pub mod error;
 pub mod event_routes;
 pub mod finished;
@@ -31,6 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
+use actix_web::middleware::{Condition, ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -203,14 +209,31 @@ pub async fn start(
         .local_addr()
         .map_err(|e| Error::Malformed(format!("listener: {e}")))?;
     let data = state.clone();
+    let origins = g.allowed_origins.clone();
     let mut server = HttpServer::new(move || {
+        // The last `wrap` is the outermost: every request is counted on its
+        // connection, and a body left unread ends the connection, whatever
+        // answered; errors are shaped after the browser checks, which run
+        // before CORS and the routes.
         App::new()
             .app_data(data.clone())
             .configure(routes)
             .default_service(web::to(ops::not_found))
+            // No allowed origin: no CORS headers on any answer.
+            .wrap(Condition::new(!origins.is_empty(), browser::cors(&origins)))
+            .wrap(from_fn(browser::guard))
+            .wrap(ErrorHandlers::new().default_handler(error::shape_bare_error))
+            .wrap(from_fn(connections::guard))
     })
     // Signals are the process's business (one shutdown path, app::serve).
     .disable_signals()
+    // A first request's head must arrive in this time (else 408 and
+    // closed); a later one's is bounded by the watchdog of `connections`;
+    // a body has `gateway.body_timeout_ms` (calls::read_body).
+    .client_request_timeout(Duration::from_millis(g.header_timeout_ms))
+    .on_connect(connections::on_connect(Duration::from_millis(
+        g.header_timeout_ms,
+    )))
     // Requests in flight get the shutdown grace to finish.
     .shutdown_timeout(settings.shutdown.grace_ms.div_ceil(1000));
     if g.workers > 0 {

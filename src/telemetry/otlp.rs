@@ -187,7 +187,9 @@ impl BlockingHttp {
             .request(parts.method, parts.uri.to_string())
             .headers(parts.headers)
             .body(body.to_vec())
-            .send()?;
+            .send()
+            // Its URL may hold a password (otel.endpoint): never in a log.
+            .map_err(reqwest::Error::without_url)?;
         let mut response = Response::builder().status(answer.status());
         if let Some(headers) = response.headers_mut() {
             *headers = answer.headers().clone();

@@ -26,6 +26,7 @@ mod management;
 mod metrics;
 mod parsing;
 mod rpc;
+mod security;
 mod settings;
 mod store;
 mod trace;

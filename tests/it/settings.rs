@@ -209,6 +209,43 @@ fn each_bad_setting_is_named_in_the_error() {
             None,
             "otel.queue_size",
         ),
+        // Without tokens, only loopback.
+        (
+            &[("SWITCHBOARD__GATEWAY__BIND", "0.0.0.0:8080")],
+            None,
+            "gateway.bind",
+        ),
+        (
+            &[("SWITCHBOARD__GATEWAY__BODY_TIMEOUT_MS", "0")],
+            None,
+            "gateway.body_timeout_ms",
+        ),
+        (
+            &[("SWITCHBOARD__GATEWAY__HEADER_TIMEOUT_MS", "0")],
+            None,
+            "gateway.header_timeout_ms",
+        ),
+        (
+            &[(
+                "SWITCHBOARD__GATEWAY__ALLOWED_ORIGINS",
+                "https://app.example.com, *",
+            )],
+            None,
+            "gateway.allowed_origins",
+        ),
+        (
+            &[(
+                "SWITCHBOARD__MANAGEMENT__URL",
+                "http://admin:pw@127.0.0.1:15672",
+            )],
+            None,
+            "management.url",
+        ),
+        (
+            &[("SWITCHBOARD__OTEL__ENDPOINT", "http://u:pw@127.0.0.1:4318")],
+            None,
+            "otel.endpoint",
+        ),
     ];
     for (vars, file, key) in cases {
         let err = Settings::load_from(None, *file, env(vars))

@@ -181,6 +181,20 @@ fn garbage_or(rng: &mut StdRng, max_len: usize, options: &[&[u8]]) -> Vec<u8> {
     }
 }
 
+/// Origins of web pages (this gateway allows none): a POST with one is 403.
+fn origin(rng: &mut StdRng) -> Vec<u8> {
+    garbage_or(
+        rng,
+        60,
+        &[
+            b"http://evil.example",
+            b"null",
+            b"https://app.example:8443",
+            b"http://127.0.0.1",
+        ],
+    )
+}
+
 fn traceparent(rng: &mut StdRng) -> Vec<u8> {
     garbage_or(
         rng,
@@ -313,6 +327,7 @@ fn hostile(rng: &mut StdRng, known: &[String]) -> Hostile {
             ("callback-url", 0.15, callback_url),
             ("traceparent", 0.2, traceparent),
             ("last-event-id", 0.05, last_event_id),
+            ("origin", 0.05, origin),
         ] {
             if rng.random_bool(p) {
                 let v = make(rng);

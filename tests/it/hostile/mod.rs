@@ -50,18 +50,9 @@ fn hostile_settings(s: &mut Settings) {
     let mut t = BTreeMap::new();
     t.insert(
         "alice".to_string(),
-        TokenSettings {
-            token: ALICE.into(),
-            services: vec!["echo".into(), "fail".into(), "count".into()],
-        },
+        TokenSettings::bearer(ALICE, &["echo", "fail", "count"]),
     );
-    t.insert(
-        "bob".to_string(),
-        TokenSettings {
-            token: BOB.into(),
-            services: vec!["*".into()],
-        },
-    );
+    t.insert("bob".to_string(), TokenSettings::bearer(BOB, &["*"]));
     s.gateway.tokens = t;
     s.gateway.payload_limit_bytes = LIMIT;
     s.gateway.default_wait_s = 2;
