@@ -1126,6 +1126,13 @@ impl fmt::Debug for AmqpSettings {
             .field("publish_channels", &self.publish_channels)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
+            .field("consumer_check_ms", &self.consumer_check_ms)
+            .field("instance_queue_expires_s", &self.instance_queue_expires_s)
+            // Paths, not secrets: the key file's content is never read here.
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_server_name", &self.tls_server_name)
             .finish()
     }
 }
