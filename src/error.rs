@@ -20,6 +20,19 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// TLS with the broker (`amqps://`) failed: a file of the `amqp.tls_*`
+    /// settings, or the handshake (a certificate that does not verify, a
+    /// port that does not speak TLS, a client certificate refused). `url`
+    /// has its password hidden. Not recoverable (trying again fails again),
+    /// except [`crate::amqp::TlsError::Closed`].
+    #[error("TLS with RabbitMQ at {url} failed: {source}")]
+    Tls {
+        /// Where we connected.
+        url: String,
+        /// What went wrong (boxed: it is large, and rare).
+        #[source]
+        source: Box<crate::amqp::TlsError>,
+    },
     /// An AMQP operation failed (channel or connection closed, refused...).
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -94,7 +107,7 @@ impl Error {
                 | Error::Timeout { .. }
                 | Error::Overloaded { .. }
                 | Error::SettleTimeout { .. }
-        )
+        ) || matches!(self, Error::Tls { source, .. } if matches!(**source, crate::amqp::TlsError::Closed { .. }))
     }
 }
 

@@ -41,3 +41,9 @@ pub mod telemetry;
 pub mod worker;
 
 pub use error::{Error, Result};
+
+/// The lapin switchboard is built on, with the vendored AMQP parser under
+/// it (vendor/README.md). Applications use this one: a lapin of their own
+/// from crates.io would be a second copy, with crates.io's parser and types
+/// that are not switchboard's.
+pub use deadpool_lapin::lapin;

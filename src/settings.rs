@@ -142,6 +142,17 @@ pub struct AmqpSettings {
     /// `x-expires` of the per-instance queues (reply, dead-letter watch), s;
     /// 0: they never expire.
     pub instance_queue_expires_s: u64,
+    /// `amqps://` only: PEM file of the CA certificates that the broker's
+    /// certificate must chain to; empty: the system's root certificates.
+    pub tls_ca_file: String,
+    /// `amqps://` only: PEM file of this client's certificate chain, for a
+    /// broker that asks for one (mutual TLS); set with `tls_key_file`.
+    pub tls_cert_file: String,
+    /// `amqps://` only: PEM file of the client certificate's private key.
+    pub tls_key_file: String,
+    /// `amqps://` only: the name the broker's certificate must carry; empty:
+    /// the host of `url`.
+    pub tls_server_name: String,
 }
 
 /// Where replies come back to an RPC client.
@@ -653,6 +664,9 @@ impl Settings {
         if let Some(why) = self.instance_queue_expiry_conflict() {
             return fail("amqp.instance_queue_expires_s", why);
         }
+        if let Err((key, why)) = self.amqp.check_tls() {
+            return fail(key, why);
+        }
         if self.rpc.max_pending == 0 {
             return fail("rpc.max_pending", "must be above 0".into());
         }
@@ -872,6 +886,61 @@ impl AmqpSettings {
     fn amqp_instance_is_empty(&self) -> bool {
         self.instance_id.is_empty()
     }
+
+    /// Whether `url` asks for TLS (`amqps://`).
+    pub fn is_tls(&self) -> bool {
+        use deadpool_lapin::lapin::uri::{AMQPScheme, AMQPUri};
+        AMQPUri::from_str(&self.url).is_ok_and(|u| u.scheme == AMQPScheme::AMQPS)
+    }
+
+    /// The `tls_*` settings that can be checked without reading a file: a
+    /// client certificate comes with its key, a server name is a DNS name or
+    /// an IP address, and none of them is set for a plain `amqp://` URL (a
+    /// user who names a CA file expects TLS, and would get plain text).
+    pub(crate) fn check_tls(&self) -> Result<(), (&'static str, String)> {
+        let files = [
+            ("amqp.tls_ca_file", &self.tls_ca_file),
+            ("amqp.tls_cert_file", &self.tls_cert_file),
+            ("amqp.tls_key_file", &self.tls_key_file),
+            ("amqp.tls_server_name", &self.tls_server_name),
+        ];
+        if !self.is_tls()
+            && let Some((key, _)) = files.iter().find(|(_, v)| !v.is_empty())
+        {
+            return Err((
+                key,
+                "is set, but amqp.url is not amqps://: the connection would not use TLS".into(),
+            ));
+        }
+        match (self.tls_cert_file.is_empty(), self.tls_key_file.is_empty()) {
+            (false, true) => {
+                return Err((
+                    "amqp.tls_key_file",
+                    "must be set with amqp.tls_cert_file (the client certificate's private key)"
+                        .into(),
+                ));
+            }
+            (true, false) => {
+                return Err((
+                    "amqp.tls_cert_file",
+                    "must be set with amqp.tls_key_file (the client certificate)".into(),
+                ));
+            }
+            _ => {}
+        }
+        if !self.tls_server_name.is_empty()
+            && rustls_pki_types::ServerName::try_from(self.tls_server_name.as_str()).is_err()
+        {
+            return Err((
+                "amqp.tls_server_name",
+                format!(
+                    "not a DNS name or an IP address: {:?}",
+                    self.tls_server_name
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn name_char(c: char) -> bool {
@@ -1059,6 +1128,11 @@ impl fmt::Debug for AmqpSettings {
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("consumer_check_ms", &self.consumer_check_ms)
             .field("instance_queue_expires_s", &self.instance_queue_expires_s)
+            // Paths, not secrets: the key file's content is never read here.
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_server_name", &self.tls_server_name)
             .finish()
     }
 }

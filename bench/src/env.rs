@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_lapin::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use switchboard::amqp::{Broker, Names};
+use switchboard::lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use switchboard::settings::{AmqpSettings, QueueType, ReplyMode, ServiceSettings, Settings};
 use tracing::debug;
 

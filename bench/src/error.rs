@@ -2,7 +2,7 @@
 //! lapin errors, bad flags, and what the bench's own set-up (listeners,
 //! threads, the gateway's first call) can run into.
 
-use deadpool_lapin::lapin;
+use switchboard::lapin;
 
 /// Everything a bench run can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deadpool_lapin::lapin::{
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use switchboard::amqp::{Broker, Names, wire};
+use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
+use switchboard::lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     ExchangeKind,
     options::{
@@ -24,11 +29,6 @@ use deadpool_lapin::lapin::{
     },
     types::FieldTable,
 };
-use futures_util::StreamExt;
-use hdrhistogram::Histogram;
-use serde_json::json;
-use switchboard::amqp::{Broker, Names, wire};
-use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
 use tokio::sync::Semaphore;
 
 use crate::Out;

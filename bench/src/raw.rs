@@ -22,7 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use deadpool_lapin::lapin::{
+use futures_util::StreamExt;
+use rand::Rng;
+use switchboard::amqp::{topology, wire};
+use switchboard::lapin::{
     Channel, Confirmation, Connection, ConnectionProperties, Consumer,
     message::Delivery,
     options::{
@@ -31,9 +34,6 @@ use deadpool_lapin::lapin::{
     },
     types::FieldTable,
 };
-use futures_util::StreamExt;
-use rand::Rng;
-use switchboard::amqp::{topology, wire};
 use switchboard::settings::{ReplyMode, ServiceSettings};
 use tokio::sync::oneshot;
 

@@ -1,23 +1,26 @@
 //! [`Broker`]: the one handle to RabbitMQ that every part holds.
 //!
-//! It owns the deadpool-lapin pool (publishing connections, named
+//! It owns the pool of publishing connections (deadpool, named
 //! `switchboard/<instance>/publish`), a small set of confirm-mode channels
 //! shared round-robin by every publisher (confirms pipeline on each channel,
 //! so concurrent publishers never wait for each other's confirms), and opens
 //! dedicated connections for consumers (`switchboard/<instance>/<role>`), so
-//! that the pool never recycles a connection that carries consumers.
+//! that the pool never recycles a connection that carries consumers. Both
+//! open through one [`Connector`] (TLS for `amqps://`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use deadpool::Runtime;
+use deadpool::managed::{PoolConfig, PoolError};
 use deadpool_lapin::lapin::{
     self, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
-use deadpool_lapin::{Pool, PoolConfig, Runtime};
 use tokio::sync::Mutex;
 
+use super::connector::{Connector, Pool, PoolManager};
 use super::consumer::Consumers;
 use super::topology;
 use super::wire::{self, Names};
@@ -50,6 +53,8 @@ pub struct Broker {
 struct Inner {
     /// Publishing connections.
     pool: Pool,
+    /// How every connection is opened (plain, or TLS for `amqps://`).
+    connector: Arc<Connector>,
     /// Where the broker is, for connections and error messages.
     url: String,
     /// This process's name on the broker.
@@ -87,21 +92,22 @@ impl std::fmt::Debug for Broker {
 
 impl Broker {
     /// Connects (one publishing connection is opened at once, so an absent
-    /// broker is reported here, naming the URL) and declares the shared
-    /// exchanges.
+    /// broker, or a TLS problem, is reported here, naming the URL) and
+    /// declares the shared exchanges. The `amqp.tls_*` files are read first:
+    /// one that cannot be used is an error naming its setting.
     pub async fn connect(settings: &AmqpSettings) -> Result<Self> {
         let instance = settings.resolved_instance_id();
         let url = settings.url.clone();
-        let name = wire::connection_name(&instance, "publish");
-        let cfg = deadpool_lapin::Config {
-            url: Some(url.clone()),
-            pool: Some(PoolConfig::new(settings.pool_size)),
+        let connector = Arc::new(Connector::new(settings)?);
+        let manager = PoolManager {
+            connector: connector.clone(),
+            name: wire::connection_name(&instance, "publish"),
+            runtime: async_rs::TokioRuntime::tokio_current(),
         };
-        let pool = cfg
-            .create_pool(
-                move || ConnectionProperties::default().with_connection_name(name.clone().into()),
-                Runtime::Tokio1,
-            )
+        let pool = Pool::builder(manager)
+            .config(PoolConfig::new(settings.pool_size))
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|e| Error::BrokerUnavailable {
                 url: redact(&url),
                 reason: e.to_string(),
@@ -109,6 +115,7 @@ impl Broker {
         let broker = Broker {
             inner: Arc::new(Inner {
                 pool,
+                connector,
                 url,
                 instance,
                 names: Names::new(settings.prefix.clone()),
@@ -180,24 +187,24 @@ impl Broker {
             .await
             .map_err(|_| self.unavailable("no answer within the connect timeout".into()))?
             .map_err(|e| match e {
-                deadpool_lapin::PoolError::Backend(e) => self.unavailable(e.to_string()),
+                // Already names the URL (and says whether TLS failed).
+                PoolError::Backend(e) => e,
                 other => self.unavailable(other.to_string()),
             })?;
         Ok(conn.create_channel().await?)
     }
 
     /// A connection of its own for a long-lived consumer, named
-    /// `switchboard/<instance>/<role>`.
+    /// `switchboard/<instance>/<role>` (TLS for `amqps://`, as the pool's).
     pub async fn dedicated_connection(&self, role: &str) -> Result<Connection> {
         let props = ConnectionProperties::default()
             .with_connection_name(wire::connection_name(&self.inner.instance, role).into());
         tokio::time::timeout(
             self.inner.connect_timeout,
-            Connection::connect(&self.inner.url, props),
+            self.inner.connector.connect(props),
         )
         .await
         .map_err(|_| self.unavailable("no answer within the connect timeout".into()))?
-        .map_err(|e| self.unavailable(e.to_string()))
     }
 
     /// Publishes and waits for the broker's confirm. A nack is

@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`wire`]: names, headers, properties, status mapping (DESIGN.md's AMQP contract).
 //! - [`broker`]: [`Broker`], the handle every part holds: pool, confirmed publishing.
+//! - [`connector`]: how connections are opened: plain for `amqp://`, TLS
+//!   (rustls) for `amqps://`, never plain text for `amqps://`.
 //! - [`topology`]: idempotent declaration of exchanges and queues.
 //! - [`delivery`]: [`InFlight`], a delivery that is acked or rejected exactly once.
 //! - [`consumer`]: supervised consumers (prefetch, acks, reconnect with
@@ -12,17 +14,26 @@
 //!   every part consumes.
 
 pub mod broker;
+pub mod connector;
 pub mod consumer;
 pub mod delivery;
 pub mod topology;
 pub mod wire;
 
 pub use broker::{Broker, Outgoing};
+pub use connector::TlsError;
 pub use consumer::{ConsumerSpec, Supervisor};
 pub use delivery::InFlight;
 pub use wire::Names;
 
 use std::time::Duration;
+
+/// The deepest field table or array in a message's headers that lapin
+/// decodes; deeper ones are kept as bytes (docs/RELIABILITY.md). It is the
+/// vendored amq-protocol-types' bound, named here so that switchboard does
+/// not compile against an unpatched parser (crates.io's has no such item,
+/// and recursed until the stack overflowed).
+pub const MAX_HEADER_NESTING: usize = deadpool_lapin::lapin::types::parsing::MAX_NESTING_DEPTH;
 
 /// How long a clean close may take before it is abandoned.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);

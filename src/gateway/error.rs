@@ -95,7 +95,12 @@ impl From<Error> for ApiError {
             Error::NoRoute { .. } => {
                 ApiError::unavailable("the service has no queue on the broker yet; retry later")
             }
-            Error::BrokerUnavailable { .. } | Error::Amqp(_) | Error::Nacked => {
+            // A TLS failure once running (a broker certificate changed) is
+            // the broker being out of reach, for a caller.
+            Error::BrokerUnavailable { .. }
+            | Error::Tls { .. }
+            | Error::Amqp(_)
+            | Error::Nacked => {
                 tracing::warn!(error = %e, "broker unavailable");
                 ApiError::unavailable("the message broker is unavailable; retry later")
             }

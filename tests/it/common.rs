@@ -185,6 +185,15 @@ pub fn test_service() -> ServiceSettings {
     }
 }
 
+/// A port nothing listens on now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Waits until `cond` holds, checking on every tick, failing after `limit`.
 /// For conditions observable only by looking (counters); never a fixed sleep.
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)

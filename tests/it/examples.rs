@@ -66,15 +66,6 @@ impl Drop for Owned {
     }
 }
 
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Consumers of `queue` now.
 async fn consumers(c: &Ctx, queue: &str) -> u32 {
     crate::common::queue_consumers(&c.broker, queue)
@@ -87,7 +78,7 @@ async fn consumers(c: &Ctx, queue: &str) -> u32 {
 async fn serves_invoice(name: &str, worker: &mut Command) {
     let c = ctx(name).await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = crate::common::free_port();
     let base = format!("http://127.0.0.1:{port}");
     let serve = Owned::start(
         Command::new(env!("CARGO_BIN_EXE_switchboard"))

@@ -456,7 +456,7 @@ async fn wait_is_capped_and_a_reply_within_it_is_answered() {
 }
 
 /// Reads an SSE response frame by frame (frames end with a blank line).
-struct Sse {
+pub(crate) struct Sse {
     stream:
         std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     buf: String,
@@ -464,14 +464,14 @@ struct Sse {
 
 /// One SSE frame: its fields (comments skipped).
 #[derive(Debug, Default)]
-struct Frame {
-    id: Option<String>,
-    event: Option<String>,
-    data: Option<Value>,
+pub(crate) struct Frame {
+    pub(crate) id: Option<String>,
+    pub(crate) event: Option<String>,
+    pub(crate) data: Option<Value>,
 }
 
 impl Sse {
-    fn new(res: reqwest::Response) -> Self {
+    pub(crate) fn new(res: reqwest::Response) -> Self {
         Self {
             stream: Box::pin(res.bytes_stream()),
             buf: String::new(),
@@ -479,7 +479,7 @@ impl Sse {
     }
 
     /// The next event frame; `None` when the stream ended.
-    async fn next(&mut self) -> Option<Frame> {
+    pub(crate) async fn next(&mut self) -> Option<Frame> {
         use futures_util::StreamExt;
         loop {
             while let Some(end) = self.buf.find("\n\n") {

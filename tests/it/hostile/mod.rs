@@ -124,8 +124,13 @@ async fn publish_reply(
 /// A call to `slow` accepted with a 202 (it waits on the gate, so only a
 /// foreign reply ends it).
 async fn pending_call(gw: &Gw) -> String {
+    accepted_call(gw, "slow").await
+}
+
+/// A call to `service` accepted with a 202; its id.
+async fn accepted_call(gw: &Gw, service: &str) -> String {
     let res = gw
-        .post("slow")
+        .post(service)
         .bearer_auth(BOB)
         .header("prefer", "respond-async")
         .body("{}")

@@ -100,12 +100,42 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+// switchboard's patch: bounded nesting. A field table or array holds values
+// that may be tables or arrays again, and the parser recursed once per level:
+// a message whose headers nest a few thousand tables (14 KB is enough)
+// overflowed the stack of the thread that parses frames and aborted the
+// process. Tables and arrays carry their byte length, so a value nested deeper
+// than the bound is taken whole, without looking inside, and kept as an
+// `AMQPValue::ByteArray` of exactly the bytes that followed the length (same
+// wire shape: a long-uint length, then the bytes). The frame still parses (an
+// error would make lapin close the connection and the broker deliver the
+// message again, to the next consumer), nothing recurses past the bound, and
+// nothing is lost: the bytes can be parsed again by whoever wants them.
+
+/// The deepest field table or array that is decoded: the outermost table (a
+/// message's headers, a method's arguments) is level 1. A table or array
+/// below this level is kept undecoded as an [AMQPValue::ByteArray] of its
+/// encoded content (what follows its length on the wire).
+pub const MAX_NESTING_DEPTH: usize = 64;
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
     amqp_type: AMQPType,
 ) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
+    parse_raw_value_at(amqp_type, 1)
+}
+
+/// [parse_raw_value] for a value at nesting `level` (1: not inside any table
+/// or array). switchboard's patch: bounded nesting.
+fn parse_raw_value_at<I: ParsableInput>(
+    amqp_type: AMQPType,
+    level: usize,
+) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
     context("parse_raw_value", move |i| match amqp_type {
+        AMQPType::FieldArray | AMQPType::FieldTable if level > MAX_NESTING_DEPTH => {
+            map(parse_byte_array, AMQPValue::ByteArray).parse(i)
+        }
         AMQPType::Boolean => map(parse_boolean, AMQPValue::Boolean).parse(i),
         AMQPType::ShortShortInt => map(parse_short_short_int, AMQPValue::ShortShortInt).parse(i),
         AMQPType::ShortShortUInt => map(parse_short_short_uint, AMQPValue::ShortShortUInt).parse(i),
@@ -121,9 +151,13 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray => {
+            map(|i| field_array_at(i, level), AMQPValue::FieldArray).parse(i)
+        }
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => {
+            map(|i| field_table_at(i, level), AMQPValue::FieldTable).parse(i)
+        }
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
@@ -131,7 +165,16 @@ pub fn parse_raw_value<I: ParsableInput>(
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    value_at(i, 1)
+}
+
+/// [parse_value] at nesting `level`. switchboard's patch: bounded nesting.
+fn value_at<I: ParsableInput>(i: I, level: usize) -> ParserResult<I, AMQPValue> {
+    context(
+        "parse_value",
+        flat_map(parse_type, move |t| parse_raw_value_at(t, level)),
+    )
+    .parse(i)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -221,16 +264,29 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 // a correlation id (or header name, or type) from any client stops every
 // consumer on the connection, and comes back to the next one. Decode lossily
 // instead: the value no longer matches anything (an unknown correlation id),
-// and the message is handled like any other malformed one.
+// and the message is handled like any other malformed one. Each invalid byte
+// becomes U+FFFD (3 bytes), so the decoded text can outgrow the 255 bytes of
+// a short string (86 invalid bytes are enough) and `ShortString::from` would
+// panic: the text is cut at the last character boundary within 255 bytes.
 fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::convert::Infallible> {
     let bytes: Vec<u8> = i.iter_elements().collect();
     Ok(match String::from_utf8(bytes) {
         Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        Err(e) => {
+            let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let mut end = s.len().min(MAX_SHORT_STRING_LENGTH);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s
+        }
     })
 }
 
 /// Parse a [ShortString](../type.ShortString.html)
+// `ShortString::from` cannot panic here: the input is at most 255 bytes (its
+// length is one byte), and `make_str` keeps the decoded text within 255 bytes.
 pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString> {
     context(
         "parse_short_string",
@@ -255,12 +311,18 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    field_array_at(i, 1)
+}
+
+/// [parse_field_array] for an array at nesting `level` (at most
+/// [MAX_NESTING_DEPTH]). switchboard's patch: bounded nesting.
+fn field_array_at<I: ParsableInput>(i: I, level: usize) -> ParserResult<I, FieldArray> {
     context(
         "parse_field_array",
         map_parser(
             flat_map(parse_long_uint, take),
             all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
+                context("parse_field_array_entry", complete(|i| value_at(i, level + 1))),
                 FieldArray::default,
                 |mut acc, elem| {
                     acc.push(elem);
@@ -279,6 +341,12 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    field_table_at(i, 1)
+}
+
+/// [parse_field_table] for a table at nesting `level` (at most
+/// [MAX_NESTING_DEPTH]). switchboard's patch: bounded nesting.
+fn field_table_at<I: ParsableInput>(i: I, level: usize) -> ParserResult<I, FieldTable> {
     context(
         "parse_field_table",
         map_parser(
@@ -286,7 +354,7 @@ pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> 
             all_consuming(fold_many0(
                 context(
                     "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
+                    complete(pair(parse_short_string, |i| value_at(i, level + 1))),
                 ),
                 FieldTable::default,
                 |mut acc, (key, value)| {
@@ -600,5 +668,133 @@ mod test {
             parse_flags(&[0b11011101, 0b00000010][..], &names),
             Ok((EMPTY, flags))
         );
+    }
+}
+
+// switchboard's patch: tests of the two defences (bounded nesting, lossy
+// short strings that fit in 255 bytes).
+#[cfg(test)]
+mod hostile_input {
+    use super::*;
+
+    const EMPTY: &[u8] = b"";
+
+    /// `levels` field tables, each holding the next under the key "a"; the
+    /// innermost one is empty.
+    fn nested_tables(levels: usize) -> Vec<u8> {
+        let mut bytes = vec![0, 0, 0, 0];
+        for _ in 1..levels {
+            let entry = [&[1, b'a', b'F'][..], &bytes].concat();
+            bytes = [&(entry.len() as u32).to_be_bytes()[..], &entry].concat();
+        }
+        bytes
+    }
+
+    /// `levels` field arrays, each holding the next; the innermost one is empty.
+    fn nested_arrays(levels: usize) -> Vec<u8> {
+        let mut bytes = vec![0, 0, 0, 0];
+        for _ in 1..levels {
+            let entry = [&[b'A'][..], &bytes].concat();
+            bytes = [&(entry.len() as u32).to_be_bytes()[..], &entry].concat();
+        }
+        bytes
+    }
+
+    /// How many tables deep `table` decodes, and what it holds at the bottom.
+    fn decoded_depth(table: &FieldTable) -> (usize, Option<AMQPValue>) {
+        let mut depth = 1;
+        let mut current = table;
+        loop {
+            match current.inner().get("a") {
+                Some(AMQPValue::FieldTable(t)) => {
+                    depth += 1;
+                    current = t;
+                }
+                other => return (depth, other.cloned()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_nested_2000_deep_parses_without_recursing_past_the_bound() {
+        let bytes = nested_tables(2000);
+        let (rest, table) = parse_field_table(&bytes[..]).expect("parses");
+        assert_eq!(rest, EMPTY);
+        let (depth, bottom) = decoded_depth(&table);
+        assert_eq!(depth, MAX_NESTING_DEPTH);
+        // The table at level 65 is kept, undecoded, as the bytes it was sent as.
+        let Some(AMQPValue::ByteArray(raw)) = bottom else {
+            panic!("level {} is {bottom:?}", MAX_NESTING_DEPTH + 1);
+        };
+        let expected = nested_tables(2000 - MAX_NESTING_DEPTH);
+        assert_eq!(raw.as_slice(), &expected[4..]);
+    }
+
+    #[test]
+    fn an_array_nested_2000_deep_parses_without_recursing_past_the_bound() {
+        let bytes = nested_arrays(2000);
+        let (rest, value) = parse_raw_value(AMQPType::FieldArray)
+            .parse(&bytes[..])
+            .expect("parses");
+        assert_eq!(rest, EMPTY);
+        let mut depth = 1;
+        let mut current = value;
+        while let AMQPValue::FieldArray(a) = current {
+            current = a.as_slice()[0].clone();
+            depth += 1;
+        }
+        assert_eq!(depth, MAX_NESTING_DEPTH + 1);
+        assert!(matches!(current, AMQPValue::ByteArray(_)), "{current:?}");
+    }
+
+    #[test]
+    fn tables_at_the_bound_decode_as_before() {
+        let bytes = nested_tables(MAX_NESTING_DEPTH);
+        let (_, table) = parse_field_table(&bytes[..]).expect("parses");
+        let (depth, bottom) = decoded_depth(&table);
+        assert_eq!(depth, MAX_NESTING_DEPTH);
+        assert_eq!(bottom, None, "the innermost table is decoded, empty");
+    }
+
+    /// Decodes one short string of `bytes`.
+    fn short(bytes: &[u8]) -> String {
+        let wire = [&[bytes.len() as u8][..], bytes].concat();
+        let (rest, s) = parse_short_string(&wire[..]).expect("parses");
+        assert_eq!(rest, EMPTY);
+        s.as_str().to_owned()
+    }
+
+    #[test]
+    fn two_hundred_invalid_bytes_decode_to_85_replacement_characters() {
+        let s = short(&[0xff; 200]);
+        assert_eq!(s, "\u{fffd}".repeat(85));
+        assert_eq!(s.len(), 255);
+    }
+
+    #[test]
+    fn mixed_valid_and_invalid_bytes_are_cut_at_a_character_boundary() {
+        // "a" and 100 invalid bytes: 1 + 3 * 84 = 253 bytes, an 85th U+FFFD
+        // would make 256.
+        let s = short(&[&b"a"[..], &[0xfe; 100]].concat());
+        assert_eq!(s, format!("a{}", "\u{fffd}".repeat(84)));
+        // A valid 4-byte character that would end past 255 bytes goes whole.
+        let input = [&[0xff][..], &[b'x'; 250], "😀".as_bytes()].concat();
+        assert_eq!(input.len(), 255);
+        let s = short(&input);
+        assert_eq!(s, format!("\u{fffd}{}", "x".repeat(250)));
+    }
+
+    #[test]
+    fn exactly_at_the_boundary() {
+        // 255 valid bytes: untouched.
+        assert_eq!(short(&[b'v'; 255]), "v".repeat(255));
+        // 252 valid bytes and one invalid byte: 255 bytes, all kept.
+        let s = short(&[&[b'v'; 252][..], &[0x80]].concat());
+        assert_eq!(s, format!("{}\u{fffd}", "v".repeat(252)));
+        // 253 valid and one invalid: 256 bytes, the U+FFFD goes.
+        let s = short(&[&[b'v'; 253][..], &[0x80]].concat());
+        assert_eq!(s, "v".repeat(253));
+        // Valid UTF-8 is never changed.
+        assert_eq!(short("é".repeat(127).as_bytes()), "é".repeat(127));
     }
 }
