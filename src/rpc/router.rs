@@ -24,7 +24,8 @@
 //! deadline sweep.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -35,6 +36,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::amqp::consumer::{ActorConsumer, Consumes, Event, Link, settle};
+use crate::amqp::delivery::SETTLE_TIMEOUT;
 use crate::amqp::{InFlight, wire};
 use crate::error::Error;
 use crate::settings::ReplyMode;
@@ -302,6 +304,8 @@ pub struct ReplyRouter {
     consumer: ActorConsumer,
     /// Direct mode: where publishers find the channel.
     slot: ChannelSlot,
+    /// Replies being settled (offered to the sink, quarantined).
+    settling: Settling,
 }
 
 impl ReplyRouter {
@@ -323,6 +327,7 @@ impl ReplyRouter {
             mode,
             consumer,
             slot,
+            settling: Settling::default(),
         }
     }
 
@@ -456,8 +461,10 @@ impl StreamHandler<Event> for ReplyRouter {
             }
             let supervisor = self.consumer.supervisor().clone();
             let inflight = InFlight::new(delivery);
+            let settling = self.settling.start();
             ctx.spawn(
                 async move {
+                    let _settling = settling;
                     supervisor
                         .quarantine(inflight, "a reply without a correlation id")
                         .await
@@ -476,7 +483,14 @@ impl StreamHandler<Event> for ReplyRouter {
         let Some(sink) = self.orphans.clone() else {
             orphan.count_dropped(&self.stats);
             if let Some(inflight) = inflight {
-                ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
+                let settling = self.settling.start();
+                ctx.spawn(
+                    async move {
+                        let _settling = settling;
+                        settle(inflight.ack().await)
+                    }
+                    .into_actor(self),
+                );
             }
             return;
         };
@@ -497,8 +511,10 @@ impl StreamHandler<Event> for ReplyRouter {
             return;
         };
         let supervisor = self.consumer.supervisor().clone();
+        let settling = self.settling.start();
         ctx.spawn(
             async move {
+                let _settling = settling;
                 // An orphan is acked only once its sink has taken it (or
                 // said it is no call of its own).
                 match offer(&sink, &orphan).await {
@@ -548,8 +564,49 @@ async fn offer(sink: &OrphanSink, orphan: &Orphan) -> Result<bool, ()> {
     }
 }
 
-/// Stop consuming and close the connection; replies still on the way stay
-/// in the durable reply queue for the next start.
+/// Settlements under way. A graceful stop waits (up to
+/// [`SETTLE_TIMEOUT`]) until none is left, so that a reply being offered
+/// to the store or quarantined is not handed back to the queue half-done.
+#[derive(Clone, Default)]
+struct Settling(Arc<(AtomicUsize, tokio::sync::Notify)>);
+
+/// One settlement under way; ends when dropped.
+struct SettlingOne(Settling);
+
+impl Settling {
+    fn start(&self) -> SettlingOne {
+        self.0.0.fetch_add(1, Ordering::SeqCst);
+        SettlingOne(self.clone())
+    }
+
+    /// Returns once no settlement is under way, or after `limit`.
+    async fn idle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let notified = self.0.1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0.0.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for SettlingOne {
+    fn drop(&mut self) {
+        if self.0.0.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.0.1.notify_waiters();
+        }
+    }
+}
+
+/// Stop consuming and close the connection once the replies being settled
+/// are (at most [`SETTLE_TIMEOUT`]); replies still on the way stay in the
+/// durable reply queue for the next start.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Close;
@@ -560,7 +617,9 @@ impl Handler<Close> for ReplyRouter {
     fn handle(&mut self, _: Close, ctx: &mut Self::Context) -> Self::Result {
         self.slot.set(None);
         let link = ActorConsumer::stop(self, ctx);
+        let settling = self.settling.clone();
         Box::pin(async move {
+            settling.idle(SETTLE_TIMEOUT).await;
             if let Some(link) = link {
                 link.stop("shutdown").await;
             }
