@@ -2,7 +2,8 @@
 //! library"): the vendored, patched AMQP parser, not crates.io's. Cargo
 //! applies `[patch]` only at the top of a dependency graph, so this is
 //! checked from a dependent's side: a throwaway crate depending on
-//! switchboard by path, resolved by `cargo metadata --offline` (no build).
+//! switchboard by path, resolved by `cargo tree --offline` (no build, and no download: `cargo
+//! metadata` would want every platform's crates in the local cache).
 
 use std::path::Path;
 use std::process::Command;
@@ -41,31 +42,36 @@ switchboard = {{ path = {root:?} }}
     std::fs::write(dir.path().join("src/lib.rs"), "").unwrap();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline"])
+        .args(["tree", "--offline", "-e", "normal", "--prefix", "none"])
+        .args(["--format", "{p}"])
         .arg("--manifest-path")
         .arg(dir.path().join("Cargo.toml"))
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "cargo metadata failed: {}",
+        "cargo tree failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let packages = meta["packages"].as_array().unwrap();
+    // One line per package: `name vX.Y.Z` from a registry, `name vX.Y.Z
+    // (/its/path)` from a path, with ` (*)` where it was listed before.
+    let tree = String::from_utf8(out.stdout).unwrap();
     for name in CHAIN {
-        let found: Vec<&serde_json::Value> =
-            packages.iter().filter(|p| p["name"] == *name).collect();
+        let mut found: Vec<&str> = tree
+            .lines()
+            .map(|l| l.trim_end_matches(" (*)"))
+            .filter(|l| l.split(' ').next() == Some(name))
+            .collect();
+        found.sort_unstable();
+        found.dedup();
         // One copy: a second one, from crates.io, would be unpatched (and
         // its types would not be switchboard's).
-        assert_eq!(found.len(), 1, "{name} resolved {} times", found.len());
-        let p = found[0];
-        assert!(p["source"].is_null(), "{name} comes from {}", p["source"]);
-        let expected = root.join("vendor").join(name).join("Cargo.toml");
-        assert_eq!(
-            Path::new(p["manifest_path"].as_str().unwrap()),
-            expected,
-            "{name} is not the vendored copy"
+        assert_eq!(found.len(), 1, "{name} resolved as {found:?}");
+        let expected = root.join("vendor").join(name);
+        assert!(
+            found[0].ends_with(&format!("({})", expected.display())),
+            "{name} is not the vendored copy: {}",
+            found[0]
         );
     }
 }
