@@ -1,14 +1,14 @@
 //! The call store, on SQLite (a temporary file) and on PostgreSQL
-//! (`SWITCHBOARD_TEST_POSTGRES_URL`, or the local default). When no
-//! PostgreSQL answers, its half is skipped with a note on stderr.
+//! (`SWITCHBOARD_TEST_POSTGRES_URL`, by default the local server's `test`
+//! database, which only serves to reach the server).
 //!
-//! The PostgreSQL table `sb_calls` is shared by every test and every test
-//! binary that uses that database: each test names its calls and callers
-//! with a prefix of its own. `purge` and `drop_unpublished` act on the
-//! whole table, so their tests get a schema of their own instead.
+//! Each test gets databases of its own: a SQLite file in a temporary
+//! directory, and a PostgreSQL database created for it (`sbt_<random>`)
+//! and dropped after it. PostgreSQL is required, as RabbitMQ is: a test
+//! fails when none answers, unless `SWITCHBOARD_TEST_POSTGRES_URL=skip`
+//! says to leave the PostgreSQL half out (a note on stderr says so).
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use switchboard::calls::{
     CallStatus, CallStore, CallbackOutcome, CallbackRecord, CallbackState, Inserted, NewCall,
@@ -18,8 +18,68 @@ use tempfile::TempDir;
 
 const POSTGRES_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/test";
 
-fn postgres_url() -> String {
-    std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| POSTGRES_DEFAULT.into())
+/// The server to test on; `None` when told to skip PostgreSQL.
+fn postgres_url() -> Option<url::Url> {
+    let url =
+        std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").unwrap_or_else(|_| POSTGRES_DEFAULT.into());
+    if url == "skip" {
+        let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
+        if !*noted {
+            *noted = true;
+            // Straight to the process's stderr: the harness captures eprintln.
+            let msg = "\nnote: SWITCHBOARD_TEST_POSTGRES_URL=skip: the PostgreSQL half of the store tests is left out\n";
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+        }
+        return None;
+    }
+    Some(url::Url::parse(&url).expect("SWITCHBOARD_TEST_POSTGRES_URL is a valid URL"))
+}
+
+static NOTED: Mutex<bool> = Mutex::new(false);
+
+/// A database of a test's own on the server of `base`, and its URL.
+struct Database {
+    /// Connected to `base`'s database, to drop this one.
+    admin: sqlx::PgPool,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create(base: &url::Url) -> Self {
+        let admin = sqlx::PgPool::connect(base.as_str())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no PostgreSQL answers at {}:{} ({e}); start it, or set SWITCHBOARD_TEST_POSTGRES_URL (to `skip` to leave these tests out)",
+                    base.host_str().unwrap_or("?"),
+                    base.port().unwrap_or(5432)
+                )
+            });
+        let name = format!("sbt_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let mut url = base.clone();
+        url.set_path(&name);
+        Database {
+            admin,
+            name,
+            url: url.into(),
+        }
+    }
+
+    async fn drop(self) {
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&self.admin)
+        .await
+        .unwrap();
+        self.admin.close().await;
+    }
 }
 
 /// One store under test and what keeps it alive.
@@ -27,85 +87,40 @@ struct Backend {
     name: &'static str,
     store: CallStore,
     /// The SQLite file's directory.
-    _dir: Option<TempDir>,
-    /// A private PostgreSQL schema to drop at the end: a pool outside the
-    /// store, and its name.
-    schema: Option<(sqlx::PgPool, String)>,
+    dir: Option<TempDir>,
+    /// The PostgreSQL database, dropped at the end.
+    database: Option<Database>,
 }
 
 impl Backend {
     async fn done(self) {
         self.store.close().await;
-        if let Some((pool, schema)) = self.schema {
-            sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
+        if let Some(db) = self.database {
+            db.drop().await;
         }
     }
 }
 
-static NOTED: Mutex<bool> = Mutex::new(false);
-
-/// Whether PostgreSQL answers at the test URL's address; if not, says so
-/// once on stderr.
-async fn postgres_answers() -> bool {
-    let url = url::Url::parse(&postgres_url()).expect("a valid PostgreSQL URL");
-    let host = url.host_str().unwrap_or("127.0.0.1").to_owned();
-    let port = url.port().unwrap_or(5432);
-    let probe = tokio::net::TcpStream::connect((host.as_str(), port));
-    let answers = matches!(
-        tokio::time::timeout(Duration::from_secs(2), probe).await,
-        Ok(Ok(_))
-    );
-    if !answers {
-        let mut noted = NOTED.lock().unwrap_or_else(|p| p.into_inner());
-        if !*noted {
-            *noted = true;
-            // Straight to the process's stderr: the harness captures eprintln.
-            let msg = format!(
-                "\nnote: no PostgreSQL answers at {host}:{port}; the PostgreSQL half of the store tests is skipped (set SWITCHBOARD_TEST_POSTGRES_URL)\n"
-            );
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
-        }
-    }
-    answers
-}
-
-/// SQLite in a temporary file, and PostgreSQL when it answers: on the
-/// shared table, or with `private_schema` in a schema of the test's own.
-async fn backends(private_schema: bool) -> Vec<Backend> {
+/// SQLite in a temporary file and PostgreSQL in a database of the test's
+/// own, both fresh.
+async fn backends() -> Vec<Backend> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = format!("sqlite://{}/calls.db?mode=rwc", dir.path().display());
     let mut all = vec![Backend {
         name: "sqlite",
         store: CallStore::open(&sqlite).await.unwrap(),
-        _dir: Some(dir),
-        schema: None,
+        dir: Some(dir),
+        database: None,
     }];
-    if !postgres_answers().await {
+    let Some(base) = postgres_url() else {
         return all;
-    }
-    let base = postgres_url();
-    let (url, schema) = if private_schema {
-        let name = format!("sbt_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let pool = sqlx::PgPool::connect(&base).await.unwrap();
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&pool)
-            .await
-            .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{name}");
-        (url, Some((pool, name)))
-    } else {
-        (base, None)
     };
+    let db = Database::create(&base).await;
     all.push(Backend {
         name: "postgres",
-        store: CallStore::open(&url).await.unwrap(),
-        _dir: None,
-        schema,
+        store: CallStore::open(&db.url).await.unwrap(),
+        dir: None,
+        database: Some(db),
     });
     all
 }
@@ -153,16 +168,9 @@ async fn callback_of(store: &CallStore, id: &str) -> CallbackRecord {
     call.callback.expect("a callback")
 }
 
-/// Removes a test's rows from a shared table.
-async fn delete_all(store: &CallStore, ids: &[&str]) {
-    for id in ids {
-        store.delete(id).await.unwrap();
-    }
-}
-
 #[actix_rt::test]
 async fn a_call_reads_back_as_stored() {
-    for b in backends(false).await {
+    for b in backends().await {
         let p = prefix("roundtrip");
         let (a, z) = (format!("{p}-a"), format!("{p}-z"));
         let full = NewCall {
@@ -224,14 +232,13 @@ async fn a_call_reads_back_as_stored() {
 
         b.store.delete(&a).await.unwrap();
         assert!(b.store.get(&a).await.unwrap().is_none(), "{}", b.name);
-        delete_all(&b.store, &[&z]).await;
         b.done().await;
     }
 }
 
 #[actix_rt::test]
 async fn a_reused_idempotency_key_returns_the_existing_call() {
-    for b in backends(false).await {
+    for b in backends().await {
         let p = prefix("idem");
         let (caller, other_caller, key) = (
             format!("{p}-caller"),
@@ -268,14 +275,13 @@ async fn a_reused_idempotency_key_returns_the_existing_call() {
         insert_new(&b.store, &call(&n1, &caller, 10, 20)).await;
         insert_new(&b.store, &call(&n2, &caller, 10, 20)).await;
 
-        delete_all(&b.store, &[&first, &third, &n1, &n2]).await;
         b.done().await;
     }
 }
 
 #[actix_rt::test]
 async fn a_call_completes_only_once() {
-    for b in backends(false).await {
+    for b in backends().await {
         let p = prefix("complete");
         let (with_cb, without_cb) = (format!("{p}-cb"), format!("{p}-plain"));
         let caller = format!("{p}-caller");
@@ -365,14 +371,13 @@ async fn a_call_completes_only_once() {
         let got = b.store.get(&without_cb).await.unwrap().unwrap();
         assert_eq!((got.status, got.callback), (CallStatus::Failed, None));
 
-        delete_all(&b.store, &[&with_cb, &without_cb]).await;
         b.done().await;
     }
 }
 
 #[actix_rt::test]
 async fn overdue_lists_pending_calls_past_their_deadline() {
-    for b in backends(false).await {
+    for b in backends().await {
         let p = prefix("overdue");
         let caller = format!("{p}-caller");
         let (late, early, ended) = (
@@ -395,14 +400,13 @@ async fn overdue_lists_pending_calls_past_their_deadline() {
         assert!(overdue.contains(&late), "{}", b.name);
         assert!(!overdue.contains(&early), "{}", b.name);
         assert!(!overdue.contains(&ended), "{}", b.name);
-        delete_all(&b.store, &[&late, &early, &ended]).await;
         b.done().await;
     }
 }
 
 #[actix_rt::test]
 async fn purge_keeps_pending_calls_and_unsettled_callbacks() {
-    for b in backends(true).await {
+    for b in backends().await {
         let p = prefix("purge");
         let caller = format!("{p}-caller");
         let id = |s: &str| format!("{p}-{s}");
@@ -495,7 +499,7 @@ async fn purge_keeps_pending_calls_and_unsettled_callbacks() {
 
 #[actix_rt::test]
 async fn unpublished_calls_are_dropped_and_their_key_starts_afresh() {
-    for b in backends(true).await {
+    for b in backends().await {
         let p = prefix("unpub");
         let caller = format!("{p}-caller");
         let key = format!("{p}-key");
@@ -529,20 +533,15 @@ async fn unpublished_calls_are_dropped_and_their_key_starts_afresh() {
 async fn stores_opened_at_once_on_a_fresh_database_all_open() {
     // Gateways started together on a new database race to create the
     // schema; every one of them must open.
-    for b in backends(true).await {
-        let fresh_url = match (&b.schema, &b._dir) {
-            (Some((pool, schema)), _) => {
-                let fresh = format!("{schema}_x");
-                sqlx::query(&format!("CREATE SCHEMA {fresh}"))
-                    .execute(pool)
-                    .await
-                    .unwrap();
-                let base = postgres_url();
-                let sep = if base.contains('?') { '&' } else { '?' };
-                format!("{base}{sep}options=-c%20search_path%3D{fresh}")
-            }
+    for b in backends().await {
+        let fresh_db = match &b.database {
+            Some(_) => Some(Database::create(&postgres_url().unwrap()).await),
+            None => None,
+        };
+        let fresh_url = match (&fresh_db, &b.dir) {
+            (Some(db), _) => db.url.clone(),
             (None, Some(dir)) => format!("sqlite://{}/fresh.db?mode=rwc", dir.path().display()),
-            (None, None) => unreachable!("every backend is a file or a schema"),
+            (None, None) => unreachable!("every backend is a file or a database"),
         };
         let opened =
             futures_util::future::join_all((0..8).map(|_| CallStore::open(&fresh_url))).await;
@@ -551,11 +550,8 @@ async fn stores_opened_at_once_on_a_fresh_database_all_open() {
             assert!(store.ping().await);
             store.close().await;
         }
-        if let Some((pool, schema)) = &b.schema {
-            sqlx::query(&format!("DROP SCHEMA {schema}_x CASCADE"))
-                .execute(pool)
-                .await
-                .unwrap();
+        if let Some(db) = fresh_db {
+            db.drop().await;
         }
         b.done().await;
     }
