@@ -505,7 +505,7 @@ fn reply_of_request() -> Value {
 
 /// The broker's address from `amqp.url`, without its user or password.
 fn server(settings: &Settings) -> (Value, String) {
-    let uri = AMQPUri::from_str(&settings.amqp.url).ok();
+    let uri = AMQPUri::from_str(settings.amqp.first_node()).ok();
     let vhost = uri
         .as_ref()
         .map(|u| u.vhost.clone())

@@ -178,8 +178,8 @@ impl Management {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        let (user, password) = settings.management.credentials(&settings.amqp.url);
-        let vhost = deadpool_lapin::lapin::uri::AMQPUri::from_str(&settings.amqp.url)
+        let (user, password) = settings.management.credentials(settings.amqp.first_node());
+        let vhost = deadpool_lapin::lapin::uri::AMQPUri::from_str(settings.amqp.first_node())
             .map(|u| u.vhost)
             .unwrap_or_else(|_| "/".into());
         let http = reqwest::Client::builder()

@@ -122,7 +122,10 @@ pub struct Settings {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// AMQP URI of the broker.
+    /// AMQP URI of the broker; several (a cluster's nodes) separated by
+    /// commas, or a TOML list: connections go to the first that answers,
+    /// and to the next one when that one is lost. See [`Self::nodes`].
+    #[serde(deserialize_with = "one_or_many")]
     pub url: String,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
@@ -153,6 +156,61 @@ pub struct AmqpSettings {
     /// `amqps://` only: the name the broker's certificate must carry; empty:
     /// the host of `url`.
     pub tls_server_name: String,
+}
+
+impl AmqpSettings {
+    /// The broker's nodes, in the order of `amqp.url`.
+    pub fn nodes(&self) -> Vec<&str> {
+        split_nodes(&self.url)
+    }
+
+    /// The first node of `amqp.url`: where the vhost, the user and the
+    /// management API's defaults are read (every node has the same).
+    pub fn first_node(&self) -> &str {
+        self.nodes().first().copied().unwrap_or("")
+    }
+}
+
+/// The URLs of a list separated by commas. A comma splits only where the
+/// next URL begins (`scheme://`): a password may hold a comma.
+fn split_nodes(list: &str) -> Vec<&str> {
+    let starts_url = |rest: &str| {
+        let rest = rest.trim_start();
+        rest.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        })
+    };
+    // A trailing comma ends the list (no node holds it).
+    let list = list.trim().trim_end_matches(',');
+    let mut nodes = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        if starts_url(&list[i + 1..]) {
+            nodes.push(list[start..i].trim());
+            start = i + 1;
+        }
+    }
+    nodes.push(list[start..].trim());
+    nodes.retain(|n| !n.is_empty());
+    nodes
+}
+
+/// `amqp.url` as one string (nodes separated by commas) from a string or a
+/// list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s,
+        OneOrMany::Many(v) => v.join(","),
+    })
 }
 
 /// Where replies come back to an RPC client.
@@ -624,9 +682,46 @@ impl Settings {
     /// Checks what types alone cannot; each message names its setting.
     pub fn validate(&self) -> Result<(), SettingsError> {
         let fail = |key: &str, why: String| Err(SettingsError(format!("{key}: {why}")));
-        if let Err(e) = deadpool_lapin::lapin::uri::AMQPUri::from_str(&self.amqp.url) {
-            // The parser's message may quote the URL, password and all.
-            return fail("amqp.url", format!("not an AMQP URI ({})", redact_url(&e)));
+        let nodes = self.amqp.nodes();
+        if nodes.is_empty() {
+            return fail("amqp.url", "names no broker".into());
+        }
+        let mut first: Option<deadpool_lapin::lapin::uri::AMQPUri> = None;
+        for (i, node) in nodes.iter().enumerate() {
+            let which = if nodes.len() == 1 {
+                String::new()
+            } else {
+                format!("node {} of {}: ", i + 1, nodes.len())
+            };
+            let uri = match deadpool_lapin::lapin::uri::AMQPUri::from_str(node) {
+                Ok(uri) => uri,
+                // The parser's message may quote the URL, password and all.
+                Err(e) => {
+                    return fail(
+                        "amqp.url",
+                        format!("{which}not an AMQP URI ({})", redact_url(&e)),
+                    );
+                }
+            };
+            match &first {
+                None => first = Some(uri),
+                Some(f) if f.scheme != uri.scheme => {
+                    return fail(
+                        "amqp.url",
+                        format!("{which}mixes amqp:// and amqps:// (every node must be the same)"),
+                    );
+                }
+                Some(f) if f.vhost != uri.vhost => {
+                    return fail(
+                        "amqp.url",
+                        format!(
+                            "{which}names vhost {:?}, the first node {:?} (every node must be the same)",
+                            uri.vhost, f.vhost
+                        ),
+                    );
+                }
+                Some(_) => {}
+            }
         }
         if !is_name(&self.amqp.prefix) {
             return fail("amqp.prefix", name_rule(&self.amqp.prefix));
@@ -1051,6 +1146,15 @@ pub const REDACTED: &str = "***";
 /// password with unescaped `/`, `?` or `@` is hidden too (at the price of
 /// hiding more when a path or query holds an `@`).
 pub fn redact_url(url: &str) -> String {
+    // Several nodes (`amqp.url`): each its own.
+    let nodes = split_nodes(url);
+    if nodes.len() > 1 {
+        return nodes
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_query(url);
     };
@@ -1241,8 +1345,55 @@ mod tests {
                 "Invalid URL: 'amqp://u:pw@h:x/'",
                 "Invalid URL: 'amqp://u:***@h:x/'",
             ),
+            // Several nodes, one password with a comma.
+            (
+                "amqp://u:p,w@h1:5672/%2f, amqps://v:pw2@h2/v",
+                "amqp://u:***@h1:5672/%2f,amqps://v:***@h2/v",
+            ),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn amqp_url_lists_its_nodes_and_a_comma_in_a_password_stays() {
+        let env = |url: &str| [("SWITCHBOARD__AMQP__URL".to_owned(), url.to_owned())];
+        let a = Settings::load_from(
+            None,
+            None,
+            env("amqp://u:p,w@h1/%2f,amqp://h2:5673/%2f , amqp://h3/%2f,"),
+        )
+        .expect("a list in the environment loads")
+        .amqp;
+        assert_eq!(
+            a.nodes(),
+            ["amqp://u:p,w@h1/%2f", "amqp://h2:5673/%2f", "amqp://h3/%2f"]
+        );
+        assert_eq!(a.first_node(), "amqp://u:p,w@h1/%2f");
+        let toml = "[amqp]\nurl = [\"amqp://h1/%2f\", \"amqp://h2:5673/%2f\"]\n";
+        let a = Settings::load_from(None, Some(toml), std::iter::empty())
+            .expect("a TOML list loads")
+            .amqp;
+        assert_eq!(a.nodes(), ["amqp://h1/%2f", "amqp://h2:5673/%2f"]);
+        for (url, says) in [
+            (
+                "amqp://h1/%2f,amqps://h2/%2f",
+                "node 2 of 2: mixes amqp:// and amqps://",
+            ),
+            (
+                "amqp://h1/%2f,amqp://h2/other",
+                "node 2 of 2: names vhost \"other\"",
+            ),
+            (
+                "amqp://h1/%2f,amqp://u:secret@h2:x/%2f",
+                "node 2 of 2: not an AMQP URI",
+            ),
+            (" , ", "names no broker"),
+        ] {
+            let e = Settings::load_from(None, None, env(url)).unwrap_err().0;
+            assert!(e.starts_with("amqp.url: "), "{e}");
+            assert!(e.contains(says), "{url}: {e}");
+            assert!(!e.contains("secret"), "{e}");
         }
     }
 

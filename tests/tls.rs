@@ -16,9 +16,9 @@
 
 #[path = "it/common.rs"]
 mod common;
+mod nodes;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::{
@@ -31,10 +31,7 @@ use switchboard::rpc::{Call, RpcClient, RpcOptions};
 use switchboard::settings::{QueueType, ServiceSettings, Settings};
 use switchboard::worker::{self, Worker};
 
-use common::{eventually, free_port};
-
-/// How long a node may take to boot (about 15 s here; CI machines vary).
-const BOOT_LIMIT: Duration = Duration::from_secs(90);
+use nodes::RabbitNode;
 
 /// A CA, and a server and a client certificate it signed, as PEM files in
 /// `dir`.
@@ -90,37 +87,10 @@ impl Pki {
     }
 }
 
-/// A RabbitMQ node of this test: its own node name, ports, config file and
-/// data in a temporary folder (owned by the `rabbitmq` user when run as
-/// root). Stopped, through its node name, when dropped: on every exit path,
-/// a failed assertion included.
+/// A node whose only listener is TLS, and its certificates.
 struct Node {
-    name: String,
-    port: u16,
-    pid_file: PathBuf,
+    node: RabbitNode,
     pki: Pki,
-    /// Removed after the node has stopped (fields drop after `drop`).
-    dir: tempfile::TempDir,
-}
-
-/// Whether this process runs as root (the owner of its /proc entry).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// `program` with `args`, run as the `rabbitmq` user when this process is
-/// root (the nodes use its Erlang cookie), else as this user.
-fn as_rabbitmq(program: &str, args: &[String]) -> Command {
-    let mut c = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "rabbitmq", "--", program]);
-        c
-    } else {
-        Command::new(program)
-    };
-    c.args(args);
-    c
 }
 
 impl Node {
@@ -128,23 +98,15 @@ impl Node {
     /// for `server_names`; `mutual`: it requires a client certificate
     /// signed by its CA. Returns once the listener accepts connections.
     async fn start(tag: &str, server_names: &[&str], mutual: bool) -> Node {
-        let dir = tempfile::Builder::new()
-            .prefix("switchboard-tls-")
-            .tempdir()
-            .unwrap();
-        let d = dir.path();
-        let pki = Pki::new(d, server_names);
-        let name = format!("sbtls-{tag}-{}@localhost", std::process::id());
-        let port = free_port();
         let (verify, fail_if_no_peer_cert) = if mutual {
             ("verify_peer", "true")
         } else {
             ("verify_none", "false")
         };
-        let config = d.join("rabbitmq.conf");
-        std::fs::write(
-            &config,
-            format!(
+        let mut pki = None;
+        let node = RabbitNode::start(&format!("sbtls-{tag}"), |dir, port| {
+            let p = Pki::new(dir, server_names);
+            let conf = format!(
                 "listeners.tcp = none\n\
                  listeners.ssl.default = 127.0.0.1:{port}\n\
                  ssl_options.cacertfile = {ca}\n\
@@ -152,107 +114,23 @@ impl Node {
                  ssl_options.keyfile = {key}\n\
                  ssl_options.verify = {verify}\n\
                  ssl_options.fail_if_no_peer_cert = {fail_if_no_peer_cert}\n",
-                ca = pki.ca.display(),
-                cert = pki.server_cert.display(),
-                key = pki.server_key.display(),
-            ),
-        )
-        .unwrap();
-        let plugins = d.join("enabled_plugins");
-        std::fs::write(&plugins, "[].\n").unwrap();
-        let pid_file = d.join("node.pid");
-        if is_root() {
-            let chown = Command::new("chown")
-                .args(["-R", "rabbitmq:rabbitmq"])
-                .arg(d)
-                .status()
-                .unwrap();
-            assert!(chown.success(), "chown to the rabbitmq user failed");
+                ca = p.ca.display(),
+                cert = p.server_cert.display(),
+                key = p.server_key.display(),
+            );
+            pki = Some(p);
+            conf
+        })
+        .await;
+        Node {
+            node,
+            pki: pki.expect("written with the config"),
         }
-        let env = [
-            ("RABBITMQ_NODENAME", name.clone()),
-            ("RABBITMQ_CONFIG_FILE", config.display().to_string()),
-            ("RABBITMQ_NODE_PORT", free_port().to_string()),
-            ("RABBITMQ_DIST_PORT", free_port().to_string()),
-            (
-                "RABBITMQ_MNESIA_BASE",
-                d.join("mnesia").display().to_string(),
-            ),
-            ("RABBITMQ_LOG_BASE", d.join("log").display().to_string()),
-            ("RABBITMQ_PID_FILE", pid_file.display().to_string()),
-            (
-                "RABBITMQ_ENABLED_PLUGINS_FILE",
-                plugins.display().to_string(),
-            ),
-        ];
-        let mut args: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        args.extend(["rabbitmq-server".into(), "-detached".into()]);
-        // Built before the node starts: dropped, it stops the node.
-        let node = Node {
-            name,
-            port,
-            pid_file,
-            pki,
-            dir,
-        };
-        let started = as_rabbitmq("env", &args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("rabbitmq-server runs (is RabbitMQ installed?)");
-        assert!(started.success(), "rabbitmq-server -detached failed");
-        node.wait_until_listening().await;
-        node
-    }
-
-    /// Polls the TLS port until it accepts a connection.
-    async fn wait_until_listening(&self) {
-        let what = format!("node {} listening on {}", self.name, self.port);
-        let listening = eventually(BOOT_LIMIT, &what, || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-        });
-        // The node's log says why it did not come up.
-        if let Err(panic) =
-            futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(listening)).await
-        {
-            eprintln!("node {} log:\n{}", self.name, self.log_tail());
-            std::panic::resume_unwind(panic);
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self
-            .dir
-            .path()
-            .join("log")
-            .join(format!("{}.log", self.name));
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     /// The node's `amqps://` URL, guest's password in it.
     fn url(&self) -> String {
-        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // `stop` with the pid file waits until the node's process is gone,
-        // so that its folder can go next.
-        let args = [
-            "-n".to_string(),
-            self.name.clone(),
-            "stop".into(),
-            self.pid_file.display().to_string(),
-        ];
-        let _ = as_rabbitmq("rabbitmqctl", &args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        format!("amqps://guest:guest@127.0.0.1:{}/%2f", self.node.port)
     }
 }
 
@@ -360,7 +238,7 @@ async fn amqps_verifies_the_broker_and_never_falls_back_to_plain_text() {
     assert!(msg.contains("TLS listener"), "{msg}");
 
     // A CA file that is not there: the setting and the file are named.
-    let missing = node.dir.path().join("no-such-ca.pem");
+    let missing = node.pki.ca.with_file_name("no-such-ca.pem");
     let (err, msg) = refused(&settings(&node.url(), &[("tls_ca_file", &missing)], None)).await;
     assert!(
         matches!(

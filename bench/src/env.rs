@@ -123,7 +123,7 @@ impl Env {
         let payload = json_payload(a.payload);
         Ok(Target {
             amqp: self.amqp.clone(),
-            url: self.amqp.url.clone(),
+            url: self.amqp.first_node().to_owned(),
             names: self.names(),
             instance: self.instance(variant.name()),
             service,

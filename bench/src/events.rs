@@ -286,7 +286,7 @@ async fn raw_side(
         ConnectionProperties::default()
             .with_connection_name(wire::connection_name(&instance, role).into())
     };
-    let conn = Connection::connect(&env.amqp.url, props("raw-publisher")).await?;
+    let conn = Connection::connect(env.amqp.first_node(), props("raw-publisher")).await?;
     let channel = conn.create_channel().await?;
     channel
         .exchange_declare(
@@ -308,7 +308,7 @@ async fn raw_side(
         .await?;
     let mut subs = Vec::new();
     for _ in 0..k {
-        let sconn = Connection::connect(&env.amqp.url, props("raw-subscriber")).await?;
+        let sconn = Connection::connect(env.amqp.first_node(), props("raw-subscriber")).await?;
         let ch = sconn.create_channel().await?;
         let q = ch
             .queue_declare(

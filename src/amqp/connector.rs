@@ -26,6 +26,7 @@
 use std::io;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_rs::TokioRuntime;
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
@@ -36,37 +37,43 @@ use deadpool_lapin::lapin::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
+use tracing::warn;
+
 use super::broker::redact;
 use crate::error::{Error, Result};
 use crate::settings::{AmqpSettings, SettingsError};
 
 /// Opens connections to the broker of `amqp.url`, with TLS for `amqps://`.
+/// With several nodes, a connection goes to the node that answered last,
+/// and to the next one in the list when that one does not.
 pub struct Connector {
-    /// The parsed `amqp.url`.
-    uri: AMQPUri,
-    /// `amqp.url` with its password hidden, for errors.
-    url: String,
+    /// The nodes of `amqp.url`, in its order.
+    nodes: Vec<Node>,
+    /// The node the next connection tries first.
+    next: AtomicUsize,
     /// `Some` for `amqps://`: every connection is TLS.
-    tls: Option<Tls>,
+    tls: Option<RustlsConnector>,
+}
+
+/// One node of `amqp.url`.
+struct Node {
+    /// Its parsed URI.
+    uri: AMQPUri,
+    /// Its URL with the password hidden, for errors and logs.
+    url: String,
+    /// `amqps://`: the name its certificate must carry.
+    server_name: String,
 }
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<&str> = self.nodes.iter().map(|n| n.url.as_str()).collect();
         f.debug_struct("Connector")
-            .field("url", &self.url)
-            .field("tls", &self.tls.as_ref().map(|t| &t.server_name))
+            .field("nodes", &urls)
+            .field("next", &self.next)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
-}
-
-/// The TLS client side of `amqps://` connections.
-#[derive(Clone)]
-struct Tls {
-    /// rustls's configuration (roots, client certificate), shared by every
-    /// connection: built once, it also lets rustls resume sessions.
-    connector: RustlsConnector,
-    /// The name the broker's certificate must carry.
-    server_name: String,
 }
 
 /// What went wrong with TLS to the broker.
@@ -142,33 +149,51 @@ impl Connector {
     /// certificate and key), so that a missing or unreadable file is an
     /// error at start-up naming its setting, not a failure at each connect.
     pub fn new(settings: &AmqpSettings) -> Result<Self> {
-        let url = redact(&settings.url);
-        let uri = AMQPUri::from_str(&settings.url).map_err(|e| {
-            Error::Settings(SettingsError(format!("amqp.url: not an AMQP URI ({e})")))
-        })?;
         settings
             .check_tls()
             .map_err(|(key, why)| Error::Settings(SettingsError(format!("{key}: {why}"))))?;
-        let tls = match uri.scheme {
-            AMQPScheme::AMQP => None,
-            AMQPScheme::AMQPS => {
-                let tls_error = |source| Error::Tls {
-                    url: url.clone(),
-                    source: Box::new(source),
-                };
-                let connector = rustls_connector(settings).map_err(tls_error)?;
-                let server_name = if settings.tls_server_name.is_empty() {
-                    uri.authority.host.clone()
-                } else {
-                    settings.tls_server_name.clone()
-                };
-                Some(Tls {
-                    connector,
-                    server_name,
-                })
-            }
+        let mut nodes = Vec::new();
+        for node in settings.nodes() {
+            let url = redact(node);
+            let uri = AMQPUri::from_str(node).map_err(|e| {
+                Error::Settings(SettingsError(format!(
+                    "amqp.url: {url} is not an AMQP URI ({})",
+                    redact(&e)
+                )))
+            })?;
+            let server_name = if settings.tls_server_name.is_empty() {
+                uri.authority.host.clone()
+            } else {
+                settings.tls_server_name.clone()
+            };
+            nodes.push(Node {
+                uri,
+                url,
+                server_name,
+            });
+        }
+        let Some(first) = nodes.first() else {
+            return Err(Error::Settings(SettingsError(
+                "amqp.url: names no broker".into(),
+            )));
         };
-        Ok(Self { uri, url, tls })
+        let tls = match first.uri.scheme {
+            AMQPScheme::AMQP => None,
+            AMQPScheme::AMQPS => Some(rustls_connector(settings).map_err(|source| Error::Tls {
+                url: redact(&settings.url),
+                source: Box::new(source),
+            })?),
+        };
+        if nodes.iter().any(|n| n.uri.scheme != first.uri.scheme) {
+            return Err(Error::Settings(SettingsError(
+                "amqp.url: mixes amqp:// and amqps:// (every node must be the same)".into(),
+            )));
+        }
+        Ok(Self {
+            nodes,
+            next: AtomicUsize::new(0),
+            tls,
+        })
     }
 
     /// Whether connections are TLS (`amqps://`).
@@ -185,18 +210,55 @@ impl Connector {
         self.connect_on(props, TokioRuntime::tokio_current()).await
     }
 
-    /// [`Connector::connect`], the connection's tasks on `runtime`.
+    /// [`Connector::connect`], the connection's tasks on `runtime`. Tries
+    /// each node once, from the one that answered last; the error is the
+    /// last node's.
     pub async fn connect_on(
         &self,
         props: ConnectionProperties,
         runtime: TokioRuntime,
     ) -> Result<Connection> {
+        let count = self.nodes.len();
+        let start = self.next.load(Ordering::Relaxed) % count;
+        let mut failure = None;
+        for k in 0..count {
+            let i = (start + k) % count;
+            // Moved on before the attempt: an attempt that hangs until the
+            // caller's timeout drops it leaves the next try to the next node.
+            self.next.store((i + 1) % count, Ordering::Relaxed);
+            match self
+                .connect_node(&self.nodes[i], props.clone(), runtime.clone())
+                .await
+            {
+                Ok(conn) => {
+                    self.next.store(i, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    if count > 1 {
+                        warn!(node = %self.nodes[i].url, error = %e, "broker node does not answer; trying the next");
+                    }
+                    failure = Some(e);
+                }
+            }
+        }
+        Err(failure.expect("amqp.url names at least one node"))
+    }
+
+    /// Opens a connection to `node`.
+    async fn connect_node(
+        &self,
+        node: &Node,
+        props: ConnectionProperties,
+        runtime: TokioRuntime,
+    ) -> Result<Connection> {
         let opened = match &self.tls {
-            None => Connection::connect_uri_with_runtime(self.uri.clone(), props, runtime).await,
+            None => Connection::connect_uri_with_runtime(node.uri.clone(), props, runtime).await,
             Some(tls) => {
                 let tls = tls.clone();
+                let server_name = node.server_name.clone();
                 Connection::connector(
-                    self.uri.clone(),
+                    node.uri.clone(),
                     runtime,
                     async move |uri: AMQPUri, runtime| {
                         let host = (uri.authority.host.as_str(), uri.authority.port);
@@ -205,19 +267,19 @@ impl Connector {
                         let plain = AsyncTcpStream::connect(&runtime, addrs).await?;
                         // The only way on from here is TLS: there is no
                         // fallback to the plain stream.
-                        Ok(plain.into_rustls(&tls.connector, &tls.server_name).await?)
+                        Ok(plain.into_rustls(&tls, &server_name).await?)
                     },
                     props,
                 )
                 .await
             }
         };
-        opened.map_err(|e| self.error(e))
+        opened.map_err(|e| self.error(e, node))
     }
 
     /// lapin's error as the library's: TLS failures (rustls's error inside
     /// lapin's I/O error) apart, with what they most likely mean.
-    fn error(&self, e: lapin::Error) -> Error {
+    fn error(&self, e: lapin::Error, node: &Node) -> Error {
         let rustls_error = match e.kind() {
             lapin::ErrorKind::IOError(io) => io
                 .get_ref()
@@ -235,17 +297,17 @@ impl Connector {
             )
         );
         let tls = |source| Error::Tls {
-            url: self.url.clone(),
+            url: node.url.clone(),
             source: Box::new(source),
         };
         match (rustls_error, &self.tls) {
-            (Some(cause), Some(t)) => tls(TlsError::Handshake {
-                hint: hint(cause, &t.server_name),
+            (Some(cause), Some(_)) => tls(TlsError::Handshake {
+                hint: hint(cause, &node.server_name),
                 source: e,
             }),
             (None, Some(_)) if closed => tls(TlsError::Closed { source: e }),
             _ => Error::BrokerUnavailable {
-                url: self.url.clone(),
+                url: node.url.clone(),
                 reason: e.to_string(),
             },
         }

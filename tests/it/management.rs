@@ -136,7 +136,10 @@ async fn a_request_waiting_in_its_queue_shows_every_property_in_the_management_a
         "%2f",
         c.broker.names().service_queue("props")
     );
-    let (user, password) = c.settings.management.credentials(&c.settings.amqp.url);
+    let (user, password) = c
+        .settings
+        .management
+        .credentials(c.settings.amqp.first_node());
     let got: Vec<Value> = reqwest::Client::new()
         .post(api_url)
         .basic_auth(user, Some(password))
