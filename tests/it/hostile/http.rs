@@ -609,12 +609,12 @@ async fn headers_the_gateway_cannot_pass_on_are_refused_and_preferences_survive_
     let long = switchboard::rpc::Call::new("echo", &b"{}"[..]).content_type("a".repeat(256));
     assert!(matches!(
         rpc.call(long).await,
-        Err(switchboard::Error::Malformed(_))
+        Err(switchboard::Error::TooLong { .. })
     ));
     let long = switchboard::rpc::Call::new("echo", &b"{}"[..]).message_id("k".repeat(256));
     assert!(matches!(
         rpc.call(long).await,
-        Err(switchboard::Error::Malformed(_))
+        Err(switchboard::Error::TooLong { .. })
     ));
     // An unknown preference with obs-text does not hide respond-async.
     let res = gw
