@@ -30,8 +30,8 @@ pub use router::{OrphanSink, ReplyRouter, Routed, RpcStats};
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
 use crate::amqp::{Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_on, topology, wire};
 use crate::error::{Error, Result, Unreachable};
+use crate::message::Reply;
 use crate::settings::{ReplyMode, RpcSettings};
-use crate::worker::Reply;
 use router::PendingCalls;
 
 /// One call to make.
