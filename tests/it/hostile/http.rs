@@ -555,8 +555,7 @@ async fn hostile_requests_get_well_formed_answers_and_harm_no_one() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(after, before);
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{bobs_id}/result")))
+        .get(&format!("/v1/calls/{bobs_id}/result"))
         .bearer_auth(BOB)
         .send()
         .await
@@ -692,8 +691,7 @@ async fn long_polls_of_calls_that_do_not_exist_leave_nothing_behind() {
             _ => "x".repeat(rng.random_range(65..5000)),
         };
         let res = gw
-            .http
-            .get(gw.url(&format!("/v1/calls/{id}?wait=2")))
+            .get(&format!("/v1/calls/{id}?wait=2"))
             .bearer_auth(ALICE)
             .send()
             .await
