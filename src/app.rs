@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::gateway;
 use crate::gateway::ops::MetricsServer;
-use crate::settings::{BuiltinHandler, Settings, SettingsError};
+use crate::settings::{BuiltinHandler, Settings};
 use crate::worker::{self, Worker, WorkerHandle};
 
 /// Starts a worker for every configured service with a built-in handler.
@@ -69,11 +69,12 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     let workers = start_workers(&broker, &settings).await?;
     let cancel = CancellationToken::new();
     let gateway = if settings.gateway.enabled {
-        let listener = std::net::TcpListener::bind(&settings.gateway.bind).map_err(|e| {
-            Error::Settings(SettingsError(format!(
-                "gateway.bind: cannot listen on {}: {e}",
-                settings.gateway.bind
-            )))
+        let listener = std::net::TcpListener::bind(&settings.gateway.bind).map_err(|source| {
+            Error::Listen {
+                what: "gateway.bind",
+                addr: settings.gateway.bind.clone(),
+                source,
+            }
         })?;
         Some(gateway::start(&settings, &broker, listener, cancel.clone()).await?)
     } else {
@@ -81,11 +82,12 @@ pub async fn serve(settings: Settings, shutdown: impl Future<Output = ()>) -> Re
     };
     // Without the gateway, the workers' metrics get an endpoint of their own.
     let metrics = if gateway.is_none() && !settings.metrics.bind.is_empty() {
-        let listener = std::net::TcpListener::bind(&settings.metrics.bind).map_err(|e| {
-            Error::Settings(SettingsError(format!(
-                "metrics.bind: cannot listen on {}: {e}",
-                settings.metrics.bind
-            )))
+        let listener = std::net::TcpListener::bind(&settings.metrics.bind).map_err(|source| {
+            Error::Listen {
+                what: "metrics.bind",
+                addr: settings.metrics.bind.clone(),
+                source,
+            }
         })?;
         Some(MetricsServer::start(&broker, listener)?)
     } else {

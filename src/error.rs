@@ -1,5 +1,7 @@
 //! The library's error type: one enum, each kind saying whether a retry may
-//! succeed ([`Error::is_recoverable`]).
+//! succeed ([`Error::is_recoverable`]). Each variant names what failed and
+//! keeps the error underneath as its `source()`; none carries a URL's
+//! password (URLs are redacted before they are put in).
 
 use std::time::Duration;
 
@@ -17,8 +19,9 @@ pub enum Error {
     BrokerUnavailable {
         /// Where we looked.
         url: String,
-        /// What went wrong.
-        reason: String,
+        /// What went wrong (lapin's or the pool's error as its source).
+        #[source]
+        reason: Unreachable,
     },
     /// TLS with the broker (`amqps://`) failed: a file of the `amqp.tls_*`
     /// settings, or the handshake (a certificate that does not verify, a
@@ -84,9 +87,49 @@ pub enum Error {
     /// A message could not be decoded.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// A message could not be encoded (serialised) to be published.
+    #[error("cannot encode {what}: {source}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// serde_json's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value that travels as an AMQP short string (service name, content
+    /// type, call or message id) is too long; refused before lapin, which
+    /// would panic on it.
+    #[error("the {what} is longer than {limit} bytes")]
+    TooLong {
+        /// Which value.
+        what: &'static str,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A listener could not be bound or served (`what` is its setting, or
+    /// the server it was for).
+    #[error("{what}: cannot listen on {addr}: {source}")]
+    Listen {
+        /// The setting (`gateway.bind`, `metrics.bind`) or the server.
+        what: &'static str,
+        /// The address, as given or as bound.
+        addr: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The call store failed.
     #[error("call store: {0}")]
-    Store(String),
+    Store(#[source] crate::calls::StoreError),
+    /// The call store holds a value this version does not know (a row
+    /// written by another version, or edited by hand).
+    #[error("the call store holds an unknown {what} {value:?}")]
+    UnknownStored {
+        /// Which column.
+        what: &'static str,
+        /// The value found.
+        value: String,
+    },
     /// A setting is wrong.
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
@@ -111,5 +154,78 @@ impl Error {
     }
 }
 
+/// Why the broker could not be reached ([`Error::BrokerUnavailable`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unreachable {
+    /// lapin could not open a connection (refused, reset, authentication
+    /// refused...).
+    #[error("{0}")]
+    Connect(#[source] lapin::Error),
+    /// The connection pool failed other than by a connection failure
+    /// (closed, not built).
+    #[error("{0}")]
+    Pool(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The broker did not answer in time.
+    #[error("no {what} within {after:?}")]
+    NoAnswer {
+        /// What was awaited: `answer`, `channel`, `publisher confirm`.
+        what: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The channel of direct reply-to calls is being re-established.
+    #[error("the reply channel is being re-established")]
+    ReplyChannelDown,
+}
+
 /// Result with the library's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn causes_are_kept_as_sources_and_recoverability_is_by_kind() {
+        let refused =
+            lapin::Error::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = Error::BrokerUnavailable {
+            url: "amqp://guest:***@127.0.0.1:1/%2f".into(),
+            reason: Unreachable::Connect(refused),
+        };
+        assert!(e.is_recoverable());
+        let reason = e.source().expect("the reason is the source");
+        let lapin_error = reason.source().expect("lapin's error under it");
+        assert!(lapin_error.downcast_ref::<lapin::Error>().is_some());
+        assert!(
+            e.to_string()
+                .starts_with("cannot reach RabbitMQ at amqp://guest:***@")
+        );
+
+        let e = Error::Listen {
+            what: "gateway.bind",
+            addr: "127.0.0.1:80".into(),
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(!e.is_recoverable());
+        assert!(
+            e.to_string()
+                .starts_with("gateway.bind: cannot listen on 127.0.0.1:80: "),
+            "{e}"
+        );
+        let io = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            io.map(|e| e.kind()),
+            Some(std::io::ErrorKind::PermissionDenied)
+        );
+
+        let e = Error::Store(crate::calls::StoreError::Query(sqlx::Error::PoolTimedOut));
+        assert!(!e.is_recoverable());
+        let sqlx_error = e.source().and_then(|s| s.source());
+        assert!(sqlx_error.is_some_and(|s| s.downcast_ref::<sqlx::Error>().is_some()));
+        assert!(e.to_string().starts_with("call store: "), "{e}");
+    }
+}

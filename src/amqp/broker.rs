@@ -24,7 +24,7 @@ use super::connector::{Connector, Pool, PoolManager};
 use super::consumer::Consumers;
 use super::topology;
 use super::wire::{self, Names};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unreachable};
 use crate::metrics::Metrics;
 use crate::settings::AmqpSettings;
 
@@ -110,7 +110,7 @@ impl Broker {
             .build()
             .map_err(|e| Error::BrokerUnavailable {
                 url: redact(&url),
-                reason: e.to_string(),
+                reason: Unreachable::Pool(Box::new(e)),
             })?;
         let broker = Broker {
             inner: Arc::new(Inner {
@@ -185,11 +185,11 @@ impl Broker {
     pub async fn channel(&self) -> Result<Channel> {
         let conn = tokio::time::timeout(self.inner.connect_timeout, self.inner.pool.get())
             .await
-            .map_err(|_| self.unavailable("no answer within the connect timeout".into()))?
+            .map_err(|_| self.no_answer("answer", self.inner.connect_timeout))?
             .map_err(|e| match e {
                 // Already names the URL (and says whether TLS failed).
                 PoolError::Backend(e) => e,
-                other => self.unavailable(other.to_string()),
+                other => self.unavailable(Unreachable::Pool(Box::new(other))),
             })?;
         Ok(conn.create_channel().await?)
     }
@@ -204,7 +204,7 @@ impl Broker {
             self.inner.connector.connect(props),
         )
         .await
-        .map_err(|_| self.unavailable("no answer within the connect timeout".into()))?
+        .map_err(|_| self.no_answer("answer", self.inner.connect_timeout))?
     }
 
     /// Publishes and waits for the broker's confirm. A nack is
@@ -218,9 +218,7 @@ impl Broker {
         loop {
             let opened = tokio::time::timeout(self.inner.confirm_timeout, self.publish_channel())
                 .await
-                .unwrap_or_else(|_| {
-                    Err(self.unavailable("no channel within the confirm timeout".into()))
-                });
+                .unwrap_or_else(|_| Err(self.no_answer("channel", self.inner.confirm_timeout)));
             let (slot, channel) = match opened {
                 Ok(c) => c,
                 Err(e) if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() => {
@@ -236,13 +234,7 @@ impl Broker {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e @ (Error::NoRoute { .. } | Error::Nacked))) => return Err(e),
                 Ok(Err(e)) => e,
-                Err(_) => Error::BrokerUnavailable {
-                    url: redact(&self.inner.url),
-                    reason: format!(
-                        "no publisher confirm within {:?}",
-                        self.inner.confirm_timeout
-                    ),
-                },
+                Err(_) => self.no_answer("publisher confirm", self.inner.confirm_timeout),
             };
             // Whatever went wrong, this channel is not to be trusted again.
             self.forget_channel(slot, &channel).await;
@@ -308,11 +300,16 @@ impl Broker {
         }
     }
 
-    fn unavailable(&self, reason: String) -> Error {
+    fn unavailable(&self, reason: Unreachable) -> Error {
         Error::BrokerUnavailable {
             url: redact(&self.inner.url),
             reason,
         }
+    }
+
+    /// The broker unavailable: no `what` came within `after`.
+    fn no_answer(&self, what: &'static str, after: Duration) -> Error {
+        self.unavailable(Unreachable::NoAnswer { what, after })
     }
 
     /// Closes the publishing channels and the pool.

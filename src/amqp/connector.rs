@@ -40,7 +40,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tracing::warn;
 
 use super::broker::redact;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unreachable};
 use crate::settings::{AmqpSettings, SettingsError};
 
 /// Opens connections to the broker of `amqp.url`, with TLS for `amqps://`.
@@ -308,7 +308,7 @@ impl Connector {
             (None, Some(_)) if closed => tls(TlsError::Closed { source: e }),
             _ => Error::BrokerUnavailable {
                 url: node.url.clone(),
-                reason: e.to_string(),
+                reason: Unreachable::Connect(e),
             },
         }
     }

@@ -384,9 +384,14 @@ pub(crate) fn passive() -> QueueDeclareOptions {
 }
 
 /// Whether the broker refused an operation with 406 PRECONDITION_FAILED
-/// (a declaration whose arguments differ from the existing queue's).
+/// (a declaration whose arguments differ from the existing queue's), by
+/// lapin's error kind (the reply code), never by the reply text.
 pub fn is_precondition_failed(e: &lapin::Error) -> bool {
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406)
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
 }
 
 /// What a [`Mismatch`] is about.
@@ -484,7 +489,7 @@ fn mismatch(entity: Entity, name: &str, e: lapin::Error) -> Error {
     let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
         return Error::Amqp(e);
     };
-    if *amqp.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
+    if !is_precondition_failed(&e) {
         return Error::Amqp(e);
     }
     let text = amqp.get_message().as_str();
@@ -574,5 +579,29 @@ mod tests {
             None
         );
         assert_eq!(parse_inequivalent("inequivalent arg '"), None);
+    }
+
+    fn refused(kind: AMQPErrorKind, text: &str) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(lapin::protocol::AMQPError::new(kind, text.into())).into()
+    }
+
+    #[test]
+    fn a_precondition_failure_is_told_by_its_reply_code_not_its_text() {
+        let code = AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED);
+        // No "406" nor PRECONDITION_FAILED in the text: the kind decides.
+        assert!(is_precondition_failed(&refused(
+            code.clone(),
+            "inequivalent arg"
+        )));
+        let e = mismatch(Entity::Queue, "q", refused(code, "whatever"));
+        assert!(
+            matches!(e, Error::Topology(ref m) if m[0].name == "q"),
+            "{e}"
+        );
+        // The text of one does not make another kind one.
+        let other = AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND);
+        let e = refused(other, "PRECONDITION_FAILED 406");
+        assert!(!is_precondition_failed(&e));
+        assert!(matches!(mismatch(Entity::Queue, "q", e), Error::Amqp(_)));
     }
 }

@@ -69,7 +69,12 @@ impl FromStr for CallStatus {
             "succeeded" => CallStatus::Succeeded,
             "failed" => CallStatus::Failed,
             "expired" => CallStatus::Expired,
-            other => return Err(Error::Malformed(format!("stored call status {other:?}"))),
+            other => {
+                return Err(Error::UnknownStored {
+                    what: "call status",
+                    value: other.to_owned(),
+                });
+            }
         })
     }
 }
@@ -104,7 +109,12 @@ impl CallbackState {
             "pending" => CallbackState::Pending,
             "delivered" => CallbackState::Delivered,
             "dead" => CallbackState::Dead,
-            other => return Err(Error::Malformed(format!("stored callback state {other:?}"))),
+            other => {
+                return Err(Error::UnknownStored {
+                    what: "callback state",
+                    value: other.to_owned(),
+                });
+            }
         })
     }
 }
@@ -312,8 +322,30 @@ fn schema(backend: Backend) -> Vec<String> {
 /// (any constant; this one spells "sbschema" in ASCII).
 const SCHEMA_LOCK: i64 = 0x7362_7363_6865_6d61;
 
+/// How the call store failed ([`Error::Store`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be opened, or its schema made. `url` has its
+    /// password hidden; sqlx's error does not carry the URL.
+    #[error("cannot open the call store {url}: {source}")]
+    Open {
+        /// The store's URL, redacted.
+        url: String,
+        /// sqlx's error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A statement failed.
+    #[error("{0}")]
+    Query(#[source] sqlx::Error),
+    /// An insert took nothing, yet no call holds its idempotency key.
+    #[error("call {0} could not be stored")]
+    NotStored(String),
+}
+
 fn db(e: sqlx::Error) -> Error {
-    Error::Store(e.to_string())
+    Error::Store(StoreError::Query(e))
 }
 
 impl CallStore {
@@ -352,11 +384,11 @@ impl CallStore {
         // The schema is made on a connection of its own before the pool
         // opens any: an SQLite connection opened before a `CREATE INDEX` can
         // keep an old schema and refuse `ON CONFLICT` on that index.
-        let opening = |e: sqlx::Error| {
-            Error::Store(format!(
-                "cannot open the call store {}: {e}",
-                crate::settings::redact_url(url)
-            ))
+        let opening = |source: sqlx::Error| {
+            Error::Store(StoreError::Open {
+                url: crate::settings::redact_url(url),
+                source,
+            })
         };
         let mut conn = sqlx::AnyConnection::connect(url).await.map_err(opening)?;
         let mut tx = conn.begin().await.map_err(db)?;
@@ -414,7 +446,7 @@ impl CallStore {
         let existing = self
             .by_idempotency_key(&call.caller, key)
             .await?
-            .ok_or_else(|| Error::Store(format!("call {} could not be stored", call.id)))?;
+            .ok_or_else(|| Error::Store(StoreError::NotStored(call.id.clone())))?;
         Ok(Inserted::Existing(Box::new(existing)))
     }
 

@@ -73,7 +73,10 @@ impl CloudEvent {
 
 /// Publishes an event to the events fanout, persistent and confirmed.
 pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
-    let body = serde_json::to_vec(event).map_err(|e| Error::Malformed(e.to_string()))?;
+    let body = serde_json::to_vec(event).map_err(|source| Error::Encode {
+        what: "an event",
+        source,
+    })?;
     let mut props = deadpool_lapin::lapin::BasicProperties::default()
         .with_content_type(wire::CONTENT_CLOUDEVENTS.into())
         .with_message_id(event.id.as_str().into())

@@ -205,9 +205,11 @@ pub async fn start(
             .unwrap_or_default()
             .into(),
     });
-    let addr = listener
-        .local_addr()
-        .map_err(|e| Error::Malformed(format!("listener: {e}")))?;
+    let addr = listener.local_addr().map_err(|source| Error::Listen {
+        what: "gateway",
+        addr: "its listener".into(),
+        source,
+    })?;
     let data = state.clone();
     let origins = g.allowed_origins.clone();
     let mut server = HttpServer::new(move || {
@@ -241,7 +243,11 @@ pub async fn start(
     }
     let server = server
         .listen(listener)
-        .map_err(|e| Error::Malformed(format!("cannot listen on {addr}: {e}")))?
+        .map_err(|source| Error::Listen {
+            what: "gateway",
+            addr: addr.to_string(),
+            source,
+        })?
         .run();
     let handle = server.handle();
     actix_rt::spawn(server);

@@ -105,9 +105,11 @@ impl MetricsServer {
     /// `listener`, for a process that serves workers without the gateway
     /// (`metrics.bind`).
     pub fn start(broker: &Broker, listener: TcpListener) -> Result<Self> {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Malformed(format!("metrics listener: {e}")))?;
+        let addr = listener.local_addr().map_err(|source| Error::Listen {
+            what: "metrics server",
+            addr: "its listener".into(),
+            source,
+        })?;
         let data = web::Data::new(broker.clone());
         let server = HttpServer::new(move || {
             App::new()
@@ -121,7 +123,11 @@ impl MetricsServer {
         // Scrapes are small: one thread is plenty.
         .workers(1)
         .listen(listener)
-        .map_err(|e| Error::Malformed(format!("cannot listen on {addr}: {e}")))?
+        .map_err(|source| Error::Listen {
+            what: "metrics server",
+            addr: addr.to_string(),
+            source,
+        })?
         .run();
         let handle = server.handle();
         actix_rt::spawn(server);

@@ -194,7 +194,10 @@ impl Tracker {
             &call.caller,
             call.traceparent.as_deref(),
         );
-        let body = serde_json::to_vec(&event).map_err(|e| Error::Malformed(e.to_string()))?;
+        let body = serde_json::to_vec(&event).map_err(|source| Error::Encode {
+            what: "a call's completion event",
+            source,
+        })?;
         let callback = call
             .callback
             .as_ref()

@@ -29,9 +29,9 @@ pub use router::{OrphanSink, ReplyRouter, Routed, RpcStats};
 
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
 use crate::amqp::{Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_on, topology, wire};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unreachable};
+use crate::message::Reply;
 use crate::settings::{ReplyMode, RpcSettings};
-use crate::worker::Reply;
 use router::PendingCalls;
 
 /// One call to make.
@@ -301,10 +301,10 @@ impl RpcClient {
             ("message id", call.message_id.as_deref().unwrap_or_default()),
         ] {
             if s.len() > wire::MAX_SHORT_STRING {
-                return Err(Error::Malformed(format!(
-                    "the {what} is longer than {} bytes",
-                    wire::MAX_SHORT_STRING
-                )));
+                return Err(Error::TooLong {
+                    what,
+                    limit: wire::MAX_SHORT_STRING,
+                });
             }
         }
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
@@ -349,7 +349,7 @@ impl RpcClient {
                     .get()
                     .ok_or_else(|| Error::BrokerUnavailable {
                         url: inner.broker.url_redacted(),
-                        reason: "the reply channel is being re-established".into(),
+                        reason: Unreachable::ReplyChannelDown,
                     })?;
                 // Bounded: a wedged reply connection must not hold the
                 // caller (its watchdog replaces it meanwhile).
@@ -358,7 +358,10 @@ impl RpcClient {
                     .await
                     .map_err(|_| Error::BrokerUnavailable {
                         url: inner.broker.url_redacted(),
-                        reason: format!("no publisher confirm within {confirm:?}"),
+                        reason: Unreachable::NoAnswer {
+                            what: "publisher confirm",
+                            after: confirm,
+                        },
                     })??
             }
             ReplyMode::Queue => inner.broker.publish(msg).await?,

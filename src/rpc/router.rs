@@ -39,8 +39,8 @@ use crate::amqp::consumer::{ActorConsumer, Consumes, Event, Link, settle};
 use crate::amqp::delivery::SETTLE_TIMEOUT;
 use crate::amqp::{InFlight, wire};
 use crate::error::Error;
+use crate::message::Reply;
 use crate::settings::ReplyMode;
-use crate::worker::Reply;
 
 /// How many recently forgotten call ids are remembered to tell a late reply
 /// from an unknown one. Bounded: it is only for counting.
@@ -424,7 +424,7 @@ fn to_reply(delivery: &Delivery, body: Bytes, id: &str) -> Reply {
             Err(e) => {
                 warn!(call_id = id, "reply with a malformed status");
                 let title = e.to_string();
-                crate::worker::HandlerError::new(502, title).to_reply()
+                Reply::problem(502, &title, None)
             }
         }
     }

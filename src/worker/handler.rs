@@ -1,73 +1,13 @@
 //! What a service's code sees: a [`Request`], and the [`Reply`] or
-//! [`HandlerError`] it answers with.
+//! [`HandlerError`] it answers with. `Request` and `Reply` are the
+//! crate's (`crate::message`, which rpc uses too), re-exported here.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
-use crate::amqp::wire;
-
-/// A request as a handler receives it.
-#[derive(Debug, Clone)]
-pub struct Request {
-    /// The service it was sent to.
-    pub service: String,
-    /// The caller's payload, untouched.
-    pub payload: Bytes,
-    /// The payload's content type as the caller set it.
-    pub content_type: String,
-    /// The call id (`correlation_id`), when the caller set one.
-    pub correlation_id: Option<String>,
-    /// The idempotency key (`message_id`).
-    pub message_id: Option<String>,
-    /// W3C trace context of the caller, when sent.
-    pub traceparent: Option<String>,
-    /// Whether the broker delivered this request before.
-    pub redelivered: bool,
-}
-
-/// A handler's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// HTTP-style status; 400 and above is an error.
-    pub status: u16,
-    /// Content type of `body`.
-    pub content_type: String,
-    /// The body.
-    pub body: Bytes,
-}
-
-impl Reply {
-    /// A 200 reply.
-    pub fn ok(content_type: impl Into<String>, body: impl Into<Bytes>) -> Self {
-        Self {
-            status: 200,
-            content_type: content_type.into(),
-            body: body.into(),
-        }
-    }
-
-    /// A 200 JSON reply.
-    pub fn json(value: &serde_json::Value) -> Self {
-        Self::ok(
-            wire::CONTENT_JSON,
-            serde_json::to_vec(value).unwrap_or_default(),
-        )
-    }
-
-    /// Whether the status is an error (400 and above).
-    pub fn is_error(&self) -> bool {
-        self.status >= 400
-    }
-
-    /// The body as text (lossy), for printing.
-    pub fn body_text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
+pub use crate::message::{Reply, Request};
 
 /// A handler's failure. A `transient` one leaves the request to be
 /// delivered again (up to the service's delivery limit, then it is
@@ -114,11 +54,7 @@ impl HandlerError {
 
     /// The problem+json reply for this error.
     pub fn to_reply(&self) -> Reply {
-        Reply {
-            status: self.status,
-            content_type: wire::CONTENT_PROBLEM.into(),
-            body: wire::problem_body(self.status, &self.title, self.detail.as_deref()).into(),
-        }
+        Reply::problem(self.status, &self.title, self.detail.as_deref())
     }
 }
 

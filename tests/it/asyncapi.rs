@@ -201,8 +201,7 @@ async fn the_document_says_what_switchboard_declares_on_the_broker() {
 async fn the_gateway_serves_the_document_and_the_command_prints_it() {
     let gw = crate::common::gateway("asyncapi-gw", |_| {}).await;
     let served: Value = gw
-        .http
-        .get(gw.url("/asyncapi.json"))
+        .get("/asyncapi.json")
         .send()
         .await
         .unwrap()

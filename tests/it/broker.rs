@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use switchboard::Error;
 use switchboard::amqp::Broker;
 
-use crate::common::settings_for;
+use crate::common::{poll_until, settings_for};
 
 #[actix_rt::test]
 async fn without_a_broker_connect_fails_at_once_naming_the_url() {
@@ -58,23 +58,19 @@ async fn the_cli_serves_and_calls_echo() {
         .spawn()
         .unwrap();
     // The worker is up once its queue has a consumer: a call succeeds.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let out = loop {
+    let out = poll_until(Duration::from_secs(30), "a call succeeds", || async {
         let out = Command::new(bin)
             .args(["call", "echo", r#"{"hello":"world"}"#, "--timeout", "5"])
             .envs(envs.iter().cloned())
             .output()
             .unwrap();
-        if out.status.success() || Instant::now() > deadline {
-            break out;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    })
+    .await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         r#"{"hello":"world"}"#

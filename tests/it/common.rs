@@ -194,24 +194,44 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Waits until `cond` holds, checking on every tick, failing after `limit`.
-/// For conditions observable only by looking (counters); never a fixed sleep.
+/// The pause between two looks of [`poll_until`].
+pub const POLL_PAUSE: Duration = Duration::from_millis(20);
+
+/// Looks with `probe` until it gives `Ok(value)`, pausing [`POLL_PAUSE`]
+/// between looks, and returns that value; fails after `limit`, naming
+/// `what` and what the last look saw (its `Err`). The one poll-with-a-
+/// deadline of the tests: for what is observable only by looking
+/// (counters, documents, the management API); never a fixed sleep.
+pub async fn poll_until<T, E, F, Fut>(limit: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}; last seen: {seen}"
+            ),
+        }
+        tokio::time::sleep(POLL_PAUSE).await;
+    }
+}
+
+/// Waits until `cond` holds ([`poll_until`] of a yes or no).
 pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    poll_until(limit, what, || {
+        let looked = cond();
+        async move { if looked.await { Ok(()) } else { Err("not yet") } }
+    })
+    .await
 }
 
 /// A gateway under test: in-process workers (`echo`, `slow` gated by
@@ -346,6 +366,11 @@ impl Gw {
     pub fn post(&self, service: &str) -> reqwest::RequestBuilder {
         self.http
             .post(self.url(&format!("/v1/services/{service}/calls")))
+    }
+
+    /// GET `path` (`/v1/calls/...`, `/metrics`...) of the gateway.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path))
     }
 
     pub async fn cleanup(mut self) {

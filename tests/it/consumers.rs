@@ -44,7 +44,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{ctx, ctx_with, eventually, gateway};
+use crate::common::{ctx, ctx_with, eventually, gateway, poll_until};
 use crate::metrics::scrape_until;
 
 /// How long recovery may take: a wedge is noticed within two checks (300 ms
@@ -217,28 +217,23 @@ async fn pump(
 
 /// Polls `url` until it answers 200.
 async fn ready(http: &reqwest::Client, url: &str) {
-    let deadline = tokio::time::Instant::now() + RECOVERY;
-    loop {
+    poll_until(RECOVERY, "ready again", || async {
         let res = http.get(url).send().await.unwrap();
         let status = res.status();
         if status == StatusCode::OK {
-            return;
+            return Ok(());
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never ready again: {status} {}",
-            res.text().await.unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(format!("{status} {}", res.text().await.unwrap_or_default()))
+    })
+    .await
 }
 
 /// Polls `url` until it answers 503 naming `consumer`; returns the problem's
 /// detail.
 async fn unready(http: &reqwest::Client, url: &str, consumer: &str) -> String {
-    let deadline = tokio::time::Instant::now() + RECOVERY;
     let named = format!("consumer `{consumer}`");
-    loop {
+    let what = format!("readiness naming {consumer}");
+    poll_until(RECOVERY, &what, || async {
         let res = http.get(url).send().await.unwrap();
         let status = res.status();
         let content_type = res
@@ -250,14 +245,11 @@ async fn unready(http: &reqwest::Client, url: &str, consumer: &str) -> String {
             assert_eq!(content_type.as_deref(), Some("application/problem+json"));
             let problem: Value = serde_json::from_str(&body).unwrap();
             assert_eq!(problem["status"], 503);
-            return problem["detail"].as_str().unwrap().to_owned();
+            return Ok(problem["detail"].as_str().unwrap().to_owned());
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readiness never named {consumer}: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Err(format!("{status} {body}"))
+    })
+    .await
 }
 
 /// Settings of a test behind `proxy`, with a short consumer check.
@@ -452,7 +444,7 @@ async fn the_reply_router_and_dead_letter_watch_come_back_when_their_queues_are_
         m.get(r#"switchboard_dead_letters_total{service="echo"}"#) == 1.0
     })
     .await;
-    let res = gw.http.get(gw.url("/readyz")).send().await.unwrap();
+    let res = gw.get("/readyz").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     gw.cleanup().await;
 }
@@ -567,15 +559,13 @@ async fn a_consumer_actor_that_panics_is_reported_down_and_started_again_losing_
     };
     publish(b"panic").await;
     // The actor is gone: its consumer is down, named, with the reason...
-    let deadline = tokio::time::Instant::now() + RECOVERY;
-    let down = loop {
+    let down = poll_until(RECOVERY, "the consumer seen down", || async {
         let down = c.broker.consumers().down();
-        if let Some(d) = down.into_iter().find(|d| d.name == "fragile") {
-            break d;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never seen down");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+        down.into_iter()
+            .find(|d| d.name == "fragile")
+            .ok_or("not down")
+    })
+    .await;
     assert!(down.why.contains("panicked"), "{down}");
     // ...until a new actor consumes again; the message it held comes back.
     eventually(RECOVERY, "a new actor consumes", || async {

@@ -8,13 +8,13 @@ use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::common::{Gw, eventually, gateway, kill_connections};
+use crate::common::{Gw, eventually, gateway, kill_connections, poll_until};
 
 /// What became of one call under faults.
 enum Fate {
@@ -66,36 +66,37 @@ async fn send_once_routed(
     client: &switchboard::rpc::RpcClient,
     call: switchboard::rpc::Call,
 ) -> switchboard::rpc::PendingReply {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match client.send(call.clone()).await {
-            Ok(p) => return p,
-            Err(switchboard::Error::NoRoute { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    poll_until(
+        Duration::from_secs(60),
+        "a route to the service",
+        || async {
+            match client.send(call.clone()).await {
+                Ok(p) => Ok(p),
+                Err(e @ switchboard::Error::NoRoute { .. }) => Err(e),
+                Err(e) => panic!("{e}"),
             }
-            Err(e) => panic!("{e}"),
-        }
-    }
+        },
+    )
+    .await
 }
 
 async fn wait_succeeded(gw: &Gw, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let what = format!("accepted call {id} ended");
+    poll_until(Duration::from_secs(60), &what, || async {
         let res = gw
-            .http
-            .get(gw.url(&format!("/v1/calls/{id}?wait=5")))
+            .get(&format!("/v1/calls/{id}?wait=5"))
             .send()
             .await
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK, "accepted call {id} is lost");
         let doc: Value = res.json().await.unwrap();
         match doc["status"].as_str() {
-            Some("succeeded") => return,
-            Some("pending") => {}
+            Some("succeeded") => Ok(()),
+            Some("pending") => Err(doc),
             other => panic!("accepted call {id} ended {other:?}: {doc}"),
         }
-        assert!(Instant::now() < deadline, "accepted call {id} never ended");
-    }
+    })
+    .await
 }
 
 #[actix_rt::test]
@@ -132,19 +133,14 @@ async fn connections_closed_by_the_broker_under_load_lose_no_call_and_process_no
         for round in 1..=3 {
             // The management API lists new connections with some delay:
             // close them as soon as they show.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let k = kill_connections(&instance).await;
-                if k > 0 {
-                    killed += k;
-                    break;
+            let what = format!("round {round}: a connection to close");
+            killed += poll_until(Duration::from_secs(60), &what, || async {
+                match kill_connections(&instance).await {
+                    0 => Err("none listed yet"),
+                    k => Ok(k),
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "round {round}: no connection to close"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            })
+            .await;
             let at = done.load(Ordering::SeqCst) + 64;
             eventually(Duration::from_secs(120), "the load goes on", || {
                 let d = done.clone();
@@ -341,8 +337,8 @@ async fn a_gateway_killed_mid_load_finishes_every_accepted_call_and_delivers_its
     let mut serve = Serve::start(&env);
     ready(http.clone(), base.clone()).await;
     for id in &accepted {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        let what = format!("accepted call {id} ended");
+        poll_until(Duration::from_secs(60), &what, || async {
             let doc: Value = http
                 .get(format!("{base}/v1/calls/{id}?wait=5"))
                 .send()
@@ -352,11 +348,12 @@ async fn a_gateway_killed_mid_load_finishes_every_accepted_call_and_delivers_its
                 .await
                 .unwrap();
             if doc["status"] == "succeeded" {
-                break;
+                return Ok(());
             }
             assert_eq!(doc["status"], "pending", "accepted call {id}: {doc}");
-            assert!(Instant::now() < deadline, "accepted call {id} never ended");
-        }
+            Err(doc)
+        })
+        .await;
     }
     // Every accepted call's callback arrives (at least once: a delivery cut
     // off by the kill may be repeated, with the same webhook-id).

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use switchboard::settings::TokenSettings;
 
-use crate::common::{Gw, gateway};
+use crate::common::{Gw, gateway, poll_until};
 
 async fn json(res: reqwest::Response) -> Value {
     res.json().await.unwrap()
@@ -34,8 +34,7 @@ async fn assert_problem(res: reqwest::Response, status: u16) -> Value {
 /// Polls a call's status document until it is no longer pending.
 async fn finished(gw: &Gw, id: &str) -> Value {
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}?wait=20")))
+        .get(&format!("/v1/calls/{id}?wait=20"))
         .send()
         .await
         .unwrap();
@@ -75,12 +74,7 @@ async fn a_synchronous_call_answers_with_the_reply_and_is_not_kept() {
     assert_eq!(res.bytes().await.unwrap().to_vec(), bytes);
 
     // A call answered synchronously is not kept.
-    let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.get(&format!("/v1/calls/{id}")).send().await.unwrap();
     assert_problem(res, 404).await;
     gw.cleanup().await;
 }
@@ -121,21 +115,16 @@ async fn a_slow_call_degrades_to_202_and_is_reachable_by_polling_and_long_pollin
     assert!(doc["completed_at"].is_null());
 
     // Polling: pending, with a Retry-After.
-    let res = gw.http.get(gw.url(&location)).send().await.unwrap();
+    let res = gw.get(&location).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(header(&res, "retry-after").is_some());
     assert_eq!(json(res).await["status"], "pending");
-    let res = gw
-        .http
-        .get(gw.url(&format!("{location}/result")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.get(&format!("{location}/result")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     assert!(header(&res, "retry-after").is_some());
 
     // Long-poll: held until the call ends, which the test lets happen.
-    let poll = tokio::spawn(gw.http.get(gw.url(&format!("{location}?wait=30"))).send());
+    let poll = tokio::spawn(gw.get(&format!("{location}?wait=30")).send());
     // The long-poll is held by the gateway before the reply is allowed.
     let state = gw.gateway.as_ref().unwrap().state.clone();
     crate::common::eventually(Duration::from_secs(10), "the long-poll is waiting", || {
@@ -152,12 +141,7 @@ async fn a_slow_call_degrades_to_202_and_is_reachable_by_polling_and_long_pollin
     assert!(doc["completed_at"].is_string());
 
     // The result exactly as a synchronous answer would have been.
-    let res = gw
-        .http
-        .get(gw.url(&format!("{location}/result")))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.get(&format!("{location}/result")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "content-type"), Some("text/plain"));
     assert_eq!(header(&res, "call-id"), Some(id.as_str()));
@@ -243,16 +227,11 @@ async fn malformed_requests_get_problem_json_with_the_right_status() {
     assert_problem(res, 413).await;
     let res = gw.post("nosuch").body("{}").send().await.unwrap();
     assert_problem(res, 404).await;
-    let res = gw.http.get(gw.url("/v1/calls/nope")).send().await.unwrap();
+    let res = gw.get("/v1/calls/nope").send().await.unwrap();
     assert_problem(res, 404).await;
-    let res = gw
-        .http
-        .get(gw.url("/v1/calls/nope?wait=x"))
-        .send()
-        .await
-        .unwrap();
+    let res = gw.get("/v1/calls/nope?wait=x").send().await.unwrap();
     assert_problem(res, 400).await;
-    let res = gw.http.get(gw.url("/no/such/route")).send().await.unwrap();
+    let res = gw.get("/no/such/route").send().await.unwrap();
     assert_problem(res, 404).await;
     // Nothing sent crashed it.
     let res = gw.post("echo").body("{}").send().await.unwrap();
@@ -306,16 +285,14 @@ async fn tokens_authenticate_limit_services_and_hide_other_callers_calls() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     let id = json(res).await["id"].as_str().unwrap().to_owned();
     let mine = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}")))
+        .get(&format!("/v1/calls/{id}"))
         .bearer_auth("alice-token-0123456789")
         .send()
         .await
         .unwrap();
     assert_eq!(mine.status(), StatusCode::OK);
     let theirs = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}")))
+        .get(&format!("/v1/calls/{id}"))
         .bearer_auth("bob-token-0123456789ab")
         .send()
         .await
@@ -342,8 +319,7 @@ async fn a_call_past_the_services_timeout_expires_and_its_result_is_504() {
     assert_eq!(doc["status"], "expired");
     assert!(doc.get("result").is_none());
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}/result")))
+        .get(&format!("/v1/calls/{id}/result"))
         .send()
         .await
         .unwrap();
@@ -402,10 +378,10 @@ async fn a_gateway_restarted_while_calls_are_pending_finishes_them_all_from_the_
 async fn health_readiness_and_the_openapi_document() {
     let gw = gateway("gw-ops", |_| {}).await;
     for path in ["/healthz", "/readyz"] {
-        let res = gw.http.get(gw.url(path)).send().await.unwrap();
+        let res = gw.get(path).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::OK, "{path}");
     }
-    let doc = json(gw.http.get(gw.url("/openapi.json")).send().await.unwrap()).await;
+    let doc = json(gw.get("/openapi.json").send().await.unwrap()).await;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
     for route in [
@@ -519,8 +495,7 @@ async fn the_sse_stream_of_one_call_ends_with_its_terminal_state() {
         .unwrap();
     let id = json(res).await["id"].as_str().unwrap().to_owned();
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}/events")))
+        .get(&format!("/v1/calls/{id}/events"))
         .send()
         .await
         .unwrap();
@@ -545,8 +520,7 @@ async fn the_sse_stream_of_one_call_ends_with_its_terminal_state() {
 
     // A finished call's stream: its end at once, then closed.
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}/events")))
+        .get(&format!("/v1/calls/{id}/events"))
         .send()
         .await
         .unwrap();
@@ -564,7 +538,7 @@ async fn the_event_stream_resumes_with_last_event_id_without_loss_or_repeat() {
     use switchboard::events::{self, CloudEvent};
     let gw = gateway("gw-sse", |_| {}).await;
     let open = |last: Option<String>| {
-        let mut r = gw.http.get(gw.url("/v1/events?type=orders."));
+        let mut r = gw.get("/v1/events?type=orders.");
         if let Some(l) = last {
             r = r.header("last-event-id", l);
         }
@@ -662,19 +636,17 @@ async fn event_streams_show_each_caller_only_its_own_calls() {
         s.gateway.tokens = t;
     })
     .await;
-    let res = gw.http.get(gw.url("/v1/events")).send().await.unwrap();
+    let res = gw.get("/v1/events").send().await.unwrap();
     assert_problem(res, 401).await;
     let bob = gw
-        .http
-        .get(gw.url("/v1/events"))
+        .get("/v1/events")
         .bearer_auth("bob-token-0123456789")
         .send()
         .await
         .unwrap();
     let mut bob = Sse::new(bob);
     let alice = gw
-        .http
-        .get(gw.url("/v1/events"))
+        .get("/v1/events")
         .bearer_auth("alice-token-0123456789")
         .send()
         .await
@@ -703,8 +675,7 @@ async fn event_streams_show_each_caller_only_its_own_calls() {
         .unwrap();
     let id = json(res).await["id"].as_str().unwrap().to_owned();
     let done = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}?wait=20")))
+        .get(&format!("/v1/calls/{id}?wait=20"))
         .bearer_auth("alice-token-0123456789")
         .send()
         .await
@@ -733,24 +704,22 @@ async fn event_streams_show_each_caller_only_its_own_calls() {
 
 /// Polls until the call's callback reaches `state`.
 async fn callback_state(gw: &Gw, id: &str, state: &str) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let what = format!("the callback {state}");
+    poll_until(Duration::from_secs(20), &what, || async {
         let doc = json(
-            gw.http
-                .get(gw.url(&format!("/v1/calls/{id}?wait=1")))
+            gw.get(&format!("/v1/calls/{id}?wait=1"))
                 .send()
                 .await
                 .unwrap(),
         )
         .await;
         if doc["callback"]["state"] == state {
-            return doc;
+            Ok(doc)
+        } else {
+            Err(doc)
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "callback never {state}: {doc}"
-        );
-    }
+    })
+    .await
 }
 
 pub(crate) fn with_callbacks(s: &mut switchboard::settings::Settings, max_attempts: u32) {

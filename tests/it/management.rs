@@ -14,28 +14,23 @@ use switchboard::management::{self, Management, ServiceStatus};
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker;
 
-use crate::common::{Ctx, GATEWAY_SERVICES, ctx, gateway};
+use crate::common::{Ctx, GATEWAY_SERVICES, ctx, gateway, poll_until};
 
 /// How long the management API may take to show a change.
 const STATS_LAG: Duration = Duration::from_secs(30);
 
-/// Calls `f` until it returns `Some`, failing after [`STATS_LAG`].
+/// Calls `f` until it returns `Some` ([`poll_until`]), failing after
+/// [`STATS_LAG`].
 async fn until<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + STATS_LAG;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll_until(STATS_LAG, what, || {
+        let looked = f();
+        async move { looked.await.ok_or("not yet") }
+    })
+    .await
 }
 
 #[actix_rt::test]

@@ -10,7 +10,7 @@ use switchboard::metrics::CONTENT_TYPE_OPENMETRICS;
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker;
 
-use crate::common::{ctx, gateway};
+use crate::common::{ctx, gateway, poll_until};
 
 /// One scrape: `name{labels}` to value, and the page itself.
 pub(crate) struct Scrape {
@@ -67,19 +67,15 @@ pub(crate) async fn scrape_until(
     what: &str,
     cond: impl Fn(&Scrape) -> bool,
 ) -> Scrape {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    poll_until(Duration::from_secs(20), what, || async {
         let m = scrape(http, url).await;
         if cond(&m) {
-            return m;
+            Ok(m)
+        } else {
+            Err(format!("\n{}", m.text))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}\n{}",
-            m.text
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[actix_rt::test]
@@ -111,8 +107,7 @@ async fn a_scrape_after_known_calls_counts_them_by_service_mode_and_status() {
         assert_eq!(res.status(), StatusCode::ACCEPTED);
         let id = res.headers()["call-id"].to_str().unwrap().to_owned();
         let doc: serde_json::Value = gw
-            .http
-            .get(gw.url(&format!("/v1/calls/{id}?wait=20")))
+            .get(&format!("/v1/calls/{id}?wait=20"))
             .send()
             .await
             .unwrap()
@@ -131,7 +126,7 @@ async fn a_scrape_after_known_calls_counts_them_by_service_mode_and_status() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     ids.push(res.headers()["call-id"].to_str().unwrap().to_owned());
     // An open SSE stream is one session.
-    let stream = gw.http.get(gw.url("/v1/events")).send().await.unwrap();
+    let stream = gw.get("/v1/events").send().await.unwrap();
     assert_eq!(stream.status(), StatusCode::OK);
 
     let url = gw.url("/metrics");

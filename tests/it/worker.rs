@@ -9,7 +9,7 @@ use switchboard::amqp::{Outgoing, wire};
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker::{HandlerError, Reply, Request};
 
-use crate::common::{ctx, eventually};
+use crate::common::{ctx, eventually, poll_until};
 
 #[actix_rt::test]
 async fn a_handler_error_is_a_problem_json_reply_with_its_status() {
@@ -63,21 +63,13 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
     // The request lands in sb.svc.fragile.dead after the delivery limit.
     let ch = c.broker.channel().await.unwrap();
     let dead_queue = c.broker.names().dead_queue("fragile");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let dead = loop {
-        let got = ch
-            .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
+    let dead = poll_until(Duration::from_secs(30), "dead-lettered", || async {
+        ch.basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
             .await
-            .unwrap();
-        if let Some(msg) = got {
-            break msg;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never dead-lettered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+            .unwrap()
+            .ok_or("the dead-letter queue is empty")
+    })
+    .await;
     assert_eq!(&dead.delivery.data[..], b"\"poison\"");
     assert_eq!(
         dead.delivery

@@ -228,7 +228,10 @@ impl Supervisor {
             match attempt.unwrap_or_else(|_| {
                 Err(Error::BrokerUnavailable {
                     url: self.inner.broker.url_redacted(),
-                    reason: format!("no answer within {OPEN_TIMEOUT:?}"),
+                    reason: crate::error::Unreachable::NoAnswer {
+                        what: "answer",
+                        after: OPEN_TIMEOUT,
+                    },
                 })
             }) {
                 Ok(link) => {

@@ -458,13 +458,7 @@ async fn hostile_dead_letters_do_not_stop_the_dead_letter_watch() {
 async fn hostile_events_stop_neither_streams_nor_subscriptions() {
     let gw = gateway("hostile-events", hostile_settings).await;
     let broker = gw.ctx.broker.clone();
-    let res = gw
-        .http
-        .get(gw.url("/v1/events"))
-        .bearer_auth(BOB)
-        .send()
-        .await
-        .unwrap();
+    let res = gw.get("/v1/events").bearer_auth(BOB).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let mut sse = Sse::new(res);
     let name = format!("{}-sub", gw.ctx.prefix);
@@ -544,7 +538,7 @@ async fn a_restart_with_hostile_messages_waiting_in_its_queues_is_healthy() {
         .unwrap();
     gw.workers.push(("echo".into(), echo));
     gw.start_gateway().await;
-    let ready = gw.http.get(gw.url("/readyz")).send().await.unwrap();
+    let ready = gw.get("/readyz").send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     still_serving(&gw).await;
     let ch = broker.channel().await.unwrap();

@@ -35,7 +35,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use switchboard::settings::{Settings, TokenSettings};
 
-use crate::common::{Foreign, Gw, eventually, foreign_client, gateway};
+use crate::common::{Foreign, Gw, eventually, foreign_client, gateway, poll_until};
 
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789ab";
@@ -79,8 +79,7 @@ async fn still_serving(gw: &Gw) {
 /// The status document of `id` as `token` sees it.
 async fn document(gw: &Gw, token: &str, id: &str) -> (StatusCode, Value) {
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}?wait=2")))
+        .get(&format!("/v1/calls/{id}?wait=2"))
         .bearer_auth(token)
         .send()
         .await
@@ -144,15 +143,16 @@ async fn accepted_call(gw: &Gw, service: &str) -> String {
 
 /// Waits until the call is no longer pending and returns its document.
 async fn ended(gw: &Gw, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    poll_until(Duration::from_secs(20), "the call ended", || async {
         let (status, doc) = document(gw, BOB, id).await;
         assert_eq!(status, StatusCode::OK, "{doc}");
         if doc["status"] != "pending" {
-            return doc;
+            Ok(doc)
+        } else {
+            Err(doc)
         }
-        assert!(tokio::time::Instant::now() < deadline, "never ended: {doc}");
-    }
+    })
+    .await
 }
 
 fn random_bytes(rng: &mut StdRng, max_len: usize) -> Vec<u8> {

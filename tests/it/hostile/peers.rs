@@ -91,8 +91,7 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
     assert_eq!(doc["result"]["status"], 502, "{doc}");
     assert_eq!(doc["result"]["content_type"], "application/problem+json");
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{bad_status}/result")))
+        .get(&format!("/v1/calls/{bad_status}/result"))
         .bearer_auth(BOB)
         .send()
         .await
@@ -123,8 +122,7 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
         bytes
     );
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{bad_body}/result")))
+        .get(&format!("/v1/calls/{bad_body}/result"))
         .bearer_auth(BOB)
         .send()
         .await
@@ -135,8 +133,7 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
     // And the gateway serves on.
     still_serving(&gw).await;
     assert!(
-        gw.http
-            .get(gw.url("/readyz"))
+        gw.get("/readyz")
             .send()
             .await
             .unwrap()
@@ -261,8 +258,7 @@ async fn replies_http_cannot_carry_as_they_are_are_answered_well_formed() {
         assert_eq!(doc["result"]["status"], status, "{doc}");
         assert_eq!(doc["result"]["content_type"], ct, "{doc}");
         let res = gw
-            .http
-            .get(gw.url(&format!("/v1/calls/{id}/result")))
+            .get(&format!("/v1/calls/{id}/result"))
             .bearer_auth(BOB)
             .send()
             .await
@@ -306,8 +302,7 @@ async fn replies_http_cannot_carry_as_they_are_are_answered_well_formed() {
             "{ctx}: {doc}"
         );
         let res = gw
-            .http
-            .get(gw.url(&format!("/v1/calls/{id}/result")))
+            .get(&format!("/v1/calls/{id}/result"))
             .bearer_auth(BOB)
             .send()
             .await

@@ -114,8 +114,7 @@ fn lower_header(res: &reqwest::Response, name: &str) -> String {
 /// CORS headers, so the browser does not let the page read it.
 async fn res_has_no_cors(gw: &Gw, origin: &str) -> bool {
     let res = gw
-        .http
-        .get(gw.url("/healthz"))
+        .get("/healthz")
         .header("origin", origin)
         .send()
         .await

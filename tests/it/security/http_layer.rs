@@ -140,7 +140,7 @@ async fn streams_and_long_polls_outlast_the_header_timeout() {
     .await;
     let outlast = Duration::from_millis(TIMEOUT_MS * 3);
     // SSE: heartbeats keep coming past the timeout.
-    let res = gw.http.get(gw.url("/v1/events")).send().await.unwrap();
+    let res = gw.get("/v1/events").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let mut body = res.bytes_stream();
     let started = tokio::time::Instant::now();
@@ -175,8 +175,7 @@ async fn streams_and_long_polls_outlast_the_header_timeout() {
     let id = doc["id"].as_str().unwrap();
     let wait = outlast.as_secs().max(2);
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}?wait={wait}")))
+        .get(&format!("/v1/calls/{id}?wait={wait}"))
         .send()
         .await
         .unwrap();
@@ -195,7 +194,7 @@ async fn errors_of_the_http_layer_are_problem_json() {
     })
     .await;
     // A WebSocket route without an upgrade.
-    let res = gw.http.get(gw.url("/v1/events/ws")).send().await.unwrap();
+    let res = gw.get("/v1/events/ws").send().await.unwrap();
     problem(res, 400).await;
     // A preflight of an allowed origin for a method or header not allowed.
     for (method, headers) in [("PUT", "content-type"), ("POST", "x-not-honoured")] {
@@ -211,7 +210,7 @@ async fn errors_of_the_http_layer_are_problem_json() {
         problem(res, 400).await;
     }
     // An unknown route, a known route with another method.
-    let res = gw.http.get(gw.url("/v2/nothing")).send().await.unwrap();
+    let res = gw.get("/v2/nothing").send().await.unwrap();
     problem(res, 404).await;
     let res = gw
         .http
