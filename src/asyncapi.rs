@@ -640,7 +640,7 @@ pub fn document(settings: &Settings) -> Value {
                 "bindings": queue_binding(
                     &dead_queue,
                     &vhost,
-                    &topology::dead_queue_arguments(),
+                    &topology::dead_queue_arguments(svc.queue_type),
                     json!([{"exchange": dead.0, "routingKey": service}]),
                 ),
             }),

@@ -145,6 +145,10 @@ pub struct AmqpSettings {
     /// `x-expires` of the per-instance queues (reply, dead-letter watch), s;
     /// 0: they never expire.
     pub instance_queue_expires_s: u64,
+    /// Type of the per-instance queues (reply, dead-letter watch): `classic`
+    /// (one node, the fastest) or `quorum` (replicated: on a cluster, the
+    /// replies of pending calls survive the loss of a node).
+    pub instance_queue_type: QueueType,
     /// `amqps://` only: PEM file of the CA certificates that the broker's
     /// certificate must chain to; empty: the system's root certificates.
     pub tls_ca_file: String,
@@ -1232,6 +1236,7 @@ impl fmt::Debug for AmqpSettings {
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
             .field("consumer_check_ms", &self.consumer_check_ms)
             .field("instance_queue_expires_s", &self.instance_queue_expires_s)
+            .field("instance_queue_type", &self.instance_queue_type)
             // Paths, not secrets: the key file's content is never read here.
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)

@@ -26,7 +26,7 @@ use super::topology;
 use super::wire::{self, Names};
 use crate::error::{Error, Result, Unreachable};
 use crate::metrics::Metrics;
-use crate::settings::AmqpSettings;
+use crate::settings::{AmqpSettings, QueueType};
 
 /// A message to publish. `mandatory` makes an unroutable message an error
 /// ([`Error::NoRoute`]) instead of a silent drop.
@@ -79,6 +79,8 @@ struct Inner {
     /// `amqp.instance_queue_expires_s`: `x-expires` of the per-instance
     /// queues; `None`: never.
     instance_queue_expires: Option<Duration>,
+    /// `amqp.instance_queue_type`: classic or quorum per-instance queues.
+    instance_queue_type: QueueType,
 }
 
 impl std::fmt::Debug for Broker {
@@ -130,6 +132,7 @@ impl Broker {
                 consumer_check: Duration::from_millis(settings.consumer_check_ms),
                 instance_queue_expires: (settings.instance_queue_expires_s > 0)
                     .then(|| Duration::from_secs(settings.instance_queue_expires_s)),
+                instance_queue_type: settings.instance_queue_type,
             }),
         };
         broker
@@ -168,6 +171,11 @@ impl Broker {
     /// `None`: they never expire.
     pub fn instance_queue_expires(&self) -> Option<Duration> {
         self.inner.instance_queue_expires
+    }
+
+    /// The type of the per-instance queues (`amqp.instance_queue_type`).
+    pub fn instance_queue_type(&self) -> QueueType {
+        self.inner.instance_queue_type
     }
 
     /// This process's instance id.

@@ -98,14 +98,18 @@ pub fn service_queue_arguments(names: &Names, service: &str, svc: &ServiceSettin
     args
 }
 
-/// The arguments of a service's dead-letter queue: a classic queue, where
-/// dead letters wait for an operator.
-pub fn dead_queue_arguments() -> FieldTable {
+/// The arguments of a service's dead-letter queue, where dead letters wait
+/// for an operator: of the service queue's type (`services.<name>.queue_type`).
+/// A quorum service's dead letters are replicated like its requests, and a
+/// worker that declares its queues again after losing a node never meets a
+/// classic queue whose node is down (RabbitMQ answers 404 until it is back).
+pub fn dead_queue_arguments(kind: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
-    );
+    let kind = match kind {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
+    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
     args
 }
 
@@ -149,10 +153,10 @@ pub async fn declare_service(
     ch.queue_declare(
         dead.as_str().into(),
         durable_queue(),
-        dead_queue_arguments(),
+        dead_queue_arguments(svc.queue_type),
     )
     .await
-    .map_err(|e| mismatch(Entity::Queue, &dead, e))?;
+    .map_err(|e| for_service(mismatch(Entity::Queue, &dead, e)))?;
     ch.queue_bind(
         dead.as_str().into(),
         names.dead_exchange().into(),
@@ -207,24 +211,27 @@ pub async fn declare_reply_queue(ch: &Channel, names: &Names, instance: &str) ->
     ch.queue_declare(
         queue.as_str().into(),
         durable_queue(),
-        instance_queue_arguments(None),
+        instance_queue_arguments(None, QueueType::Classic),
     )
     .await
     .map_err(|e| mismatch(Entity::Queue, &queue, e))?;
     Ok(queue)
 }
 
-/// The arguments of a per-instance queue: classic (replies and dead-letter
-/// copies are short-lived and on the hot path: no replication), and
+/// The arguments of a per-instance queue: classic by default (replies and
+/// dead-letter copies are short-lived and on the hot path: no replication),
+/// quorum when `amqp.instance_queue_type` asks (on a cluster, so that they
+/// outlive a node), and
 /// `x-expires` when set, so that an instance that never comes back leaves
 /// nothing behind. Always the same AMQP type for the expiry (a long long):
 /// RabbitMQ compares argument types too when it checks a redeclaration.
-pub fn instance_queue_arguments(expires: Option<Duration>) -> FieldTable {
+pub fn instance_queue_arguments(expires: Option<Duration>, kind: QueueType) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
-    );
+    let kind = match kind {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
+    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
     if let Some(expires) = expires {
         let ms = i64::try_from(expires.as_millis())
             .unwrap_or(i64::MAX)
@@ -254,13 +261,14 @@ pub async fn declare_instance_queue(
     conn: &Connection,
     queue: &str,
     expires: Option<Duration>,
+    kind: QueueType,
 ) -> Result<Declared> {
     let ch = conn.create_channel().await?;
     let declared = ch
         .queue_declare(
             queue.into(),
             durable_queue(),
-            instance_queue_arguments(expires),
+            instance_queue_arguments(expires, kind),
         )
         .await;
     match declared {
@@ -290,9 +298,10 @@ pub async fn declare_deadwatch(
     instance: &str,
     services: &[String],
     expires: Option<Duration>,
+    kind: QueueType,
 ) -> Result<(String, Declared)> {
     let queue = names.deadwatch_queue(instance);
-    let declared = declare_instance_queue(conn, &queue, expires).await?;
+    let declared = declare_instance_queue(conn, &queue, expires, kind).await?;
     let ch = conn.create_channel().await?;
     for s in services {
         ch.queue_bind(

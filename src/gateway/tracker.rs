@@ -504,6 +504,7 @@ impl Declare for DeadwatchQueue {
             broker.instance_id(),
             &self.services,
             broker.instance_queue_expires(),
+            broker.instance_queue_type(),
         )
         .await?;
         crate::amqp::consumer::note_declared(&queue, declared);

@@ -175,9 +175,13 @@ impl Declare for ReplyQueue {
         match self.mode {
             ReplyMode::Queue => {
                 let queue = broker.names().reply_queue(broker.instance_id());
-                let declared =
-                    topology::declare_instance_queue(conn, &queue, broker.instance_queue_expires())
-                        .await?;
+                let declared = topology::declare_instance_queue(
+                    conn,
+                    &queue,
+                    broker.instance_queue_expires(),
+                    broker.instance_queue_type(),
+                )
+                .await?;
                 crate::amqp::consumer::note_declared(&queue, declared);
                 Ok(queue)
             }

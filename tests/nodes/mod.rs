@@ -23,6 +23,8 @@ pub struct RabbitNode {
     /// Its AMQP listener (plain or TLS, as its config says).
     pub port: u16,
     pid_file: PathBuf,
+    /// Stopped already: nothing left to stop when dropped.
+    stopped: std::sync::atomic::AtomicBool,
     /// Removed after the node has stopped (fields drop after `drop`).
     dir: tempfile::TempDir,
 }
@@ -95,6 +97,7 @@ impl RabbitNode {
             name,
             port,
             pid_file,
+            stopped: Default::default(),
             dir,
         };
         let started = as_rabbitmq("env", &args)
@@ -151,8 +154,12 @@ impl RabbitNode {
         );
     }
 
-    /// Stops the node and waits until its process is gone.
+    /// Stops the node and waits until its process is gone (once: on a
+    /// stopped node, `rabbitmqctl stop` would wait for it to answer).
     pub fn stop(&self) {
+        if self.stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let args = [
             "-n".to_string(),
             self.name.clone(),

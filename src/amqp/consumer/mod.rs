@@ -372,7 +372,7 @@ pub(crate) fn note_declared(queue: &str, declared: topology::Declared) {
     warned.push(queue.to_owned());
     warn!(
         %queue,
-        "queue exists with other arguments than amqp.instance_queue_expires_s asks for (declared by an earlier version, or with another value): used as it is, so it expires as declared then (or never). To apply the setting, delete it while this instance is stopped and the queue is empty (rabbitmqctl delete_queue <name> --if-empty), or set `expires` with a policy (docs/RELIABILITY.md, Upgrading)"
+        "queue exists with other arguments than amqp.instance_queue_expires_s and amqp.instance_queue_type ask for (declared by an earlier version, or with other values): used as it is, so it keeps its type and expires as declared then (or never). To apply the settings, delete it while this instance is stopped and the queue is empty (rabbitmqctl delete_queue <name> --if-empty), or give the instance a new amqp.instance_id (docs/RELIABILITY.md, Upgrading)"
     );
 }
 
