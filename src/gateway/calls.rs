@@ -192,8 +192,19 @@ pub async fn start_call(
 ) -> Result<HttpResponse, ApiError> {
     let received = Instant::now();
     let service = path.into_inner();
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let svc = caller.service(&st.services, &service)?;
+    // Before the body is read: a caller at its bound costs no more.
+    if let Some(max) = st
+        .limits
+        .limits_of(&caller)
+        .map(|l| l.max_pending)
+        .filter(|m| *m > 0)
+    {
+        let pending = st.tracker.store().count_pending(&caller.name, max).await?;
+        st.limits
+            .pending(&caller, pending, st.gateway.retry_after_s)?;
+    }
     // Read lossily rather than skipped when not visible ASCII: obs-text is
     // allowed in a quoted-string, and an unknown preference that has some
     // must not hide the `wait` or `respond-async` beside it.
@@ -514,7 +525,7 @@ impl CallContext<'_> {
         });
         let completed = tracker.lifecycle_event(
             EVENT_COMPLETED,
-            &StatusDocument::of(&record),
+            &tracker.event_document(&record),
             &self.caller.name,
             tp,
         );
@@ -573,7 +584,7 @@ pub async fn get_call(
     query: web::Query<WaitQuery>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let id = path.into_inner();
     let wait = match &query.wait {
         Some(w) => headers::parse_seconds(w, "wait")?.min(st.gateway.max_wait_s),
@@ -592,6 +603,9 @@ pub async fn get_call(
     if call.status.is_terminal() || wait == 0 {
         return Ok(document_response(&st, &call));
     }
+    // Held until the answer: one caller's long-polls cannot take every
+    // watcher of the gateway.
+    let _slot = st.limits.long_poll(&caller)?;
     // Only a pending call of this caller is watched: an id that names no
     // call (of any length) leaves no watcher behind. Watch, then read
     // again, so an end between the first read and the watch is seen.
@@ -627,7 +641,7 @@ pub async fn get_result(
     path: web::Path<String>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let call = caller_call(&st, &caller, &path.into_inner()).await?;
     Ok(match (&call.result, call.status) {
         (_, CallStatus::Pending) => accepted(&st, &StatusDocument::of(&call), None),
