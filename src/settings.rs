@@ -286,10 +286,7 @@ impl CallerLimits {
         if !self.rate_per_s.is_finite() || self.rate_per_s < 0.0 || self.rate_per_s > 1e6 {
             return Err((
                 format!("{key}.rate_per_s"),
-                format!(
-                    "must be 0 (no limit) to 1000000 (got {})",
-                    self.rate_per_s
-                ),
+                format!("must be 0 (no limit) to 1000000 (got {})", self.rate_per_s),
             ));
         }
         if self.rate_per_s > 0.0 && self.rate_per_s < 1e-3 {

@@ -50,7 +50,12 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Limit; 4] = [Limit::Rate, Limit::Pending, Limit::Streams, Limit::LongPolls];
+    const ALL: [Limit; 4] = [
+        Limit::Rate,
+        Limit::Pending,
+        Limit::Streams,
+        Limit::LongPolls,
+    ];
 
     /// The label value.
     pub fn as_str(self) -> &'static str {
@@ -205,7 +210,12 @@ impl Limits {
 
     /// Whether `caller` may start one more call, having `pending` calls
     /// pending now; 429 when it is at its `max_pending`.
-    pub fn pending(&self, caller: &Caller, pending: usize, retry_after: u64) -> Result<(), ApiError> {
+    pub fn pending(
+        &self,
+        caller: &Caller,
+        pending: usize,
+        retry_after: u64,
+    ) -> Result<(), ApiError> {
         let Some(c) = self.of(caller) else {
             return Ok(());
         };
@@ -282,7 +292,10 @@ impl std::fmt::Debug for Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.caller.held(self.limit).0.fetch_sub(1, Ordering::AcqRel);
+        self.caller
+            .held(self.limit)
+            .0
+            .fetch_sub(1, Ordering::AcqRel);
     }
 }
 

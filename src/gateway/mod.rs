@@ -210,7 +210,7 @@ pub async fn start(
         gateway: g.clone(),
         services: settings.services.clone(),
         auth: Auth::new(&g.tokens),
-        limits: limits::Limits::new(&g, &metrics),
+        limits: limits::Limits::new(&g, metrics),
         rpc,
         tracker,
         broker: broker.clone(),
