@@ -180,6 +180,7 @@ fn repeat_answer(st: &AppState, call: &CallRecord) -> HttpResponse {
         (status = 408, description = "The declared body did not arrive within gateway.body_timeout_ms; the connection is closed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Payload too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid Callback-Url, or Idempotency-Key reused with another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, pending calls); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Broker unavailable or overloaded; header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
@@ -575,6 +576,7 @@ fn document_response(st: &AppState, call: &CallRecord) -> HttpResponse {
         (status = 400, description = "A wait that is not a non-negative integer", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such call (or another caller's, or one answered synchronously)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, long-polls); header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -631,6 +633,7 @@ pub async fn get_call(
         (status = 200, description = "The reply: its status, content type and body (any reply status is passed through)"),
         (status = 202, description = "Still pending; Retry-After", body = StatusDocument),
         (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: requests per second); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The request was dead-lettered", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "No reply within the service's timeout", body = Problem, content_type = "application/problem+json"),
     ),

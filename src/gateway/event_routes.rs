@@ -93,6 +93,7 @@ async fn subscribe(
     responses(
         (status = 200, description = "text/event-stream: `id:` (resumable position), `event:` (CloudEvent type), `data:` (the CloudEvent as one line of JSON); `: keep-alive` comments; `: gap` first when events may have been missed", content_type = "text/event-stream"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
@@ -117,6 +118,7 @@ pub async fn events_sse(
         (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "An Origin not in gateway.allowed_origins (a browser page of another site)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
@@ -152,6 +154,7 @@ fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Byte
     responses(
         (status = 200, description = "text/event-stream: the call's current state, then `switchboard.call.completed`; the stream ends with the call", content_type = "text/event-stream"),
         (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
 pub async fn call_events(
