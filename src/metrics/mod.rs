@@ -13,13 +13,15 @@
 //!   each part registers a [`Source`] that adds its values to a [`Collected`],
 //!   which is encoded here. Nothing extra runs per message.
 //! - What only the gateway sees (calls by service, mode and status, their
-//!   durations, stream sessions) is counted at the point where it happens,
-//!   through handles made once per service ([`CallMetrics`]): an atomic
+//!   durations, stream sessions, requests refused by a caller's limits,
+//!   channels opened on the publishing connections) is counted at the point
+//!   where it happens, through handles made once per service
+//!   ([`CallMetrics`]) or per caller ([`Metrics::limited`]): an atomic
 //!   increment and a lock-free [`Histogram`] observation per call.
 //!
-//! Label sets are bounded: services come from the settings, `mode`,
-//! `status` (the HTTP status class), `role`, `reason` and `transport` from
-//! fixed lists, `consumer` from roles and configured services. Call ids never become labels (they are in the logs, as the
+//! Label sets are bounded: services and callers come from the settings,
+//! `mode`, `status` (the HTTP status class), `role`, `reason`, `limit` and
+//! `transport` from fixed lists, `consumer` from roles and configured services. Call ids never become labels (they are in the logs, as the
 //! `call_id` field).
 //!
 //! # Layout
