@@ -195,17 +195,6 @@ pub async fn start_call(
     let service = path.into_inner();
     let caller = st.caller(&req)?;
     let svc = caller.service(&st.services, &service)?;
-    // Before the body is read: a caller at its bound costs no more.
-    if let Some(max) = st
-        .limits
-        .limits_of(&caller)
-        .map(|l| l.max_pending)
-        .filter(|m| *m > 0)
-    {
-        let pending = st.tracker.store().count_pending(&caller.name, max).await?;
-        st.limits
-            .pending(&caller, pending, st.gateway.retry_after_s)?;
-    }
     // Read lossily rather than skipped when not visible ASCII: obs-text is
     // allowed in a quoted-string, and an unknown preference that has some
     // must not hide the `wait` or `respond-async` beside it.
@@ -218,6 +207,11 @@ pub async fn start_call(
     let idem_key = header_str(&req, "idempotency-key")?.map(str::to_owned);
     if let Some(k) = &idem_key {
         headers::check_idempotency_key(k)?;
+    }
+    // Before the body is read: a caller at its bound costs no more. A
+    // request with a key may repeat a call it made: checked once stored.
+    if idem_key.is_none() {
+        check_pending(&st, &caller, 0).await?;
     }
     let callback_url = match header_str(&req, "callback-url")? {
         None => None,
@@ -271,6 +265,29 @@ pub async fn start_call(
     ctx.run().instrument(span).await
 }
 
+/// 429 when `caller` has its `gateway.limits.max_pending` calls pending
+/// already, not counting `own` (this request's call, when it is stored).
+async fn check_pending(st: &AppState, caller: &Caller, own: usize) -> Result<(), ApiError> {
+    let Some(max) = st
+        .limits
+        .limits_of(caller)
+        .map(|l| l.max_pending)
+        .filter(|m| *m > 0)
+    else {
+        return Ok(());
+    };
+    let pending = st
+        .tracker
+        .store()
+        .count_pending(&caller.name, max.saturating_add(own))
+        .await?;
+    st.limits.pending(
+        caller,
+        pending.saturating_sub(own),
+        st.gateway.retry_after_s,
+    )
+}
+
 /// Everything one POST decided before the call starts.
 struct CallContext<'a> {
     st: &'a AppState,
@@ -317,7 +334,14 @@ impl CallContext<'_> {
         let stored_early = self.idem_key.is_some();
         if stored_early {
             match store.insert(&self.new_call(created_ms, false)).await? {
-                Inserted::New => {}
+                Inserted::New => {
+                    // A new call, not a repeat: within the caller's bound
+                    // (this one, stored already, aside), or it is undone.
+                    if let Err(e) = check_pending(st, &self.caller, 1).await {
+                        let _ = store.delete(&self.call_id).await;
+                        return Err(e);
+                    }
+                }
                 Inserted::Existing(existing) => {
                     let hash = request_hash(&self.service, &self.content_type, &self.body);
                     if existing.body_hash.as_deref() != Some(hash.as_str()) {
