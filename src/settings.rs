@@ -270,6 +270,15 @@ pub struct GatewaySettings {
     pub heartbeat_s: u64,
     /// Events kept for Last-Event-ID resumption.
     pub event_history: usize,
+    /// Bytes of events kept for resumption (beside `event_history`).
+    pub event_history_bytes: usize,
+    /// Documents of finished calls kept in memory for polls.
+    pub finished_cache_entries: usize,
+    /// Bytes of those documents kept at most.
+    pub finished_cache_bytes: usize,
+    /// A result larger than this is not put into lifecycle events (they
+    /// link to `/v1/calls/{id}/result` instead), bytes.
+    pub inline_result_max_bytes: usize,
     /// Time allowed for a request's whole body to arrive, ms.
     pub body_timeout_ms: u64,
     /// Time allowed for a request's head (request line and headers), ms.
@@ -277,9 +286,82 @@ pub struct GatewaySettings {
     /// Browser origins that may POST and open WebSockets (CORS).
     #[serde(deserialize_with = "list_or_commas")]
     pub allowed_origins: Vec<String>,
+    /// What each caller may use (the default of every caller).
+    pub limits: CallerLimits,
     /// Bearer tokens by caller name.
     #[serde(default)]
     pub tokens: BTreeMap<String, TokenSettings>,
+}
+
+/// `[gateway.limits]`: what one caller (a token, or `anonymous`) may use of
+/// the gateway at once, so that no caller starves the others. 0 turns a
+/// limit off. A token's `[gateway.tokens.<caller>.limits]` replaces any of
+/// them for that caller ([`CallerLimitsOverride`]).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerLimits {
+    /// Requests per second, sustained (may be below 1: 0.5 is one every 2 s).
+    pub rate_per_s: f64,
+    /// Requests that may come at once above the rate (0: one second's worth).
+    pub burst: u32,
+    /// Calls of the caller pending in the store (202s not ended yet).
+    pub max_pending: usize,
+    /// SSE and WebSocket streams open at once.
+    pub max_streams: usize,
+    /// Long-polls (`GET /v1/calls/{id}?wait=N`) held at once.
+    pub max_long_polls: usize,
+}
+
+/// `[gateway.tokens.<caller>.limits]`: the caller's own limits, each
+/// replacing the one of `[gateway.limits]` when given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerLimitsOverride {
+    /// Replaces `rate_per_s`.
+    pub rate_per_s: Option<f64>,
+    /// Replaces `burst`.
+    pub burst: Option<u32>,
+    /// Replaces `max_pending`.
+    pub max_pending: Option<usize>,
+    /// Replaces `max_streams`.
+    pub max_streams: Option<usize>,
+    /// Replaces `max_long_polls`.
+    pub max_long_polls: Option<usize>,
+}
+
+impl CallerLimitsOverride {
+    /// `defaults` with what this one gives.
+    pub fn over(&self, defaults: CallerLimits) -> CallerLimits {
+        CallerLimits {
+            rate_per_s: self.rate_per_s.unwrap_or(defaults.rate_per_s),
+            burst: self.burst.unwrap_or(defaults.burst),
+            max_pending: self.max_pending.unwrap_or(defaults.max_pending),
+            max_streams: self.max_streams.unwrap_or(defaults.max_streams),
+            max_long_polls: self.max_long_polls.unwrap_or(defaults.max_long_polls),
+        }
+    }
+}
+
+impl CallerLimits {
+    /// Why these limits are wrong, if they are (`key` names them).
+    fn check(&self, key: &str) -> Result<(), (String, String)> {
+        if !self.rate_per_s.is_finite() || self.rate_per_s < 0.0 || self.rate_per_s > 1e6 {
+            return Err((
+                format!("{key}.rate_per_s"),
+                format!("must be 0 (no limit) to 1000000 (got {})", self.rate_per_s),
+            ));
+        }
+        if self.rate_per_s > 0.0 && self.rate_per_s < 1e-3 {
+            return Err((
+                format!("{key}.rate_per_s"),
+                format!(
+                    "must be 0 (no limit) or at least 0.001 (got {})",
+                    self.rate_per_s
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[gateway.tokens.<caller>]`: one bearer token, given as the token itself
@@ -299,6 +381,9 @@ pub struct TokenSettings {
     /// lists cannot be written, a comma-separated string.
     #[serde(deserialize_with = "list_or_commas")]
     pub services: Vec<String>,
+    /// This caller's own limits, over `[gateway.limits]`.
+    #[serde(default)]
+    pub limits: CallerLimitsOverride,
 }
 
 impl TokenSettings {
@@ -308,6 +393,7 @@ impl TokenSettings {
             token: Some(token.to_owned()),
             token_sha256: None,
             services: services.iter().map(|s| (*s).to_owned()).collect(),
+            limits: CallerLimitsOverride::default(),
         }
     }
 
@@ -317,6 +403,7 @@ impl TokenSettings {
             token: None,
             token_sha256: Some(sha256_hex.to_owned()),
             services: services.iter().map(|s| (*s).to_owned()).collect(),
+            limits: CallerLimitsOverride::default(),
         }
     }
 }
@@ -888,6 +975,21 @@ impl Settings {
         if let Err((key, why)) = check_tokens(&g.tokens) {
             return fail(&key, why);
         }
+        if let Err((key, why)) = g.limits.check("gateway.limits") {
+            return fail(&key, why);
+        }
+        for (caller, t) in &g.tokens {
+            let key = format!("gateway.tokens.{caller}.limits");
+            if let Err((key, why)) = t.limits.over(g.limits).check(&key) {
+                return fail(&key, why);
+            }
+        }
+        if g.event_history_bytes == 0 || g.finished_cache_bytes == 0 {
+            return fail(
+                "gateway.event_history_bytes",
+                "event_history_bytes and finished_cache_bytes must be above 0".into(),
+            );
+        }
         let c = &self.callbacks;
         if !c.secret.is_empty() && standardwebhooks::Webhook::new(&c.secret).is_err() {
             return fail(
@@ -1263,6 +1365,11 @@ impl fmt::Debug for GatewaySettings {
             .field("stream_buffer", &self.stream_buffer)
             .field("heartbeat_s", &self.heartbeat_s)
             .field("event_history", &self.event_history)
+            .field("event_history_bytes", &self.event_history_bytes)
+            .field("finished_cache_entries", &self.finished_cache_entries)
+            .field("finished_cache_bytes", &self.finished_cache_bytes)
+            .field("inline_result_max_bytes", &self.inline_result_max_bytes)
+            .field("limits", &self.limits)
             .field("body_timeout_ms", &self.body_timeout_ms)
             .field("header_timeout_ms", &self.header_timeout_ms)
             .field("allowed_origins", &self.allowed_origins)
@@ -1278,6 +1385,7 @@ impl fmt::Debug for TokenSettings {
             .field("token", &Hidden(self.token.as_deref()))
             .field("token_sha256", &Hidden(self.token_sha256.as_deref()))
             .field("services", &self.services)
+            .field("limits", &self.limits)
             .finish()
     }
 }

@@ -7,6 +7,7 @@ use crate::events::EventsArgs;
 use crate::http::{self, HttpArgs};
 use crate::notify::{self, NotifyArgs};
 use crate::pending::PendingArgs;
+use crate::results::ResultsArgs;
 use crate::rpc::{self, RpcArgs};
 use crate::sse::{self, SseArgs};
 
@@ -26,6 +27,8 @@ Workloads:
            delay and HTTP requests per call
   pending  N asynchronous calls (202) left pending in the gateway: its
            resident memory per pending call
+  results  N asynchronous calls with large results, each long-polled until
+           it ends: the gateway's resident memory once they have ended
 
 Output: one JSON line per measured point on stdout: kind, workload, variant,
 profile, reply_mode, queue_type, payload, concurrency, calls, errors, seconds,
@@ -36,7 +39,7 @@ round; rpc adds confirm_p50_us / confirm_p99_us (until the request was
 confirmed), events and sse add deliveries, delivered_per_s and rate; http
 and notify add requests_per_call; notify adds aware_p50_us / aware_p99_us /
 aware_max_us; sse adds minus_amqp_p50_us / minus_amqp_p99_us and missing;
-pending adds rss_before_kib / rss_after_kib / rss_per_call_bytes.
+pending and results add rss_before_kib / rss_after_kib / rss_per_call_bytes.
 `compare`, `events` and `http` add lines of kind \"ratio\": switchboard / raw
 of calls/s (events: deliveries/s) and of p50 and p99; http's name what they
 divide in `of` (\"sync / rpc\", \"get / bare\"). `bench <workload> --help`
@@ -118,6 +121,14 @@ pub enum Workload {
     /// a 202) stay pending; the point reports VmRSS before and after them and
     /// the growth per call (rss_per_call_bytes).
     Pending(PendingArgs),
+    /// What large results cost the gateway in memory once their calls have
+    /// ended: a service answers every call with --result-bytes bytes of
+    /// control characters (six bytes each JSON-escaped); --calls POSTs with
+    /// `Prefer: respond-async`, each long-polled until it ends (its
+    /// lifecycle event kept by the event hub, its document offered to the
+    /// finished-call cache); the point reports VmRSS before and after them
+    /// and the growth per call (rss_per_call_bytes).
+    Results(ResultsArgs),
 }
 
 impl Workload {
@@ -130,7 +141,8 @@ impl Workload {
             | Workload::Http(_)
             | Workload::Notify(_)
             | Workload::Sse(_)
-            | Workload::Pending(_) => false,
+            | Workload::Pending(_)
+            | Workload::Results(_) => false,
         }
     }
 }

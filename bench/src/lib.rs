@@ -23,7 +23,8 @@
 //!   - `http`: the gateway in this process, and its references;
 //!   - `sse`: SSE clients next to an AMQP subscriber;
 //!   - `notify`: how soon a client learns that a call has ended, per style;
-//!   - `pending`: the gateway's memory per pending call.
+//!   - `pending`: the gateway's memory per pending call;
+//!   - `results`: the gateway's memory after calls with large results.
 //! - shared pieces: `load` (keeps N calls in flight; a point's warm-up and
 //!   measured phases), `report` (the lines, histograms, ratios), `probe`
 //!   (RSS and CPU readings), `rig` (the in-process gateway and the HTTP
@@ -43,6 +44,7 @@ mod probe;
 mod progress;
 mod raw;
 mod report;
+mod results;
 mod rig;
 mod rpc;
 mod sse;
@@ -60,6 +62,7 @@ pub use notify::{NotifyArgs, NotifyStyle};
 pub use pending::PendingArgs;
 pub use progress::{LogWriter, Progress};
 pub use report::{Line, Point, Ratio};
+pub use results::ResultsArgs;
 pub use rpc::{Profile, QueueTypeArg, ReplyModeArg, RpcArgs};
 pub use sse::SseArgs;
 
@@ -99,6 +102,7 @@ pub async fn execute(
         Workload::Notify(n) => notify::run(&mut env, n, &probe, &mut out).await,
         Workload::Sse(a) => sse::run(&mut env, a, &probe, &mut out).await,
         Workload::Pending(a) => pending::run(&mut env, a, &probe, &mut out).await,
+        Workload::Results(a) => results::run(&mut env, a, &probe, &mut out).await,
     };
     env.cleanup().await;
     result.map(|()| out.lines)

@@ -85,7 +85,8 @@ pub(crate) async fn run(
         settings: svc,
         handler,
     };
-    let rig = Rig::start(env, vec![served], |_| {}).await?;
+    // Every call stays pending: no bound on the (one) caller's.
+    let rig = Rig::start(env, vec![served], |s| s.gateway.limits.max_pending = 0).await?;
     let url = rig.url(&format!("/v1/services/{SERVICE}/calls"));
     let payload = json_payload(args.payload);
     let (warmup, calls, concurrency) = (args.warmup, args.calls, args.concurrency);

@@ -66,6 +66,12 @@ impl Rig {
         settings.gateway.store_url = format!("sqlite://{}/calls.db?mode=rwc", dir.display());
         // Anonymous callers: the gateway faces loopback only.
         settings.gateway.tokens.clear();
+        // Every client of a bench is the one anonymous caller: its stream
+        // and long-poll limits (gateway.limits) would bound the bench, not
+        // the gateway. Its rate (off by default) and pending calls (a
+        // store count per POST) stay as configured.
+        settings.gateway.limits.max_streams = 0;
+        settings.gateway.limits.max_long_polls = 0;
         settings.services = services
             .iter()
             .map(|s| (s.name.clone(), s.settings.clone()))

@@ -64,7 +64,7 @@ fn help_lists_every_workload() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for workload in [
-        "rpc", "raw", "compare", "events", "http", "sse", "notify", "pending",
+        "rpc", "raw", "compare", "events", "http", "sse", "notify", "pending", "results",
     ] {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(workload)),

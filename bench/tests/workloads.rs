@@ -293,6 +293,21 @@ async fn pending_leaves_every_call_pending_and_reports_the_memory_it_takes() {
 }
 
 #[actix_rt::test]
+async fn results_ends_every_call_and_reports_the_memory_left() {
+    let lines = run("results --calls 12 --warmup 2 --concurrency 2 --result-bytes 100000").await;
+    let pts = points(&lines);
+    assert_eq!(pts.len(), 1);
+    let p = &pts[0];
+    check_point(p, 12);
+    assert_eq!(p["workload"], "results");
+    assert_eq!(p["payload"], 100000);
+    let kib = |f: &str| p[f].as_u64().unwrap_or_else(|| panic!("{f} in {p}"));
+    assert!(kib("rss_before_kib") > 0 && kib("rss_after_kib") > 0, "{p}");
+    assert!(p["rss_per_call_bytes"].is_number(), "{p}");
+    assert!(ratios(&lines).is_empty());
+}
+
+#[actix_rt::test]
 async fn sse_reaches_every_client_next_to_the_amqp_reference() {
     let lines = run("sse --clients 5 --events 10 --warmup 2 --rate 200 --workers 1").await;
     let pts = points(&lines);

@@ -81,6 +81,11 @@ struct Inner {
     instance_queue_expires: Option<Duration>,
     /// `amqp.instance_queue_type`: classic or quorum per-instance queues.
     instance_queue_type: QueueType,
+    /// The last reachability probe (when, and whether the broker answered),
+    /// reused for a while so that readiness checks and scrapes do not make
+    /// the broker open a channel each; locked across a probe, so that
+    /// requests arriving meanwhile wait for its answer instead of probing.
+    last_probe: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -133,6 +138,7 @@ impl Broker {
                 instance_queue_expires: (settings.instance_queue_expires_s > 0)
                     .then(|| Duration::from_secs(settings.instance_queue_expires_s)),
                 instance_queue_type: settings.instance_queue_type,
+                last_probe: tokio::sync::Mutex::new(None),
             }),
         };
         broker
@@ -199,7 +205,9 @@ impl Broker {
                 PoolError::Backend(e) => e,
                 other => self.unavailable(Unreachable::Pool(Box::new(other))),
             })?;
-        Ok(conn.create_channel().await?)
+        let channel = conn.create_channel().await?;
+        self.inner.metrics.channel_opened();
+        Ok(channel)
     }
 
     /// A connection of its own for a long-lived consumer, named
@@ -297,7 +305,23 @@ impl Broker {
         self.inner.confirm_timeout
     }
 
-    /// Whether a publishing connection can be had now.
+    /// [`Broker::is_reachable`], answered from the last probe when it is at
+    /// most `max_age` old: however many ask, the broker sees at most one
+    /// probe per `max_age`.
+    pub async fn was_reachable_within(&self, max_age: Duration) -> bool {
+        let mut last = self.inner.last_probe.lock().await;
+        if let Some((at, up)) = *last
+            && at.elapsed() <= max_age
+        {
+            return up;
+        }
+        let up = self.is_reachable().await;
+        *last = Some((std::time::Instant::now(), up));
+        up
+    }
+
+    /// Whether a publishing connection can be had now (opens and closes a
+    /// channel on it: the broker sees the probe).
     pub async fn is_reachable(&self) -> bool {
         match self.channel().await {
             Ok(ch) => {

@@ -104,11 +104,20 @@ pub struct StatusDocument {
     /// The reply, once there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<ResultDocument>,
+    /// In lifecycle events only: the reply was larger than
+    /// `gateway.inline_result_max_bytes`, so it is left out; it is at
+    /// `result_url`. Absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub result_omitted: bool,
 }
 
 impl StatusDocument {
     /// The document of a stored call.
     pub fn of(call: &CallRecord) -> Self {
+        Self::of_parts(call, true)
+    }
+
+    fn of_parts(call: &CallRecord, with_result: bool) -> Self {
         Self {
             id: call.id.clone(),
             service: call.service.clone(),
@@ -122,8 +131,25 @@ impl StatusDocument {
                 attempts: c.attempts,
                 last_error: c.last_error.clone(),
             }),
-            result: call.result.as_ref().map(ResultDocument::of),
+            result: call
+                .result
+                .as_ref()
+                .filter(|_| with_result)
+                .map(ResultDocument::of),
+            result_omitted: !with_result && call.result.is_some(),
         }
+    }
+
+    /// The document of a stored call as lifecycle events carry it: a reply
+    /// body over `max_inline` bytes is left out (`result_omitted`), so that
+    /// an event, and every copy the event hub keeps and relays, stays small
+    /// whatever the reply.
+    pub fn for_events(call: &CallRecord, max_inline: usize) -> Self {
+        let large = call
+            .result
+            .as_ref()
+            .is_some_and(|r| r.body.len() > max_inline);
+        Self::of_parts(call, !large)
     }
 }
 
@@ -143,6 +169,39 @@ mod tests {
             body: body.to_vec(),
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_large_result_is_left_out_of_the_event_document_only() {
+        let call = |body: usize| CallRecord {
+            id: "c1".into(),
+            caller: "alice".into(),
+            service: "echo".into(),
+            status: CallStatus::Succeeded,
+            created_ms: 1_000,
+            completed_ms: Some(2_000),
+            deadline_ms: 30_000,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: None,
+            result: Some(StoredResult {
+                status: 200,
+                content_type: "text/plain".into(),
+                body: vec![b'x'; body],
+            }),
+            callback: None,
+        };
+        let small = serde_json::to_value(StatusDocument::for_events(&call(10), 10)).unwrap();
+        assert_eq!(small["result"]["body"], "x".repeat(10));
+        assert!(small.get("result_omitted").is_none(), "{small}");
+        let large = serde_json::to_value(StatusDocument::for_events(&call(11), 10)).unwrap();
+        assert!(large.get("result").is_none(), "{large}");
+        assert_eq!(large["result_omitted"], true);
+        assert_eq!(large["result_url"], "/v1/calls/c1/result");
+        assert_eq!(large["status"], "succeeded");
+        let full = serde_json::to_value(StatusDocument::of(&call(11))).unwrap();
+        assert_eq!(full["result"]["body"], "x".repeat(11));
     }
 
     #[test]

@@ -313,6 +313,8 @@ fn schema(backend: Backend) -> Vec<String> {
         ),
         "CREATE UNIQUE INDEX IF NOT EXISTS sb_calls_idem ON sb_calls (caller, idem_key)".into(),
         "CREATE INDEX IF NOT EXISTS sb_calls_status ON sb_calls (status, deadline_ms)".into(),
+        // A caller's pending calls, counted against its gateway.limits.max_pending.
+        "CREATE INDEX IF NOT EXISTS sb_calls_caller ON sb_calls (caller, status)".into(),
         "CREATE INDEX IF NOT EXISTS sb_calls_callbacks ON sb_calls (callback_state, callback_next_ms)"
             .into(),
     ]
@@ -480,6 +482,22 @@ impl CallStore {
             .await
             .map_err(db)?;
         Ok(())
+    }
+
+    /// How many calls of `caller` are pending, counting up to `cap` (the
+    /// count stops there: it is compared with a bound).
+    pub async fn count_pending(&self, caller: &str, cap: usize) -> Result<usize> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM sb_calls \
+             WHERE caller = $1 AND status = 'pending' LIMIT $2) AS p",
+        )
+        .bind(caller)
+        .bind(i64::try_from(cap).unwrap_or(i64::MAX))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let n: i64 = row.try_get(0).map_err(db)?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// One call.

@@ -21,7 +21,11 @@
 //!   never waits for a session: when its channel is full, the session is
 //!   dropped (its stream ends, [`HubStats::dropped_slow`] counts it) and the
 //!   client may come back with its last position;
-//! - history: the last [`HubOptions::history`] events;
+//! - history: the last [`HubOptions::history`] events, and at most
+//!   [`HubOptions::history_bytes`] of them ([`HubEvent::size`]); an event
+//!   larger than that is relayed but not kept, and the history before it is
+//!   dropped (whoever resumes from before it gets a gap, as the history
+//!   would have a hole);
 //! - broker: a prefetch of [`PREFETCH`] unacked deliveries.
 //!
 //! # Positions and resuming
@@ -70,6 +74,9 @@ pub struct HubOptions {
     /// Events kept for resuming with a last event id (0: only a client that
     /// saw the latest event resumes without a gap).
     pub history: usize,
+    /// Bytes of events kept for resuming ([`HubEvent::size`]), beside the
+    /// count: the oldest go first when either is reached.
+    pub history_bytes: usize,
     /// Sessions at once; one more is refused.
     pub max_sessions: usize,
     /// Events queued per session before it is dropped as slow (at least 1).
@@ -116,6 +123,18 @@ impl HubEvent {
             subject: event.subject,
             json: Bytes::from(json),
         })
+    }
+}
+
+impl HubEvent {
+    /// What the event holds in memory, about: its JSON and its strings.
+    pub fn size(&self) -> usize {
+        self.json.len()
+            + self.position.len()
+            + self.ty.len()
+            + self.subject.as_ref().map_or(0, String::len)
+            + self.caller.as_ref().map_or(0, String::len)
+            + std::mem::size_of::<Self>()
     }
 }
 
@@ -293,6 +312,8 @@ pub struct EventHub {
     seq: u64,
     /// The last `opts.history` events, oldest first.
     history: VecDeque<Arc<HubEvent>>,
+    /// The sum of [`HubEvent::size`] over `history`.
+    history_bytes: usize,
     sessions: HashMap<u64, Session>,
     next_session: u64,
     stats: Arc<HubStats>,
@@ -349,6 +370,7 @@ impl EventHub {
                 epoch,
                 seq: 0,
                 history: VecDeque::with_capacity(opts.history.min(4096)),
+                history_bytes: 0,
                 sessions: HashMap::new(),
                 next_session: 1,
                 stats: hub_stats.clone(),
@@ -384,15 +406,38 @@ impl EventHub {
         }
     }
 
+    /// Keeps `ev` in the history (within both of its bounds, see the
+    /// module doc).
+    fn keep(&mut self, ev: &Arc<HubEvent>) {
+        if self.opts.history == 0 {
+            return;
+        }
+        let size = ev.size();
+        if size > self.opts.history_bytes {
+            // Not kept; the events before it are of no use to anyone
+            // resuming (they would miss this one): a gap, as for events too
+            // old.
+            self.history.clear();
+            self.history_bytes = 0;
+            debug!(position = %ev.position, size, "event larger than the history's byte bound: not kept");
+            return;
+        }
+        while self.history.len() >= self.opts.history
+            || self.history_bytes + size > self.opts.history_bytes
+        {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= old.size();
+        }
+        self.history_bytes += size;
+        self.history.push_back(ev.clone());
+    }
+
     /// Keeps `ev` in the history and offers it to every matching session.
     fn relay(&mut self, ev: HubEvent) {
         let ev = Arc::new(ev);
-        if self.opts.history > 0 {
-            if self.history.len() >= self.opts.history {
-                self.history.pop_front();
-            }
-            self.history.push_back(ev.clone());
-        }
+        self.keep(&ev);
         let stats = &self.stats;
         self.sessions.retain(|id, s| {
             if !s.filter.matches(&ev) {

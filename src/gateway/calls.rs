@@ -180,6 +180,7 @@ fn repeat_answer(st: &AppState, call: &CallRecord) -> HttpResponse {
         (status = 408, description = "The declared body did not arrive within gateway.body_timeout_ms; the connection is closed", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Payload too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid Callback-Url, or Idempotency-Key reused with another request", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, pending calls); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Broker unavailable or overloaded; header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
@@ -192,7 +193,7 @@ pub async fn start_call(
 ) -> Result<HttpResponse, ApiError> {
     let received = Instant::now();
     let service = path.into_inner();
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let svc = caller.service(&st.services, &service)?;
     // Read lossily rather than skipped when not visible ASCII: obs-text is
     // allowed in a quoted-string, and an unknown preference that has some
@@ -206,6 +207,11 @@ pub async fn start_call(
     let idem_key = header_str(&req, "idempotency-key")?.map(str::to_owned);
     if let Some(k) = &idem_key {
         headers::check_idempotency_key(k)?;
+    }
+    // Before the body is read: a caller at its bound costs no more. A
+    // request with a key may repeat a call it made: checked once stored.
+    if idem_key.is_none() {
+        check_pending(&st, &caller, 0).await?;
     }
     let callback_url = match header_str(&req, "callback-url")? {
         None => None,
@@ -259,6 +265,29 @@ pub async fn start_call(
     ctx.run().instrument(span).await
 }
 
+/// 429 when `caller` has its `gateway.limits.max_pending` calls pending
+/// already, not counting `own` (this request's call, when it is stored).
+async fn check_pending(st: &AppState, caller: &Caller, own: usize) -> Result<(), ApiError> {
+    let Some(max) = st
+        .limits
+        .limits_of(caller)
+        .map(|l| l.max_pending)
+        .filter(|m| *m > 0)
+    else {
+        return Ok(());
+    };
+    let pending = st
+        .tracker
+        .store()
+        .count_pending(&caller.name, max.saturating_add(own))
+        .await?;
+    st.limits.pending(
+        caller,
+        pending.saturating_sub(own),
+        st.gateway.retry_after_s,
+    )
+}
+
 /// Everything one POST decided before the call starts.
 struct CallContext<'a> {
     st: &'a AppState,
@@ -305,7 +334,14 @@ impl CallContext<'_> {
         let stored_early = self.idem_key.is_some();
         if stored_early {
             match store.insert(&self.new_call(created_ms, false)).await? {
-                Inserted::New => {}
+                Inserted::New => {
+                    // A new call, not a repeat: within the caller's bound
+                    // (this one, stored already, aside), or it is undone.
+                    if let Err(e) = check_pending(st, &self.caller, 1).await {
+                        let _ = store.delete(&self.call_id).await;
+                        return Err(e);
+                    }
+                }
                 Inserted::Existing(existing) => {
                     let hash = request_hash(&self.service, &self.content_type, &self.body);
                     if existing.body_hash.as_deref() != Some(hash.as_str()) {
@@ -514,7 +550,7 @@ impl CallContext<'_> {
         });
         let completed = tracker.lifecycle_event(
             EVENT_COMPLETED,
-            &StatusDocument::of(&record),
+            &tracker.event_document(&record),
             &self.caller.name,
             tp,
         );
@@ -564,6 +600,7 @@ fn document_response(st: &AppState, call: &CallRecord) -> HttpResponse {
         (status = 400, description = "A wait that is not a non-negative integer", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such call (or another caller's, or one answered synchronously)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, long-polls); header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = []))
 )]
@@ -573,7 +610,7 @@ pub async fn get_call(
     query: web::Query<WaitQuery>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let id = path.into_inner();
     let wait = match &query.wait {
         Some(w) => headers::parse_seconds(w, "wait")?.min(st.gateway.max_wait_s),
@@ -592,6 +629,9 @@ pub async fn get_call(
     if call.status.is_terminal() || wait == 0 {
         return Ok(document_response(&st, &call));
     }
+    // Held until the answer: one caller's long-polls cannot take every
+    // watcher of the gateway.
+    let _slot = st.limits.long_poll(&caller)?;
     // Only a pending call of this caller is watched: an id that names no
     // call (of any length) leaves no watcher behind. Watch, then read
     // again, so an end between the first read and the watch is seen.
@@ -617,6 +657,7 @@ pub async fn get_call(
         (status = 200, description = "The reply: its status, content type and body (any reply status is passed through)"),
         (status = 202, description = "Still pending; Retry-After", body = StatusDocument),
         (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: requests per second); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The request was dead-lettered", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "No reply within the service's timeout", body = Problem, content_type = "application/problem+json"),
     ),
@@ -627,7 +668,7 @@ pub async fn get_result(
     path: web::Path<String>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let call = caller_call(&st, &caller, &path.into_inner()).await?;
     Ok(match (&call.result, call.status) {
         (_, CallStatus::Pending) => accepted(&st, &StatusDocument::of(&call), None),

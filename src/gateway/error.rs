@@ -58,6 +58,15 @@ pub enum ApiError {
     /// another request.
     #[error("{0}")]
     Unprocessable(String),
+    /// 429: the caller is over one of its own limits (`gateway.limits`,
+    /// [`super::limits`]); retry after `retry_after` seconds.
+    #[error("{detail}")]
+    TooManyRequests {
+        /// Which limit.
+        detail: String,
+        /// Seconds after which to retry.
+        retry_after: u64,
+    },
     /// 503: the broker is unavailable or a bound is reached; retry later.
     #[error("{detail}")]
     Unavailable {
@@ -123,6 +132,7 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -138,7 +148,8 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => {
                 res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
             }
-            ApiError::Unavailable { retry_after, .. } => {
+            ApiError::Unavailable { retry_after, .. }
+            | ApiError::TooManyRequests { retry_after, .. } => {
                 res.insert_header((header::RETRY_AFTER, retry_after.to_string()));
             }
             // The rest of the body may still be on its way: the connection

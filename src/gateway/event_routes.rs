@@ -12,11 +12,12 @@ use tokio::sync::mpsc;
 use super::AppState;
 use super::calls::caller_call;
 use super::error::{ApiError, Problem};
-use super::streams::{SseOptions, sse_frame, sse_response, ws_relay};
+use super::limits::Slot;
+use super::streams::{Counted, SseOptions, sse_frame, sse_response, ws_relay};
 use super::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED};
 use crate::calls::document::StatusDocument;
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
-use crate::metrics::{StreamSession, Transport};
+use crate::metrics::Transport;
 
 /// Query of the event streams.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -38,9 +39,13 @@ fn hub_error(e: HubError) -> ApiError {
     }
 }
 
-/// Counts an SSE session in the metrics while its body lives.
-fn sse_session(st: &AppState) -> StreamSession {
-    st.broker.metrics().stream_session(Transport::Sse)
+/// Counts a session of `transport` in the metrics, with the caller's
+/// stream slot, while it lives.
+fn counted(st: &AppState, transport: Transport, slot: Option<Slot>) -> Counted {
+    Counted {
+        session: st.broker.metrics().stream_session(transport),
+        slot,
+    }
 }
 
 fn heartbeat(st: &AppState) -> Duration {
@@ -64,21 +69,22 @@ fn last_event_id(req: &HttpRequest, q: &StreamQuery) -> Result<Option<String>, A
     Ok(id)
 }
 
+/// A session of the caller's events, with the caller's stream slot.
 async fn subscribe(
     st: &AppState,
     req: &HttpRequest,
     q: &StreamQuery,
-) -> Result<Subscribed, ApiError> {
-    let caller = st.auth.caller(req)?;
+) -> Result<(Subscribed, Option<Slot>), ApiError> {
+    let caller = st.caller(req)?;
+    let last = last_event_id(req, q)?;
+    let slot = st.limits.stream(&caller)?;
     let filter = EventFilter {
         type_prefix: q.ty.clone(),
         subject: None,
         caller: Some(caller.name),
     };
-    st.hub
-        .subscribe(filter, last_event_id(req, q)?)
-        .await
-        .map_err(hub_error)
+    let sub = st.hub.subscribe(filter, last).await.map_err(hub_error)?;
+    Ok((sub, slot))
 }
 
 /// Everything on the events exchange as Server-Sent Events.
@@ -87,6 +93,7 @@ async fn subscribe(
     responses(
         (status = 200, description = "text/event-stream: `id:` (resumable position), `event:` (CloudEvent type), `data:` (the CloudEvent as one line of JSON); `: keep-alive` comments; `: gap` first when events may have been missed", content_type = "text/event-stream"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
@@ -95,9 +102,9 @@ pub async fn events_sse(
     q: web::Query<StreamQuery>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let sub = subscribe(&st, &req, &q).await?;
+    let (sub, slot) = subscribe(&st, &req, &q).await?;
     let opts = SseOptions {
-        session: Some(sse_session(&st)),
+        session: Some(counted(&st, Transport::Sse, slot)),
         ..SseOptions::default()
     };
     Ok(sse_response(sub, heartbeat(&st), opts))
@@ -111,6 +118,7 @@ pub async fn events_sse(
         (status = 400, description = "Not a WebSocket upgrade", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "An Origin not in gateway.allowed_origins (a browser page of another site)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
@@ -120,8 +128,8 @@ pub async fn events_ws(
     q: web::Query<StreamQuery>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let sub = subscribe(&st, &req, &q).await?;
-    let counted = st.broker.metrics().stream_session(Transport::WebSocket);
+    let (sub, slot) = subscribe(&st, &req, &q).await?;
+    let counted = counted(&st, Transport::WebSocket, slot);
     ws_relay(&req, body, sub, heartbeat(&st), Some(counted)).await
 }
 
@@ -146,6 +154,7 @@ fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Byte
     responses(
         (status = 200, description = "text/event-stream: the call's current state, then `switchboard.call.completed`; the stream ends with the call", content_type = "text/event-stream"),
         (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
 pub async fn call_events(
@@ -153,8 +162,9 @@ pub async fn call_events(
     path: web::Path<String>,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let caller = st.auth.caller(&req)?;
+    let caller = st.caller(&req)?;
     let id = path.into_inner();
+    let slot = st.limits.stream(&caller)?;
     // Subscribe before reading, so an end in between is not missed.
     let sub = st
         .hub
@@ -178,7 +188,8 @@ pub async fn call_events(
             return Err(e);
         }
     };
-    let doc = StatusDocument::of(&call);
+    // As events carry it: a large result is at its `result_url`.
+    let doc = st.tracker.event_document(&call);
     if call.status.is_terminal() {
         st.hub.unsubscribe(sub.id).await;
         // A session that has already ended: the snapshot, then the end.
@@ -195,7 +206,7 @@ pub async fn call_events(
             SseOptions {
                 first,
                 close_after: None,
-                session: Some(sse_session(&st)),
+                session: Some(counted(&st, Transport::Sse, slot)),
             },
         ));
     }
@@ -206,7 +217,7 @@ pub async fn call_events(
         SseOptions {
             first,
             close_after: Some(Box::new(|ev: &HubEvent| ev.ty == EVENT_COMPLETED)),
-            session: Some(sse_session(&st)),
+            session: Some(counted(&st, Transport::Sse, slot)),
         },
     ))
 }

@@ -5,7 +5,9 @@
 //! and has no callback (a callback's delivery state goes on changing in the
 //! store). An entry is served until the call's retention passes (the
 //! sweeper then removes the call from the store), and the cache is bounded
-//! in entries and in bytes (oldest first out), so it cannot grow with load.
+//! in entries and in bytes (`gateway.finished_cache_entries`,
+//! `gateway.finished_cache_bytes`; oldest first out), so it cannot grow with
+//! load or with the size of results.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,11 +18,8 @@ use bytes::Bytes;
 use crate::calls::CallRecord;
 use crate::calls::document::StatusDocument;
 
-/// Entries kept at most.
-const MAX_ENTRIES: usize = 16_384;
-/// Bytes of documents kept at most.
-const MAX_BYTES: usize = 16 * 1024 * 1024;
-/// A document larger than this is not kept (it is read from the store).
+/// A document larger than this (or than the byte budget) is not kept: it
+/// is read from the store.
 const MAX_DOC: usize = 64 * 1024;
 
 /// One finished call's document, serialized once.
@@ -39,6 +38,10 @@ pub struct FinishedDoc {
 #[derive(Debug)]
 pub struct FinishedDocs {
     state: Mutex<State>,
+    /// Entries kept at most.
+    max_entries: usize,
+    /// Bytes of documents kept at most.
+    max_bytes: usize,
     /// Calls finished longer ago than this are not served (they are about
     /// to be removed from the store); `i64::MAX` until the sweeper says.
     retention_ms: AtomicI64,
@@ -51,16 +54,17 @@ struct State {
     bytes: usize,
 }
 
-impl Default for FinishedDocs {
-    fn default() -> Self {
+impl FinishedDocs {
+    /// An empty cache of at most `max_entries` documents and `max_bytes`.
+    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
+            max_entries,
+            max_bytes,
             retention_ms: AtomicI64::new(i64::MAX),
         }
     }
-}
 
-impl FinishedDocs {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -90,7 +94,7 @@ impl FinishedDocs {
         let Ok(body) = serde_json::to_vec(doc) else {
             return;
         };
-        if body.len() > MAX_DOC {
+        if body.len() > MAX_DOC.min(self.max_bytes) || self.max_entries == 0 {
             return;
         }
         let doc = Arc::new(FinishedDoc {
@@ -105,7 +109,7 @@ impl FinishedDocs {
         st.bytes += doc.body.len();
         st.docs.insert(call.id.clone(), doc);
         st.order.push_back(call.id.clone());
-        while st.docs.len() > MAX_ENTRIES || st.bytes > MAX_BYTES {
+        while st.docs.len() > self.max_entries || st.bytes > self.max_bytes {
             let Some(old) = st.order.pop_front() else {
                 break;
             };
@@ -157,9 +161,15 @@ mod tests {
         }
     }
 
+    const MAX_ENTRIES: usize = 1000;
+
+    fn cache() -> FinishedDocs {
+        FinishedDocs::new(MAX_ENTRIES, 16 * 1024 * 1024)
+    }
+
     #[test]
     fn keeps_finished_calls_only_and_serves_the_document_the_store_would() {
-        let docs = FinishedDocs::default();
+        let docs = cache();
         remember(&docs, &call("p", CallStatus::Pending, 0));
         assert!(docs.get("p", 2_000).is_none(), "a pending call changes");
         let done = call("d", CallStatus::Succeeded, 10);
@@ -174,7 +184,7 @@ mod tests {
 
     #[test]
     fn a_call_with_a_callback_is_not_kept() {
-        let docs = FinishedDocs::default();
+        let docs = cache();
         let mut c = call("c", CallStatus::Succeeded, 10);
         c.callback = Some(crate::calls::CallbackRecord {
             url: "http://127.0.0.1:1/hook".into(),
@@ -191,7 +201,7 @@ mod tests {
 
     #[test]
     fn retention_and_bounds_hold() {
-        let docs = FinishedDocs::default();
+        let docs = cache();
         docs.set_retention_ms(1_000);
         remember(&docs, &call("r", CallStatus::Succeeded, 10));
         assert!(docs.get("r", 2_999).is_some());
@@ -203,5 +213,20 @@ mod tests {
         }
         assert_eq!(docs.len(), MAX_ENTRIES);
         assert!(docs.get("0", 2_000).is_none(), "oldest out first");
+    }
+
+    #[test]
+    fn the_byte_budget_evicts_the_oldest() {
+        let one = serde_json::to_vec(&StatusDocument::of(&call("a", CallStatus::Succeeded, 1000)))
+            .unwrap()
+            .len();
+        // Room for three such documents, not four.
+        let docs = FinishedDocs::new(MAX_ENTRIES, one * 3 + one / 2);
+        for id in ["a", "b", "c", "d"] {
+            remember(&docs, &call(id, CallStatus::Succeeded, 1000));
+        }
+        assert_eq!(docs.len(), 3);
+        assert!(docs.get("a", 2_000).is_none(), "evicted by bytes");
+        assert!(docs.get("d", 2_000).is_some());
     }
 }

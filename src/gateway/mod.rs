@@ -8,6 +8,9 @@
 //!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
 //!   problem+json answers (also for the errors actix-web answers itself).
+//! - [`limits`]: what one caller may use (rate, pending calls, streams,
+//!   long-polls), so that no caller starves the others.
+//! - [`finished`]: finished calls' documents kept in memory for polls.
 //! - [`browser`]: what a web page may make a browser do (`Origin` checks,
 //!   CORS, DNS rebinding); [`connections`]: what one connection may hold
 //!   (idle time, unread bodies).
@@ -25,6 +28,7 @@ pub mod error;
 pub mod event_routes;
 pub mod finished;
 pub mod headers;
+pub mod limits;
 pub mod openapi;
 pub mod ops;
 pub mod streams;
@@ -61,6 +65,8 @@ pub struct AppState {
     pub services: BTreeMap<String, ServiceSettings>,
     /// Token checks.
     pub auth: Auth,
+    /// Each caller's limits and what it holds.
+    pub limits: limits::Limits,
     /// The RPC client (durable reply queue).
     pub rpc: RpcClient,
     /// The call lifecycle and the store.
@@ -79,6 +85,16 @@ pub struct AppState {
     pub call_metrics: HashMap<String, Arc<CallMetrics>>,
     /// The AsyncAPI document of these settings, made once at start.
     pub asyncapi: bytes::Bytes,
+}
+
+impl AppState {
+    /// The caller of `req` (401 without a known token), once it is within
+    /// its rate (else 429): every route that serves a caller starts here.
+    pub fn caller(&self, req: &actix_web::HttpRequest) -> Result<auth::Caller, ApiError> {
+        let caller = self.auth.caller(req)?;
+        self.limits.request(&caller)?;
+        Ok(caller)
+    }
 }
 
 /// A running gateway.
@@ -155,7 +171,7 @@ pub async fn start(
             cancel.child_token(),
         )
     });
-    let tracker = Tracker::new(store, broker.clone(), callbacks.clone(), g.max_streams);
+    let tracker = Tracker::new(store, broker.clone(), callbacks.clone(), &g);
     let mut options = RpcOptions::from(&settings.rpc);
     if options.reply_mode != ReplyMode::Queue {
         warn!(
@@ -175,6 +191,7 @@ pub async fn start(
         broker,
         HubOptions {
             history: g.event_history,
+            history_bytes: g.event_history_bytes,
             max_sessions: g.max_streams,
             session_buffer: g.stream_buffer,
         },
@@ -193,6 +210,7 @@ pub async fn start(
         gateway: g.clone(),
         services: settings.services.clone(),
         auth: Auth::new(&g.tokens),
+        limits: limits::Limits::new(&g, metrics),
         rpc,
         tracker,
         broker: broker.clone(),

@@ -2,6 +2,7 @@
 //! and the metrics-only server that `serve` runs when the gateway is off.
 
 use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::http::header;
@@ -13,6 +14,11 @@ use super::AppState;
 use super::error::{ApiError, Problem};
 use crate::amqp::Broker;
 use crate::error::{Error, Result};
+
+/// How long a reachability probe of the broker is reused by `/readyz` and
+/// `/metrics` (`switchboard_broker_up`): however often they are asked, the
+/// broker sees at most one channel opened and closed per this time.
+pub const PROBE_REUSE: Duration = Duration::from_secs(1);
 
 /// Liveness and readiness answers.
 #[derive(Debug, Serialize, ToSchema)]
@@ -28,9 +34,10 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
-/// Readiness: the broker answers, every consumer of this process consumes
-/// (the workers, the reply router, the event hub, the dead-letter watch),
-/// and the call store answers.
+/// Readiness: the broker answers (a probe at most [`PROBE_REUSE`] old),
+/// every consumer of this process consumes (the workers, the reply router,
+/// the event hub, the dead-letter watch: read now, every time), and the
+/// call store answers.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
@@ -47,7 +54,7 @@ pub async fn readyz(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 /// The broker answers and no consumer of this process is down; else a 503
 /// that names the consumers down and since when.
 async fn broker_ready(broker: &Broker) -> Result<(), ApiError> {
-    if !broker.is_reachable().await {
+    if !broker.was_reachable_within(PROBE_REUSE).await {
         return Err(ApiError::unavailable("the message broker is unavailable"));
     }
     let down = broker.consumers().down();
@@ -69,7 +76,9 @@ pub async fn metrics(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse 
 
 /// Probes the broker (for `switchboard_broker_up`) and renders the metrics.
 async fn metrics_of(req: &HttpRequest, broker: &Broker) -> HttpResponse {
-    broker.metrics().set_broker_up(broker.is_reachable().await);
+    broker
+        .metrics()
+        .set_broker_up(broker.was_reachable_within(PROBE_REUSE).await);
     let openmetrics = req
         .headers()
         .get_all(header::ACCEPT)

@@ -25,6 +25,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::debug;
 
+use super::limits::Slot;
 use crate::events::hub::{HubEvent, Subscribed};
 use crate::metrics::StreamSession;
 
@@ -43,6 +44,17 @@ pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
 /// before it is taken as gone.
 pub const WS_MISSED_HEARTBEATS: u32 = 3;
 
+/// What a stream holds while it lives: its place in the sessions gauge and
+/// its caller's stream slot ([`super::limits`]), both given back when the
+/// stream ends.
+#[derive(Debug)]
+pub struct Counted {
+    /// Counts the session in the metrics.
+    pub session: StreamSession,
+    /// The caller's stream slot, when its streams are limited.
+    pub slot: Option<Slot>,
+}
+
 /// Test on an event: whether the stream ends after it.
 pub type CloseAfter = Box<dyn Fn(&HubEvent) -> bool + Send>;
 
@@ -54,8 +66,8 @@ pub struct SseOptions {
     /// End the stream after the first event for which this is true (e.g. a
     /// call's stream ends with its completion).
     pub close_after: Option<CloseAfter>,
-    /// Counts the session in the metrics while the stream lives.
-    pub session: Option<StreamSession>,
+    /// Counts the session while the stream lives.
+    pub session: Option<Counted>,
 }
 
 impl fmt::Debug for SseOptions {
@@ -120,7 +132,7 @@ struct SseBody {
     done: bool,
     session: u64,
     /// Dropped with the body: the session is no longer counted.
-    _counted: Option<StreamSession>,
+    _counted: Option<Counted>,
 }
 
 impl SseBody {
@@ -194,13 +206,13 @@ pub fn sse_response(sub: Subscribed, heartbeat: Duration, opts: SseOptions) -> H
 /// ends on Close, on a send error, on a protocol error, when the client has
 /// been silent for [`WS_MISSED_HEARTBEATS`] heartbeats, or when the hub
 /// drops the session (then with close code 1013, "try again later").
-/// `counted`, when given, counts the session in the metrics until it ends.
+/// `counted`, when given, counts the session until it ends.
 pub async fn ws_relay(
     req: &HttpRequest,
     body: web::Payload,
     sub: Subscribed,
     heartbeat: Duration,
-    counted: Option<StreamSession>,
+    counted: Option<Counted>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let (response, session, messages) = actix_ws::handle(req, body)?;
     let messages = messages.max_frame_size(MAX_CLIENT_FRAME);

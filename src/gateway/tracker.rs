@@ -68,15 +68,20 @@ struct Inner {
     watcher_count: AtomicUsize,
     /// Documents of finished calls, served without a store read.
     finished: super::finished::FinishedDocs,
+    /// `gateway.inline_result_max_bytes`: larger results are left out of
+    /// lifecycle events.
+    inline_result_max_bytes: usize,
 }
 
 impl Tracker {
-    /// A tracker over `store` that publishes on `broker`.
+    /// A tracker over `store` that publishes on `broker`, with the bounds of
+    /// `g` (`max_streams` long-pollers, the finished-call cache, results
+    /// inlined in events).
     pub fn new(
         store: CallStore,
         broker: Broker,
         callbacks: Option<DispatcherHandle>,
-        max_watchers: usize,
+        g: &crate::settings::GatewaySettings,
     ) -> Self {
         let source = format!("/switchboard/{}", broker.instance_id());
         Self {
@@ -86,9 +91,13 @@ impl Tracker {
                 source,
                 callbacks,
                 watchers: Mutex::new(HashMap::new()),
-                max_watchers,
+                max_watchers: g.max_streams,
                 watcher_count: AtomicUsize::new(0),
-                finished: Default::default(),
+                finished: super::finished::FinishedDocs::new(
+                    g.finished_cache_entries,
+                    g.finished_cache_bytes,
+                ),
+                inline_result_max_bytes: g.inline_result_max_bytes,
             }),
         }
     }
@@ -106,6 +115,23 @@ impl Tracker {
     /// Keeps `doc`, `call`'s document, if it can no longer change.
     pub fn remember_finished(&self, call: &CallRecord, doc: &StatusDocument) {
         self.inner.finished.remember(call, doc);
+    }
+
+    /// `event`, a lifecycle event about `call`, as it may be published: with
+    /// the document of [`StatusDocument::for_events`] when the result is
+    /// over `gateway.inline_result_max_bytes` (same id, same attributes).
+    pub fn inline_bounded(&self, mut event: CloudEvent, call: &CallRecord) -> CloudEvent {
+        let doc = StatusDocument::for_events(call, self.inner.inline_result_max_bytes);
+        if doc.result_omitted {
+            event.data = Some(serde_json::to_value(&doc).unwrap_or(Value::Null));
+        }
+        event
+    }
+
+    /// The document of `call` as lifecycle events carry it
+    /// ([`StatusDocument::for_events`]).
+    pub fn event_document(&self, call: &CallRecord) -> StatusDocument {
+        StatusDocument::for_events(call, self.inner.inline_result_max_bytes)
     }
 
     /// A lifecycle CloudEvent about `doc`.
@@ -194,14 +220,16 @@ impl Tracker {
             &call.caller,
             call.traceparent.as_deref(),
         );
-        let body = serde_json::to_vec(&event).map_err(|source| Error::Encode {
-            what: "a call's completion event",
-            source,
-        })?;
-        let callback = call
-            .callback
-            .as_ref()
-            .map(|_| (event.id.as_str(), body.as_slice()));
+        // A callback carries the whole result (it is kept in the store, not
+        // in memory); the event on the exchange only up to the inline bound.
+        let body = match &call.callback {
+            Some(_) => Some(serde_json::to_vec(&event).map_err(|source| Error::Encode {
+                what: "a call's completion event",
+                source,
+            })?),
+            None => None,
+        };
+        let callback = body.as_deref().map(|b| (event.id.as_str(), b));
         if !self
             .inner
             .store
@@ -212,6 +240,7 @@ impl Tracker {
         }
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
         self.remember_finished(&call, &doc);
+        let event = self.inline_bounded(event, &call);
         if !answered {
             count_finished(&self.inner.broker, &call, now);
         }

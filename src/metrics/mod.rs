@@ -13,13 +13,15 @@
 //!   each part registers a [`Source`] that adds its values to a [`Collected`],
 //!   which is encoded here. Nothing extra runs per message.
 //! - What only the gateway sees (calls by service, mode and status, their
-//!   durations, stream sessions) is counted at the point where it happens,
-//!   through handles made once per service ([`CallMetrics`]): an atomic
+//!   durations, stream sessions, requests refused by a caller's limits,
+//!   channels opened on the publishing connections) is counted at the point
+//!   where it happens, through handles made once per service
+//!   ([`CallMetrics`]) or per caller ([`Metrics::limited`]): an atomic
 //!   increment and a lock-free [`Histogram`] observation per call.
 //!
-//! Label sets are bounded: services come from the settings, `mode`,
-//! `status` (the HTTP status class), `role`, `reason` and `transport` from
-//! fixed lists, `consumer` from roles and configured services. Call ids never become labels (they are in the logs, as the
+//! Label sets are bounded: services and callers come from the settings,
+//! `mode`, `status` (the HTTP status class), `role`, `reason`, `limit` and
+//! `transport` from fixed lists, `consumer` from roles and configured services. Call ids never become labels (they are in the logs, as the
 //! `call_id` field).
 //!
 //! # Layout
@@ -125,6 +127,12 @@ struct ServiceLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    caller: String,
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransportLabels {
     transport: &'static str,
 }
@@ -142,6 +150,11 @@ pub struct Metrics {
     calls: RwLock<HashMap<String, Arc<CallMetrics>>>,
     sessions: Family<TransportLabels, Gauge>,
     dead_letters: Family<ServiceLabels, Counter>,
+    /// Requests refused by a caller's limit, by caller (callers come from
+    /// the settings, so the labels are bounded) and limit.
+    limited: Family<LimitLabels, Counter>,
+    /// Channels opened on the publishing pool's connections.
+    channels_opened: Counter,
     broker_up: Gauge,
 }
 
@@ -167,6 +180,18 @@ impl Metrics {
         let sessions = Family::<TransportLabels, Gauge>::default();
         let dead_letters = Family::<ServiceLabels, Counter>::default();
         let broker_up = Gauge::default();
+        let limited = Family::<LimitLabels, Counter>::default();
+        let channels_opened = Counter::default();
+        registry.register(
+            "switchboard_broker_channels_opened",
+            "Channels this process opened on its publishing connections (declarations, reachability probes, publishing channels replaced): the channel churn it causes on the broker",
+            channels_opened.clone(),
+        );
+        registry.register(
+            "switchboard_gateway_limited",
+            "Requests refused with 429 because their caller was over one of its limits (gateway.limits), by caller and limit (rate, pending, streams, long_polls)",
+            limited.clone(),
+        );
         registry.register(
             "switchboard_gateway_calls_started",
             "Calls the gateway published, by service and the mode the caller asked for",
@@ -215,8 +240,25 @@ impl Metrics {
             calls: RwLock::new(HashMap::new()),
             sessions,
             dead_letters,
+            limited,
+            channels_opened,
             broker_up,
         }
+    }
+
+    /// A channel was opened on a publishing connection.
+    pub fn channel_opened(&self) {
+        self.channels_opened.inc();
+    }
+
+    /// The counter of requests of `caller` refused by its `limit` (made at
+    /// the gateway's start for every configured caller, so it reads 0
+    /// before the first refusal).
+    pub fn limited(&self, caller: &str, limit: &'static str) -> Counter {
+        self.limited.get_or_create_owned(&LimitLabels {
+            caller: caller.to_owned(),
+            limit,
+        })
     }
 
     /// Adds a part's counters, read at every scrape from now on. A source

@@ -104,6 +104,33 @@ fn every_documented_setting_exists() {
             .unwrap_or_else(|| {
                 panic!("{key} is in docs/CONFIGURATION.md but not in config/default.toml")
             });
+        // A placeholder key (`gateway.tokens.<caller>.limits.<key>`): each
+        // key of the table it mirrors, with its default, in an entry.
+        if field == "<key>" {
+            let mirrors = [("gateway.tokens.<caller>.limits", "gateway.limits")];
+            let (_, mirrored) = mirrors
+                .iter()
+                .find(|(t, _)| *t == table)
+                .unwrap_or_else(|| panic!("{key}: which table's keys does it take?"));
+            let lines: Vec<String> = defaults
+                .iter()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(&format!("{mirrored}."))
+                        .map(|f| format!("{f} = {v}"))
+                })
+                .collect();
+            assert!(!lines.is_empty(), "{mirrored} has keys");
+            let entry = table.replace("<caller>", "doc");
+            let owner = entry.rsplit_once('.').map(|(o, _)| o).unwrap_or_default();
+            let text = format!(
+                "[{owner}]\ntoken = \"0123456789abcdef-doc\"\nservices = \"*\"\n[{entry}]\n{}\n",
+                lines.join("\n")
+            );
+            Settings::load_from(None, Some(&text), Vec::new()).unwrap_or_else(|e| {
+                panic!("the keys of {mirrored} are not accepted in {table}: {e}\n{text}")
+            });
+            continue;
+        }
         // Each sibling with a value it accepts. Of settings that exclude
         // each other (a token or its digest): the one documented here, or
         // the first.
@@ -116,6 +143,8 @@ fn every_documented_setting_exists() {
         let siblings: Vec<String> = documented()
             .into_keys()
             .filter_map(|k| k.strip_prefix(&format!("{table}.")).map(str::to_owned))
+            // Keys of a table inside the entry are checked on their own.
+            .filter(|f| !f.contains('.'))
             .filter(|f| keep(f))
             .map(|f| match f.as_str() {
                 "token_sha256" => format!("{f} = \"{}\"", "0f".repeat(32)),
@@ -141,11 +170,47 @@ fn token_services_can_come_from_the_environment() {
                 "a-long-enough-token-1",
             ),
             ("SWITCHBOARD__GATEWAY__TOKENS__OPS__SERVICES", "echo, slow"),
+            (
+                "SWITCHBOARD__GATEWAY__TOKENS__OPS__LIMITS__RATE_PER_S",
+                "0.5",
+            ),
+            (
+                "SWITCHBOARD__GATEWAY__TOKENS__OPS__LIMITS__MAX_STREAMS",
+                "3",
+            ),
+            ("SWITCHBOARD__GATEWAY__LIMITS__MAX_PENDING", "7"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     )
     .unwrap();
     assert_eq!(s.gateway.tokens["ops"].services, ["echo", "slow"]);
+    // A token's own limits over the defaults of every caller.
+    let ops = s.gateway.tokens["ops"].limits.over(s.gateway.limits);
+    assert_eq!(
+        (ops.rate_per_s, ops.max_streams, ops.max_pending),
+        (0.5, 3, 7)
+    );
+    let bad = Settings::load_from(
+        None,
+        None,
+        [
+            (
+                "SWITCHBOARD__GATEWAY__TOKENS__OPS__TOKEN",
+                "a-long-enough-token-1",
+            ),
+            ("SWITCHBOARD__GATEWAY__TOKENS__OPS__SERVICES", "*"),
+            (
+                "SWITCHBOARD__GATEWAY__TOKENS__OPS__LIMITS__RATE_PER_S",
+                "-1",
+            ),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    assert!(
+        bad.unwrap_err()
+            .to_string()
+            .contains("gateway.tokens.ops.limits.rate_per_s")
+    );
     let bad = Settings::load_from(
         None,
         None,

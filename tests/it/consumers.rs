@@ -9,7 +9,8 @@
 //! `x-expires`, and one declared by an earlier version is used as it is.
 //!
 //! # Layout
-//! - [`Proxy`]: the freezing TCP proxy; [`ready`], [`unready`]: readiness polls.
+//! - [`Proxy`]: the freezing TCP proxy; [`ready`], [`unready`]: readiness
+//!   polls (also used by `security::limits`).
 //! - wedges: a worker behind the metrics-only server; the reply router,
 //!   event hub and dead-letter watch behind the gateway.
 //! - cancels: the queues of the reply router and dead-letter watch deleted
@@ -65,7 +66,7 @@ fn broker_addr() -> SocketAddr {
 /// I/O thread died (or a network that holds packets) looks. Connections are
 /// recognised by the AMQP connection name their client sends
 /// (`switchboard/<instance>/<role>`).
-struct Proxy {
+pub(crate) struct Proxy {
     addr: SocketAddr,
     shared: Arc<ProxyShared>,
     accept: tokio::task::JoinHandle<()>,
@@ -101,7 +102,7 @@ impl ProxyShared {
 }
 
 impl Proxy {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let upstream = broker_addr();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -131,7 +132,7 @@ impl Proxy {
     }
 
     /// The broker's URL through the proxy.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         let mut url = url::Url::parse(&crate::common::amqp_url()).unwrap();
         url.set_host(Some("127.0.0.1")).unwrap();
         url.set_port(Some(self.addr.port())).unwrap();
@@ -140,7 +141,7 @@ impl Proxy {
 
     /// Freezes the connections named `name`, those open now and those that
     /// connect from now on (their handshake then never completes).
-    fn freeze(&self, name: &str) {
+    pub(crate) fn freeze(&self, name: &str) {
         self.shared.frozen.lock().unwrap().push(name.to_owned());
         for pipe in self.shared.pipes.lock().unwrap().iter() {
             if self.shared.freezes(pipe) {
@@ -151,7 +152,7 @@ impl Proxy {
 
     /// Closes the frozen connections (the broker sees them go and returns
     /// what they held) and lets new ones through again.
-    fn thaw(&self) {
+    pub(crate) fn thaw(&self) {
         self.shared.frozen.lock().unwrap().clear();
         for pipe in self.shared.pipes.lock().unwrap().iter() {
             if pipe.frozen.load(Ordering::SeqCst) {
@@ -216,7 +217,7 @@ async fn pump(
 }
 
 /// Polls `url` until it answers 200.
-async fn ready(http: &reqwest::Client, url: &str) {
+pub(crate) async fn ready(http: &reqwest::Client, url: &str) {
     poll_until(RECOVERY, "ready again", || async {
         let res = http.get(url).send().await.unwrap();
         let status = res.status();
@@ -230,7 +231,7 @@ async fn ready(http: &reqwest::Client, url: &str) {
 
 /// Polls `url` until it answers 503 naming `consumer`; returns the problem's
 /// detail.
-async fn unready(http: &reqwest::Client, url: &str, consumer: &str) -> String {
+pub(crate) async fn unready(http: &reqwest::Client, url: &str, consumer: &str) -> String {
     let named = format!("consumer `{consumer}`");
     let what = format!("readiness naming {consumer}");
     poll_until(RECOVERY, &what, || async {
@@ -253,7 +254,7 @@ async fn unready(http: &reqwest::Client, url: &str, consumer: &str) -> String {
 }
 
 /// Settings of a test behind `proxy`, with a short consumer check.
-fn behind(proxy: &Proxy) -> impl FnOnce(&mut switchboard::settings::Settings) {
+pub(crate) fn behind(proxy: &Proxy) -> impl FnOnce(&mut switchboard::settings::Settings) {
     let url = proxy.url();
     move |s| {
         s.amqp.url = url;

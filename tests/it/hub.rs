@@ -24,6 +24,7 @@ const WAIT: Duration = Duration::from_secs(10);
 fn opts(history: usize, max_sessions: usize, session_buffer: usize) -> HubOptions {
     HubOptions {
         history,
+        history_bytes: 64 << 20,
         max_sessions,
         session_buffer,
     }

@@ -11,11 +11,17 @@
 //! - [`broker`]: the vhost permissions per role of docs/SECURITY.md, applied
 //!   in a vhost of its own.
 //! - [`secrets`]: no password, token or signing secret in any output.
+//! - [`limits`]: per-caller limits (rate, pending calls, streams,
+//!   long-polls), and readiness probes that do not churn the broker.
+//! - [`memory`]: byte bounds on the event history and the finished-call
+//!   cache, and large results linked from events rather than carried.
 
 mod broker;
 mod browsers;
 mod callers;
 mod http_layer;
+mod limits;
+mod memory;
 mod secrets;
 
 use std::collections::BTreeMap;
