@@ -90,7 +90,7 @@ pub struct StatusDocument {
     pub id: String,
     /// The service called.
     pub service: String,
-    /// `pending`, `succeeded`, `failed` or `expired`.
+    /// `pending`, `succeeded`, `failed`, `expired` or `cancelled`.
     #[schema(value_type = String)]
     pub status: CallStatus,
     /// When the call was accepted (RFC 3339).
@@ -104,6 +104,13 @@ pub struct StatusDocument {
     /// The reply, once there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<ResultDocument>,
+    /// The latest progress its worker reported, from 0 to 1; absent when
+    /// it reported none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// The note of that report, when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl StatusDocument {
@@ -123,6 +130,8 @@ impl StatusDocument {
                 last_error: c.last_error.clone(),
             }),
             result: call.result.as_ref().map(ResultDocument::of),
+            progress: call.progress.as_ref().map(|p| p.fraction),
+            note: call.progress.as_ref().and_then(|p| p.note.clone()),
         }
     }
 }

@@ -33,6 +33,8 @@ pub enum CallStatus {
     Failed,
     /// No reply within the service's timeout.
     Expired,
+    /// Cancelled by its caller before it ended.
+    Cancelled,
 }
 
 impl CallStatus {
@@ -43,6 +45,7 @@ impl CallStatus {
             CallStatus::Succeeded => "succeeded",
             CallStatus::Failed => "failed",
             CallStatus::Expired => "expired",
+            CallStatus::Cancelled => "cancelled",
         }
     }
 
@@ -69,6 +72,7 @@ impl FromStr for CallStatus {
             "succeeded" => CallStatus::Succeeded,
             "failed" => CallStatus::Failed,
             "expired" => CallStatus::Expired,
+            "cancelled" => CallStatus::Cancelled,
             other => return Err(Error::Malformed(format!("stored call status {other:?}"))),
         })
     }
@@ -168,7 +172,22 @@ pub struct CallRecord {
     pub result: Option<StoredResult>,
     /// The callback, when the caller asked for one.
     pub callback: Option<CallbackRecord>,
+    /// The latest progress report of its worker, when there was one.
+    pub progress: Option<ProgressRecord>,
 }
+
+/// The latest progress report of a call, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressRecord {
+    /// From 0 to 1.
+    pub fraction: f64,
+    /// What the worker said, if anything.
+    pub note: Option<String>,
+    /// When it was recorded, ms.
+    pub at_ms: i64,
+}
+
+impl Eq for ProgressRecord {}
 
 /// A call to store.
 #[derive(Debug, Clone)]
@@ -220,6 +239,7 @@ impl NewCall {
                 event_id: None,
                 body: None,
             }),
+            progress: None,
         }
     }
 }
@@ -268,7 +288,21 @@ pub struct CallStore {
 const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, deadline_ms, published, \
      idem_key, body_hash, traceparent, result_status, result_content_type, result_body, \
      callback_url, callback_state, callback_attempts, callback_next_ms, callback_error, \
-     callback_event_id, callback_body";
+     callback_event_id, callback_body, progress, progress_note, progress_ms";
+
+/// Columns added after the first release, with their type: added to a
+/// store made before them when it opens.
+fn added_columns(backend: Backend) -> [(&'static str, &'static str); 3] {
+    let real = match backend {
+        Backend::Sqlite => "REAL",
+        Backend::Postgres => "DOUBLE PRECISION",
+    };
+    [
+        ("progress", real),
+        ("progress_note", "TEXT"),
+        ("progress_ms", "BIGINT"),
+    ]
+}
 
 fn schema(backend: Backend) -> Vec<String> {
     let blob = match backend {
@@ -298,8 +332,12 @@ fn schema(backend: Backend) -> Vec<String> {
                 callback_next_ms BIGINT,
                 callback_error TEXT,
                 callback_event_id TEXT,
-                callback_body {blob}
-            )"
+                callback_body {blob},
+                progress {real},
+                progress_note TEXT,
+                progress_ms BIGINT
+            )",
+            real = added_columns(backend)[0].1
         ),
         "CREATE UNIQUE INDEX IF NOT EXISTS sb_calls_idem ON sb_calls (caller, idem_key)".into(),
         "CREATE INDEX IF NOT EXISTS sb_calls_status ON sb_calls (status, deadline_ms)".into(),
@@ -373,6 +411,30 @@ impl CallStore {
         }
         for stmt in schema(backend) {
             sqlx::query(&stmt).execute(&mut *tx).await.map_err(db)?;
+        }
+        for (column, ty) in added_columns(backend) {
+            let exists = match backend {
+                Backend::Sqlite => sqlx::query(
+                    "SELECT COUNT(*) FROM pragma_table_info('sb_calls') WHERE name = $1",
+                ),
+                Backend::Postgres => sqlx::query(
+                    "SELECT COUNT(*) FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = 'sb_calls' \
+                     AND column_name = $1",
+                ),
+            }
+            .bind(column)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?
+            .try_get::<i64, _>(0)
+            .map_err(db)?;
+            if exists == 0 {
+                sqlx::query(&format!("ALTER TABLE sb_calls ADD COLUMN {column} {ty}"))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
         }
         tx.commit().await.map_err(db)?;
         let _ = conn.close().await;
@@ -488,6 +550,29 @@ impl CallStore {
         .bind(CallbackState::Pending.as_str())
         .bind(callback.map(|c| c.0))
         .bind(callback.map(|c| c.1.to_vec()))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the latest progress of call `id` while it is pending;
+    /// returns false (and changes nothing) when it is not.
+    pub async fn record_progress(
+        &self,
+        id: &str,
+        fraction: f64,
+        note: Option<&str>,
+        at_ms: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sb_calls SET progress = $1, progress_note = $2, progress_ms = $3 \
+             WHERE id = $4 AND status = 'pending'",
+        )
+        .bind(fraction)
+        .bind(note)
+        .bind(at_ms)
         .bind(id)
         .execute(&self.pool)
         .await
@@ -641,6 +726,14 @@ fn record(r: &AnyRow) -> Result<CallRecord> {
         }),
         None => None,
     };
+    let progress = match r.try_get::<Option<f64>, _>("progress").map_err(db)? {
+        Some(fraction) => Some(ProgressRecord {
+            fraction,
+            note: get_os("progress_note")?,
+            at_ms: get_oi("progress_ms")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
     Ok(CallRecord {
         id: get_s("id")?,
         caller: get_s("caller")?,
@@ -655,5 +748,6 @@ fn record(r: &AnyRow) -> Result<CallRecord> {
         traceparent: get_os("traceparent")?,
         result,
         callback,
+        progress,
     })
 }

@@ -13,7 +13,7 @@ use super::AppState;
 use super::calls::caller_call;
 use super::error::{ApiError, Problem};
 use super::streams::{SseOptions, sse_frame, sse_response, ws_relay};
-use super::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED};
+use super::tracker::{EVENT_ACCEPTED, EVENT_CANCELLED, EVENT_COMPLETED};
 use crate::calls::document::StatusDocument;
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
 use crate::metrics::{StreamSession, Transport};
@@ -125,6 +125,9 @@ pub async fn events_ws(
     ws_relay(&req, body, sub, heartbeat(&st), Some(counted)).await
 }
 
+/// The type prefix of a call's lifecycle events.
+const CALL_EVENTS: &str = "switchboard.call.";
+
 /// A snapshot frame of a call (not resumable: its position names the call).
 fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Bytes {
     let event = st.tracker.lifecycle_event(ty, doc, caller, None);
@@ -139,12 +142,13 @@ fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Byte
     })
 }
 
-/// One call's status changes as Server-Sent Events: its state now, then
-/// its completion; closed when it ends.
+/// One call's status changes as Server-Sent Events: its state now, its
+/// progress reports, then its end (completed or cancelled); closed when it
+/// ends.
 #[utoipa::path(get, path = "/v1/calls/{id}/events", tag = "calls",
     params(("id" = String, Path, description = "The call id")),
     responses(
-        (status = 200, description = "text/event-stream: the call's current state, then `switchboard.call.completed`; the stream ends with the call", content_type = "text/event-stream"),
+        (status = 200, description = "text/event-stream: the call's current state, then `switchboard.call.progress` as its worker reports, then `switchboard.call.completed` or `switchboard.call.cancelled`; the stream ends with the call", content_type = "text/event-stream"),
         (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
@@ -160,10 +164,11 @@ pub async fn call_events(
         .hub
         .subscribe(
             EventFilter {
-                // Only the end: the state before it is the snapshot sent
-                // first, and an `accepted` event still on its way through
-                // the hub would repeat it.
-                type_prefix: Some(EVENT_COMPLETED.into()),
+                // The call's lifecycle but `accepted`: the state before it
+                // is the snapshot sent first, and an `accepted` event still
+                // on its way through the hub would repeat it (skipped
+                // below).
+                type_prefix: Some(CALL_EVENTS.into()),
                 subject: Some(id.clone()),
                 caller: Some(caller.name.clone()),
             },
@@ -188,14 +193,19 @@ pub async fn call_events(
             rx,
             gap: false,
         };
-        let first = vec![snapshot(&st, EVENT_COMPLETED, &doc, &caller.name)];
+        let ty = if call.status == crate::calls::CallStatus::Cancelled {
+            EVENT_CANCELLED
+        } else {
+            EVENT_COMPLETED
+        };
+        let first = vec![snapshot(&st, ty, &doc, &caller.name)];
         return Ok(sse_response(
             ended,
             heartbeat(&st),
             SseOptions {
                 first,
-                close_after: None,
                 session: Some(sse_session(&st)),
+                ..SseOptions::default()
             },
         ));
     }
@@ -205,7 +215,10 @@ pub async fn call_events(
         heartbeat(&st),
         SseOptions {
             first,
-            close_after: Some(Box::new(|ev: &HubEvent| ev.ty == EVENT_COMPLETED)),
+            close_after: Some(Box::new(|ev: &HubEvent| {
+                ev.ty == EVENT_COMPLETED || ev.ty == EVENT_CANCELLED
+            })),
+            skip: Some(Box::new(|ev: &HubEvent| ev.ty == EVENT_ACCEPTED)),
             session: Some(sse_session(&st)),
         },
     ))

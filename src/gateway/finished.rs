@@ -154,6 +154,7 @@ mod tests {
                 body: vec![b'1'; body],
             }),
             callback: None,
+            progress: None,
         }
     }
 

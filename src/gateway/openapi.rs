@@ -18,6 +18,7 @@ use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
     paths(
         super::calls::start_call,
         super::calls::get_call,
+        super::calls::cancel_call,
         super::calls::get_result,
         super::event_routes::call_events,
         super::event_routes::events_sse,

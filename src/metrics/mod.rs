@@ -142,6 +142,10 @@ pub struct Metrics {
     calls: RwLock<HashMap<String, Arc<CallMetrics>>>,
     sessions: Family<TransportLabels, Gauge>,
     dead_letters: Family<ServiceLabels, Counter>,
+    /// Calls cancelled by their caller, by service.
+    cancelled: Family<ServiceLabels, Counter>,
+    /// Replies that arrived for calls already cancelled, dropped.
+    after_cancel: Family<ServiceLabels, Counter>,
     broker_up: Gauge,
 }
 
@@ -166,6 +170,8 @@ impl Metrics {
         let durations = Family::<CallLabels, Histogram>::default();
         let sessions = Family::<TransportLabels, Gauge>::default();
         let dead_letters = Family::<ServiceLabels, Counter>::default();
+        let cancelled = Family::<ServiceLabels, Counter>::default();
+        let after_cancel = Family::<ServiceLabels, Counter>::default();
         let broker_up = Gauge::default();
         registry.register(
             "switchboard_gateway_calls_started",
@@ -194,6 +200,16 @@ impl Metrics {
             dead_letters.clone(),
         );
         registry.register(
+            "switchboard_gateway_calls_cancelled",
+            "Calls cancelled by their caller (DELETE /v1/calls/{id}), by service",
+            cancelled.clone(),
+        );
+        registry.register(
+            "switchboard_gateway_replies_after_cancel",
+            "Replies that arrived for calls their caller had cancelled, dropped, by service",
+            after_cancel.clone(),
+        );
+        registry.register(
             "switchboard_broker_up",
             "Whether the broker answered at the last scrape (1) or not (0)",
             broker_up.clone(),
@@ -215,6 +231,8 @@ impl Metrics {
             calls: RwLock::new(HashMap::new()),
             sessions,
             dead_letters,
+            cancelled,
+            after_cancel,
             broker_up,
         }
     }
@@ -271,6 +289,25 @@ impl Metrics {
     /// the configured services (the dead-letter watch binds only those).
     pub fn dead_letter(&self, service: &str) {
         self.dead_letters
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A call of `service` was cancelled by its caller.
+    pub fn call_cancelled(&self, service: &str) {
+        self.cancelled
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A reply came for a call of `service` its caller had cancelled, and
+    /// was dropped.
+    pub fn reply_after_cancel(&self, service: &str) {
+        self.after_cancel
             .get_or_create(&ServiceLabels {
                 service: service.to_owned(),
             })
@@ -402,6 +439,10 @@ pub struct WorkerValues {
     pub dead_letters: u64,
     /// Requests dropped because their deadline had passed.
     pub expired: u64,
+    /// Requests of cancelled calls: dropped unprocessed, or not answered.
+    pub cancelled: u64,
+    /// Progress reports published.
+    pub progress: u64,
     /// Workers consuming now.
     pub consuming: i64,
     /// Handler run times.
@@ -425,6 +466,10 @@ pub struct RpcValues {
     pub malformed: u64,
     /// Calls that reached their deadline without a reply.
     pub timeouts: u64,
+    /// Progress reports handed to their caller or the call store.
+    pub progress_routed: u64,
+    /// Progress reports nobody took.
+    pub progress_dropped: u64,
 }
 
 /// The event hubs' numbers.
@@ -520,7 +565,7 @@ impl Collected {
                     .map(move |(s, v)| (s.as_str(), f(v)))
                     .collect::<Vec<_>>()
             };
-            let families: [WorkerFamily; 7] = [
+            let families: [WorkerFamily; 9] = [
                 (
                     "switchboard_worker_deliveries",
                     "Requests delivered to the service's workers.",
@@ -555,6 +600,16 @@ impl Collected {
                     "switchboard_worker_expired",
                     "Requests dropped unprocessed because their deadline had passed.",
                     |v| v.expired,
+                ),
+                (
+                    "switchboard_worker_cancelled",
+                    "Requests whose caller cancelled the call: dropped before the handler began, or not answered.",
+                    |v| v.cancelled,
+                ),
+                (
+                    "switchboard_worker_progress_reports",
+                    "Progress reports handlers published to their callers.",
+                    |v| v.progress,
                 ),
             ];
             for (name, help, f) in families {
@@ -615,6 +670,18 @@ impl Collected {
                 "switchboard_rpc_timeouts",
                 "Calls that reached their deadline without a reply.",
                 r.timeouts,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_rpc_progress_routed",
+                "Progress reports handed to the caller reading them, or recorded on a stored call.",
+                r.progress_routed,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_rpc_progress_dropped",
+                "Progress reports nobody took: of a call not followed here or already ended, read by nobody, not kept up with, or malformed.",
+                r.progress_dropped,
             )?;
         }
         if let Some(h) = &self.hub {

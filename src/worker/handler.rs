@@ -7,8 +7,63 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::amqp::wire;
+use crate::error::{Error, Result};
+
+/// A progress report of a call: what a handler tells its caller while it
+/// runs ([`Request::progress`]), and what a caller receives
+/// ([`crate::rpc::RpcClient::send_with_progress`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// The call id (`correlation_id`).
+    pub call_id: String,
+    /// The fraction of the work done, from 0 to 1.
+    pub fraction: f64,
+    /// What the handler is doing, when it said.
+    pub note: Option<String>,
+}
+
+/// How a running handler reaches its caller besides the reply: progress
+/// reports, and the caller's cancellation. The worker fills it in; the
+/// default (a request made by hand, in a handler's unit test) reports to
+/// nobody and is never cancelled.
+#[derive(Clone, Default)]
+pub struct CallControl {
+    /// Where progress goes; `None`: nobody reads it.
+    reporter: Option<Arc<dyn Reporter>>,
+    /// Cancelled when the call's caller cancels it.
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for CallControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallControl")
+            .field("reports_progress", &self.reporter.is_some())
+            .field("cancelled", &self.cancel.is_cancelled())
+            .finish()
+    }
+}
+
+/// Sends a progress report to the caller (the worker publishes it on the
+/// call's `reply_to`).
+pub(crate) trait Reporter: Send + Sync + 'static {
+    /// Publishes `fraction` and `note`, confirmed.
+    fn report(
+        &self,
+        fraction: f64,
+        note: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
+}
+
+impl CallControl {
+    /// A control reporting through `reporter` (none: nobody reads progress)
+    /// and cancelled with `cancel`.
+    pub(crate) fn new(reporter: Option<Arc<dyn Reporter>>, cancel: CancellationToken) -> Self {
+        Self { reporter, cancel }
+    }
+}
 
 /// A request as a handler receives it.
 #[derive(Debug, Clone)]
@@ -27,6 +82,42 @@ pub struct Request {
     pub traceparent: Option<String>,
     /// Whether the broker delivered this request before.
     pub redelivered: bool,
+    /// Progress reports and cancellation ([`Request::progress`],
+    /// [`Request::cancelled`]).
+    pub control: CallControl,
+}
+
+impl Request {
+    /// Tells the caller how far the work is: `fraction` from 0 to 1, and a
+    /// `note` (empty: none; at most [`wire::MAX_PROGRESS_NOTE`] bytes are
+    /// kept). Published on the call's `reply_to` with the header
+    /// `x-sb-progress`, confirmed, before this returns: a report is never
+    /// overtaken by the reply that follows it. A no-op when the caller
+    /// does not read progress (no `reply_to`, or a plain AMQP client that
+    /// did not say `x-sb-accepts-progress`). A report never ends the call.
+    pub async fn progress(&self, fraction: f64, note: impl AsRef<str>) -> Result<()> {
+        if !(0.0..=1.0).contains(&fraction) {
+            return Err(Error::Malformed(format!(
+                "progress must be a number from 0 to 1, not {fraction}"
+            )));
+        }
+        match &self.control.reporter {
+            Some(r) => r.report(fraction, note.as_ref()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when the caller cancels the call (`DELETE /v1/calls/{id}`):
+    /// the handler should stop; its reply, if any, is not sent. Pending
+    /// for ever when nobody cancels.
+    pub async fn cancelled(&self) {
+        self.control.cancel.cancelled().await
+    }
+
+    /// Whether the caller has cancelled the call.
+    pub fn is_cancelled(&self) -> bool {
+        self.control.cancel.is_cancelled()
+    }
 }
 
 /// A handler's answer.
@@ -143,12 +234,38 @@ where
     }
 }
 
+/// Steps of the built-in `echo`'s wait: it reports progress after each but
+/// the last.
+const ECHO_STEPS: u32 = 5;
+/// The shortest `delay` of `echo` that reports progress: shorter ones
+/// (benchmarks of notifications) are not worth a report.
+const ECHO_PROGRESS_FROM: Duration = Duration::from_secs(1);
+
 /// The built-in `echo`: replies with the request's body and content type,
-/// after `delay` when it is not zero.
+/// after `delay` when it is not zero. While it waits it reports progress in
+/// [`ECHO_STEPS`] steps when `delay` is [`ECHO_PROGRESS_FROM`] or more (a
+/// demo of long-running calls: the `slow` service of
+/// `config/default.toml`), and a cancelled call stops at once, unanswered.
 pub fn echo(delay: Duration) -> Arc<dyn Handler> {
     Arc::new(move |req: Request| async move {
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            let step = delay / ECHO_STEPS;
+            for done in 0..ECHO_STEPS {
+                if done > 0 && delay >= ECHO_PROGRESS_FROM {
+                    let fraction = f64::from(done) / f64::from(ECHO_STEPS);
+                    let note = format!("step {done} of {ECHO_STEPS}");
+                    if let Err(e) = req.progress(fraction, note).await {
+                        tracing::debug!(error = %e, "progress not reported");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(step) => {}
+                    _ = req.cancelled() => {
+                        return Err(HandlerError::new(409, "Cancelled")
+                            .with_detail("the caller cancelled the call"));
+                    }
+                }
+            }
         }
         Ok(Reply {
             status: 200,

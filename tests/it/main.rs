@@ -25,6 +25,7 @@ mod interop;
 mod management;
 mod metrics;
 mod parsing;
+mod progress;
 mod rpc;
 mod security;
 mod settings;
