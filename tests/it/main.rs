@@ -11,6 +11,7 @@ mod asyncapi;
 mod bench;
 mod broker;
 mod callbacks;
+mod cancel;
 mod configuration;
 mod consumers;
 mod declare;
