@@ -609,6 +609,7 @@ fn shared_schemas() -> Map<String, Value> {
             "StatusDocument",
             "ResultDocument",
             "CallbackDocument",
+            "AttemptDocument",
             "Problem",
         ] {
             if let Some(schema) = components.schemas.get(name)

@@ -1,6 +1,7 @@
 //! The call routes: `POST /v1/services/{service}/calls`,
 //! `GET /v1/calls/{id}` (with long-polling), `DELETE /v1/calls/{id}`
-//! (cancel) and `GET /v1/calls/{id}/result`.
+//! (cancel), `GET /v1/calls/{id}/result` and
+//! `POST /v1/calls/{id}/callback/retry`.
 
 use std::time::Duration;
 
@@ -690,4 +691,52 @@ pub async fn cancel_call(
     tracing::info!(call_id = %id, caller = %caller.name, "call cancelled");
     let call = caller_call(&st, &caller, &id).await?;
     Ok(document_response(&st, &call))
+}
+
+/// Sends a call's dead-lettered callback again.
+#[utoipa::path(
+    post,
+    path = "/v1/calls/{id}/callback/retry",
+    tag = "calls",
+    params(("id" = String, Path, description = "The call id")),
+    responses(
+        (status = 202, description = "The callback is due again, with a new round of attempts: the same `webhook-id` and body, a new signature and timestamp. The status document, its callback `pending`", body = StatusDocument),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such call (or another caller's), or a call without a callback", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The callback is not dead (waiting, pending or delivered), or callbacks are not enabled", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn retry_callback(
+    req: HttpRequest,
+    path: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = st.auth.caller(&req)?;
+    let id = path.into_inner();
+    let call = caller_call(&st, &caller, &id).await?;
+    let Some(callback) = &call.callback else {
+        return Err(ApiError::NotFound(format!("call {id:?} has no callback")));
+    };
+    let Some(dispatcher) = &st.callbacks else {
+        return Err(ApiError::Conflict(
+            "callbacks are not enabled on this gateway".into(),
+        ));
+    };
+    let not_dead = || ApiError::Conflict(format!("the callback of call {id:?} is not dead"));
+    if callback.state != crate::calls::CallbackState::Dead {
+        return Err(not_dead());
+    }
+    if !st
+        .tracker
+        .store()
+        .retry_callback(&id, wire::now_ms() as i64)
+        .await?
+    {
+        return Err(not_dead());
+    }
+    tracing::info!(call_id = %id, caller = %caller.name, "dead callback sent again");
+    dispatcher.wake();
+    let call = caller_call(&st, &caller, &id).await?;
+    Ok(HttpResponse::Accepted().json(StatusDocument::of(&call)))
 }

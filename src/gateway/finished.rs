@@ -185,6 +185,7 @@ mod tests {
             last_error: None,
             event_id: None,
             body: None,
+            history: Vec::new(),
         });
         remember(&docs, &c);
         assert!(docs.is_empty());

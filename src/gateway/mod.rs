@@ -126,6 +126,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .route("/v1/calls/{id}", web::delete().to(calls::cancel_call))
     .route("/v1/calls/{id}/result", web::get().to(calls::get_result))
     .route(
+        "/v1/calls/{id}/callback/retry",
+        web::post().to(calls::retry_callback),
+    )
+    .route(
         "/v1/calls/{id}/events",
         web::get().to(event_routes::call_events),
     )

@@ -507,6 +507,10 @@ pub struct CallbackValues {
     pub retries: u64,
     /// Callbacks given up and kept as dead letters.
     pub dead_letters: u64,
+    /// Attempts put off because their host's circuit was open.
+    pub deferred: u64,
+    /// Each receiver host followed, 1 while its circuit is open.
+    pub circuits: Vec<(String, i64)>,
 }
 
 /// What the [`Source`]s report at one scrape; each adds to it.
@@ -728,6 +732,21 @@ impl Collected {
                 "switchboard_callback_dead_letters",
                 "Callbacks given up and kept as dead letters.",
                 c.dead_letters,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_callback_deferred",
+                "Callback attempts put off because their receiver host's circuit was open.",
+                c.deferred,
+            )?;
+            let circuits: Vec<(&str, i64)> =
+                c.circuits.iter().map(|(h, v)| (h.as_str(), *v)).collect();
+            gauges(
+                &mut enc,
+                "switchboard_callback_circuit_open",
+                "Per receiver host (host:port) that failed lately: 1 while its circuit is open (its callbacks paused, or one attempt trying it), 0 while closed.",
+                "host",
+                &circuits,
             )?;
         }
         let c = &self.consumers;

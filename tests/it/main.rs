@@ -10,6 +10,7 @@ mod toolchains;
 mod asyncapi;
 mod bench;
 mod broker;
+mod callback_ops;
 mod callbacks;
 mod cancel;
 mod configuration;

@@ -352,3 +352,46 @@ async fn an_outside_worker_reports_progress_with_the_header() {
     let _ = conn.close(200, "done".into()).await;
     gw.cleanup_with(&["ext"]).await;
 }
+
+#[actix_rt::test]
+async fn a_store_made_before_progress_gains_its_columns_and_keeps_its_calls() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/calls.db?mode=rwc", dir.path().display());
+    sqlx::any::install_default_drivers();
+    let mut old = sqlx::AnyConnection::connect(&url).await.unwrap();
+    // The table as the first release made it.
+    sqlx::query(
+        "CREATE TABLE sb_calls (id TEXT PRIMARY KEY, caller TEXT NOT NULL, service TEXT NOT NULL, \
+         status TEXT NOT NULL, created_ms BIGINT NOT NULL, completed_ms BIGINT, \
+         deadline_ms BIGINT NOT NULL, published BIGINT NOT NULL, idem_key TEXT, body_hash TEXT, \
+         traceparent TEXT, result_status BIGINT, result_content_type TEXT, result_body BLOB, \
+         callback_url TEXT, callback_state TEXT, callback_attempts BIGINT NOT NULL DEFAULT 0, \
+         callback_next_ms BIGINT, callback_error TEXT, callback_event_id TEXT, callback_body BLOB)",
+    )
+    .execute(&mut old)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, published) \
+         VALUES ('old-1', 'anonymous', 'echo', 'pending', 1, 9999999999999, 1)",
+    )
+    .execute(&mut old)
+    .await
+    .unwrap();
+    old.close().await.unwrap();
+
+    let store = switchboard::calls::CallStore::open(&url).await.unwrap();
+    let call = store.get("old-1").await.unwrap().expect("the old call kept");
+    assert_eq!(call.progress, None);
+    assert!(store.record_progress("old-1", 0.5, Some("half"), 2).await.unwrap());
+    let call = store.get("old-1").await.unwrap().unwrap();
+    let p = call.progress.unwrap();
+    assert_eq!((p.fraction, p.note.as_deref(), p.at_ms), (0.5, Some("half"), 2));
+    assert!(store.attempts("old-1").await.unwrap().is_empty());
+    store.close().await;
+    // Opened again: nothing to add, nothing lost.
+    let store = switchboard::calls::CallStore::open(&url).await.unwrap();
+    assert!(store.get("old-1").await.unwrap().unwrap().progress.is_some());
+    store.close().await;
+}
