@@ -382,16 +382,36 @@ async fn a_store_made_before_progress_gains_its_columns_and_keeps_its_calls() {
     old.close().await.unwrap();
 
     let store = switchboard::calls::CallStore::open(&url).await.unwrap();
-    let call = store.get("old-1").await.unwrap().expect("the old call kept");
+    let call = store
+        .get("old-1")
+        .await
+        .unwrap()
+        .expect("the old call kept");
     assert_eq!(call.progress, None);
-    assert!(store.record_progress("old-1", 0.5, Some("half"), 2).await.unwrap());
+    assert!(
+        store
+            .record_progress("old-1", 0.5, Some("half"), 2)
+            .await
+            .unwrap()
+    );
     let call = store.get("old-1").await.unwrap().unwrap();
     let p = call.progress.unwrap();
-    assert_eq!((p.fraction, p.note.as_deref(), p.at_ms), (0.5, Some("half"), 2));
+    assert_eq!(
+        (p.fraction, p.note.as_deref(), p.at_ms),
+        (0.5, Some("half"), 2)
+    );
     assert!(store.attempts("old-1").await.unwrap().is_empty());
     store.close().await;
     // Opened again: nothing to add, nothing lost.
     let store = switchboard::calls::CallStore::open(&url).await.unwrap();
-    assert!(store.get("old-1").await.unwrap().unwrap().progress.is_some());
+    assert!(
+        store
+            .get("old-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .progress
+            .is_some()
+    );
     store.close().await;
 }
