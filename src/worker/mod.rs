@@ -13,7 +13,6 @@
 //! reply that could not be published) goes back with `basic.nack`, which
 //! RabbitMQ 4.3 and later do not count against the delivery limit.
 //!
-//!
 //! A handler reports progress through [`Request::progress`] (published on
 //! the call's `reply_to`, confirmed, as the reply is) and learns of its
 //! caller's cancellation through [`Request::cancelled`]; a request whose
