@@ -248,6 +248,41 @@ pub fn request_fields(service: &str, svc: &ServiceSettings) -> Vec<Field> {
             json!({"type": "integer", "minimum": 0}),
             "The call's deadline in ms since the Unix epoch (a long-long integer). A worker drops (acks without a reply) a request whose deadline has passed: nobody waits for its answer. Absent: `timestamp` + `expiration` tell the same, to the second.",
         ),
+        Field::header(
+            wire::HEADER_ACCEPTS_PROGRESS,
+            json!({"type": "boolean"}),
+            format!(
+                "True when the caller reads progress reports on `reply_to` (every switchboard caller): a worker may then send them (messages with the header `{}`) before the reply. Absent (a plain RPC client): send the reply only.",
+                wire::HEADER_PROGRESS
+            ),
+        ),
+    ]
+}
+
+/// A progress report a worker sends to `reply_to` before the reply
+/// (DESIGN.md, "Progress").
+pub fn progress_fields() -> Vec<Field> {
+    vec![
+        Field::property(
+            "correlation_id",
+            string(),
+            "The request's `correlation_id`, unchanged.",
+        )
+        .required(),
+        Field::property(
+            "content_type",
+            string(),
+            "The note's media type: UTF-8 text.",
+        ),
+        Field::header(
+            wire::HEADER_PROGRESS,
+            json!({"type": "number", "minimum": 0, "maximum": 1}),
+            "Makes the message a progress report, never the reply: the fraction of the work done, from 0 to 1 (an AMQP float or double, 0 or 1 as an integer, or a decimal string). A report outside 0 to 1 is dropped; one that comes after the reply is dropped.",
+        )
+        .required(),
+        traceparent("The request's, passed on."),
+        app_id(" (workers in other languages may set their own)"),
+        timestamp(),
     ]
 }
 
@@ -351,6 +386,19 @@ fn reply_messages() -> Vec<Message> {
             content_type: wire::CONTENT_PROBLEM,
             fields: reply_fields(true),
             payload: json!({"$ref": "#/components/schemas/Problem"}),
+            message_type: None,
+        },
+        Message {
+            key: "progress".into(),
+            title: "Progress report".into(),
+            summary: format!(
+                "How far a request is, sent before its reply when the request carries `{}`: the header `{}` and an optional note as the body. It never ends the call.",
+                wire::HEADER_ACCEPTS_PROGRESS,
+                wire::HEADER_PROGRESS
+            ),
+            content_type: wire::CONTENT_TEXT,
+            fields: progress_fields(),
+            payload: json!({"type": "string", "maxLength": wire::MAX_PROGRESS_NOTE, "description": "A note on the work (UTF-8 text; empty: none)."}),
             message_type: None,
         },
     ]
@@ -561,6 +609,7 @@ fn shared_schemas() -> Map<String, Value> {
             "StatusDocument",
             "ResultDocument",
             "CallbackDocument",
+            "AttemptDocument",
             "Problem",
         ] {
             if let Some(schema) = components.schemas.get(name)
@@ -776,7 +825,7 @@ pub fn document(settings: &Settings) -> Value {
 }
 
 /// What every worker must do, whatever its language (DESIGN.md).
-pub const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status.";
+pub const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch the events exchange for `switchboard.call.cancelled` (`subject` = the call id) to drop a request not yet begun (ack, no reply) and stop a running one.";
 
 #[cfg(test)]
 mod tests {
@@ -801,6 +850,13 @@ mod tests {
         ] {
             assert!(request.get(name).is_some(), "request lacks {name}");
         }
+        assert!(request.get(wire::HEADER_ACCEPTS_PROGRESS).is_some());
+        let progress = &doc["components"]["messages"]["progress"];
+        assert!(progress["headers"]["properties"][wire::HEADER_PROGRESS].is_object());
+        assert!(
+            doc["components"]["messages"][wire::EVENT_CALL_CANCELLED].is_object()
+                && doc["components"]["messages"][wire::EVENT_CALL_PROGRESS].is_object()
+        );
         let error = &doc["components"]["messages"]["errorReply"];
         assert_eq!(error["contentType"], wire::CONTENT_PROBLEM);
         assert!(error["headers"]["properties"][wire::HEADER_STATUS].is_object());

@@ -474,6 +474,13 @@ pub struct CallbackSettings {
     pub allow_private: bool,
     /// Deliveries in flight at once.
     pub concurrency: usize,
+    /// Failed attempts in a row to one host (`host:port`) after which its
+    /// circuit opens: its callbacks wait `circuit_pause_ms` instead of
+    /// being tried; 0: never.
+    pub circuit_failures: u32,
+    /// How long an open circuit pauses a host's callbacks, ms; then one
+    /// attempt tries it again.
+    pub circuit_pause_ms: u64,
 }
 
 /// `[shutdown]`: what a SIGTERM or Ctrl-C waits for.
@@ -1012,6 +1019,12 @@ impl Settings {
                 "timeout_ms and concurrency must be above 0".into(),
             );
         }
+        if c.circuit_failures > 0 && c.circuit_pause_ms == 0 {
+            return fail(
+                "callbacks.circuit_pause_ms",
+                "must be above 0 while callbacks.circuit_failures is".into(),
+            );
+        }
         for (name, svc) in &self.services {
             let key = |k: &str| format!("services.{name}.{k}");
             if !is_name(name) {
@@ -1401,6 +1414,8 @@ impl fmt::Debug for CallbackSettings {
             .field("timeout_ms", &self.timeout_ms)
             .field("allow_private", &self.allow_private)
             .field("concurrency", &self.concurrency)
+            .field("circuit_failures", &self.circuit_failures)
+            .field("circuit_pause_ms", &self.circuit_pause_ms)
             .finish()
     }
 }

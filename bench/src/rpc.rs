@@ -135,6 +135,7 @@ impl SbRpc {
             default_timeout: t.timeout,
             persistent: t.persistent,
             orphans: None,
+            progress: None,
         };
         let client = RpcClient::start(&broker, options).await?;
         Ok(Self {

@@ -86,7 +86,14 @@ struct Inner {
     /// the broker open a channel each; locked across a probe, so that
     /// requests arriving meanwhile wait for its answer instead of probing.
     last_probe: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+    /// Parts shared by everything on this handle, one per type, held
+    /// weakly: a part lives while someone uses it ([`Broker::shared_part`]).
+    parts: Mutex<SharedParts>,
 }
+
+/// See [`Broker::shared_part`].
+type SharedParts =
+    std::collections::HashMap<std::any::TypeId, Box<dyn std::any::Any + Send + Sync>>;
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,6 +105,30 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
+    /// The part of type `T` that everything on this handle shares (the
+    /// workers' watch of cancelled calls: one subscription per process, not
+    /// per worker), made by `make` when nobody holds one now. Kept weakly:
+    /// dropped by its last user, it is made again by the next.
+    pub async fn shared_part<T, F, Fut>(&self, make: F) -> Result<Arc<T>>
+    where
+        T: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let key = std::any::TypeId::of::<T>();
+        let mut parts = self.inner.parts.lock().await;
+        if let Some(part) = parts
+            .get(&key)
+            .and_then(|p| p.downcast_ref::<std::sync::Weak<T>>())
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return Ok(part);
+        }
+        let part = Arc::new(make().await?);
+        parts.insert(key, Box::new(Arc::downgrade(&part)));
+        Ok(part)
+    }
+
     /// Connects (one publishing connection is opened at once, so an absent
     /// broker, or a TLS problem, is reported here, naming the URL) and
     /// declares the shared exchanges. The `amqp.tls_*` files are read first:
@@ -139,6 +170,7 @@ impl Broker {
                     .then(|| Duration::from_secs(settings.instance_queue_expires_s)),
                 instance_queue_type: settings.instance_queue_type,
                 last_probe: tokio::sync::Mutex::new(None),
+                parts: Mutex::new(SharedParts::new()),
             }),
         };
         broker

@@ -30,6 +30,21 @@ pub const HEADER_POISON_QUEUE: &str = "x-sb-poison-queue";
 pub const HEADER_POISON_REASON: &str = "x-sb-poison-reason";
 /// See [`HEADER_POISON_QUEUE`].
 pub const HEADER_POISON_INSTANCE: &str = "x-sb-poison-instance";
+/// Header that makes a message on a call's `reply_to` a progress report,
+/// not its reply: the fraction of the work done, a number from 0 to 1 (an
+/// AMQP float or double, an integer 0 or 1, or a decimal string such as
+/// `"0.4"`). The body, UTF-8 text, is an optional note. A progress report
+/// carries the call's `correlation_id` and never ends the call.
+pub const HEADER_PROGRESS: &str = "x-sb-progress";
+/// Header on a request whose caller reads progress reports
+/// ([`HEADER_PROGRESS`]) on its `reply_to` (every switchboard caller sets
+/// it). A worker reports progress only on requests that carry it, so a
+/// plain RPC client (a RabbitMQ tutorial-6 program) only ever receives the
+/// reply.
+pub const HEADER_ACCEPTS_PROGRESS: &str = "x-sb-accepts-progress";
+/// The longest progress note kept, in bytes (a longer one is cut at a
+/// character boundary).
+pub const MAX_PROGRESS_NOTE: usize = 1024;
 /// RabbitMQ's pseudo-queue for direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Default content type of a request.
@@ -47,6 +62,15 @@ pub const EVENT_CALL_ACCEPTED: &str = "switchboard.call.accepted";
 /// CloudEvent `type` of the lifecycle event published when a call ends
 /// (`data` = its status document with the result).
 pub const EVENT_CALL_COMPLETED: &str = "switchboard.call.completed";
+/// CloudEvent `type` of the lifecycle event published when a stored call's
+/// worker reports progress (`data` = its status document, with `progress`
+/// and `note`).
+pub const EVENT_CALL_PROGRESS: &str = "switchboard.call.progress";
+/// CloudEvent `type` of the lifecycle event published when a call is
+/// cancelled by its caller (`data` = its status document, `cancelled`).
+/// Workers watch for it: a request not yet begun is dropped, a running
+/// handler is told.
+pub const EVENT_CALL_CANCELLED: &str = "switchboard.call.cancelled";
 /// Every lifecycle event type with what it says, for the descriptions.
 pub const CALL_LIFECYCLE_EVENTS: &[(&str, &str)] = &[
     (
@@ -54,8 +78,16 @@ pub const CALL_LIFECYCLE_EVENTS: &[(&str, &str)] = &[
         "A call was accepted with a 202 (or, with `sync_events`, started): `data` is its status document, `pending`.",
     ),
     (
+        EVENT_CALL_PROGRESS,
+        "The worker of a call answered with a 202 reported progress: `data` is its status document, `pending`, with `progress` (0 to 1) and `note`.",
+    ),
+    (
         EVENT_CALL_COMPLETED,
         "A call ended (`succeeded`, `failed` or `expired`): `data` is its status document with the result.",
+    ),
+    (
+        EVENT_CALL_CANCELLED,
+        "A call was cancelled by its caller (`DELETE /v1/calls/{id}`): `data` is its status document, `cancelled`. Workers drop its request if it has not begun, and tell a running handler.",
     ),
 ];
 /// `app_id` on every message switchboard publishes.
@@ -192,6 +224,11 @@ pub fn request_properties(meta: &RequestMeta<'_>, persistent: bool) -> BasicProp
     if let Some(tp) = meta.traceparent {
         headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
     }
+    if meta.reply_to.is_some() {
+        // switchboard callers read progress reports (and drop those of
+        // calls they no longer follow).
+        headers.insert(HEADER_ACCEPTS_PROGRESS.into(), AMQPValue::Boolean(true));
+    }
     let mut props = BasicProperties::default()
         .with_content_type(meta.content_type.into())
         .with_correlation_id(meta.correlation_id.into())
@@ -236,6 +273,92 @@ pub fn reply_properties(
         props = props.with_correlation_id(id.clone());
     }
     props
+}
+
+/// The AMQP properties of a progress report on a call's `reply_to`
+/// (DESIGN.md, "Progress"): the reply's, with [`HEADER_PROGRESS`], and a
+/// text body (the note).
+pub fn progress_properties(
+    correlation_id: Option<&ShortString>,
+    fraction: f64,
+    traceparent: Option<&str>,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(HEADER_PROGRESS.into(), AMQPValue::Double(fraction));
+    if let Some(tp) = traceparent {
+        headers.insert(HEADER_TRACEPARENT.into(), AMQPValue::LongString(tp.into()));
+    }
+    let mut props = BasicProperties::default()
+        .with_content_type(CONTENT_TEXT.into())
+        .with_app_id(APP_ID.into())
+        .with_timestamp(now_ms() / 1000)
+        // Transient: a report is worth nothing once the call moved on.
+        .with_delivery_mode(1)
+        .with_headers(headers);
+    if let Some(id) = correlation_id {
+        props = props.with_correlation_id(id.clone());
+    }
+    props
+}
+
+/// Content type of a progress report's note.
+pub const CONTENT_TEXT: &str = "text/plain; charset=utf-8";
+
+/// Why a progress report could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed x-sb-progress header: not a number from 0 to 1")]
+pub struct MalformedProgress;
+
+/// Whether a message on a reply queue is a progress report, and its
+/// fraction: `None` for a reply (no [`HEADER_PROGRESS`]), an error when the
+/// header is there but not a number from 0 to 1.
+pub fn progress_of(props: &BasicProperties) -> Option<Result<f64, MalformedProgress>> {
+    let value = props.headers().as_ref()?.inner().get(HEADER_PROGRESS)?;
+    let fraction = match value {
+        AMQPValue::Double(v) => Some(*v),
+        AMQPValue::Float(v) => Some(f64::from(*v)),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes())
+            .ok()
+            .and_then(|t| t.trim().parse::<f64>().ok()),
+        AMQPValue::ShortString(s) => s.as_str().trim().parse::<f64>().ok(),
+        AMQPValue::DecimalValue(d) => Some(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
+        _ => header_int(props, HEADER_PROGRESS).map(|v| v as f64),
+    };
+    Some(
+        fraction
+            .filter(|f| (0.0..=1.0).contains(f))
+            .ok_or(MalformedProgress),
+    )
+}
+
+/// A progress note as kept: the body as text (lossy), cut to
+/// [`MAX_PROGRESS_NOTE`] bytes at a character boundary; `None` when empty.
+pub fn progress_note(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX_PROGRESS_NOTE + 4)]);
+    let mut end = text.len().min(MAX_PROGRESS_NOTE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let note = text[..end].trim();
+    (!note.is_empty()).then(|| note.to_owned())
+}
+
+/// Whether a request's caller reads progress reports
+/// ([`HEADER_ACCEPTS_PROGRESS`]: true, or a non-zero number).
+pub fn accepts_progress(props: &BasicProperties) -> bool {
+    match props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(HEADER_ACCEPTS_PROGRESS))
+    {
+        Some(AMQPValue::Boolean(b)) => *b,
+        Some(_) => {
+            header_int(props, HEADER_ACCEPTS_PROGRESS).is_some_and(|v| v != 0)
+                || header_str(props, HEADER_ACCEPTS_PROGRESS)
+                    .is_some_and(|s| s.trim().eq_ignore_ascii_case("true"))
+        }
+        None => false,
+    }
 }
 
 /// A header as text, when it is a string of some kind.
@@ -361,6 +484,69 @@ mod tests {
         h.insert(HEADER_STATUS.into(), AMQPValue::LongString("503".into()));
         let p = BasicProperties::default().with_headers(h);
         assert_eq!(reply_status(&p), Ok(503));
+    }
+
+    #[test]
+    fn progress_reports_are_told_from_replies() {
+        let reply = reply_properties(None, 200, CONTENT_JSON, None);
+        assert_eq!(progress_of(&reply), None);
+        let p = progress_properties(None, 0.25, None);
+        assert_eq!(progress_of(&p), Some(Ok(0.25)));
+        for (value, expected) in [
+            (AMQPValue::LongString("0.5".into()), Some(Ok(0.5))),
+            (AMQPValue::ShortShortInt(1), Some(Ok(1.0))),
+            (AMQPValue::Float(0.75), Some(Ok(0.75))),
+            (AMQPValue::Double(1.5), Some(Err(MalformedProgress))),
+            (AMQPValue::Double(f64::NAN), Some(Err(MalformedProgress))),
+            (
+                AMQPValue::LongString("half".into()),
+                Some(Err(MalformedProgress)),
+            ),
+            (AMQPValue::Boolean(true), Some(Err(MalformedProgress))),
+        ] {
+            let mut h = FieldTable::default();
+            h.insert(HEADER_PROGRESS.into(), value);
+            let p = BasicProperties::default().with_headers(h);
+            assert_eq!(progress_of(&p), expected);
+        }
+    }
+
+    #[test]
+    fn notes_are_text_cut_at_a_character_boundary() {
+        assert_eq!(progress_note(b""), None);
+        assert_eq!(progress_note(b"  \n"), None);
+        assert_eq!(
+            progress_note(b" step 2 of 5 ").as_deref(),
+            Some("step 2 of 5")
+        );
+        let long = "\u{e9}".repeat(MAX_PROGRESS_NOTE);
+        let note = progress_note(long.as_bytes()).unwrap();
+        assert!(note.len() <= MAX_PROGRESS_NOTE && note.chars().all(|c| c == '\u{e9}'));
+        assert_eq!(progress_note(&[0xff, b'a']).as_deref(), Some("\u{fffd}a"));
+    }
+
+    #[test]
+    fn requests_with_a_reply_to_accept_progress() {
+        let mut meta = RequestMeta {
+            service: "s",
+            correlation_id: "c",
+            message_id: None,
+            reply_to: Some("r"),
+            content_type: CONTENT_JSON,
+            timeout: None,
+            traceparent: None,
+        };
+        assert!(accepts_progress(&request_properties(&meta, true)));
+        meta.reply_to = None;
+        assert!(!accepts_progress(&request_properties(&meta, true)));
+        let mut h = FieldTable::default();
+        h.insert(
+            HEADER_ACCEPTS_PROGRESS.into(),
+            AMQPValue::LongString("true".into()),
+        );
+        assert!(accepts_progress(
+            &BasicProperties::default().with_headers(h)
+        ));
     }
 
     #[test]

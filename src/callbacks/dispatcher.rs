@@ -11,6 +11,14 @@
 //! next one is due, a [`DispatcherHandle::wake`], a delivery ending, or the
 //! cancellation token; never longer than [`MAX_IDLE`], so callbacks that
 //! another gateway sharing the store schedules are seen too.
+//!
+//! Every attempt is recorded in the callback's history (time, status or
+//! error, duration, next attempt), shown in the status document. A receiver
+//! that answers `429` or `503` with `Retry-After` is not asked again before
+//! then (within `callbacks.max_backoff_ms`). A receiver host that fails
+//! `callbacks.circuit_failures` attempts in a row is paused ([`Circuits`]):
+//! its callbacks wait `callbacks.circuit_pause_ms` without spending an
+//! attempt, then one attempt tries it again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -58,6 +66,124 @@ pub struct CallbackStats {
     pub retried: AtomicU64,
     /// Callbacks given up: kept as dead letters.
     pub dead: AtomicU64,
+    /// Attempts put off because their host's circuit was open.
+    pub deferred: AtomicU64,
+    /// The circuit of each receiver host.
+    pub circuits: Circuits,
+}
+
+/// Receiver hosts followed at most by [`Circuits`]: past it, hosts whose
+/// circuit is closed are forgotten first, and a new host is not followed.
+const MAX_HOSTS: usize = 4096;
+
+/// How long callbacks of a host wait while the one attempt that tries its
+/// half-open circuit is in flight.
+const TRIAL_WAIT_MS: i64 = 1000;
+
+/// The circuit of each receiver host (`host:port`): closed (callbacks go),
+/// open (they wait until a time), half-open (one attempt tries the host).
+/// Bounded by [`MAX_HOSTS`].
+#[derive(Debug, Default)]
+pub struct Circuits {
+    hosts: std::sync::Mutex<HashMap<String, Circuit>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Circuit {
+    /// Failed attempts in a row.
+    failures: u32,
+    /// While open: until when (ms); then half-open.
+    open_until_ms: Option<i64>,
+    /// Half-open: the attempt that tries the host is in flight.
+    trying: bool,
+}
+
+/// Why an attempt waits: its host's circuit is open until `until_ms`.
+struct Paused {
+    until_ms: i64,
+    failures: u32,
+}
+
+impl Circuits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Circuit>> {
+        self.hosts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an attempt to `host` may go at `now`.
+    fn admit(&self, host: &str, now: i64) -> Result<(), Paused> {
+        let mut hosts = self.lock();
+        let Some(c) = hosts.get_mut(host) else {
+            return Ok(());
+        };
+        match c.open_until_ms {
+            None => Ok(()),
+            Some(until) if now < until => Err(Paused {
+                until_ms: until,
+                failures: c.failures,
+            }),
+            Some(_) if c.trying => Err(Paused {
+                until_ms: now + TRIAL_WAIT_MS,
+                failures: c.failures,
+            }),
+            Some(_) => {
+                c.trying = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// An attempt to `host` was not sent after all: a trial is over.
+    fn untried(&self, host: &str) {
+        if let Some(c) = self.lock().get_mut(host) {
+            c.trying = false;
+        }
+    }
+
+    /// The host answered: its circuit closes.
+    fn succeeded(&self, host: &str) {
+        self.lock().remove(host);
+    }
+
+    /// An attempt to `host` failed at `now`: returns until when its circuit
+    /// is now open, if it is.
+    fn failed(&self, host: &str, now: i64, settings: &CallbackSettings) -> Option<i64> {
+        if settings.circuit_failures == 0 {
+            return None;
+        }
+        let mut hosts = self.lock();
+        if !hosts.contains_key(host) && hosts.len() >= MAX_HOSTS {
+            hosts.retain(|_, c| c.open_until_ms.is_some());
+            if hosts.len() >= MAX_HOSTS {
+                return None;
+            }
+        }
+        let c = hosts.entry(host.to_owned()).or_default();
+        c.failures = c.failures.saturating_add(1);
+        // A failed trial opens it again at once.
+        if c.trying || c.failures >= settings.circuit_failures {
+            let pause = i64::try_from(settings.circuit_pause_ms).unwrap_or(i64::MAX);
+            let until = now.saturating_add(pause);
+            if c.open_until_ms.is_none_or(|u| u <= now) {
+                warn!(%host, failures = c.failures, pause_ms = pause, "callback receiver paused: its circuit is open");
+            }
+            c.open_until_ms = Some(until);
+            c.trying = false;
+            return Some(until);
+        }
+        None
+    }
+
+    /// Every host followed, with whether its circuit is open (or half-open)
+    /// now: for the metrics.
+    pub fn states(&self) -> Vec<(String, bool)> {
+        let mut out: Vec<(String, bool)> = self
+            .lock()
+            .iter()
+            .map(|(h, c)| (h.clone(), c.open_until_ms.is_some()))
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 impl crate::metrics::Source for Arc<CallbackStats> {
@@ -68,6 +194,10 @@ impl crate::metrics::Source for Arc<CallbackStats> {
         v.delivered += get(&self.delivered);
         v.retries += get(&self.retried);
         v.dead_letters += get(&self.dead);
+        v.deferred += get(&self.deferred);
+        for (host, open) in self.circuits.states() {
+            v.circuits.push((host, i64::from(open)));
+        }
     }
 }
 
@@ -303,6 +433,36 @@ enum Verdict {
     Permanent(String),
 }
 
+/// What one attempt got back.
+struct Answer {
+    /// The receiver's status, when it answered.
+    status: Option<u16>,
+    verdict: Verdict,
+    /// A `429` or `503`'s `Retry-After`: not before then.
+    retry_after: Option<Duration>,
+}
+
+/// The `host:port` of a callback URL: what a circuit is for.
+fn host_of(url: &str) -> Option<String> {
+    let url = Url::parse(url).ok()?;
+    Some(format!(
+        "{}:{}",
+        url.host_str()?,
+        url.port_or_known_default()?
+    ))
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date; how long from `now_ms`.
+fn retry_after(value: &str, now_ms: i64) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let ms = at.timestamp_millis().saturating_sub(now_ms);
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+}
+
 /// Makes one attempt and records it; shared by the delivery tasks.
 struct Deliverer {
     store: CallStore,
@@ -343,30 +503,71 @@ impl Deliverer {
         })
     }
 
-    /// One attempt at `row`'s callback, recorded in the store. Returns
-    /// false when the outcome could not be recorded.
+    /// One attempt at `row`'s callback, recorded in the store (with its
+    /// history), or put off while its host's circuit is open. Returns false
+    /// when the outcome could not be recorded.
     async fn attempt(&self, row: CallRecord) -> bool {
         let Some(callback) = row.callback else {
             return true;
         };
+        let host = host_of(&callback.url);
+        let at = now_ms_i64();
+        if let Some(h) = &host
+            && let Err(paused) = self.stats.circuits.admit(h, at)
+        {
+            self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+            let outcome = CallbackOutcome::Deferred {
+                next_ms: paused.until_ms,
+                reason: format!(
+                    "paused: {h} failed {} times in a row (its circuit is open)",
+                    paused.failures
+                ),
+            };
+            return self.record(&row.id, &outcome, None).await;
+        }
         let attempt = callback.attempts.saturating_add(1);
         self.stats.attempts.fetch_add(1, Ordering::Relaxed);
-        let (status, verdict) = self.send(callback).await;
-        let outcome = match verdict {
+        let started = std::time::Instant::now();
+        let answer = self.send(callback).await;
+        let took = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let status = answer.status;
+        let now = now_ms_i64();
+        match (&answer.verdict, &host) {
+            (Verdict::Delivered, Some(h)) => self.stats.circuits.succeeded(h),
+            // 410 Gone: the host answers; it is the call it refuses.
+            (Verdict::Permanent(_), Some(h)) if status.is_some() => {
+                self.stats.circuits.succeeded(h)
+            }
+            // Not sent (the URL or body was refused): says nothing of the
+            // host, but a trial is over.
+            (Verdict::Permanent(_), Some(h)) => self.stats.circuits.untried(h),
+            _ => {}
+        }
+        let opened = match (&answer.verdict, &host) {
+            (Verdict::Transient(_), Some(h)) => self.stats.circuits.failed(h, now, &self.settings),
+            _ => None,
+        };
+        let outcome = match answer.verdict {
             Verdict::Delivered => {
                 self.stats.delivered.fetch_add(1, Ordering::Relaxed);
                 info!(call_id = %row.id, attempt, status, "callback delivered");
                 CallbackOutcome::Delivered
             }
             Verdict::Transient(error) if attempt < self.settings.max_attempts => {
-                let delay =
+                let backoff =
                     retry_delay_ms(&self.settings, attempt, rand::rng().random_range(0.8..=1.2));
+                // The receiver's word, within the cap.
+                let asked = answer
+                    .retry_after
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .min(self.settings.max_backoff_ms);
+                let delay = backoff.max(asked);
+                let next_ms = now
+                    .saturating_add(i64::try_from(delay).unwrap_or(i64::MAX))
+                    .max(opened.unwrap_or(i64::MIN));
                 self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                warn!(call_id = %row.id, attempt, status, %error, retry_in_ms = delay, "callback attempt failed");
-                CallbackOutcome::Retry {
-                    next_ms: now_ms_i64().saturating_add(i64::try_from(delay).unwrap_or(i64::MAX)),
-                    error,
-                }
+                warn!(call_id = %row.id, attempt, status, %error, retry_in_ms = next_ms - now, "callback attempt failed");
+                CallbackOutcome::Retry { next_ms, error }
             }
             Verdict::Transient(error) => {
                 self.stats.dead.fetch_add(1, Ordering::Relaxed);
@@ -380,10 +581,21 @@ impl Deliverer {
                 CallbackOutcome::Dead { error }
             }
         };
-        match self.store.record_callback(&row.id, &outcome).await {
+        self.record(&row.id, &outcome, Some((at, took, status)))
+            .await
+    }
+
+    /// Records an outcome; false when the store failed.
+    async fn record(
+        &self,
+        id: &str,
+        outcome: &CallbackOutcome,
+        attempt: Option<(i64, i64, Option<u16>)>,
+    ) -> bool {
+        match self.store.record_attempt(id, outcome, attempt).await {
             Ok(()) => true,
             Err(e) => {
-                error!(call_id = %row.id, attempt, error = %e, "cannot record a callback attempt");
+                error!(call_id = %id, error = %e, "cannot record a callback attempt");
                 false
             }
         }
@@ -392,11 +604,21 @@ impl Deliverer {
     /// POSTs the stored body, signed. Returns the answer's status, if any,
     /// and what it means. Error texts end up in the status document: they
     /// speak of the receiver and the URL only.
-    async fn send(&self, callback: CallbackRecord) -> (Option<u16>, Verdict) {
+    async fn send(&self, callback: CallbackRecord) -> Answer {
+        let (status, verdict, retry_after) = self.post(callback).await;
+        Answer {
+            status,
+            verdict,
+            retry_after,
+        }
+    }
+
+    async fn post(&self, callback: CallbackRecord) -> (Option<u16>, Verdict, Option<Duration>) {
         let (Some(body), Some(event_id)) = (callback.body, callback.event_id) else {
             return (
                 None,
                 Verdict::Permanent("the call ended without a callback body to deliver".into()),
+                None,
             );
         };
         let url = match Url::parse(&callback.url) {
@@ -405,16 +627,17 @@ impl Deliverer {
                 return (
                     None,
                     Verdict::Permanent(CallbackUrlError::Invalid.to_string()),
+                    None,
                 );
             }
         };
         if let Err(e) = check_target(&url, self.settings.allow_private) {
-            return (None, Verdict::Permanent(e.to_string()));
+            return (None, Verdict::Permanent(e.to_string()), None);
         }
         let timestamp = now_ms_i64() / 1000;
         let headers = match self.signer.headers(&event_id, timestamp, &body) {
             Ok(h) => h,
-            Err(e) => return (None, Verdict::Permanent(e.to_string())),
+            Err(e) => return (None, Verdict::Permanent(e.to_string()), None),
         };
         let sent = self
             .client
@@ -427,9 +650,17 @@ impl Deliverer {
         match sent {
             Ok(resp) => {
                 let status = resp.status();
-                (Some(status.as_u16()), verdict_of(status))
+                let wait = match status {
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| retry_after(v, now_ms_i64())),
+                    _ => None,
+                };
+                (Some(status.as_u16()), verdict_of(status), wait)
             }
-            Err(e) => (None, self.verdict_of_error(&e)),
+            Err(e) => (None, self.verdict_of_error(&e), None),
         }
     }
 
@@ -487,6 +718,8 @@ mod tests {
             timeout_ms: 1000,
             allow_private: false,
             concurrency: 4,
+            circuit_failures: 0,
+            circuit_pause_ms: 1,
         }
     }
 
@@ -513,6 +746,55 @@ mod tests {
         assert_eq!(retry_delay_ms(&s, 20, 1.2), 300_000);
         assert_eq!(retry_delay_ms(&s, 20, 0.8), 240_000);
         assert_eq!(retry_delay_ms(&settings(1, 1), 1, 0.8), 1);
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date() {
+        assert_eq!(retry_after(" 3 ", 0), Some(Duration::from_secs(3)));
+        let now = 1_445_412_480_000; // Wed, 21 Oct 2015 07:28:00 GMT
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn a_host_failing_in_a_row_is_paused_then_tried_once() {
+        let s = CallbackSettings {
+            circuit_failures: 2,
+            circuit_pause_ms: 100,
+            ..settings(10, 100)
+        };
+        let c = Circuits::default();
+        let h = "hooks.example.com:443";
+        assert!(c.admit(h, 0).is_ok());
+        assert_eq!(c.failed(h, 0, &s), None);
+        c.succeeded(h);
+        assert_eq!(c.failed(h, 1, &s), None, "a success resets the count");
+        assert_eq!(c.failed(h, 2, &s), Some(102));
+        assert_eq!(c.admit(h, 50).err().map(|p| p.until_ms), Some(102));
+        assert_eq!(c.states(), [(h.to_owned(), true)]);
+        // Half-open: one attempt goes, the others wait for it.
+        assert!(c.admit(h, 102).is_ok());
+        assert!(c.admit(h, 103).is_err());
+        // It fails: open again at once.
+        assert_eq!(c.failed(h, 110, &s), Some(210));
+        assert!(c.admit(h, 211).is_ok());
+        c.succeeded(h);
+        assert!(c.states().is_empty());
+        assert!(c.admit(h, 212).is_ok());
+        let off = CallbackSettings {
+            circuit_failures: 0,
+            ..s
+        };
+        for n in 0..10 {
+            assert_eq!(c.failed(h, n, &off), None);
+        }
     }
 
     #[test]

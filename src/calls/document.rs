@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::{CallRecord, CallStatus, CallbackState, StoredResult};
+use super::{AttemptRecord, CallRecord, CallStatus, CallbackState, StoredResult};
 
 /// RFC 3339 text of a time in ms.
 pub fn rfc3339(ms: i64) -> String {
@@ -77,10 +77,49 @@ pub struct CallbackDocument {
     /// `delivered`, or `dead` (given up: a dead letter).
     #[schema(value_type = String)]
     pub state: CallbackState,
-    /// Attempts made.
+    /// Attempts made in this round (an operator's retry starts a new one).
     pub attempts: u32,
-    /// Why the last attempt failed.
+    /// Why the last attempt failed (or why the next one waits: its host's
+    /// circuit is open).
     pub last_error: Option<String>,
+    /// When the next attempt is due (RFC 3339), while one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    /// Every attempt, oldest first (at most the last 100).
+    pub history: Vec<AttemptDocument>,
+}
+
+/// One callback attempt inside a status document.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct AttemptDocument {
+    /// Its number, from 1, over every round.
+    pub attempt: u32,
+    /// When it was made (RFC 3339).
+    pub at: String,
+    /// How long it took, ms.
+    pub duration_ms: i64,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When the next attempt was scheduled (RFC 3339), when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+}
+
+impl AttemptDocument {
+    fn of(a: &AttemptRecord) -> Self {
+        Self {
+            attempt: a.number,
+            at: rfc3339(a.at_ms),
+            duration_ms: a.duration_ms,
+            status: a.status,
+            error: a.error.clone(),
+            next_attempt_at: a.next_ms.map(rfc3339),
+        }
+    }
 }
 
 /// The status document of a call.
@@ -90,7 +129,7 @@ pub struct StatusDocument {
     pub id: String,
     /// The service called.
     pub service: String,
-    /// `pending`, `succeeded`, `failed` or `expired`.
+    /// `pending`, `succeeded`, `failed`, `expired` or `cancelled`.
     #[schema(value_type = String)]
     pub status: CallStatus,
     /// When the call was accepted (RFC 3339).
@@ -109,6 +148,13 @@ pub struct StatusDocument {
     /// `result_url`. Absent otherwise.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub result_omitted: bool,
+    /// The latest progress its worker reported, from 0 to 1; absent when
+    /// it reported none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// The note of that report, when it had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl StatusDocument {
@@ -130,6 +176,11 @@ impl StatusDocument {
                 state: c.state,
                 attempts: c.attempts,
                 last_error: c.last_error.clone(),
+                next_attempt_at: match c.state {
+                    CallbackState::Pending => c.next_ms.map(rfc3339),
+                    _ => None,
+                },
+                history: c.history.iter().map(AttemptDocument::of).collect(),
             }),
             result: call
                 .result
@@ -137,6 +188,8 @@ impl StatusDocument {
                 .filter(|_| with_result)
                 .map(ResultDocument::of),
             result_omitted: !with_result && call.result.is_some(),
+            progress: call.progress.as_ref().map(|p| p.fraction),
+            note: call.progress.as_ref().and_then(|p| p.note.clone()),
         }
     }
 
@@ -191,6 +244,7 @@ mod tests {
                 body: vec![b'x'; body],
             }),
             callback: None,
+            progress: None,
         };
         let small = serde_json::to_value(StatusDocument::for_events(&call(10), 10)).unwrap();
         assert_eq!(small["result"]["body"], "x".repeat(10));

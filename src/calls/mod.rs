@@ -33,6 +33,8 @@ pub enum CallStatus {
     Failed,
     /// No reply within the service's timeout.
     Expired,
+    /// Cancelled by its caller before it ended.
+    Cancelled,
 }
 
 impl CallStatus {
@@ -43,6 +45,7 @@ impl CallStatus {
             CallStatus::Succeeded => "succeeded",
             CallStatus::Failed => "failed",
             CallStatus::Expired => "expired",
+            CallStatus::Cancelled => "cancelled",
         }
     }
 
@@ -69,6 +72,7 @@ impl FromStr for CallStatus {
             "succeeded" => CallStatus::Succeeded,
             "failed" => CallStatus::Failed,
             "expired" => CallStatus::Expired,
+            "cancelled" => CallStatus::Cancelled,
             other => {
                 return Err(Error::UnknownStored {
                     what: "call status",
@@ -147,6 +151,30 @@ pub struct CallbackRecord {
     pub event_id: Option<String>,
     /// The exact bytes to POST (the completed CloudEvent), once the call ended.
     pub body: Option<Vec<u8>>,
+    /// Every attempt, oldest first (the last [`MAX_ATTEMPTS_SHOWN`]);
+    /// filled by [`CallStore::get`] only.
+    pub history: Vec<AttemptRecord>,
+}
+
+/// How many of a callback's attempts [`CallStore::get`] reads back.
+pub const MAX_ATTEMPTS_SHOWN: i64 = 100;
+
+/// One callback attempt, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRecord {
+    /// Its number, from 1, over every round (an operator's retry starts a
+    /// new round; numbers go on).
+    pub number: u32,
+    /// When it was made, ms.
+    pub at_ms: i64,
+    /// How long it took, ms.
+    pub duration_ms: i64,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// When the next attempt was scheduled, when one was.
+    pub next_ms: Option<i64>,
 }
 
 /// A stored call.
@@ -178,7 +206,22 @@ pub struct CallRecord {
     pub result: Option<StoredResult>,
     /// The callback, when the caller asked for one.
     pub callback: Option<CallbackRecord>,
+    /// The latest progress report of its worker, when there was one.
+    pub progress: Option<ProgressRecord>,
 }
+
+/// The latest progress report of a call, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressRecord {
+    /// From 0 to 1.
+    pub fraction: f64,
+    /// What the worker said, if anything.
+    pub note: Option<String>,
+    /// When it was recorded, ms.
+    pub at_ms: i64,
+}
+
+impl Eq for ProgressRecord {}
 
 /// A call to store.
 #[derive(Debug, Clone)]
@@ -229,7 +272,9 @@ impl NewCall {
                 last_error: None,
                 event_id: None,
                 body: None,
+                history: Vec::new(),
             }),
+            progress: None,
         }
     }
 }
@@ -260,6 +305,14 @@ pub enum CallbackOutcome {
         /// Why.
         error: String,
     },
+    /// Not attempted (its host is paused): due again at `next_ms`, no
+    /// attempt spent.
+    Deferred {
+        /// When.
+        next_ms: i64,
+        /// Why it waits.
+        reason: String,
+    },
 }
 
 /// Which SQL engine is behind the store.
@@ -278,7 +331,21 @@ pub struct CallStore {
 const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, deadline_ms, published, \
      idem_key, body_hash, traceparent, result_status, result_content_type, result_body, \
      callback_url, callback_state, callback_attempts, callback_next_ms, callback_error, \
-     callback_event_id, callback_body";
+     callback_event_id, callback_body, progress, progress_note, progress_ms";
+
+/// Columns added after the first release, with their type: added to a
+/// store made before them when it opens.
+fn added_columns(backend: Backend) -> [(&'static str, &'static str); 3] {
+    let real = match backend {
+        Backend::Sqlite => "REAL",
+        Backend::Postgres => "DOUBLE PRECISION",
+    };
+    [
+        ("progress", real),
+        ("progress_note", "TEXT"),
+        ("progress_ms", "BIGINT"),
+    ]
+}
 
 fn schema(backend: Backend) -> Vec<String> {
     let blob = match backend {
@@ -308,9 +375,24 @@ fn schema(backend: Backend) -> Vec<String> {
                 callback_next_ms BIGINT,
                 callback_error TEXT,
                 callback_event_id TEXT,
-                callback_body {blob}
-            )"
+                callback_body {blob},
+                progress {real},
+                progress_note TEXT,
+                progress_ms BIGINT
+            )",
+            real = added_columns(backend)[0].1
         ),
+        "CREATE TABLE IF NOT EXISTS sb_callback_attempts (
+                call_id TEXT NOT NULL,
+                n BIGINT NOT NULL,
+                at_ms BIGINT NOT NULL,
+                duration_ms BIGINT NOT NULL,
+                status BIGINT,
+                error TEXT,
+                next_ms BIGINT,
+                PRIMARY KEY (call_id, n)
+            )"
+        .into(),
         "CREATE UNIQUE INDEX IF NOT EXISTS sb_calls_idem ON sb_calls (caller, idem_key)".into(),
         "CREATE INDEX IF NOT EXISTS sb_calls_status ON sb_calls (status, deadline_ms)".into(),
         // A caller's pending calls, counted against its gateway.limits.max_pending.
@@ -408,6 +490,30 @@ impl CallStore {
         for stmt in schema(backend) {
             sqlx::query(&stmt).execute(&mut *tx).await.map_err(db)?;
         }
+        for (column, ty) in added_columns(backend) {
+            let exists = match backend {
+                Backend::Sqlite => sqlx::query(
+                    "SELECT COUNT(*) FROM pragma_table_info('sb_calls') WHERE name = $1",
+                ),
+                Backend::Postgres => sqlx::query(
+                    "SELECT COUNT(*) FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = 'sb_calls' \
+                     AND column_name = $1",
+                ),
+            }
+            .bind(column)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?
+            .try_get::<i64, _>(0)
+            .map_err(db)?;
+            if exists == 0 {
+                sqlx::query(&format!("ALTER TABLE sb_calls ADD COLUMN {column} {ty}"))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+        }
         tx.commit().await.map_err(db)?;
         let _ = conn.close().await;
         let pool = opts.connect(url).await.map_err(opening)?;
@@ -500,7 +606,7 @@ impl CallStore {
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
-    /// One call.
+    /// One call, with its callback's attempts.
     pub async fn get(&self, id: &str) -> Result<Option<CallRecord>> {
         let sql = format!("SELECT {COLUMNS} FROM sb_calls WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -508,7 +614,15 @@ impl CallStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-        row.map(|r| record(&r)).transpose()
+        let Some(mut call) = row.map(|r| record(&r)).transpose()? else {
+            return Ok(None);
+        };
+        if let Some(cb) = call.callback.as_mut()
+            && cb.state != CallbackState::Waiting
+        {
+            cb.history = self.attempts(id).await?;
+        }
+        Ok(Some(call))
     }
 
     /// Ends a pending call with `status` and `result`; `callback` carries the
@@ -538,6 +652,29 @@ impl CallStore {
         .bind(CallbackState::Pending.as_str())
         .bind(callback.map(|c| c.0))
         .bind(callback.map(|c| c.1.to_vec()))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the latest progress of call `id` while it is pending;
+    /// returns false (and changes nothing) when it is not.
+    pub async fn record_progress(
+        &self,
+        id: &str,
+        fraction: f64,
+        note: Option<&str>,
+        at_ms: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sb_calls SET progress = $1, progress_note = $2, progress_ms = $3 \
+             WHERE id = $4 AND status = 'pending'",
+        )
+        .bind(fraction)
+        .bind(note)
+        .bind(at_ms)
         .bind(id)
         .execute(&self.pool)
         .await
@@ -600,6 +737,14 @@ impl CallStore {
         .execute(&self.pool)
         .await
         .map_err(db)?;
+        if done.rows_affected() > 0 {
+            sqlx::query(
+                "DELETE FROM sb_callback_attempts WHERE call_id NOT IN (SELECT id FROM sb_calls)",
+            )
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        }
         Ok(done.rows_affected())
     }
 
@@ -629,15 +774,40 @@ impl CallStore {
         row.try_get::<Option<i64>, _>(0).map_err(db)
     }
 
-    /// Records one callback attempt.
+    /// Records one callback attempt's outcome (no entry in its history).
     pub async fn record_callback(&self, id: &str, outcome: &CallbackOutcome) -> Result<()> {
+        self.record_attempt(id, outcome, None).await
+    }
+
+    /// Records one callback attempt's outcome and, when given, the attempt
+    /// in the callback's history (numbered after the last one), at once.
+    pub async fn record_attempt(
+        &self,
+        id: &str,
+        outcome: &CallbackOutcome,
+        attempt: Option<(i64, i64, Option<u16>)>,
+    ) -> Result<()> {
         let (state, next, error) = match outcome {
             CallbackOutcome::Delivered => (CallbackState::Delivered, None, None),
             CallbackOutcome::Retry { next_ms, error } => {
                 (CallbackState::Pending, Some(*next_ms), Some(error.as_str()))
             }
             CallbackOutcome::Dead { error } => (CallbackState::Dead, None, Some(error.as_str())),
+            CallbackOutcome::Deferred { next_ms, reason } => {
+                sqlx::query(
+                    "UPDATE sb_calls SET callback_next_ms = $1, callback_error = $2 \
+                     WHERE id = $3 AND callback_state = 'pending'",
+                )
+                .bind(next_ms)
+                .bind(reason.as_str())
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+                return Ok(());
+            }
         };
+        let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query(
             "UPDATE sb_calls SET callback_state = $1, callback_next_ms = $2, callback_error = $3, \
              callback_attempts = callback_attempts + 1 WHERE id = $4",
@@ -646,10 +816,75 @@ impl CallStore {
         .bind(next)
         .bind(error)
         .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if let Some((at_ms, duration_ms, status)) = attempt {
+            sqlx::query(
+                "INSERT INTO sb_callback_attempts (call_id, n, at_ms, duration_ms, status, error, next_ms) \
+                 SELECT $1, COALESCE(MAX(n), 0) + 1, $2, $3, $4, $5, $6 \
+                 FROM sb_callback_attempts WHERE call_id = $1",
+            )
+            .bind(id)
+            .bind(at_ms)
+            .bind(duration_ms)
+            .bind(status.map(i64::from))
+            .bind(error)
+            .bind(next)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    /// Sends a dead-lettered callback again: due now, a new round of
+    /// attempts (the same event id and body; the signature is made at each
+    /// attempt). False (and nothing changes) when it is not dead.
+    pub async fn retry_callback(&self, id: &str, now_ms: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE sb_calls SET callback_state = 'pending', callback_next_ms = $1, \
+             callback_attempts = 0 WHERE id = $2 AND callback_state = 'dead'",
+        )
+        .bind(now_ms)
+        .bind(id)
         .execute(&self.pool)
         .await
         .map_err(db)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The last [`MAX_ATTEMPTS_SHOWN`] attempts of call `id`'s callback,
+    /// oldest first.
+    pub async fn attempts(&self, id: &str) -> Result<Vec<AttemptRecord>> {
+        let rows = sqlx::query(
+            "SELECT n, at_ms, duration_ms, status, error, next_ms FROM sb_callback_attempts \
+             WHERE call_id = $1 ORDER BY n DESC LIMIT $2",
+        )
+        .bind(id)
+        .bind(MAX_ATTEMPTS_SHOWN)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut out = rows
+            .iter()
+            .map(|r| {
+                Ok(AttemptRecord {
+                    number: u32::try_from(r.try_get::<i64, _>(0).map_err(db)?).unwrap_or(u32::MAX),
+                    at_ms: r.try_get::<i64, _>(1).map_err(db)?,
+                    duration_ms: r.try_get::<i64, _>(2).map_err(db)?,
+                    status: r
+                        .try_get::<Option<i64>, _>(3)
+                        .map_err(db)?
+                        .and_then(|s| u16::try_from(s).ok()),
+                    error: r.try_get::<Option<String>, _>(4).map_err(db)?,
+                    next_ms: r.try_get::<Option<i64>, _>(5).map_err(db)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
     }
 
     /// Whether the store answers.
@@ -688,6 +923,15 @@ fn record(r: &AnyRow) -> Result<CallRecord> {
             last_error: get_os("callback_error")?,
             event_id: get_os("callback_event_id")?,
             body: get_ob("callback_body")?,
+            history: Vec::new(),
+        }),
+        None => None,
+    };
+    let progress = match r.try_get::<Option<f64>, _>("progress").map_err(db)? {
+        Some(fraction) => Some(ProgressRecord {
+            fraction,
+            note: get_os("progress_note")?,
+            at_ms: get_oi("progress_ms")?.unwrap_or_default(),
         }),
         None => None,
     };
@@ -705,5 +949,6 @@ fn record(r: &AnyRow) -> Result<CallRecord> {
         traceparent: get_os("traceparent")?,
         result,
         callback,
+        progress,
     })
 }

@@ -192,6 +192,18 @@ impl Subscription {
     /// skipped on a temporary one; events of other types are acked and
     /// skipped.
     pub async fn recv(&mut self) -> Option<Result<CloudEvent>> {
+        self.next_event().await
+    }
+
+    /// Stops consuming and closes the subscription's connection (a
+    /// temporary queue goes with it); an event taken but not yet acked goes
+    /// back to a durable queue.
+    pub async fn stop(mut self) {
+        self.unacked = None;
+        self.consuming.stop("unsubscribed").await;
+    }
+
+    async fn next_event(&mut self) -> Option<Result<CloudEvent>> {
         if let Some(previous) = self.unacked.take() {
             settle(previous.ack().await);
         }

@@ -48,13 +48,13 @@ const EXPOSED_HEADERS: &[&str] = &[
 ];
 
 /// CORS for `origins` (`gateway.allowed_origins`, validated as a browser
-/// writes them): `GET` and `POST` with the headers the gateway honours, no
-/// credentials (bearer tokens are sent explicitly, never by the browser on
-/// its own). Another origin gets no CORS headers, so its page cannot read
+/// writes them): `GET`, `POST` and `DELETE` (cancel) with the headers the
+/// gateway honours, no credentials (bearer tokens are sent explicitly,
+/// never by the browser on its own). Another origin gets no CORS headers, so its page cannot read
 /// an answer; [`guard`] has already refused what it could change.
 pub fn cors(origins: &[String]) -> Cors {
     let mut cors = Cors::default()
-        .allowed_methods([Method::GET, Method::POST])
+        .allowed_methods([Method::GET, Method::POST, Method::DELETE])
         .allowed_headers(ALLOWED_HEADERS.iter().copied())
         .expose_headers(EXPOSED_HEADERS.iter().copied())
         .max_age(PREFLIGHT_MAX_AGE_S);

@@ -1,5 +1,7 @@
 //! The call routes: `POST /v1/services/{service}/calls`,
-//! `GET /v1/calls/{id}` (with long-polling) and `GET /v1/calls/{id}/result`.
+//! `GET /v1/calls/{id}` (with long-polling), `DELETE /v1/calls/{id}`
+//! (cancel), `GET /v1/calls/{id}/result` and
+//! `POST /v1/calls/{id}/callback/retry`.
 
 use std::time::Duration;
 
@@ -532,6 +534,7 @@ impl CallContext<'_> {
             traceparent: Some(self.traceparent.clone()),
             result: None,
             callback: None,
+            progress: None,
         };
         let tracker = &self.st.tracker;
         let tp = Some(self.traceparent.as_str());
@@ -678,6 +681,14 @@ pub async fn get_result(
             &r.content_type,
             Bytes::from(r.body.clone()),
         ),
+        (None, CallStatus::Cancelled) => {
+            let body = wire::problem_body(
+                409,
+                "Conflict",
+                Some("the call was cancelled by its caller"),
+            );
+            reply_response(&call.id, 409, wire::CONTENT_PROBLEM, Bytes::from(body))
+        }
         (None, _) => {
             let body = wire::problem_body(
                 504,
@@ -687,4 +698,86 @@ pub async fn get_result(
             reply_response(&call.id, 504, wire::CONTENT_PROBLEM, Bytes::from(body))
         }
     })
+}
+
+/// Cancels a pending call of the caller.
+#[utoipa::path(
+    delete,
+    path = "/v1/calls/{id}",
+    tag = "calls",
+    params(("id" = String, Path, description = "The call id")),
+    responses(
+        (status = 200, description = "Cancelled: the status document, `cancelled`. Event `switchboard.call.cancelled` is published (workers drop the request if it has not begun and tell a running handler), the callback is sent, and a reply that still arrives is dropped", body = StatusDocument),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such call (or another caller's, or one answered synchronously)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The call has already ended", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn cancel_call(
+    req: HttpRequest,
+    path: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = st.auth.caller(&req)?;
+    let id = path.into_inner();
+    let ended = || ApiError::Conflict(format!("call {id:?} has already ended"));
+    let call = caller_call(&st, &caller, &id).await?;
+    if call.status.is_terminal() {
+        return Err(ended());
+    }
+    if !st.tracker.cancel(&id).await? {
+        return Err(ended());
+    }
+    tracing::info!(call_id = %id, caller = %caller.name, "call cancelled");
+    let call = caller_call(&st, &caller, &id).await?;
+    Ok(document_response(&st, &call))
+}
+
+/// Sends a call's dead-lettered callback again.
+#[utoipa::path(
+    post,
+    path = "/v1/calls/{id}/callback/retry",
+    tag = "calls",
+    params(("id" = String, Path, description = "The call id")),
+    responses(
+        (status = 202, description = "The callback is due again, with a new round of attempts: the same `webhook-id` and body, a new signature and timestamp. The status document, its callback `pending`", body = StatusDocument),
+        (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such call (or another caller's), or a call without a callback", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The callback is not dead (waiting, pending or delivered), or callbacks are not enabled", body = Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("bearer" = []))
+)]
+pub async fn retry_callback(
+    req: HttpRequest,
+    path: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let caller = st.auth.caller(&req)?;
+    let id = path.into_inner();
+    let call = caller_call(&st, &caller, &id).await?;
+    let Some(callback) = &call.callback else {
+        return Err(ApiError::NotFound(format!("call {id:?} has no callback")));
+    };
+    let Some(dispatcher) = &st.callbacks else {
+        return Err(ApiError::Conflict(
+            "callbacks are not enabled on this gateway".into(),
+        ));
+    };
+    let not_dead = || ApiError::Conflict(format!("the callback of call {id:?} is not dead"));
+    if callback.state != crate::calls::CallbackState::Dead {
+        return Err(not_dead());
+    }
+    if !st
+        .tracker
+        .store()
+        .retry_callback(&id, wire::now_ms() as i64)
+        .await?
+    {
+        return Err(not_dead());
+    }
+    tracing::info!(call_id = %id, caller = %caller.name, "dead callback sent again");
+    dispatcher.wake();
+    let call = caller_call(&st, &caller, &id).await?;
+    Ok(HttpResponse::Accepted().json(StatusDocument::of(&call)))
 }

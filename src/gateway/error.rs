@@ -51,6 +51,10 @@ pub enum ApiError {
     /// the connection is closed.
     #[error("the request body did not arrive within {0} ms")]
     RequestTimeout(u64),
+    /// 409: the request conflicts with the state of the call (cancelling a
+    /// call that has ended; retrying a callback that is not dead).
+    #[error("{0}")]
+    Conflict(String),
     /// 413: the body is over the limit.
     #[error("the request body is over the limit of {0} bytes")]
     TooLarge(usize),
@@ -130,6 +134,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,

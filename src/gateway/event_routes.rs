@@ -14,7 +14,7 @@ use super::calls::caller_call;
 use super::error::{ApiError, Problem};
 use super::limits::Slot;
 use super::streams::{Counted, SseOptions, sse_frame, sse_response, ws_relay};
-use super::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED};
+use super::tracker::{EVENT_ACCEPTED, EVENT_CANCELLED, EVENT_COMPLETED};
 use crate::calls::document::StatusDocument;
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
 use crate::metrics::Transport;
@@ -133,6 +133,9 @@ pub async fn events_ws(
     ws_relay(&req, body, sub, heartbeat(&st), Some(counted)).await
 }
 
+/// The type prefix of a call's lifecycle events.
+const CALL_EVENTS: &str = "switchboard.call.";
+
 /// A snapshot frame of a call (not resumable: its position names the call).
 fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Bytes {
     let event = st.tracker.lifecycle_event(ty, doc, caller, None);
@@ -147,12 +150,13 @@ fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Byte
     })
 }
 
-/// One call's status changes as Server-Sent Events: its state now, then
-/// its completion; closed when it ends.
+/// One call's status changes as Server-Sent Events: its state now, its
+/// progress reports, then its end (completed or cancelled); closed when it
+/// ends.
 #[utoipa::path(get, path = "/v1/calls/{id}/events", tag = "calls",
     params(("id" = String, Path, description = "The call id")),
     responses(
-        (status = 200, description = "text/event-stream: the call's current state, then `switchboard.call.completed`; the stream ends with the call", content_type = "text/event-stream"),
+        (status = 200, description = "text/event-stream: the call's current state, then `switchboard.call.progress` as its worker reports, then `switchboard.call.completed` or `switchboard.call.cancelled`; the stream ends with the call", content_type = "text/event-stream"),
         (status = 404, description = "No such call", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
@@ -170,10 +174,11 @@ pub async fn call_events(
         .hub
         .subscribe(
             EventFilter {
-                // Only the end: the state before it is the snapshot sent
-                // first, and an `accepted` event still on its way through
-                // the hub would repeat it.
-                type_prefix: Some(EVENT_COMPLETED.into()),
+                // The call's lifecycle but `accepted`: the state before it
+                // is the snapshot sent first, and an `accepted` event still
+                // on its way through the hub would repeat it (skipped
+                // below).
+                type_prefix: Some(CALL_EVENTS.into()),
                 subject: Some(id.clone()),
                 caller: Some(caller.name.clone()),
             },
@@ -199,14 +204,19 @@ pub async fn call_events(
             rx,
             gap: false,
         };
-        let first = vec![snapshot(&st, EVENT_COMPLETED, &doc, &caller.name)];
+        let ty = if call.status == crate::calls::CallStatus::Cancelled {
+            EVENT_CANCELLED
+        } else {
+            EVENT_COMPLETED
+        };
+        let first = vec![snapshot(&st, ty, &doc, &caller.name)];
         return Ok(sse_response(
             ended,
             heartbeat(&st),
             SseOptions {
                 first,
-                close_after: None,
                 session: Some(counted(&st, Transport::Sse, slot)),
+                ..SseOptions::default()
             },
         ));
     }
@@ -216,7 +226,10 @@ pub async fn call_events(
         heartbeat(&st),
         SseOptions {
             first,
-            close_after: Some(Box::new(|ev: &HubEvent| ev.ty == EVENT_COMPLETED)),
+            close_after: Some(Box::new(|ev: &HubEvent| {
+                ev.ty == EVENT_COMPLETED || ev.ty == EVENT_CANCELLED
+            })),
+            skip: Some(Box::new(|ev: &HubEvent| ev.ty == EVENT_ACCEPTED)),
             session: Some(counted(&st, Transport::Sse, slot)),
         },
     ))

@@ -158,6 +158,7 @@ mod tests {
                 body: vec![b'1'; body],
             }),
             callback: None,
+            progress: None,
         }
     }
 
@@ -194,6 +195,7 @@ mod tests {
             last_error: None,
             event_id: None,
             body: None,
+            history: Vec::new(),
         });
         remember(&docs, &c);
         assert!(docs.is_empty());

@@ -3,7 +3,8 @@
 //! reply queue, so a reply can outlive the HTTP request that made the call.
 //!
 //! # Layout
-//! - [`calls`]: start a call, poll and long-poll it, fetch its result.
+//! - [`calls`]: start a call, poll and long-poll it, cancel it, fetch its
+//!   result.
 //! - [`tracker`]: the life of calls that outlive their request (store,
 //!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
@@ -138,7 +139,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         web::post().to(calls::start_call),
     )
     .route("/v1/calls/{id}", web::get().to(calls::get_call))
+    .route("/v1/calls/{id}", web::delete().to(calls::cancel_call))
     .route("/v1/calls/{id}/result", web::get().to(calls::get_result))
+    .route(
+        "/v1/calls/{id}/callback/retry",
+        web::post().to(calls::retry_callback),
+    )
     .route(
         "/v1/calls/{id}/events",
         web::get().to(event_routes::call_events),
@@ -180,6 +186,7 @@ pub async fn start(
     }
     options.reply_mode = ReplyMode::Queue;
     options.orphans = Some(tracker.orphan_sink());
+    options.progress = Some(tracker.progress_sink());
     let rpc = RpcClient::start(broker, options).await?;
     let pending = tracker.resume().await?;
     tracker.spawn_sweeper(Duration::from_secs(g.retention_s), cancel.child_token());

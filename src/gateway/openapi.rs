@@ -6,7 +6,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::Problem;
 use super::ops::Health;
-use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
+use crate::calls::document::{AttemptDocument, CallbackDocument, ResultDocument, StatusDocument};
 
 /// The API document.
 #[derive(OpenApi)]
@@ -18,7 +18,9 @@ use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
     paths(
         super::calls::start_call,
         super::calls::get_call,
+        super::calls::cancel_call,
         super::calls::get_result,
+        super::calls::retry_callback,
         super::event_routes::call_events,
         super::event_routes::events_sse,
         super::event_routes::events_ws,
@@ -28,7 +30,14 @@ use crate::calls::document::{CallbackDocument, ResultDocument, StatusDocument};
         super::ops::openapi,
         super::ops::asyncapi,
     ),
-    components(schemas(StatusDocument, ResultDocument, CallbackDocument, Problem, Health)),
+    components(schemas(
+        StatusDocument,
+        ResultDocument,
+        CallbackDocument,
+        AttemptDocument,
+        Problem,
+        Health
+    )),
     modifiers(&BearerAuth),
     tags(
         (name = "calls", description = "Start calls and follow them"),

@@ -66,6 +66,9 @@ pub struct SseOptions {
     /// End the stream after the first event for which this is true (e.g. a
     /// call's stream ends with its completion).
     pub close_after: Option<CloseAfter>,
+    /// Events for which this is true are not sent (e.g. a call's stream
+    /// leaves out the `accepted` event its snapshot already said).
+    pub skip: Option<CloseAfter>,
     /// Counts the session while the stream lives.
     pub session: Option<Counted>,
 }
@@ -75,6 +78,7 @@ impl fmt::Debug for SseOptions {
         f.debug_struct("SseOptions")
             .field("first", &self.first.len())
             .field("close_after", &self.close_after.is_some())
+            .field("skip", &self.skip.is_some())
             .field("counted", &self.session.is_some())
             .finish()
     }
@@ -128,6 +132,7 @@ struct SseBody {
     rx: tokio::sync::mpsc::Receiver<Arc<HubEvent>>,
     heartbeat: Interval,
     close_after: Option<CloseAfter>,
+    skip: Option<CloseAfter>,
     /// The closing event was sent: end once `queued` is empty.
     done: bool,
     session: u64,
@@ -148,22 +153,25 @@ impl SseBody {
             );
             return None;
         }
-        tokio::select! {
-            // Events first: a heartbeat is only for idle times.
-            biased;
-            ev = self.rx.recv() => match ev {
-                Some(ev) => {
-                    if self.close_after.as_ref().is_some_and(|f| f(&ev)) {
-                        self.done = true;
+        loop {
+            return tokio::select! {
+                // Events first: a heartbeat is only for idle times.
+                biased;
+                ev = self.rx.recv() => match ev {
+                    Some(ev) if self.skip.as_ref().is_some_and(|f| f(&ev)) => continue,
+                    Some(ev) => {
+                        if self.close_after.as_ref().is_some_and(|f| f(&ev)) {
+                            self.done = true;
+                        }
+                        Some(sse_frame(&ev))
                     }
-                    Some(sse_frame(&ev))
-                }
-                None => {
-                    debug!(session = self.session, "SSE session ended by the hub");
-                    None
-                }
-            },
-            _ = self.heartbeat.tick() => Some(Bytes::from_static(KEEP_ALIVE_COMMENT)),
+                    None => {
+                        debug!(session = self.session, "SSE session ended by the hub");
+                        None
+                    }
+                },
+                _ = self.heartbeat.tick() => Some(Bytes::from_static(KEEP_ALIVE_COMMENT)),
+            };
         }
     }
 }
@@ -185,6 +193,7 @@ pub fn sse_response(sub: Subscribed, heartbeat: Duration, opts: SseOptions) -> H
         rx: sub.rx,
         heartbeat: heartbeat_timer(heartbeat),
         close_after: opts.close_after,
+        skip: opts.skip,
         done: false,
         session: sub.id,
         _counted: opts.session,

@@ -5,7 +5,9 @@
 //! letter, or the deadline), publishes their lifecycle CloudEvents, wakes
 //! long-pollers and hands callbacks to the dispatcher. Every way a call ends
 //! goes through [`Tracker::complete`], which changes a call only while it is
-//! pending, so each call ends exactly once.
+//! pending, so each call ends exactly once (a cancellation too,
+//! [`Tracker::cancel`]). It also records the progress its workers report
+//! ([`Tracker::progress_sink`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +38,10 @@ use crate::worker::Reply;
 pub const EVENT_ACCEPTED: &str = crate::amqp::wire::EVENT_CALL_ACCEPTED;
 /// `type` of the event published when a call ends.
 pub const EVENT_COMPLETED: &str = crate::amqp::wire::EVENT_CALL_COMPLETED;
+/// `type` of the event published when a worker reports progress.
+pub const EVENT_PROGRESS: &str = crate::amqp::wire::EVENT_CALL_PROGRESS;
+/// `type` of the event published when a caller cancels a call.
+pub const EVENT_CANCELLED: &str = crate::amqp::wire::EVENT_CALL_CANCELLED;
 use crate::amqp::wire::EXT_CALLER;
 
 /// How a call ended.
@@ -47,6 +53,8 @@ pub enum Outcome {
     Expired,
     /// The request was dead-lettered after failing on every delivery.
     DeadLettered,
+    /// Its caller cancelled it.
+    Cancelled,
 }
 
 /// The call lifecycle. Cheap to clone.
@@ -181,9 +189,17 @@ impl Tracker {
             return Ok(false);
         };
         if call.status.is_terminal() {
+            if call.status == CallStatus::Cancelled && matches!(outcome, Outcome::Reply(_)) {
+                info!(call_id = %id, service = %call.service, "reply of a cancelled call dropped");
+                self.inner
+                    .broker
+                    .metrics()
+                    .reply_after_cancel(&call.service);
+            }
             return Ok(false);
         }
         let now = wire::now_ms() as i64;
+        let cancelled = matches!(outcome, Outcome::Cancelled);
         let (status, result) = match outcome {
             Outcome::Reply(r) => (
                 CallStatus::of_reply(r.status),
@@ -206,6 +222,7 @@ impl Tracker {
                     ),
                 }),
             ),
+            Outcome::Cancelled => (CallStatus::Cancelled, None),
         };
         call.status = status;
         call.completed_ms = Some(now);
@@ -215,7 +232,11 @@ impl Tracker {
         }
         let doc = StatusDocument::of(&call);
         let event = self.lifecycle_event(
-            EVENT_COMPLETED,
+            if cancelled {
+                EVENT_CANCELLED
+            } else {
+                EVENT_COMPLETED
+            },
             &doc,
             &call.caller,
             call.traceparent.as_deref(),
@@ -240,6 +261,9 @@ impl Tracker {
         }
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
         self.remember_finished(&call, &doc);
+        if cancelled {
+            self.inner.broker.metrics().call_cancelled(&call.service);
+        }
         let event = self.inline_bounded(event, &call);
         if !answered {
             count_finished(&self.inner.broker, &call, now);
@@ -295,6 +319,59 @@ impl Tracker {
         Arc::new(move |id: String, reply: Reply| {
             let tracker = tracker.clone();
             Box::pin(async move { tracker.complete(&id, Outcome::Reply(reply)).await })
+        })
+    }
+
+    /// Cancels pending call `id` for its caller: it ends as `cancelled`
+    /// (event `switchboard.call.cancelled`, which workers watch; its
+    /// callback, long-pollers and streams are told as for any end). False
+    /// when it had already ended.
+    pub async fn cancel(&self, id: &str) -> Result<bool> {
+        self.end(id, Outcome::Cancelled, false).await
+    }
+
+    /// Records a progress report on its stored call, while it is pending,
+    /// and publishes `switchboard.call.progress`; whether a call took it. A
+    /// store failure is logged: a report is not worth a retry.
+    pub async fn progress(&self, p: crate::worker::Progress) -> bool {
+        let now = wire::now_ms() as i64;
+        let recorded = self
+            .inner
+            .store
+            .record_progress(&p.call_id, p.fraction, p.note.as_deref(), now)
+            .await;
+        match recorded {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                warn!(call_id = %p.call_id, error = %e, "progress not recorded");
+                return false;
+            }
+        }
+        match self.inner.store.get(&p.call_id).await {
+            Ok(Some(call)) if !call.status.is_terminal() => {
+                let doc = StatusDocument::of(&call);
+                let event = self.lifecycle_event(
+                    EVENT_PROGRESS,
+                    &doc,
+                    &call.caller,
+                    call.traceparent.as_deref(),
+                );
+                self.publish_event(&event).await;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(call_id = %p.call_id, error = %e, "progress event not published"),
+        }
+        true
+    }
+
+    /// The sink for progress reports of calls the RPC client does not
+    /// follow in memory: every call answered with a 202.
+    pub fn progress_sink(&self) -> crate::rpc::ProgressSink {
+        let tracker = self.clone();
+        Arc::new(move |p: crate::worker::Progress| {
+            let tracker = tracker.clone();
+            Box::pin(async move { tracker.progress(p).await })
         })
     }
 
@@ -548,8 +625,13 @@ fn count_finished(broker: &Broker, call: &CallRecord, now_ms: i64) {
     } else {
         Mode::Async
     };
-    // No result: expired, as a 504 would say.
-    let status = call.result.as_ref().map_or(504, |r| r.status);
+    // No result: expired, as a 504 would say; cancelled, as the 499 of
+    // a client that closed its request.
+    let status = match (&call.result, call.status) {
+        (Some(r), _) => r.status,
+        (None, CallStatus::Cancelled) => 499,
+        (None, _) => 504,
+    };
     let took = u64::try_from(now_ms - call.created_ms).unwrap_or(0);
     broker
         .metrics()

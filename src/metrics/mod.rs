@@ -155,6 +155,10 @@ pub struct Metrics {
     limited: Family<LimitLabels, Counter>,
     /// Channels opened on the publishing pool's connections.
     channels_opened: Counter,
+    /// Calls cancelled by their caller, by service.
+    cancelled: Family<ServiceLabels, Counter>,
+    /// Replies that arrived for calls already cancelled, dropped.
+    after_cancel: Family<ServiceLabels, Counter>,
     broker_up: Gauge,
 }
 
@@ -179,6 +183,8 @@ impl Metrics {
         let durations = Family::<CallLabels, Histogram>::default();
         let sessions = Family::<TransportLabels, Gauge>::default();
         let dead_letters = Family::<ServiceLabels, Counter>::default();
+        let cancelled = Family::<ServiceLabels, Counter>::default();
+        let after_cancel = Family::<ServiceLabels, Counter>::default();
         let broker_up = Gauge::default();
         let limited = Family::<LimitLabels, Counter>::default();
         let channels_opened = Counter::default();
@@ -219,6 +225,16 @@ impl Metrics {
             dead_letters.clone(),
         );
         registry.register(
+            "switchboard_gateway_calls_cancelled",
+            "Calls cancelled by their caller (DELETE /v1/calls/{id}), by service",
+            cancelled.clone(),
+        );
+        registry.register(
+            "switchboard_gateway_replies_after_cancel",
+            "Replies that arrived for calls their caller had cancelled, dropped, by service",
+            after_cancel.clone(),
+        );
+        registry.register(
             "switchboard_broker_up",
             "Whether the broker answered at the last scrape (1) or not (0)",
             broker_up.clone(),
@@ -242,6 +258,8 @@ impl Metrics {
             dead_letters,
             limited,
             channels_opened,
+            cancelled,
+            after_cancel,
             broker_up,
         }
     }
@@ -313,6 +331,25 @@ impl Metrics {
     /// the configured services (the dead-letter watch binds only those).
     pub fn dead_letter(&self, service: &str) {
         self.dead_letters
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A call of `service` was cancelled by its caller.
+    pub fn call_cancelled(&self, service: &str) {
+        self.cancelled
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A reply came for a call of `service` its caller had cancelled, and
+    /// was dropped.
+    pub fn reply_after_cancel(&self, service: &str) {
+        self.after_cancel
             .get_or_create(&ServiceLabels {
                 service: service.to_owned(),
             })
@@ -444,6 +481,10 @@ pub struct WorkerValues {
     pub dead_letters: u64,
     /// Requests dropped because their deadline had passed.
     pub expired: u64,
+    /// Requests of cancelled calls: dropped unprocessed, or not answered.
+    pub cancelled: u64,
+    /// Progress reports published.
+    pub progress: u64,
     /// Workers consuming now.
     pub consuming: i64,
     /// Handler run times.
@@ -467,6 +508,10 @@ pub struct RpcValues {
     pub malformed: u64,
     /// Calls that reached their deadline without a reply.
     pub timeouts: u64,
+    /// Progress reports handed to their caller or the call store.
+    pub progress_routed: u64,
+    /// Progress reports nobody took.
+    pub progress_dropped: u64,
 }
 
 /// The event hubs' numbers.
@@ -504,6 +549,10 @@ pub struct CallbackValues {
     pub retries: u64,
     /// Callbacks given up and kept as dead letters.
     pub dead_letters: u64,
+    /// Attempts put off because their host's circuit was open.
+    pub deferred: u64,
+    /// Each receiver host followed, 1 while its circuit is open.
+    pub circuits: Vec<(String, i64)>,
 }
 
 /// What the [`Source`]s report at one scrape; each adds to it.
@@ -562,7 +611,7 @@ impl Collected {
                     .map(move |(s, v)| (s.as_str(), f(v)))
                     .collect::<Vec<_>>()
             };
-            let families: [WorkerFamily; 7] = [
+            let families: [WorkerFamily; 9] = [
                 (
                     "switchboard_worker_deliveries",
                     "Requests delivered to the service's workers.",
@@ -597,6 +646,16 @@ impl Collected {
                     "switchboard_worker_expired",
                     "Requests dropped unprocessed because their deadline had passed.",
                     |v| v.expired,
+                ),
+                (
+                    "switchboard_worker_cancelled",
+                    "Requests whose caller cancelled the call: dropped before the handler began, or not answered.",
+                    |v| v.cancelled,
+                ),
+                (
+                    "switchboard_worker_progress_reports",
+                    "Progress reports handlers published to their callers.",
+                    |v| v.progress,
                 ),
             ];
             for (name, help, f) in families {
@@ -658,6 +717,18 @@ impl Collected {
                 "Calls that reached their deadline without a reply.",
                 r.timeouts,
             )?;
+            counter(
+                &mut enc,
+                "switchboard_rpc_progress_routed",
+                "Progress reports handed to the caller reading them, or recorded on a stored call.",
+                r.progress_routed,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_rpc_progress_dropped",
+                "Progress reports nobody took: of a call not followed here or already ended, read by nobody, not kept up with, or malformed.",
+                r.progress_dropped,
+            )?;
         }
         if let Some(h) = &self.hub {
             counter(
@@ -703,6 +774,21 @@ impl Collected {
                 "switchboard_callback_dead_letters",
                 "Callbacks given up and kept as dead letters.",
                 c.dead_letters,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_callback_deferred",
+                "Callback attempts put off because their receiver host's circuit was open.",
+                c.deferred,
+            )?;
+            let circuits: Vec<(&str, i64)> =
+                c.circuits.iter().map(|(h, v)| (h.as_str(), *v)).collect();
+            gauges(
+                &mut enc,
+                "switchboard_callback_circuit_open",
+                "Per receiver host (host:port) that failed lately: 1 while its circuit is open (its callbacks paused, or one attempt trying it), 0 while closed.",
+                "host",
+                &circuits,
             )?;
         }
         let c = &self.consumers;

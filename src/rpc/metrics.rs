@@ -25,5 +25,7 @@ impl Source for RpcSource {
         v.unknown += get(&s.unknown);
         v.malformed += get(&s.malformed);
         v.timeouts += get(&s.timed_out);
+        v.progress_routed += get(&s.progress_routed);
+        v.progress_dropped += get(&s.progress_dropped);
     }
 }

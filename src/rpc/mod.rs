@@ -1,6 +1,9 @@
 //! The RPC client: synchronous request/response emulated over asynchronous
 //! messaging, with correlation ids and a reply queue.
 //!
+//! [`RpcClient::send_with_progress`] also hands the caller the progress
+//! reports its call's worker publishes ([`crate::worker::Request::progress`]).
+//!
 //! [`RpcClient::send`] registers the call in the client's [`PendingCalls`]
 //! (bounded by `rpc.max_pending`; the [`ReplyRouter`] actor routes replies
 //! to them), publishes
@@ -25,11 +28,12 @@ use deadpool_lapin::lapin::Connection;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-pub use router::{OrphanSink, ReplyRouter, Routed, RpcStats};
+pub use router::{OrphanSink, PROGRESS_BUFFER, ProgressSink, ReplyRouter, Routed, RpcStats};
 
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
 use crate::amqp::{Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_on, topology, wire};
 use crate::error::{Error, Result, Unreachable};
+use crate::message::Progress;
 use crate::message::Reply;
 use crate::settings::{ReplyMode, RpcSettings};
 use router::PendingCalls;
@@ -113,6 +117,9 @@ pub struct RpcOptions {
     /// Where replies for unknown calls go (the gateway's store); dropped
     /// and counted when `None`.
     pub orphans: Option<OrphanSink>,
+    /// Where progress reports of calls not followed here go (the
+    /// gateway's store); dropped and counted when `None`.
+    pub progress: Option<ProgressSink>,
 }
 
 impl std::fmt::Debug for RpcOptions {
@@ -123,6 +130,7 @@ impl std::fmt::Debug for RpcOptions {
             .field("default_timeout", &self.default_timeout)
             .field("persistent", &self.persistent)
             .field("orphans", &self.orphans.is_some())
+            .field("progress", &self.progress.is_some())
             .finish()
     }
 }
@@ -135,6 +143,7 @@ impl From<&RpcSettings> for RpcOptions {
             default_timeout: s.default_timeout(),
             persistent: true,
             orphans: None,
+            progress: None,
         }
     }
 }
@@ -236,6 +245,7 @@ impl RpcClient {
         let router = {
             let (slot, pending, stats) = (direct_channel.clone(), pending.clone(), stats.clone());
             let orphans = options.orphans.clone();
+            let progress = options.progress.clone();
             Keeper::start(supervisor, link, move |consumer| {
                 ReplyRouter::new(
                     mode,
@@ -244,6 +254,7 @@ impl RpcClient {
                     pending.clone(),
                     stats.clone(),
                     orphans.clone(),
+                    progress.clone(),
                 )
                 .start()
             })
@@ -291,6 +302,42 @@ impl RpcClient {
 
     /// Publishes the call (confirmed) and returns the reply to await.
     pub async fn send(&self, call: Call) -> Result<PendingReply> {
+        self.publish(call, None).await
+    }
+
+    /// [`RpcClient::send`], and the call's progress reports as they come:
+    /// the receiver ends when the call is no longer followed (its reply
+    /// came, or its deadline passed), so a caller reads reports until it
+    /// ends, then awaits the reply; or selects on both. At most
+    /// [`PROGRESS_BUFFER`] reports wait unread; later ones are dropped
+    /// until there is room (the reply never is).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: switchboard::rpc::RpcClient) -> switchboard::Result<()> {
+    /// use switchboard::rpc::Call;
+    /// let (reply, mut progress) = client
+    ///     .send_with_progress(Call::new("slow", r#"{"n":1}"#))
+    ///     .await?;
+    /// while let Some(p) = progress.recv().await {
+    ///     println!("{:.0}% {}", p.fraction * 100.0, p.note.unwrap_or_default());
+    /// }
+    /// let reply = reply.wait().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_with_progress(
+        &self,
+        call: Call,
+    ) -> Result<(PendingReply, tokio::sync::mpsc::Receiver<Progress>)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_BUFFER);
+        let pending = self.publish(call, Some(tx)).await?;
+        Ok((pending, rx))
+    }
+
+    async fn publish(
+        &self,
+        call: Call,
+        progress: Option<tokio::sync::mpsc::Sender<Progress>>,
+    ) -> Result<PendingReply> {
         let inner = &self.inner;
         let call_id = call
             .call_id
@@ -314,7 +361,9 @@ impl RpcClient {
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
         let deadline = Instant::now() + timeout;
         let (tx, rx) = oneshot::channel();
-        inner.pending.register(call_id.clone(), deadline, tx)?;
+        inner
+            .pending
+            .register_with_progress(call_id.clone(), deadline, tx, progress)?;
         let pending = PendingReply {
             call_id,
             rx: Some(rx),

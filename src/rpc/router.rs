@@ -18,6 +18,13 @@
 //! take (the call store is down) is offered again for [`SINK_PATIENCE`],
 //! then moved there too.
 //!
+//! A message with the header `x-sb-progress` is a progress report, never a
+//! reply: it goes to its caller's progress channel when the caller asked
+//! for one ([`PendingCalls::register_with_progress`]), else to the progress
+//! sink (the gateway's stored calls), else it is dropped and counted. A
+//! report for a call that has ended (late, after its reply) is dropped the
+//! same way: it finds no waiter, and the sink finds the call ended.
+//!
 //! Nothing a peer sends can make the map grow: entries are added only by
 //! [`PendingCalls::register`] (bounded by `max_pending`) and removed by the
 //! reply, by [`PendingCalls::forget`] (the caller gave up) or by the
@@ -64,6 +71,11 @@ pub struct RpcStats {
     pub malformed: AtomicU64,
     /// Calls that reached their deadline without a reply.
     pub timed_out: AtomicU64,
+    /// Progress reports handed to their caller or to the progress sink.
+    pub progress_routed: AtomicU64,
+    /// Progress reports nobody took: for no call followed here, of a call
+    /// that has ended, of a caller that does not keep up, or malformed.
+    pub progress_dropped: AtomicU64,
 }
 
 impl RpcStats {
@@ -87,6 +99,18 @@ pub type OrphanSink = std::sync::Arc<
         + Send
         + Sync,
 >;
+
+/// Where progress reports of calls this router does not follow go, when
+/// set: the gateway records them on its stored calls. The future says
+/// whether a call took it (false: no pending call of its own); a failure
+/// is the sink's to log: a report is not worth a retry.
+pub type ProgressSink = std::sync::Arc<
+    dyn Fn(crate::worker::Progress) -> futures_util::future::BoxFuture<'static, bool> + Send + Sync,
+>;
+
+/// Progress reports a caller may leave unread before later ones are
+/// dropped (it sees the newest it has room for; the reply is never lost).
+pub const PROGRESS_BUFFER: usize = 32;
 
 /// A reply on its way to its waiting caller, with its delivery when the
 /// reply queue is consumed with acks. The caller settles it once it holds
@@ -134,6 +158,8 @@ fn ack_later(delivery: InFlight) {
 struct Waiter {
     tx: oneshot::Sender<Routed>,
     deadline: Instant,
+    /// Where the call's progress reports go, when its caller reads them.
+    progress: Option<tokio::sync::mpsc::Sender<crate::worker::Progress>>,
 }
 
 /// The pending calls of one RPC client, shared by its callers (register,
@@ -191,6 +217,19 @@ impl PendingCalls {
         deadline: Instant,
         tx: oneshot::Sender<Routed>,
     ) -> Result<(), Error> {
+        self.register_with_progress(id, deadline, tx, None)
+    }
+
+    /// [`PendingCalls::register`], with a channel for the call's progress
+    /// reports (closed when the call is no longer followed: replied,
+    /// forgotten or past its deadline).
+    pub fn register_with_progress(
+        &self,
+        id: String,
+        deadline: Instant,
+        tx: oneshot::Sender<Routed>,
+        progress: Option<tokio::sync::mpsc::Sender<crate::worker::Progress>>,
+    ) -> Result<(), Error> {
         let mut st = self.lock();
         if st.waiters.len() >= self.max_pending {
             return Err(Error::Overloaded {
@@ -200,7 +239,14 @@ impl PendingCalls {
         if st.waiters.contains_key(&id) {
             return Err(Error::DuplicateCall(id));
         }
-        st.waiters.insert(id, Waiter { tx, deadline });
+        st.waiters.insert(
+            id,
+            Waiter {
+                tx,
+                deadline,
+                progress,
+            },
+        );
         self.set_gauge(st.waiters.len());
         Ok(())
     }
@@ -257,6 +303,16 @@ impl PendingCalls {
         self.len() == 0
     }
 
+    /// Whether call `id` is followed here, and where its progress goes:
+    /// `None` when it is not followed, `Some(None)` when its caller does not
+    /// read progress.
+    fn progress_of(
+        &self,
+        id: &str,
+    ) -> Option<Option<tokio::sync::mpsc::Sender<crate::worker::Progress>>> {
+        self.lock().waiters.get(id).map(|w| w.progress.clone())
+    }
+
     /// The waiter of `id`, taken out, and whether its caller gave up on it
     /// recently.
     fn take(&self, id: &str) -> (Option<Waiter>, bool) {
@@ -298,6 +354,8 @@ pub struct ReplyRouter {
     no_ack: bool,
     /// Where unknown and late replies go, if anywhere.
     orphans: Option<OrphanSink>,
+    /// Where progress reports of calls not followed here go, if anywhere.
+    progress: Option<ProgressSink>,
     stats: std::sync::Arc<RpcStats>,
     mode: ReplyMode,
     /// The supervised reply consumer.
@@ -317,18 +375,72 @@ impl ReplyRouter {
         pending: std::sync::Arc<PendingCalls>,
         stats: std::sync::Arc<RpcStats>,
         orphans: Option<OrphanSink>,
+        progress: Option<ProgressSink>,
     ) -> Self {
         ReplyRouter {
             pending,
             // Direct reply-to is consumed without acks.
             no_ack: mode == ReplyMode::Direct,
             orphans,
+            progress,
             stats,
             mode,
             consumer,
             slot,
             settling: Settling::default(),
         }
+    }
+
+    /// Hands a progress report to its caller, or to the progress sink; the
+    /// delivery is acked once it is handed on (the sink's future bounds how
+    /// many are in hand: the prefetch).
+    fn route_progress(
+        &mut self,
+        progress: crate::worker::Progress,
+        delivery: Option<InFlight>,
+        ctx: &mut Context<Self>,
+    ) {
+        let stats = self.stats.clone();
+        let count = move |taken: bool| {
+            let counter = if taken {
+                &stats.progress_routed
+            } else {
+                &stats.progress_dropped
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        };
+        let sink = match self.pending.progress_of(&progress.call_id) {
+            Some(Some(tx)) => {
+                // A caller that does not keep up misses reports, never
+                // the reply.
+                count(tx.try_send(progress).is_ok());
+                None
+            }
+            // Followed here, by a caller that does not read progress.
+            Some(None) => {
+                count(false);
+                None
+            }
+            None => match self.progress.clone() {
+                Some(sink) => Some((sink, progress)),
+                None => {
+                    debug!(call_id = %progress.call_id, "progress of a call not followed here dropped");
+                    count(false);
+                    None
+                }
+            },
+        };
+        ctx.spawn(
+            async move {
+                if let Some((sink, progress)) = sink {
+                    count(sink(progress).await);
+                }
+                if let Some(delivery) = delivery {
+                    settle(delivery.ack().await);
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     /// Hands a reply with call id `id` (and its delivery, to settle) to its
@@ -473,6 +585,26 @@ impl StreamHandler<Event> for ReplyRouter {
             );
             return;
         };
+        if let Some(fraction) = wire::progress_of(&delivery.properties) {
+            let note = wire::progress_note(&delivery.data);
+            let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
+            let Ok(fraction) = fraction else {
+                // A report that says nothing: dropped, never a reply.
+                warn!(call_id = %id, "progress report with a malformed x-sb-progress dropped");
+                self.stats.progress_dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(inflight) = inflight {
+                    ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
+                }
+                return;
+            };
+            let progress = crate::worker::Progress {
+                call_id: id,
+                fraction,
+                note,
+            };
+            self.route_progress(progress, inflight, ctx);
+            return;
+        }
         let body = Bytes::from(std::mem::take(&mut delivery.data));
         let reply = to_reply(&delivery, body, &id);
         let inflight = (!self.no_ack).then(|| InFlight::new(delivery));

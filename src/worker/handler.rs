@@ -7,7 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use crate::message::{Reply, Request};
+pub(crate) use crate::message::Reporter;
+pub use crate::message::{CallControl, Progress, Reply, Request};
 
 /// A handler's failure. A `transient` one leaves the request to be
 /// delivered again (up to the service's delivery limit, then it is
@@ -79,12 +80,38 @@ where
     }
 }
 
+/// Steps of the built-in `echo`'s wait: it reports progress after each but
+/// the last.
+const ECHO_STEPS: u32 = 5;
+/// The shortest `delay` of `echo` that reports progress: shorter ones
+/// (benchmarks of notifications) are not worth a report.
+const ECHO_PROGRESS_FROM: Duration = Duration::from_secs(1);
+
 /// The built-in `echo`: replies with the request's body and content type,
-/// after `delay` when it is not zero.
+/// after `delay` when it is not zero. While it waits it reports progress in
+/// [`ECHO_STEPS`] steps when `delay` is [`ECHO_PROGRESS_FROM`] or more (a
+/// demo of long-running calls: the `slow` service of
+/// `config/default.toml`), and a cancelled call stops at once, unanswered.
 pub fn echo(delay: Duration) -> Arc<dyn Handler> {
     Arc::new(move |req: Request| async move {
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            let step = delay / ECHO_STEPS;
+            for done in 0..ECHO_STEPS {
+                if done > 0 && delay >= ECHO_PROGRESS_FROM {
+                    let fraction = f64::from(done) / f64::from(ECHO_STEPS);
+                    let note = format!("step {done} of {ECHO_STEPS}");
+                    if let Err(e) = req.progress(fraction, note).await {
+                        tracing::debug!(error = %e, "progress not reported");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(step) => {}
+                    _ = req.cancelled() => {
+                        return Err(HandlerError::new(409, "Cancelled")
+                            .with_detail("the caller cancelled the call"));
+                    }
+                }
+            }
         }
         Ok(Reply {
             status: 200,

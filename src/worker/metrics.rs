@@ -33,6 +33,8 @@ impl Source for WorkerSource {
         v.requeues += get(&s.requeued);
         v.dead_letters += get(&s.dead_lettered);
         v.expired += get(&s.expired);
+        v.cancelled += get(&s.cancelled);
+        v.progress += get(&s.progress);
         v.consuming += i64::from(s.consumer.is_up());
         v.handler.add(&s.handler_time.snapshot());
     }

@@ -13,10 +13,18 @@
 //! reply that could not be published) goes back with `basic.nack`, which
 //! RabbitMQ 4.3 and later do not count against the delivery limit.
 //!
+//! A handler reports progress through [`Request::progress`] (published on
+//! the call's `reply_to`, confirmed, as the reply is) and learns of its
+//! caller's cancellation through [`Request::cancelled`]; a request whose
+//! call was cancelled before it began is acked unprocessed
+//! ([`cancels`]).
+//!
 //! # Layout
 //! - [`handler`]: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
+//! - [`cancels`]: the process's watch of cancelled calls.
 //! - this file: the [`Worker`] actor and the processing of one delivery.
 
+pub mod cancels;
 pub mod handler;
 mod metrics;
 
@@ -32,7 +40,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 
-pub use handler::{Handler, HandlerError, Reply, Request, echo};
+pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
 use crate::amqp::consumer::{
     ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, settle,
@@ -69,6 +77,11 @@ pub struct WorkerStats {
     pub redelivered: AtomicU64,
     /// How long the handler ran, per request.
     pub handler_time: crate::metrics::Histogram,
+    /// Requests whose caller cancelled the call: dropped before the
+    /// handler began, or whose reply was not sent.
+    pub cancelled: AtomicU64,
+    /// Progress reports published.
+    pub progress: AtomicU64,
 }
 
 impl WorkerStats {
@@ -83,6 +96,8 @@ impl WorkerStats {
             deliveries: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
             handler_time: Default::default(),
+            cancelled: AtomicU64::new(0),
+            progress: AtomicU64::new(0),
         }
     }
 }
@@ -97,6 +112,8 @@ struct Shared {
     settings: ServiceSettings,
     handler: Arc<dyn Handler>,
     stats: Arc<WorkerStats>,
+    /// The process's cancelled calls.
+    cancels: Arc<cancels::CancelWatch>,
 }
 
 /// What became of one delivery.
@@ -242,6 +259,13 @@ impl Worker {
                 return Err(e);
             }
         };
+        let cancels = match cancels::CancelWatch::shared(broker).await {
+            Ok(c) => c,
+            Err(e) => {
+                supervisor.status().set_stopped();
+                return Err(e);
+            }
+        };
         let stats = Arc::new(WorkerStats::new(supervisor.status().clone()));
         broker
             .metrics()
@@ -252,6 +276,7 @@ impl Worker {
             settings: settings.clone(),
             handler,
             stats: stats.clone(),
+            cancels,
         });
         let keeper = Keeper::start(supervisor, link, move |consumer| {
             Worker {
@@ -431,6 +456,23 @@ async fn process(
             settle(inflight.ack().await);
             return Outcome::GivenBack;
         }
+        if !call_id.is_empty() && shared.cancels.is_cancelled(&call_id) {
+            debug!("the call was cancelled before work began: dropped");
+            shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            settle(inflight.ack().await);
+            return Outcome::Answered;
+        }
+        let running = shared.cancels.running(&call_id);
+        let reporter: Option<Arc<dyn handler::Reporter>> = match props.reply_to().as_ref() {
+            Some(reply_to) if wire::accepts_progress(props) => Some(Arc::new(ProgressReporter {
+                shared: shared.clone(),
+                channel: channel.clone(),
+                reply_to: reply_to.to_string(),
+                correlation_id: props.correlation_id().clone(),
+                traceparent: wire::header_str(props, wire::HEADER_TRACEPARENT).map(str::to_owned),
+            })),
+            _ => None,
+        };
         let request = Request {
             service: shared.service.clone(),
             payload,
@@ -439,6 +481,7 @@ async fn process(
             message_id: props.message_id().as_ref().map(|c| c.to_string()),
             traceparent: wire::header_str(props, wire::HEADER_TRACEPARENT).map(str::to_owned),
             redelivered: d.redelivered,
+            control: CallControl::new(reporter, running.token()),
         };
         let traceparent = request.traceparent.clone();
         let handler = shared.handler.clone();
@@ -447,6 +490,14 @@ async fn process(
             .catch_unwind()
             .await;
         shared.stats.handler_time.observe(started.elapsed());
+        if running.token().is_cancelled() {
+            // Whatever the handler answered, nobody wants it: the call ended.
+            debug!("the call was cancelled while its handler ran: no reply");
+            shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            settle(inflight.ack().await);
+            return Outcome::Answered;
+        }
+        drop(running);
         let reply = match outcome {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) if !e.transient => e.to_reply(),
@@ -477,7 +528,7 @@ async fn process(
                 // returns where they mean "the caller's queue is gone".
                 mandatory: !reply_to.as_str().starts_with(wire::DIRECT_REPLY_TO),
             };
-            let published = publish_reply(&shared, channel.as_ref(), msg).await;
+            let published = publish_to_caller(&shared.broker, channel.as_ref(), msg).await;
             match published {
                 Ok(()) => {}
                 Err(Error::NoRoute { .. }) => {
@@ -507,14 +558,13 @@ async fn process(
 /// through the broker's publishing pool, with its retries. A reply that made
 /// it on the first way as well reaches its caller twice: the second is
 /// counted there as late and dropped. The handler never runs twice for it.
-async fn publish_reply(
-    shared: &Shared,
+async fn publish_to_caller(
+    broker: &Broker,
     channel: Option<&lapin::Channel>,
     msg: Outgoing<'_>,
 ) -> Result<()> {
     if let Some(channel) = channel.filter(|c| c.status().connected()) {
-        let sent =
-            tokio::time::timeout(shared.broker.confirm_timeout(), publish_on(channel, &msg)).await;
+        let sent = tokio::time::timeout(broker.confirm_timeout(), publish_on(channel, &msg)).await;
         match sent {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),
@@ -524,7 +574,49 @@ async fn publish_reply(
             Err(_) => debug!("no confirm of the reply in time; publishing it through the pool"),
         }
     }
-    shared.broker.publish(msg).await
+    broker.publish(msg).await
+}
+
+/// Publishes a handler's progress reports on its call's `reply_to`, as its
+/// reply will be (same channel, confirmed).
+struct ProgressReporter {
+    shared: Arc<Shared>,
+    channel: Option<lapin::Channel>,
+    reply_to: String,
+    correlation_id: Option<lapin::types::ShortString>,
+    traceparent: Option<String>,
+}
+
+impl handler::Reporter for ProgressReporter {
+    fn report(
+        &self,
+        fraction: f64,
+        note: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> {
+        let note = wire::progress_note(note.as_bytes()).unwrap_or_default();
+        Box::pin(async move {
+            let msg = Outgoing {
+                exchange: "",
+                routing_key: &self.reply_to,
+                payload: note.as_bytes(),
+                properties: wire::progress_properties(
+                    self.correlation_id.as_ref(),
+                    fraction,
+                    self.traceparent.as_deref(),
+                ),
+                mandatory: !self.reply_to.starts_with(wire::DIRECT_REPLY_TO),
+            };
+            match publish_to_caller(&self.shared.broker, self.channel.as_ref(), msg).await {
+                Ok(()) => {
+                    self.shared.stats.progress.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                // The caller is gone: nobody to tell.
+                Err(Error::NoRoute { .. }) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+    }
 }
 
 /// After a panic or transient failure: rejected for redelivery (which every

@@ -43,6 +43,8 @@ struct Script {
     statuses: Mutex<VecDeque<u16>>,
     then: u16,
     delay: Duration,
+    /// `Retry-After` on the 429 and 503 answers, when set.
+    retry_after: Mutex<Option<String>>,
 }
 
 /// A real HTTP server on 127.0.0.1:0.
@@ -61,6 +63,7 @@ impl Receiver {
             statuses: Mutex::new(statuses.iter().copied().collect()),
             then,
             delay,
+            retry_after: Mutex::new(None),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -86,6 +89,11 @@ impl Receiver {
 
     pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    /// Answers 429 and 503 with `Retry-After: value` from now on.
+    pub(crate) fn retry_after(&self, value: &str) {
+        *self.script.retry_after.lock().unwrap() = Some(value.to_owned());
     }
 
     pub(crate) fn got(&self) -> Vec<Received> {
@@ -120,7 +128,13 @@ async fn receive(req: HttpRequest, body: web::Bytes, script: web::Data<Script>) 
     if !script.delay.is_zero() {
         tokio::time::sleep(script.delay).await;
     }
-    HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).finish()
+    let mut res = HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap());
+    if matches!(status, 429 | 503)
+        && let Some(v) = script.retry_after.lock().unwrap().clone()
+    {
+        res.insert_header(("retry-after", v));
+    }
+    res.finish()
 }
 
 /// A store in a fresh temporary directory (kept alive by the `TempDir`).
@@ -141,6 +155,8 @@ fn settings(max_attempts: u32) -> CallbackSettings {
         timeout_ms: 5_000,
         allow_private: true,
         concurrency: 4,
+        circuit_failures: 0,
+        circuit_pause_ms: 1,
     }
 }
 

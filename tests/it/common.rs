@@ -373,7 +373,13 @@ impl Gw {
         self.http.get(self.url(path))
     }
 
-    pub async fn cleanup(mut self) {
+    pub async fn cleanup(self) {
+        self.cleanup_with(&[]).await;
+    }
+
+    /// [`Gw::cleanup`], deleting the queues of `extra` services too (ones
+    /// a test added to the settings and serves itself).
+    pub async fn cleanup_with(mut self, extra: &[&str]) {
         self.stop_gateway().await;
         let ch = self.ctx.broker.channel().await.unwrap();
         let q = self
@@ -382,7 +388,9 @@ impl Gw {
             .names()
             .deadwatch_queue(self.ctx.broker.instance_id());
         let _ = ch.queue_delete(q.into(), Default::default()).await;
-        self.ctx.cleanup(GATEWAY_SERVICES).await;
+        let mut services = GATEWAY_SERVICES.to_vec();
+        services.extend_from_slice(extra);
+        self.ctx.cleanup(&services).await;
     }
 }
 

@@ -397,7 +397,7 @@ async fn sse_route(
             SseOptions {
                 first: vec![Bytes::from_static(b"retry: 1000\n\n")],
                 close_after: Some(Box::new(|ev: &HubEvent| ev.ty == END)),
-                session: None,
+                ..SseOptions::default()
             },
         ),
         Err(_) => HttpResponse::ServiceUnavailable().finish(),

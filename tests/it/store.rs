@@ -210,6 +210,7 @@ async fn a_call_reads_back_as_stored() {
                 last_error: None,
                 event_id: None,
                 body: None,
+                history: Vec::new(),
             })
         );
         b.store.mark_published(&a).await.unwrap();
