@@ -15,6 +15,7 @@ mod configuration;
 mod consumers;
 mod declare;
 mod dependents;
+mod deploy;
 mod events;
 mod examples;
 mod faults;
