@@ -120,6 +120,23 @@ impl Env {
             };
             (service, Some(svc))
         };
+        let worker_processes = if a.worker_processes == 0 {
+            Vec::new()
+        } else if self.external {
+            return Err(BenchError::flag(
+                "--worker-processes",
+                "serves a service of the run's own: not with --external",
+            ));
+        } else if variant != Variant::Switchboard {
+            return Err(BenchError::flag(
+                "--worker-processes",
+                "bench rpc only (the raw reference has its own echo server)",
+            ));
+        } else {
+            (0..a.worker_processes)
+                .map(|_| self.instance("worker"))
+                .collect()
+        };
         let payload = json_payload(a.payload);
         Ok(Target {
             amqp: self.amqp.clone(),
@@ -142,7 +159,9 @@ impl Env {
                 },
                 queue_type: if self.external { "external" } else { qt_name },
                 payload: payload.len(),
+                worker_processes: (a.worker_processes > 0).then_some(a.worker_processes),
             },
+            worker_processes,
             payload,
             timeout: Duration::from_secs_f64(a.timeout),
         })
@@ -210,8 +229,12 @@ pub(crate) struct Target {
     pub instance: String,
     /// The service called.
     pub service: String,
-    /// How to declare and serve it in-process; `None` when external.
+    /// How to declare and serve it (in-process, or by the processes
+    /// below); `None` when external.
     pub service_settings: Option<ServiceSettings>,
+    /// Instance ids of the `switchboard serve` processes that serve it
+    /// (`--worker-processes`); empty: a worker in this process.
+    pub worker_processes: Vec<String>,
     pub reply_mode: ReplyMode,
     /// Persistent requests (`safe`) or transient (`fast`).
     pub persistent: bool,

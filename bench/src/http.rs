@@ -153,6 +153,7 @@ pub(crate) async fn run(
         profile: vec![Profile::Safe],
         queue_type: None,
         external: false,
+        worker_processes: 0,
         service: SERVICE.into(),
         timeout: 30.0,
     };
