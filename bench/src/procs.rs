@@ -37,12 +37,21 @@ pub(crate) struct WorkerProcesses {
 }
 
 /// The `switchboard` binary beside this one (`cargo build` puts both in
-/// `target/<profile>/`).
+/// `target/<profile>/`), or one directory up from a test binary (in
+/// `target/<profile>/deps/`).
 fn switchboard_binary() -> Result<PathBuf> {
     let me = std::env::current_exe().map_err(BenchError::io("this binary's path"))?;
-    let bin = me.with_file_name(format!("switchboard{}", std::env::consts::EXE_SUFFIX));
+    let name = format!("switchboard{}", std::env::consts::EXE_SUFFIX);
+    let bin = me.with_file_name(&name);
+    let up = me
+        .parent()
+        .filter(|dir| dir.ends_with("deps"))
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(&name));
     if bin.exists() {
         Ok(bin)
+    } else if let Some(up) = up.filter(|b| b.exists()) {
+        Ok(up)
     } else {
         Err(BenchError::Setup {
             workload: "rpc",
