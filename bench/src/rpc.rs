@@ -60,11 +60,12 @@ pub struct RpcArgs {
     pub external: bool,
     /// Serve the echo service with this many `switchboard serve` processes
     /// (worker only, no gateway), started by the run under its prefix and
-    /// stopped at its end, instead of a worker in this process: how
-    /// throughput grows with worker processes. `switchboard` must be built
-    /// beside this binary. `bench rpc` only; 0: the in-process worker.
-    #[arg(long, default_value_t = 0)]
-    pub worker_processes: usize,
+    /// stopped after their points, instead of a worker in this process: how
+    /// throughput grows with worker processes. A comma-separated list gives
+    /// points for each (0: the in-process worker). `switchboard` must be
+    /// built beside this binary. `bench rpc` only.
+    #[arg(long, value_delimiter = ',')]
+    pub worker_processes: Vec<usize>,
     /// The service to call with --external (it must echo the request).
     #[arg(long, default_value = "echo")]
     pub service: String,

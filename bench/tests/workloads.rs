@@ -169,14 +169,15 @@ async fn rpc_measures_each_concurrency() {
 /// the points say how many processes served them.
 #[actix_rt::test]
 async fn rpc_with_worker_processes_calls_switchboard_serve_processes() {
-    let lines = run("rpc --calls 40 --warmup 4 --concurrency 8 --worker-processes 2").await;
+    let lines = run("rpc --calls 40 --warmup 4 --concurrency 8 --worker-processes 0,2").await;
     let pts = points(&lines);
-    assert_eq!(pts.len(), 1);
-    check_point(pts[0], 40);
-    assert_eq!(pts[0]["worker_processes"], 2, "{}", pts[0]);
-    // Without the flag, no such field: an in-process worker.
-    let lines = run("rpc --calls 4 --warmup 1 --concurrency 1").await;
-    assert!(points(&lines)[0].get("worker_processes").is_none());
+    assert_eq!(pts.len(), 2, "one point per count");
+    for p in &pts {
+        check_point(p, 40);
+    }
+    // 0: the in-process worker, and no such field.
+    assert!(pts[0].get("worker_processes").is_none(), "{}", pts[0]);
+    assert_eq!(pts[1]["worker_processes"], 2, "{}", pts[1]);
     // The raw reference has its own echo server.
     let settings = settings();
     let err = switchboard_bench::execute(
