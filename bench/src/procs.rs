@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchboard::amqp::Broker;
+use switchboard::amqp::{Broker, topology};
 use switchboard::lapin::options::QueueDeclareOptions;
 use switchboard::lapin::types::FieldTable;
 use switchboard::settings::{QueueType, ServiceSettings};
@@ -70,6 +70,11 @@ impl WorkerProcesses {
     /// consumes its queue.
     pub async fn start(t: &Target, svc: &ServiceSettings, broker: &Broker) -> Result<Self> {
         let bin = switchboard_binary()?;
+        // Declared first, as the children will (same arguments), so that
+        // looking at its consumers never meets a missing queue.
+        let ch = broker.channel().await?;
+        topology::declare_service(&ch, &t.names, &t.service, svc).await?;
+        let _ = ch.close(200, "declared".into()).await;
         let service = t.service.to_uppercase();
         let mut procs = Self {
             children: Vec::new(),
@@ -143,8 +148,7 @@ impl WorkerProcesses {
                     });
                 }
             }
-            // A passive declare: the queue's consumers (a queue not yet
-            // declared closes the channel; the next look opens another).
+            // A passive declare: the queue's consumers.
             if let Ok(ch) = broker.channel().await {
                 let passive = QueueDeclareOptions {
                     passive: true,
