@@ -90,10 +90,20 @@ pub(crate) async fn run(
     out: &mut Out<'_>,
 ) -> Result<()> {
     let stop = a.load.stop()?;
-    for &profile in &a.profile {
+    // `--worker-processes`: points for each count (0: in-process worker).
+    let counts = if a.worker_processes.is_empty() {
+        vec![0]
+    } else {
+        a.worker_processes.clone()
+    };
+    for (&profile, &processes) in a
+        .profile
+        .iter()
+        .flat_map(|p| counts.iter().map(move |n| (p, n)))
+    {
         let targets = variants
             .iter()
-            .map(|&v| env.target(v, profile, a).map(|t| (v, t)))
+            .map(|&v| env.target(v, profile, processes, a).map(|t| (v, t)))
             .collect::<Result<Vec<_>>>()?;
         let mut sides = Vec::new();
         let mut result = Ok(());

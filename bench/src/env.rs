@@ -93,8 +93,16 @@ impl Env {
         id
     }
 
-    /// What `variant` needs to set itself up for one profile.
-    pub fn target(&mut self, variant: Variant, profile: Profile, a: &RpcArgs) -> Result<Target> {
+    /// What `variant` needs to set itself up for one profile, its service
+    /// served by `processes` `switchboard serve` processes (0: in this
+    /// process, or external).
+    pub fn target(
+        &mut self,
+        variant: Variant,
+        profile: Profile,
+        processes: usize,
+        a: &RpcArgs,
+    ) -> Result<Target> {
         if !(a.timeout.is_finite() && a.timeout > 0.0) {
             return Err(BenchError::flag("--timeout", "must be a positive number"));
         }
@@ -111,7 +119,11 @@ impl Env {
         let (service, service_settings) = if self.external {
             (a.service.clone(), None)
         } else {
-            let service = format!("{}-{}-{qt_name}", variant.name(), profile.name());
+            let mut service = format!("{}-{}-{qt_name}", variant.name(), profile.name());
+            if processes > 0 {
+                // A queue of its own for each count of worker processes.
+                service.push_str(&format!("-{processes}p"));
+            }
             self.services.push(service.clone());
             let svc = ServiceSettings {
                 queue_type,
@@ -119,6 +131,21 @@ impl Env {
                 ..configured
             };
             (service, Some(svc))
+        };
+        let worker_processes = if processes == 0 {
+            Vec::new()
+        } else if self.external {
+            return Err(BenchError::flag(
+                "--worker-processes",
+                "serves a service of the run's own: not with --external",
+            ));
+        } else if variant != Variant::Switchboard {
+            return Err(BenchError::flag(
+                "--worker-processes",
+                "bench rpc only (the raw reference has its own echo server)",
+            ));
+        } else {
+            (0..processes).map(|_| self.instance("worker")).collect()
         };
         let payload = json_payload(a.payload);
         Ok(Target {
@@ -142,7 +169,9 @@ impl Env {
                 },
                 queue_type: if self.external { "external" } else { qt_name },
                 payload: payload.len(),
+                worker_processes: (processes > 0).then_some(processes),
             },
+            worker_processes,
             payload,
             timeout: Duration::from_secs_f64(a.timeout),
         })
@@ -210,8 +239,12 @@ pub(crate) struct Target {
     pub instance: String,
     /// The service called.
     pub service: String,
-    /// How to declare and serve it in-process; `None` when external.
+    /// How to declare and serve it (in-process, or by the processes
+    /// below); `None` when external.
     pub service_settings: Option<ServiceSettings>,
+    /// Instance ids of the `switchboard serve` processes that serve it
+    /// (`--worker-processes`); empty: a worker in this process.
+    pub worker_processes: Vec<String>,
     pub reply_mode: ReplyMode,
     /// Persistent requests (`safe`) or transient (`fast`).
     pub persistent: bool,

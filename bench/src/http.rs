@@ -153,10 +153,11 @@ pub(crate) async fn run(
         profile: vec![Profile::Safe],
         queue_type: None,
         external: false,
+        worker_processes: Vec::new(),
         service: SERVICE.into(),
         timeout: 30.0,
     };
-    let target = env.target(Variant::Switchboard, Profile::Safe, &rpc_args)?;
+    let target = env.target(Variant::Switchboard, Profile::Safe, 0, &rpc_args)?;
     let served = Served {
         name: SERVICE.into(),
         settings: target.service_settings.clone().unwrap_or_default(),

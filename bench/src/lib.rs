@@ -16,7 +16,8 @@
 //! - `args`: the command line ([`BenchArgs`], [`Workload`]) and `--help`.
 //! - `env`: the run's names and their clean-up; the rpc variants' `Target`.
 //! - workloads, each with its flags:
-//!   - `rpc`: `bench rpc`'s side, `RpcClient` calls to an echo `Worker`;
+//!   - `rpc`: `bench rpc`'s side, `RpcClient` calls to an echo `Worker`
+//!     (or to `switchboard serve` processes: `procs`);
 //!   - `raw`: the reference on bare lapin, client and echo server;
 //!   - `compare`: rpc and raw side by side, alternating, with ratio lines;
 //!   - `events`: CloudEvents through a fanout, both variants;
@@ -41,6 +42,7 @@ mod load;
 mod notify;
 mod pending;
 mod probe;
+mod procs;
 mod progress;
 mod raw;
 mod report;

@@ -42,6 +42,10 @@ pub struct Point {
     pub queue_type: String,
     /// Bytes of each request (rpc) or event (events) body.
     pub payload: usize,
+    /// rpc with `--worker-processes`: the `switchboard serve` processes
+    /// serving the service (absent: a worker in the bench's process).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub worker_processes: Option<usize>,
     /// Calls in flight (rpc); subscribers (events).
     pub concurrency: usize,
     /// Calls completed (rpc); events published (events). Includes errors.
@@ -225,6 +229,8 @@ pub(crate) struct Labels {
     pub queue_type: &'static str,
     /// Bytes of each request body.
     pub payload: usize,
+    /// `switchboard serve` processes serving the service, if any.
+    pub worker_processes: Option<usize>,
 }
 
 impl Labels {
@@ -239,6 +245,7 @@ impl Labels {
                 QueueType::Classic => "classic",
             },
             payload: payload.max(10),
+            worker_processes: None,
         }
     }
 }
@@ -262,6 +269,7 @@ pub(crate) fn measured_point(
         reply_mode: labels.reply_mode.into(),
         queue_type: labels.queue_type.into(),
         payload: labels.payload,
+        worker_processes: labels.worker_processes,
         concurrency,
         calls: m.calls,
         errors: m.errors,

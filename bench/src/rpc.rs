@@ -14,6 +14,7 @@ use switchboard::worker::{self, Worker, WorkerHandle};
 use crate::env::{Target, check_reply};
 use crate::error::Result;
 use crate::load::{LoadArgs, Measured, Stop, drive};
+use crate::procs::WorkerProcesses;
 use crate::progress::Tally;
 
 pub(crate) const RPC_HELP: &str = "\
@@ -57,6 +58,14 @@ pub struct RpcArgs {
     /// run's reply queues are declared and deleted.
     #[arg(long)]
     pub external: bool,
+    /// Serve the echo service with this many `switchboard serve` processes
+    /// (worker only, no gateway), started by the run under its prefix and
+    /// stopped after their points, instead of a worker in this process: how
+    /// throughput grows with worker processes. A comma-separated list gives
+    /// points for each (0: the in-process worker). `switchboard` must be
+    /// built beside this binary. `bench rpc` only.
+    #[arg(long, value_delimiter = ',')]
+    pub worker_processes: Vec<usize>,
     /// The service to call with --external (it must echo the request).
     #[arg(long, default_value = "echo")]
     pub service: String,
@@ -109,8 +118,10 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 pub(crate) struct SbRpc {
     broker: Broker,
     client: RpcClient,
-    /// The in-process echo worker, unless external.
+    /// The in-process echo worker, unless external or served by processes.
     worker: Option<WorkerHandle>,
+    /// The `switchboard serve` processes of `--worker-processes`.
+    processes: Option<WorkerProcesses>,
     service: Arc<str>,
     payload: Bytes,
     timeout: Duration,
@@ -123,11 +134,21 @@ impl SbRpc {
         let mut amqp = t.amqp.clone();
         amqp.instance_id = t.instance.clone();
         let broker = Broker::connect(&amqp).await?;
-        let worker = match &t.service_settings {
-            Some(svc) => {
-                Some(Worker::start(&broker, &t.service, svc, worker::echo(Duration::ZERO)).await?)
+        let (worker, processes) = match &t.service_settings {
+            Some(svc) if !t.worker_processes.is_empty() => {
+                match WorkerProcesses::start(t, svc, &broker).await {
+                    Ok(p) => (None, Some(p)),
+                    Err(e) => {
+                        broker.close().await;
+                        return Err(e);
+                    }
+                }
             }
-            None => None,
+            Some(svc) => (
+                Some(Worker::start(&broker, &t.service, svc, worker::echo(Duration::ZERO)).await?),
+                None,
+            ),
+            None => (None, None),
         };
         let options = RpcOptions {
             reply_mode: t.reply_mode,
@@ -142,6 +163,7 @@ impl SbRpc {
             broker,
             client,
             worker,
+            processes,
             service: t.service.as_str().into(),
             payload: t.payload.clone(),
             timeout: t.timeout,
@@ -175,6 +197,9 @@ impl SbRpc {
     pub async fn stop(self) {
         if let Some(handle) = self.worker {
             handle.drain(SETTLE_LIMIT).await;
+        }
+        if let Some(processes) = self.processes {
+            processes.stop().await;
         }
         self.client.close().await;
         self.broker.close().await;

@@ -164,6 +164,33 @@ async fn rpc_measures_each_concurrency() {
     assert!(ratios(&lines).is_empty());
 }
 
+/// The echo service served by two `switchboard serve` processes (the
+/// binary `cargo test` built beside the test binaries): every call answered,
+/// the points say how many processes served them.
+#[actix_rt::test]
+async fn rpc_with_worker_processes_calls_switchboard_serve_processes() {
+    let lines = run("rpc --calls 40 --warmup 4 --concurrency 8 --worker-processes 0,2").await;
+    let pts = points(&lines);
+    assert_eq!(pts.len(), 2, "one point per count");
+    for p in &pts {
+        check_point(p, 40);
+    }
+    // 0: the in-process worker, and no such field.
+    assert!(pts[0].get("worker_processes").is_none(), "{}", pts[0]);
+    assert_eq!(pts[1]["worker_processes"], 2, "{}", pts[1]);
+    // The raw reference has its own echo server.
+    let settings = settings();
+    let err = switchboard_bench::execute(
+        &settings,
+        &args("raw --calls 4 --worker-processes 1"),
+        &Progress::hidden(),
+        &mut |_| {},
+    )
+    .await
+    .expect_err("raw refuses --worker-processes");
+    assert!(err.to_string().contains("--worker-processes"), "{err}");
+}
+
 #[actix_rt::test]
 async fn raw_measures_the_reference_with_direct_reply_to() {
     let lines =

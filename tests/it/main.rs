@@ -17,6 +17,7 @@ mod configuration;
 mod consumers;
 mod declare;
 mod dependents;
+mod deploy;
 mod events;
 mod examples;
 mod faults;
