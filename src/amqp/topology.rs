@@ -156,7 +156,9 @@ pub async fn declare_service(
         dead_queue_arguments(svc.queue_type),
     )
     .await
-    .map_err(|e| for_service(mismatch(Entity::Queue, &dead, e)))?;
+    // No setting to name: `queue_type` decides the service queue too, so
+    // the way out is to drain and delete the dead-letter queue.
+    .map_err(|e| mismatch(Entity::Queue, &dead, e))?;
     ch.queue_bind(
         dead.as_str().into(),
         names.dead_exchange().into(),
