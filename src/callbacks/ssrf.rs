@@ -723,9 +723,13 @@ mod props {
     /// local-use), 6to4, Teredo server and Teredo client.
     fn embeddings(v4: u32, noise: u128, other_v4: u32) -> Vec<(&'static str, u128)> {
         let v4 = u128::from(v4);
+        // `::` and `::1` are the unspecified and loopback addresses, not the
+        // IPv4-compatible forms of 0.0.0.0 and 0.0.0.1 (RFC 4291 2.5.5.1
+        // leaves them out): they have reaches of their own.
+        let compatible = if v4 > 1 { v4 } else { 2 };
         vec![
             ("mapped", (0xffff << 32) | v4),
-            ("compatible", v4),
+            ("compatible", compatible),
             ("SIIT", (0xffff << 48) | v4),
             ("NAT64", (0x64_ff9b << 96) | v4),
             (
