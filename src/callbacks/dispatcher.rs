@@ -82,7 +82,7 @@ const TRIAL_WAIT_MS: i64 = 1000;
 
 /// The circuit of each receiver host (`host:port`): closed (callbacks go),
 /// open (they wait until a time), half-open (one attempt tries the host).
-/// Bounded by [`MAX_HOSTS`].
+/// Bounded by `MAX_HOSTS`.
 #[derive(Debug, Default)]
 pub struct Circuits {
     hosts: std::sync::Mutex<HashMap<String, Circuit>>,

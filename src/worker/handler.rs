@@ -89,7 +89,7 @@ const ECHO_PROGRESS_FROM: Duration = Duration::from_secs(1);
 
 /// The built-in `echo`: replies with the request's body and content type,
 /// after `delay` when it is not zero. While it waits it reports progress in
-/// [`ECHO_STEPS`] steps when `delay` is [`ECHO_PROGRESS_FROM`] or more (a
+/// `ECHO_STEPS` steps when `delay` is `ECHO_PROGRESS_FROM` or more (a
 /// demo of long-running calls: the `slow` service of
 /// `config/default.toml`), and a cancelled call stops at once, unanswered.
 pub fn echo(delay: Duration) -> Arc<dyn Handler> {
