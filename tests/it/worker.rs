@@ -82,7 +82,10 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
     // Delivered more than once (redelivered), but never looped forever.
     let n = attempts.load(Ordering::Relaxed);
     assert!((2..=4).contains(&n), "handler ran {n} times");
-    assert!(handle.stats.requeued.load(Ordering::Relaxed) >= 2);
+    // The worker handed it back at least once itself (a delivery returned
+    // because a channel was lost, as a loaded machine's watchdog may do,
+    // counts against the limit too without passing through the worker).
+    assert!(handle.stats.requeued.load(Ordering::Relaxed) >= 1);
 
     // The worker still serves other requests.
     let reply = client
