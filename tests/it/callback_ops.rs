@@ -10,32 +10,17 @@ use serde_json::Value;
 
 use crate::callbacks::{Receiver, SECRET};
 use crate::common::{Gw, eventually, gateway};
-use crate::gateway::with_callbacks;
+use crate::gateway::{json, with_callbacks};
 use crate::progress::metric;
-
-async fn json(res: reqwest::Response) -> Value {
-    res.json().await.unwrap()
-}
-
-async fn document(gw: &Gw, id: &str) -> Value {
-    json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
 
 /// Polls the call's document until `cond` holds of it (a state that,
 /// once reached, stays), then returns it.
 async fn until(gw: &Gw, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     eventually(Duration::from_secs(20), what, || async {
-        cond(&document(gw, id).await)
+        cond(&gw.json(&format!("/v1/calls/{id}")).await)
     })
     .await;
-    document(gw, id).await
+    gw.json(&format!("/v1/calls/{id}")).await
 }
 
 async fn call_with_callback(gw: &Gw, url: &str) -> String {
@@ -212,7 +197,7 @@ async fn a_failing_host_is_paused_by_its_circuit_shown_in_the_metrics() {
             .unwrap()
             >= 1.0
     );
-    let doc = document(&gw, &first).await;
+    let doc = &gw.json(&format!("/v1/calls/{first}")).await;
     assert_eq!(doc["callback"]["attempts"], 2, "{doc}");
     receiver.stop().await;
     gw.cleanup().await;

@@ -26,12 +26,8 @@ use switchboard::worker::{Handler, HandlerError, Reply, Request};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::common::{Gw, eventually, gateway, test_service};
-use crate::gateway::Sse;
+use crate::gateway::{Sse, json};
 use crate::progress::metric;
-
-async fn json(res: reqwest::Response) -> Value {
-    res.json().await.unwrap()
-}
 
 async fn assert_problem(res: reqwest::Response, status: u16) -> Value {
     assert_eq!(res.status().as_u16(), status);
@@ -133,8 +129,7 @@ async fn a_running_call_cancelled_tells_its_handler_and_ends_cancelled_everywher
     let mut h = serve_holding(&gw, "hold").await;
     let id = start_async(gw.post("hold").header("callback-url", receiver.url())).await;
     let mut sse = Sse::new(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}/events")))
+        gw.get(&format!("/v1/calls/{id}/events"))
             .send()
             .await
             .unwrap(),
@@ -168,21 +163,13 @@ async fn a_running_call_cancelled_tells_its_handler_and_ends_cancelled_everywher
 
     // Ended: the result says so, a second cancel is a conflict.
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{id}/result")))
+        .get(&format!("/v1/calls/{id}/result"))
         .send()
         .await
         .unwrap();
     assert_problem(res, 409).await;
     assert_problem(cancel(&gw, &id).send().await.unwrap(), 409).await;
-    let doc = json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}?wait=5")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let doc = gw.json(&format!("/v1/calls/{id}?wait=5")).await;
     assert_eq!(doc["status"], "cancelled");
 
     // The callback says it, signed.
@@ -246,23 +233,9 @@ async fn a_queued_call_cancelled_is_dropped_by_the_worker_that_receives_it() {
     .await;
     assert_eq!(h.worker.stats.deliveries.load(Ordering::Relaxed), 2);
     assert_eq!(h.runs.load(Ordering::SeqCst), 1, "the cancelled call ran");
-    let doc = json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{first}?wait=10")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let doc = gw.json(&format!("/v1/calls/{first}?wait=10")).await;
     assert_eq!(doc["status"], "succeeded");
-    let doc = json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{second}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let doc = gw.json(&format!("/v1/calls/{second}")).await;
     assert_eq!(doc["status"], "cancelled");
     drop(watch);
     gw.cleanup_with(&["one"]).await;
@@ -302,8 +275,7 @@ async fn only_the_caller_cancels_and_only_a_pending_call() {
     // An ended call cannot be cancelled.
     let done = start_async(gw.post("echo").bearer_auth(alice)).await;
     let doc = json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{done}?wait=10")))
+        gw.get(&format!("/v1/calls/{done}?wait=10"))
             .bearer_auth(alice)
             .send()
             .await
@@ -424,14 +396,7 @@ async fn an_outside_worker_hears_the_cancellation_and_its_late_reply_is_dropped_
         || async { metric(&gw, series).await == Some(1.0) },
     )
     .await;
-    let doc = json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let doc = gw.json(&format!("/v1/calls/{id}")).await;
     assert_eq!(doc["status"], "cancelled");
     assert!(
         doc.get("result").is_none(),

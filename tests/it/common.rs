@@ -373,6 +373,11 @@ impl Gw {
         self.http.get(self.url(path))
     }
 
+    /// GET `path` of the gateway, its body as JSON (a status document...).
+    pub async fn json(&self, path: &str) -> serde_json::Value {
+        self.get(path).send().await.unwrap().json().await.unwrap()
+    }
+
     pub async fn cleanup(self) {
         self.cleanup_with(&[]).await;
     }

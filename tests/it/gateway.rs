@@ -11,7 +11,7 @@ use switchboard::settings::TokenSettings;
 
 use crate::common::{Gw, gateway, poll_until};
 
-async fn json(res: reqwest::Response) -> Value {
+pub(crate) async fn json(res: reqwest::Response) -> Value {
     res.json().await.unwrap()
 }
 

@@ -13,7 +13,6 @@ use deadpool_lapin::lapin::{
 };
 use futures_util::StreamExt;
 use reqwest::StatusCode;
-use serde_json::Value;
 use switchboard::amqp::{Outgoing, topology, wire};
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::settings::ServiceSettings;
@@ -21,7 +20,7 @@ use switchboard::worker::{Handler, HandlerError, Reply, Request};
 use tokio::sync::Semaphore;
 
 use crate::common::{Gw, ctx, eventually, gateway, test_service};
-use crate::gateway::Sse;
+use crate::gateway::{Sse, json};
 
 /// A handler that reports 0.25 ("step 1") and 0.5 ("step 2"), each after
 /// taking a permit of `gate`, then replies with the payload after a third.
@@ -50,8 +49,7 @@ pub(crate) fn stepping(gate: Arc<Semaphore>) -> Arc<dyn Handler> {
 /// The value of a metric (a line `name value`, or `name{labels} value`).
 pub(crate) async fn metric(gw: &Gw, series: &str) -> Option<f64> {
     let text = gw
-        .http
-        .get(gw.url("/metrics"))
+        .get("/metrics")
         .send()
         .await
         .unwrap()
@@ -60,21 +58,6 @@ pub(crate) async fn metric(gw: &Gw, series: &str) -> Option<f64> {
         .unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-async fn json(res: reqwest::Response) -> Value {
-    res.json().await.unwrap()
-}
-
-async fn document(gw: &Gw, id: &str) -> Value {
-    json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
 }
 
 async fn start_async(gw: &Gw, service: &str) -> String {
@@ -102,16 +85,14 @@ async fn progress_shows_in_the_status_document_and_both_event_streams() {
         .await
         .unwrap();
     let mut all = Sse::new(
-        gw.http
-            .get(gw.url("/v1/events?type=switchboard.call.progress"))
+        gw.get("/v1/events?type=switchboard.call.progress")
             .send()
             .await
             .unwrap(),
     );
     let id = start_async(&gw, "steps").await;
     let mut call = Sse::new(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}/events")))
+        gw.get(&format!("/v1/calls/{id}/events"))
             .send()
             .await
             .unwrap(),
@@ -120,7 +101,12 @@ async fn progress_shows_in_the_status_document_and_both_event_streams() {
     assert_eq!(first.event.as_deref(), Some("switchboard.call.accepted"));
     assert!(first.data.unwrap()["data"].get("progress").is_none());
     // A worker that has reported nothing: the document has no progress.
-    assert!(document(&gw, &id).await.get("progress").is_none());
+    assert!(
+        &gw.json(&format!("/v1/calls/{id}"))
+            .await
+            .get("progress")
+            .is_none()
+    );
 
     gate.add_permits(1);
     let f = call.next().await.unwrap();
@@ -130,7 +116,7 @@ async fn progress_shows_in_the_status_document_and_both_event_streams() {
     assert_eq!(data["data"]["status"], "pending");
     assert_eq!(data["data"]["progress"], 0.25);
     assert_eq!(data["data"]["note"], "step 1");
-    let doc = document(&gw, &id).await;
+    let doc = &gw.json(&format!("/v1/calls/{id}")).await;
     assert_eq!(doc["status"], "pending", "progress ended the call: {doc}");
     assert_eq!(doc["progress"], 0.25);
     assert_eq!(doc["note"], "step 1");
@@ -171,7 +157,7 @@ async fn progress_shows_in_the_status_document_and_both_event_streams() {
         || async { metric(&gw, dropped).await.unwrap_or(0.0) > before },
     )
     .await;
-    let doc = document(&gw, &id).await;
+    let doc = &gw.json(&format!("/v1/calls/{id}")).await;
     assert_eq!(doc["status"], "succeeded");
     assert_eq!(doc["progress"], 0.5);
     assert_eq!(doc["note"], "step 2");
@@ -316,10 +302,10 @@ async fn an_outside_worker_reports_progress_with_the_header() {
     // As a decimal string, as pika or amqplib would send it.
     report(AMQPValue::LongString("0.5".into()), b"half way").await;
     eventually(Duration::from_secs(10), "the report recorded", || async {
-        document(&gw, &id).await["progress"] == 0.5
+        &gw.json(&format!("/v1/calls/{id}")).await["progress"] == 0.5
     })
     .await;
-    let doc = document(&gw, &id).await;
+    let doc = &gw.json(&format!("/v1/calls/{id}")).await;
     assert_eq!(doc["status"], "pending");
     assert_eq!(doc["note"], "half way");
     assert_eq!(
@@ -339,14 +325,7 @@ async fn an_outside_worker_reports_progress_with_the_header() {
     .await
     .unwrap();
     d.ack(BasicAckOptions::default()).await.unwrap();
-    let doc = json(
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}?wait=10")))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let doc = gw.json(&format!("/v1/calls/{id}?wait=10")).await;
     assert_eq!(doc["status"], "succeeded");
     assert_eq!(doc["result"]["body"], "done");
     let _ = conn.close(200, "done".into()).await;

@@ -96,8 +96,7 @@ async fn a_caller_over_its_rate_gets_429_while_another_is_served() {
     too_many(alice().await.unwrap(), "rate_per_s", 100).await;
     // Every route that serves her counts: a poll too.
     let poll = gw
-        .http
-        .get(gw.url("/v1/calls/nosuch"))
+        .get("/v1/calls/nosuch")
         .bearer_auth(ALICE)
         .send()
         .await
@@ -130,12 +129,12 @@ async fn without_tokens_anonymous_is_one_caller_with_the_default_limits() {
         s.gateway.limits.burst = 1;
     })
     .await;
-    let get = || gw.http.get(gw.url("/v1/calls/nosuch")).send();
+    let get = || gw.get("/v1/calls/nosuch").send();
     assert_eq!(get().await.unwrap().status(), StatusCode::NOT_FOUND);
     too_many(get().await.unwrap(), "rate_per_s", 100).await;
     assert_eq!(limited(&gw, "anonymous", "rate").await, 1.0);
     // Operations routes serve no caller: not limited.
-    let ready = gw.http.get(gw.url("/healthz")).send().await.unwrap();
+    let ready = gw.get("/healthz").send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::OK);
     gw.cleanup().await;
 }
@@ -194,8 +193,7 @@ async fn a_caller_at_its_pending_calls_gets_429_while_another_starts_calls() {
     // Once hers end she may start calls again.
     gw.gate.add_permits(5);
     let done = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{}?wait=30", ids[0])))
+        .get(&format!("/v1/calls/{}?wait=30", ids[0]))
         .bearer_auth(ALICE)
         .send()
         .await
@@ -225,14 +223,13 @@ async fn a_caller_at_its_streams_gets_429_while_another_opens_streams() {
         s.gateway.heartbeat_s = 1;
     })
     .await;
-    let sse = |token: &'static str| gw.http.get(gw.url("/v1/events")).bearer_auth(token).send();
+    let sse = |token: &'static str| gw.get("/v1/events").bearer_auth(token).send();
     let held = sse(ALICE).await.unwrap();
     assert_eq!(held.status(), StatusCode::OK);
     too_many(sse(ALICE).await.unwrap(), "max_streams", 1).await;
     // The stream of one call counts as well, and so does a WebSocket.
     let call = gw
-        .http
-        .get(gw.url("/v1/calls/nosuch/events"))
+        .get("/v1/calls/nosuch/events")
         .bearer_auth(ALICE)
         .send()
         .await
@@ -299,8 +296,7 @@ async fn a_caller_at_its_long_polls_gets_429_while_another_long_polls() {
     };
     let (a, b) = (start(ALICE).await, start(BOB).await);
     let long_poll = |token: &'static str, id: &str, wait: u32| {
-        gw.http
-            .get(gw.url(&format!("/v1/calls/{id}?wait={wait}")))
+        gw.get(&format!("/v1/calls/{id}?wait={wait}"))
             .bearer_auth(token)
             .send()
     };

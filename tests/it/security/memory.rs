@@ -35,8 +35,7 @@ async fn a_result_over_the_inline_bound_is_linked_from_its_event_not_carried() {
     })
     .await;
     let events = gw
-        .http
-        .get(gw.url("/v1/events?type=switchboard.call.completed"))
+        .get("/v1/events?type=switchboard.call.completed")
         .send()
         .await
         .unwrap();
@@ -79,14 +78,13 @@ async fn a_result_over_the_inline_bound_is_linked_from_its_event_not_carried() {
             assert!(doc.get("result_omitted").is_none(), "{doc}");
         }
         // The link gives the whole result, as a synchronous answer would.
-        let res = gw.http.get(gw.url(url)).send().await.unwrap();
+        let res = gw.get(url).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(&res.text().await.unwrap(), text);
     }
     // The stream of the finished call shows its end the same way.
     let res = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{}/events", ids[0])))
+        .get(&format!("/v1/calls/{}/events", ids[0]))
         .send()
         .await
         .unwrap();
@@ -96,8 +94,7 @@ async fn a_result_over_the_inline_bound_is_linked_from_its_event_not_carried() {
     assert!(end["data"].get("result").is_none());
     // The status document itself still has the result.
     let doc: Value = gw
-        .http
-        .get(gw.url(&format!("/v1/calls/{}", ids[0])))
+        .get(&format!("/v1/calls/{}", ids[0]))
         .send()
         .await
         .unwrap()
@@ -118,7 +115,7 @@ async fn the_event_history_evicts_by_bytes_before_its_count() {
     })
     .await;
     let open = |last: Option<&str>| {
-        let mut r = gw.http.get(gw.url("/v1/events?type=mem."));
+        let mut r = gw.get("/v1/events?type=mem.");
         if let Some(l) = last {
             r = r.header("last-event-id", l);
         }
@@ -171,8 +168,7 @@ async fn the_finished_call_cache_evicts_by_bytes_before_its_count() {
         let id = res.headers()["call-id"].to_str().unwrap().to_owned();
         // Ended one after the other, so they are cached in this order.
         let doc: Value = gw
-            .http
-            .get(gw.url(&format!("/v1/calls/{id}?wait=30")))
+            .get(&format!("/v1/calls/{id}?wait=30"))
             .send()
             .await
             .unwrap()
