@@ -21,7 +21,12 @@ pub(crate) struct Scrape {
 impl Scrape {
     /// The value of a sample, 0 when absent (a series not yet made).
     pub(crate) fn get(&self, series: &str) -> f64 {
-        self.samples.get(series).copied().unwrap_or(0.0)
+        self.value(series).unwrap_or(0.0)
+    }
+
+    /// The value of a sample, if the series exists.
+    pub(crate) fn value(&self, series: &str) -> Option<f64> {
+        self.samples.get(series).copied()
     }
 }
 

@@ -48,16 +48,9 @@ pub(crate) fn stepping(gate: Arc<Semaphore>) -> Arc<dyn Handler> {
 
 /// The value of a metric (a line `name value`, or `name{labels} value`).
 pub(crate) async fn metric(gw: &Gw, series: &str) -> Option<f64> {
-    let text = gw
-        .get("/metrics")
-        .send()
+    crate::metrics::scrape(&gw.http, &gw.url("/metrics"))
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .value(series)
 }
 
 async fn start_async(gw: &Gw, service: &str) -> String {
