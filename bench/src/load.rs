@@ -110,6 +110,28 @@ impl Phases<'_> {
         let m = drive(self.stop, phase.tally()).await;
         (m, self.probe.finish(&snap))
     }
+
+    /// [`Phases::run`] of calls made by `call` with `concurrency` in flight,
+    /// with this process's resident memory (KiB) right before the measured
+    /// phase and right after it.
+    pub async fn run_with_rss<F, Fut>(
+        self,
+        concurrency: usize,
+        call: F,
+    ) -> (Measured, Usage, Option<u64>, Option<u64>)
+    where
+        F: Fn() -> Fut + Clone + 'static,
+        Fut: Future<Output = Result<Instant, String>> + 'static,
+    {
+        let mut before = None;
+        let (m, usage) = self
+            .run(
+                || before = crate::probe::rss_kib(),
+                |stop, tally| drive(concurrency, stop, tally, call.clone()),
+            )
+            .await;
+        (m, usage, before, crate::probe::rss_kib())
+    }
 }
 
 /// Runs calls made by `call` with `concurrency` in flight until `stop`,

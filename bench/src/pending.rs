@@ -18,8 +18,8 @@ use switchboard::worker;
 use crate::Out;
 use crate::env::{Env, json_payload};
 use crate::error::{BenchError, Result};
-use crate::load::{Phases, Stop, drive};
-use crate::probe::{self, Probe};
+use crate::load::{Phases, Stop};
+use crate::probe::Probe;
 use crate::report::{self, Labels, Line, measured_point};
 use crate::rig::{Rig, Served, http_client, on_client_thread};
 
@@ -118,14 +118,7 @@ pub(crate) async fn run(
             probe: &probe2,
             progress: &progress,
         };
-        let mut before = None;
-        let (m, usage) = phases
-            .run(
-                || before = probe::rss_kib(),
-                |stop, tally| drive(concurrency, stop, tally, call.clone()),
-            )
-            .await;
-        Ok::<_, BenchError>((m, usage, before, probe::rss_kib()))
+        Ok::<_, BenchError>(phases.run_with_rss(concurrency, call).await)
     })
     .await;
     release.cancel();
