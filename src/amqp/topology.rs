@@ -74,12 +74,7 @@ pub async fn declare_shared(ch: &Channel, names: &Names) -> Result<()> {
 /// The arguments of a service queue: queue type, dead-letter wiring and, for
 /// quorum queues, the delivery limit that ends redelivery loops.
 pub fn service_queue_arguments(names: &Names, service: &str, svc: &ServiceSettings) -> FieldTable {
-    let mut args = FieldTable::default();
-    let kind = match svc.queue_type {
-        QueueType::Quorum => "quorum",
-        QueueType::Classic => "classic",
-    };
-    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    let mut args = of_type(svc.queue_type);
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(names.dead_exchange().into()),
@@ -104,11 +99,16 @@ pub fn service_queue_arguments(names: &Names, service: &str, svc: &ServiceSettin
 /// worker that declares its queues again after losing a node never meets a
 /// classic queue whose node is down (RabbitMQ answers 404 until it is back).
 pub fn dead_queue_arguments(kind: QueueType) -> FieldTable {
-    let mut args = FieldTable::default();
+    of_type(kind)
+}
+
+/// Queue arguments holding only `x-queue-type` for `kind`.
+fn of_type(kind: QueueType) -> FieldTable {
     let kind = match kind {
-        QueueType::Classic => "classic",
         QueueType::Quorum => "quorum",
+        QueueType::Classic => "classic",
     };
+    let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
     args
 }
@@ -228,12 +228,7 @@ pub async fn declare_reply_queue(ch: &Channel, names: &Names, instance: &str) ->
 /// nothing behind. Always the same AMQP type for the expiry (a long long):
 /// RabbitMQ compares argument types too when it checks a redeclaration.
 pub fn instance_queue_arguments(expires: Option<Duration>, kind: QueueType) -> FieldTable {
-    let mut args = FieldTable::default();
-    let kind = match kind {
-        QueueType::Classic => "classic",
-        QueueType::Quorum => "quorum",
-    };
-    args.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    let mut args = of_type(kind);
     if let Some(expires) = expires {
         let ms = i64::try_from(expires.as_millis())
             .unwrap_or(i64::MAX)
