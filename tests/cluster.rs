@@ -224,11 +224,27 @@ async fn a_node_stopped_mid_load_loses_no_accepted_call_and_runs_none_twice() {
                     && (l.contains("reconnect") || l.contains("consum") || l.contains("rpc_"))
             })
             .collect();
+        // The broker's side: the queues' leaders and members, and what
+        // the nodes that stayed up logged.
+        let queues = second.ctl_output(&[
+            "list_queues",
+            "name",
+            "type",
+            "leader",
+            "members",
+            "online",
+            "messages",
+            "state",
+        ]);
         panic!(
-            "the load did not end: {:?}, {} ran; consumers down: {down:?}\n{}",
+            "the load did not end: {:?}, {} ran; consumers down: {down:?}\n{}\nqueues:\n{queues}\n{} log:\n{}\n{} log:\n{}",
             outcome.lock().unwrap(),
             runs.lock().unwrap().len(),
-            interesting.join("\n")
+            interesting.join("\n"),
+            second.name,
+            second.log_tail(),
+            third.name,
+            third.log_tail(),
         );
     }
     let calls = limit.load(Ordering::SeqCst);

@@ -255,12 +255,13 @@ impl Broker {
         .map_err(|_| self.no_answer("answer", self.inner.connect_timeout))?
     }
 
-    /// Publishes and waits for the broker's confirm. A nack is
-    /// [`Error::Nacked`]; a mandatory message that nothing takes is
-    /// [`Error::NoRoute`]. A publish whose confirm is lost (the connection
-    /// dropped, or no confirm within `amqp.confirm_timeout_ms`) is sent
-    /// again, with the same properties and so the same `message_id`, up to
-    /// [`PUBLISH_ATTEMPTS`] times: consumers deduplicate by `message_id`.
+    /// Publishes and waits for the broker's confirm. A mandatory message
+    /// that nothing takes is [`Error::NoRoute`]. A publish that is nacked,
+    /// or whose confirm is lost (the connection dropped, or no confirm
+    /// within `amqp.confirm_timeout_ms`), is sent again on a new channel,
+    /// with the same properties and so the same `message_id`, up to
+    /// [`PUBLISH_ATTEMPTS`] times (consumers deduplicate by `message_id`);
+    /// nacked every time, it is [`Error::Nacked`].
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
         let mut attempt = 1;
         loop {
@@ -280,7 +281,12 @@ impl Broker {
                 tokio::time::timeout(self.inner.confirm_timeout, publish_on(&channel, &msg)).await;
             let err = match sent {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(e @ (Error::NoRoute { .. } | Error::Nacked))) => return Err(e),
+                Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),
+                // A nack is sent again too, on a new channel: a channel keeps
+                // per-queue state on the broker, and RabbitMQ 3.10 leaves a
+                // channel that first published to a quorum queue while its
+                // leader's node was going down refusing every later publish
+                // to that queue (docs/RELIABILITY.md, "A cluster node lost").
                 Ok(Err(e)) => e,
                 Err(_) => self.no_answer("publisher confirm", self.inner.confirm_timeout),
             };

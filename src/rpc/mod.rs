@@ -394,8 +394,7 @@ impl RpcClient {
             properties: wire::request_properties(&meta, inner.options.persistent),
             mandatory: true,
         };
-        // `pending` unregisters itself if the publish fails (Drop).
-        match inner.options.reply_mode {
+        let published = match inner.options.reply_mode {
             ReplyMode::Direct => {
                 let ch = inner
                     .direct_channel
@@ -415,11 +414,20 @@ impl RpcClient {
                             what: "publisher confirm",
                             after: confirm,
                         },
-                    })??
+                    })
+                    .and_then(|r| r)
             }
-            ReplyMode::Queue => inner.broker.publish(msg).await?,
+            ReplyMode::Queue => inner.broker.publish(msg).await,
+        };
+        match published {
+            Ok(()) => Ok(pending),
+            Err(e) => {
+                // Never sent (or not known to be): the caller gets the
+                // error, not a timeout, and the call is not counted as one.
+                pending.unsent();
+                Err(e)
+            }
         }
-        Ok(pending)
     }
 }
 
@@ -496,6 +504,13 @@ impl PendingReply {
             self.calls.forget(&self.call_id, true);
         }
         arrived
+    }
+
+    /// The publish failed: forget the call without counting a timeout.
+    fn unsent(mut self) {
+        if self.rx.take().is_some() {
+            self.calls.forget_unsent(&self.call_id);
+        }
     }
 
     /// Waits for the reply until the deadline.

@@ -265,6 +265,17 @@ impl PendingCalls {
         }
     }
 
+    /// The call's publish failed (an error to its caller, not a timeout):
+    /// forget it. Still remembered, so that the reply of a request that did
+    /// reach a queue although its confirm was lost counts as late.
+    pub fn forget_unsent(&self, id: &str) {
+        let mut st = self.lock();
+        if st.waiters.remove(id).is_some() {
+            self.set_gauge(st.waiters.len());
+            st.remember_forgotten(id.to_owned());
+        }
+    }
+
     /// Removes every waiter whose deadline passed or whose caller is gone.
     fn sweep(&self) {
         let now = Instant::now();

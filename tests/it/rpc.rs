@@ -103,6 +103,50 @@ async fn a_call_to_a_service_with_no_queue_fails_at_once() {
 }
 
 #[actix_rt::test]
+async fn a_call_the_broker_refuses_fails_with_nacked_not_a_timeout() {
+    use switchboard::lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    use switchboard::lapin::types::{AMQPValue, FieldTable};
+    let (c, client, _conn) = echo_setup("nacked", ReplyMode::Queue).await;
+    // A queue that refuses every message (an operator's length limit of 0
+    // with `reject-publish`), bound where calls to `full` go.
+    let names = c.broker.names();
+    let queue = names.service_queue("full");
+    let ch = c.broker.channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.queue_bind(
+        queue.as_str().into(),
+        names.requests_exchange().as_str().into(),
+        "full".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let err = client
+        .call(Call::new("full", &b"{}"[..]).timeout(Duration::from_secs(600)))
+        .await
+        .unwrap_err();
+    // Sent again on new channels, refused each time: the caller learns it
+    // at once, may try later, and no timeout is counted.
+    assert!(matches!(err, Error::Nacked), "got {err:?}");
+    assert!(err.is_recoverable());
+    assert_eq!(client.stats().pending.load(Ordering::Relaxed), 0);
+    assert_eq!(client.stats().timed_out.load(Ordering::Relaxed), 0);
+    // The worker's service goes on.
+    let reply = client.call(Call::new("echo", &b"{}"[..])).await.unwrap();
+    assert_eq!(reply.status, 200);
+    c.cleanup(&["echo", "full"]).await;
+}
+
+#[actix_rt::test]
 async fn a_slow_handler_times_out_and_its_late_reply_is_dropped() {
     let c = ctx("slow").await;
     let gate = Arc::new(Semaphore::new(0));

@@ -154,6 +154,22 @@ impl RabbitNode {
         );
     }
 
+    /// What `rabbitmqctl -n <this node> args` prints (its errors too): a
+    /// failed test's view of the cluster.
+    #[allow(dead_code)] // used by the cluster test only
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n".to_string(), self.name.clone()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        match as_rabbitmq("rabbitmqctl", &all).output() {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => format!("rabbitmqctl did not run: {e}"),
+        }
+    }
+
     /// Stops the node and waits until its process is gone (once: on a
     /// stopped node, `rabbitmqctl stop` would wait for it to answer).
     pub fn stop(&self) {
