@@ -286,7 +286,8 @@ impl Broker {
                 // per-queue state on the broker, and RabbitMQ 3.10 leaves a
                 // channel that first published to a quorum queue while its
                 // leader's node was going down refusing every later publish
-                // to that queue (docs/RELIABILITY.md, "A cluster node lost").
+                // to that queue (docs/RELIABILITY.md, the cluster node row of
+                // "How it is kept").
                 Ok(Err(e)) => e,
                 Err(_) => self.no_answer("publisher confirm", self.inner.confirm_timeout),
             };

@@ -36,7 +36,7 @@ use crate::error::{Error, Result, Unreachable};
 use crate::message::Progress;
 use crate::message::Reply;
 use crate::settings::{ReplyMode, RpcSettings};
-use router::PendingCalls;
+use router::{Forget, PendingCalls};
 
 /// One call to make.
 #[derive(Debug, Clone)]
@@ -501,7 +501,7 @@ impl PendingReply {
         rx.close();
         let arrived = rx.try_recv().ok();
         if arrived.is_none() {
-            self.calls.forget(&self.call_id, true);
+            self.calls.forget(&self.call_id, Forget::Detached);
         }
         arrived
     }
@@ -509,7 +509,7 @@ impl PendingReply {
     /// The publish failed: forget the call without counting a timeout.
     fn unsent(mut self) {
         if self.rx.take().is_some() {
-            self.calls.forget_unsent(&self.call_id);
+            self.calls.forget(&self.call_id, Forget::Unsent);
         }
     }
 
@@ -542,7 +542,7 @@ impl PendingReply {
 impl Drop for PendingReply {
     fn drop(&mut self) {
         if let Some(mut rx) = self.rx.take() {
-            self.calls.forget(&self.call_id, false);
+            self.calls.forget(&self.call_id, Forget::GaveUp);
             // A reply that arrived for a caller that let go is done with.
             rx.close();
             if let Ok(routed) = rx.try_recv() {

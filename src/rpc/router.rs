@@ -191,6 +191,20 @@ impl PendingState {
     }
 }
 
+/// Why a call is forgotten ([`PendingCalls::forget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forget {
+    /// Its caller gave up (deadline, drop): a timeout; a reply is late.
+    GaveUp,
+    /// Its publish failed: an error to its caller, not a timeout; a reply
+    /// (of a request that reached a queue although its confirm was lost)
+    /// is late.
+    Unsent,
+    /// Handed over to the orphan sink: not a timeout, and its reply is not
+    /// late.
+    Detached,
+}
+
 impl PendingCalls {
     /// An empty map bounded by `max_pending`.
     pub fn new(max_pending: usize, stats: std::sync::Arc<RpcStats>) -> Self {
@@ -251,28 +265,19 @@ impl PendingCalls {
         Ok(())
     }
 
-    /// The caller gave up (deadline, drop, failed publish), or handed the
-    /// call over to the orphan sink (`detached`: not a timeout, and its
-    /// reply is not late): forget the call.
-    pub fn forget(&self, id: &str, detached: bool) {
+    /// Forgets a call: its caller gave up, its publish failed, or it was
+    /// handed over to the orphan sink ([`Forget`] says which, and so
+    /// whether it counts as a timeout and whether its reply is late).
+    pub fn forget(&self, id: &str, why: Forget) {
         let mut st = self.lock();
         if st.waiters.remove(id).is_some() {
             self.set_gauge(st.waiters.len());
-            if !detached {
+            if why == Forget::GaveUp {
                 self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+            }
+            if why != Forget::Detached {
                 st.remember_forgotten(id.to_owned());
             }
-        }
-    }
-
-    /// The call's publish failed (an error to its caller, not a timeout):
-    /// forget it. Still remembered, so that the reply of a request that did
-    /// reach a queue although its confirm was lost counts as late.
-    pub fn forget_unsent(&self, id: &str) {
-        let mut st = self.lock();
-        if st.waiters.remove(id).is_some() {
-            self.set_gauge(st.waiters.len());
-            st.remember_forgotten(id.to_owned());
         }
     }
 

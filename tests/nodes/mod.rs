@@ -142,15 +142,11 @@ impl RabbitNode {
     /// Runs `rabbitmqctl -n <this node> args` (blocking: a test's setup and
     /// its fault), and fails with its output if it fails.
     pub fn ctl(&self, args: &[&str]) {
-        let mut all = vec!["-n".to_string(), self.name.clone()];
-        all.extend(args.iter().map(|a| a.to_string()));
-        let out = as_rabbitmq("rabbitmqctl", &all).output().unwrap();
+        let (ok, printed) = self.run_ctl(args);
         assert!(
-            out.status.success(),
-            "rabbitmqctl {args:?} on {} failed: {}{}",
-            self.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            ok,
+            "rabbitmqctl {args:?} on {} failed: {printed}",
+            self.name
         );
     }
 
@@ -158,15 +154,24 @@ impl RabbitNode {
     /// failed test's view of the cluster.
     #[allow(dead_code)] // used by the cluster test only
     pub fn ctl_output(&self, args: &[&str]) -> String {
+        self.run_ctl(args).1
+    }
+
+    /// Whether `rabbitmqctl -n <this node> args` succeeded, and what it
+    /// printed (stdout, then stderr).
+    fn run_ctl(&self, args: &[&str]) -> (bool, String) {
         let mut all = vec!["-n".to_string(), self.name.clone()];
         all.extend(args.iter().map(|a| a.to_string()));
         match as_rabbitmq("rabbitmqctl", &all).output() {
-            Ok(out) => format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+            Ok(out) => (
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             ),
-            Err(e) => format!("rabbitmqctl did not run: {e}"),
+            Err(e) => (false, format!("rabbitmqctl did not run: {e}")),
         }
     }
 
