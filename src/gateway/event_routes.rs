@@ -14,8 +14,8 @@ use super::calls::caller_call;
 use super::error::{ApiError, Problem};
 use super::limits::Slot;
 use super::streams::{Counted, SseOptions, sse_frame, sse_response, ws_relay};
-use super::tracker::{EVENT_ACCEPTED, EVENT_CANCELLED, EVENT_COMPLETED};
 use crate::calls::document::StatusDocument;
+use crate::calls::tracker::{EVENT_ACCEPTED, EVENT_CANCELLED, EVENT_COMPLETED};
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
 use crate::metrics::Transport;
 

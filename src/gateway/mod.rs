@@ -5,13 +5,13 @@
 //! # Layout
 //! - [`calls`]: start a call, poll and long-poll it, cancel it, fetch its
 //!   result.
-//! - [`tracker`]: the life of calls that outlive their request (store,
-//!   lifecycle events, long-poll wake-ups, callbacks, deadlines, dead letters).
+//! - the life of calls that outlive their request (store, lifecycle events,
+//!   long-poll wake-ups, callbacks, deadlines, dead letters) is not HTTP:
+//!   it is [`crate::calls::tracker`], which this gateway drives.
 //! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
 //!   problem+json answers (also for the errors actix-web answers itself).
 //! - [`limits`]: what one caller may use (rate, pending calls, streams,
 //!   long-polls), so that no caller starves the others.
-//! - [`finished`]: finished calls' documents kept in memory for polls.
 //! - [`browser`]: what a web page may make a browser do (`Origin` checks,
 //!   CORS, DNS rebinding); [`connections`]: what one connection may hold
 //!   (idle time, unread bodies).
@@ -27,13 +27,11 @@ pub mod calls;
 pub mod connections;
 pub mod error;
 pub mod event_routes;
-pub mod finished;
 pub mod headers;
 pub mod limits;
 pub mod openapi;
 pub mod ops;
 pub mod streams;
-pub mod tracker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -49,6 +47,7 @@ use tracing::{info, warn};
 use crate::amqp::Broker;
 use crate::callbacks::{Dispatcher, DispatcherHandle};
 use crate::calls::CallStore;
+use crate::calls::tracker::Tracker;
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, HubHandle, HubOptions};
 use crate::metrics::CallMetrics;
@@ -56,7 +55,6 @@ use crate::rpc::{RpcClient, RpcOptions};
 use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
 use auth::Auth;
 use error::ApiError;
-use tracker::Tracker;
 
 /// What every request handler shares.
 pub struct AppState {
