@@ -9,11 +9,13 @@
 //!
 //! # Layout
 //! - this file: [`CallStore`], [`CallRecord`], [`NewCall`].
+//! - `batch`: group commit of the frequent writes.
 //! - [`document`]: the status document and result JSON of DESIGN.md.
 //! - [`tracker`]: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
 //! - [`finished`]: the documents of recently finished calls, kept in memory.
 
+mod batch;
 pub mod document;
 pub mod finished;
 pub mod tracker;
@@ -25,6 +27,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Connection, Row};
 
 use crate::error::{Error, Result};
+use batch::{Arg, Stmt};
 
 /// Where a call stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -330,7 +333,17 @@ enum Backend {
 /// The store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CallStore {
+    /// Reads; on PostgreSQL, writes too.
     pool: AnyPool,
+    /// Writes. On SQLite, a pool of one connection: SQLite takes one writer
+    /// at a time, and a writer that finds the lock taken by another
+    /// connection of this process sleeps in SQLite's busy handler (1, 2,
+    /// 5, 10 ms and up) instead of queueing: at 32 concurrent 202 calls that
+    /// sleep was most of a call's latency (BENCHMARKS.md, `bench http`).
+    /// Writers queue for this connection instead, in order, without sleeping.
+    writer: AnyPool,
+    /// Group commit of the frequent writes, on `writer` (see `batch`).
+    batch: batch::Batcher,
 }
 
 const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, deadline_ms, published, \
@@ -521,8 +534,25 @@ impl CallStore {
         }
         tx.commit().await.map_err(db)?;
         let _ = conn.close().await;
-        let pool = opts.connect(url).await.map_err(opening)?;
-        Ok(Self { pool })
+        let writer = match backend {
+            Backend::Sqlite => opts
+                .clone()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .map_err(opening)?,
+            Backend::Postgres => opts.clone().connect(url).await.map_err(opening)?,
+        };
+        let pool = match backend {
+            Backend::Sqlite => opts.connect(url).await.map_err(opening)?,
+            Backend::Postgres => writer.clone(),
+        };
+        let batch = batch::Batcher::start(writer.clone());
+        Ok(Self {
+            pool,
+            writer,
+            batch,
+        })
     }
 
     /// Stores a new pending call. With an idempotency key the caller already
@@ -532,27 +562,31 @@ impl CallStore {
             .callback_url
             .as_ref()
             .map(|_| CallbackState::Waiting.as_str());
-        let done = sqlx::query(
-            "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, published, \
-             idem_key, body_hash, traceparent, callback_url, callback_state, callback_attempts) \
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0) \
-             ON CONFLICT (caller, idem_key) DO NOTHING",
-        )
-        .bind(&call.id)
-        .bind(&call.caller)
-        .bind(&call.service)
-        .bind(call.created_ms)
-        .bind(call.deadline_ms)
-        .bind(i64::from(call.published))
-        .bind(call.idem_key.as_deref())
-        .bind(call.body_hash.as_deref())
-        .bind(call.traceparent.as_deref())
-        .bind(call.callback_url.as_deref())
-        .bind(callback_state)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        if done.rows_affected() == 1 {
+        let done = self
+            .batch
+            .execute(Stmt {
+                sql: "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, \
+                      published, idem_key, body_hash, traceparent, callback_url, callback_state, \
+                      callback_attempts) \
+                      VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0) \
+                      ON CONFLICT (caller, idem_key) DO NOTHING",
+                args: vec![
+                    Arg::Text(Some(call.id.clone())),
+                    Arg::Text(Some(call.caller.clone())),
+                    Arg::Text(Some(call.service.clone())),
+                    Arg::Int(Some(call.created_ms)),
+                    Arg::Int(Some(call.deadline_ms)),
+                    Arg::Int(Some(i64::from(call.published))),
+                    Arg::Text(call.idem_key.clone()),
+                    Arg::Text(call.body_hash.clone()),
+                    Arg::Text(call.traceparent.clone()),
+                    Arg::Text(call.callback_url.clone()),
+                    Arg::Text(callback_state.map(str::to_owned)),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        if done == 1 {
             return Ok(Inserted::New);
         }
         let key = call.idem_key.as_deref().unwrap_or_default();
@@ -577,9 +611,11 @@ impl CallStore {
 
     /// Marks the call's request as confirmed by the broker.
     pub async fn mark_published(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE sb_calls SET published = 1 WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
+        self.batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET published = 1 WHERE id = $1",
+                args: vec![Arg::Text(Some(id.to_owned()))],
+            })
             .await
             .map_err(db)?;
         Ok(())
@@ -589,7 +625,7 @@ impl CallStore {
     pub async fn delete(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM sb_calls WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db)?;
         Ok(())
@@ -641,27 +677,30 @@ impl CallStore {
         completed_ms: i64,
         callback: Option<(&str, &[u8])>,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
-             result_content_type = $4, result_body = $5, \
-             callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
-             callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
-             callback_event_id = $7, callback_body = $8 \
-             WHERE id = $9 AND status = 'pending'",
-        )
-        .bind(status.as_str())
-        .bind(completed_ms)
-        .bind(result.map(|r| i64::from(r.status)))
-        .bind(result.map(|r| r.content_type.as_str()))
-        .bind(result.map(|r| r.body.clone()))
-        .bind(CallbackState::Pending.as_str())
-        .bind(callback.map(|c| c.0))
-        .bind(callback.map(|c| c.1.to_vec()))
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+                      result_content_type = $4, result_body = $5, \
+                      callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
+                      callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
+                      callback_event_id = $7, callback_body = $8 \
+                      WHERE id = $9 AND status = 'pending'",
+                args: vec![
+                    Arg::Text(Some(status.as_str().to_owned())),
+                    Arg::Int(Some(completed_ms)),
+                    Arg::Int(result.map(|r| i64::from(r.status))),
+                    Arg::Text(result.map(|r| r.content_type.clone())),
+                    Arg::Blob(result.map(|r| r.body.clone())),
+                    Arg::Text(Some(CallbackState::Pending.as_str().to_owned())),
+                    Arg::Text(callback.map(|c| c.0.to_owned())),
+                    Arg::Blob(callback.map(|c| c.1.to_vec())),
+                    Arg::Text(Some(id.to_owned())),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        Ok(done == 1)
     }
 
     /// Records the latest progress of call `id` while it is pending;
@@ -673,18 +712,21 @@ impl CallStore {
         note: Option<&str>,
         at_ms: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sb_calls SET progress = $1, progress_note = $2, progress_ms = $3 \
-             WHERE id = $4 AND status = 'pending'",
-        )
-        .bind(fraction)
-        .bind(note)
-        .bind(at_ms)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET progress = $1, progress_note = $2, progress_ms = $3 \
+                      WHERE id = $4 AND status = 'pending'",
+                args: vec![
+                    Arg::Real(Some(fraction)),
+                    Arg::Text(note.map(str::to_owned)),
+                    Arg::Int(Some(at_ms)),
+                    Arg::Text(Some(id.to_owned())),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        Ok(done == 1)
     }
 
     /// Ids and deadlines of every pending call (to resume after a restart).
@@ -725,7 +767,7 @@ impl CallStore {
     /// the same idempotency key starts afresh).
     pub async fn drop_unpublished(&self) -> Result<u64> {
         let done = sqlx::query("DELETE FROM sb_calls WHERE published = 0 AND status = 'pending'")
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db)?;
         Ok(done.rows_affected())
@@ -739,14 +781,14 @@ impl CallStore {
              AND (callback_state IS NULL OR callback_state IN ('delivered', 'dead'))",
         )
         .bind(before_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db)?;
         if done.rows_affected() > 0 {
             sqlx::query(
                 "DELETE FROM sb_callback_attempts WHERE call_id NOT IN (SELECT id FROM sb_calls)",
             )
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db)?;
         }
@@ -806,13 +848,13 @@ impl CallStore {
                 .bind(next_ms)
                 .bind(reason.as_str())
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(db)?;
                 return Ok(());
             }
         };
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         sqlx::query(
             "UPDATE sb_calls SET callback_state = $1, callback_next_ms = $2, callback_error = $3, \
              callback_attempts = callback_attempts + 1 WHERE id = $4",
@@ -854,7 +896,7 @@ impl CallStore {
         )
         .bind(now_ms)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db)?;
         Ok(done.rows_affected() == 1)
@@ -899,6 +941,7 @@ impl CallStore {
 
     /// Closes the pool.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }
