@@ -517,14 +517,24 @@ async fn unpublished_calls_are_dropped_and_their_key_starts_afresh() {
         insert_new(&b.store, &keyed(&lost)).await;
         insert_new(&b.store, &call(&kept, &caller, 10, 20)).await;
 
-        assert_eq!(b.store.drop_unpublished().await.unwrap(), 1, "{}", b.name);
+        assert_eq!(
+            b.store.drop_unpublished(100).await.unwrap(),
+            1,
+            "{}",
+            b.name
+        );
         assert!(b.store.get(&lost).await.unwrap().is_none());
         assert!(b.store.get(&kept).await.unwrap().is_some());
         // The caller never got a 202 for it: the same key makes a new call.
         insert_new(&b.store, &keyed(&retry)).await;
         // Published calls are never dropped, nor pending ones once published.
         b.store.mark_published(&retry).await.unwrap();
-        assert_eq!(b.store.drop_unpublished().await.unwrap(), 0, "{}", b.name);
+        assert_eq!(
+            b.store.drop_unpublished(100).await.unwrap(),
+            0,
+            "{}",
+            b.name
+        );
         assert!(b.store.get(&retry).await.unwrap().is_some());
         b.done().await;
     }
