@@ -250,10 +250,8 @@ impl CallStore {
              AND callback_state = 'pending' AND (lease_until IS NULL OR lease_until < $3) \
              RETURNING {COLUMNS}"
         );
-        let owner = match self.instance() {
-            Some(me) => me,
-            None => "-",
-        };
+        // A handle of no instance (a tool, a test) still leases in a name.
+        let owner = self.instance().unwrap_or("-");
         let rows = sqlx::query(&sql)
             .bind(owner)
             .bind(lease_until_ms)
