@@ -49,7 +49,7 @@ pub const UNSENT_GRACE: Duration = Duration::from_secs(120);
 /// How much longer than one attempt's timeout (`callbacks.timeout_ms`) a
 /// callback lease lasts: the attempt and the recording of its outcome must
 /// fit in it, or another gateway may deliver the same callback again.
-pub const LEASE_MARGIN: Duration = Duration::from_secs(30);
+pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// The table of gateway instances (see the module's documentation).
 pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sb_instances (
