@@ -310,6 +310,16 @@ impl Dispatcher {
             concurrency = self.deliverer.settings.concurrency,
             "callback dispatcher started"
         );
+        match self.store.release_own_leases().await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                leases = n,
+                "callback leases of an earlier process of this instance ended"
+            ),
+            Err(e) => {
+                warn!(error = %e, "callback leases of an earlier process not ended; they run out")
+            }
+        }
         loop {
             if self.cancel.is_cancelled() {
                 break;

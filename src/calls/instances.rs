@@ -222,6 +222,26 @@ impl CallStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Ends the callback leases held in this handle's instance's name: at
+    /// a dispatcher's start, nothing of this process is in flight, so
+    /// leases in its name are those of an earlier process under the same
+    /// instance id that was killed mid-delivery (instance ids are unique
+    /// per live process). Its callbacks are due again now rather than
+    /// when those leases would run out. Returns how many.
+    pub async fn release_own_leases(&self) -> Result<u64> {
+        let Some(me) = self.instance() else {
+            return Ok(0);
+        };
+        let done = sqlx::query(
+            "UPDATE sb_calls SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+        )
+        .bind(me)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
     /// Claims up to `limit` callbacks due at `now_ms` that no dispatcher
     /// holds a lease on, leasing them to this handle's instance until
     /// `lease_until_ms`, oldest due first. A lease ends when the attempt's

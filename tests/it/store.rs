@@ -643,6 +643,22 @@ async fn a_due_callback_is_claimed_by_one_gateway_of_two_until_its_lease_ends() 
             .unwrap();
         assert_eq!(taken.len(), 1, "{}", b.name);
         assert_eq!(taken[0].id, id);
+        // That one died too and came back under its instance id: it ends
+        // the leases in its name at start, so the callback is due at once.
+        assert!(
+            holder
+                .claim_due_callbacks(70_000, 10, 130_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(taker.release_own_leases().await.unwrap(), 1, "{}", b.name);
+        assert_eq!(holder.release_own_leases().await.unwrap(), 0);
+        let taken = taker
+            .claim_due_callbacks(70_000, 10, 130_000)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1, "{}", b.name);
         taker
             .record_attempt(
                 &id,
