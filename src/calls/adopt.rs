@@ -4,7 +4,7 @@
 //! [`spawn`] starts one task per gateway: every [`HEARTBEAT`] it refreshes
 //! the gateway's row and, while it drains fewer than [`MAX_ADOPTED`]
 //! gateways' queues, claims one silent for [`SILENT_AFTER`]. Each claimed
-//! gateway gets a task of its own ([`adopt`]) that consumes its reply queue
+//! gateway gets a task of its own (`adopt`) that consumes its reply queue
 //! and its dead-letter watch queue with supervised consumers and hands
 //! every reply to the tracker, as the gateway's own reply router would
 //! have (the stored call completes, its event goes out, its callback is
@@ -15,7 +15,7 @@
 //! queues are adopted without waiting.
 //!
 //! # Layout
-//! - [`spawn`]: the liveness task; [`adopt`]: draining one dead gateway.
+//! - [`spawn`]: the liveness task; `adopt`: draining one dead gateway.
 //! - [`AdoptStats`] and its metrics source (`switchboard_rpc_adopted_queues`,
 //!   `switchboard_rpc_adopted_replies_total`).
 
