@@ -244,7 +244,7 @@ async fn adopt(tracker: &Tracker, silent: &Silent, stats: &AdoptStats, cancel: &
         };
         match next {
             Next::Stop => {
-                d_stop(&mut drains, "shutdown").await;
+                stop_drains(&mut drains, "shutdown").await;
                 return;
             }
             Next::Reply(delivery) => {
@@ -260,7 +260,7 @@ async fn adopt(tracker: &Tracker, silent: &Silent, stats: &AdoptStats, cancel: &
                     Ok(true) => {}
                     Ok(false) => {
                         info!(dead = %silent.id, "adoption withdrawn (the instance came back, or another took it over)");
-                        d_stop(&mut drains, "adoption withdrawn").await;
+                        stop_drains(&mut drains, "adoption withdrawn").await;
                         return;
                     }
                     Err(e) => {
@@ -291,7 +291,7 @@ enum Next {
     Check,
 }
 
-async fn d_stop(drains: &mut Option<Drains>, why: &str) {
+async fn stop_drains(drains: &mut Option<Drains>, why: &str) {
     if let Some(d) = drains.take() {
         d.stop(why).await;
     }
