@@ -772,3 +772,43 @@ async fn a_silent_gateway_is_adopted_by_exactly_one_and_its_calls_wait_for_the_d
         b.done().await;
     }
 }
+
+#[actix_rt::test]
+async fn the_adoptions_of_an_adopter_that_dies_are_claimed_again() {
+    use switchboard::calls::instances::SILENT_AFTER;
+    for b in backends().await {
+        let p = prefix("readopt");
+        let x = b.store.clone().for_instance(&format!("{p}-x"));
+        let y = same_store(&b).await.for_instance(&format!("{p}-y"));
+        let dead = same_store(&b).await.for_instance(&format!("{p}-dead"));
+        for s in [&x, &y, &dead] {
+            s.heartbeat("q.r", "q.d").await.unwrap();
+        }
+        dead.mark_gone().await.unwrap();
+        let claimed = x.claim_silent(SILENT_AFTER).await.unwrap();
+        assert_eq!(claimed.map(|s| s.id), dead.instance().map(str::to_owned));
+        // While X lives, Y leaves its adoption alone.
+        assert!(
+            y.claim_silent(SILENT_AFTER).await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        // X dies too: Y claims both X and what X had adopted.
+        x.mark_gone().await.unwrap();
+        let mut taken = Vec::new();
+        while let Some(s) = y.claim_silent(SILENT_AFTER).await.unwrap() {
+            taken.push(s.id);
+            assert!(taken.len() <= 2, "{}: claimed again: {taken:?}", b.name);
+        }
+        taken.sort();
+        let mut expected = vec![format!("{p}-dead"), format!("{p}-x")];
+        expected.sort();
+        assert_eq!(taken, expected, "{}", b.name);
+        assert!(y.still_adopted(&format!("{p}-dead")).await.unwrap());
+        assert!(!x.still_adopted(&format!("{p}-dead")).await.unwrap());
+        for s in [y, dead] {
+            s.close().await;
+        }
+        b.done().await;
+    }
+}
