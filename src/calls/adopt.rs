@@ -20,6 +20,7 @@
 //!   `switchboard_rpc_adopted_replies_total`).
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use deadpool_lapin::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use deadpool_lapin::lapin::{Connection, types::FieldTable};
+use futures_util::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -129,7 +131,17 @@ pub fn spawn(tracker: Tracker, cancel: CancellationToken) -> (Arc<AdoptStats>, J
             );
             tokio::spawn(async move {
                 stats.queues.fetch_add(1, Ordering::Relaxed);
-                adopt(&tracker, &silent, &stats, &cancel).await;
+                let run = AssertUnwindSafe(adopt(&tracker, &silent, &stats, &cancel))
+                    .catch_unwind()
+                    .await;
+                if run.is_err() {
+                    // Its consumers were dropped with it (their deliveries
+                    // go back to the queue): let it be claimed again.
+                    warn!(dead = %silent.id, "adoption panicked; withdrawn");
+                    if let Err(e) = tracker.store().withdraw(&silent.id).await {
+                        warn!(dead = %silent.id, error = %e, "adoption not withdrawn");
+                    }
+                }
                 stats.queues.fetch_sub(1, Ordering::Relaxed);
                 lock(&adopting).remove(&silent.id);
             });

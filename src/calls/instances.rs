@@ -177,6 +177,18 @@ impl CallStore {
         Ok(n == 1)
     }
 
+    /// Gives up the adoption of instance `id` (its adopter failed): it is
+    /// claimed again at a later look, here or by another gateway.
+    pub async fn withdraw(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE sb_instances SET adopted_by = NULL WHERE id = $1 AND adopted_by = $2")
+            .bind(id)
+            .bind(self.me())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     /// Records that the adopted instance `id`'s queue was found empty once:
     /// its calls past their deadline may be expired from now on
     /// ([`CallStore::overdue`]).

@@ -806,6 +806,11 @@ async fn the_adoptions_of_an_adopter_that_dies_are_claimed_again() {
         assert_eq!(taken, expected, "{}", b.name);
         assert!(y.still_adopted(&format!("{p}-dead")).await.unwrap());
         assert!(!x.still_adopted(&format!("{p}-dead")).await.unwrap());
+        // An adoption withdrawn (its adopter failed) is claimed again.
+        y.withdraw(&format!("{p}-dead")).await.unwrap();
+        assert!(!y.still_adopted(&format!("{p}-dead")).await.unwrap());
+        let again = y.claim_silent(SILENT_AFTER).await.unwrap();
+        assert_eq!(again.map(|s| s.id), Some(format!("{p}-dead")), "{}", b.name);
         for s in [y, dead] {
             s.close().await;
         }
