@@ -41,6 +41,11 @@ async fn a_gateway_that_stops_has_its_pending_calls_finished_by_another_on_the_s
         .broker
         .names()
         .reply_queue(gw.ctx.broker.instance_id());
+    let a_deadwatch = gw
+        .ctx
+        .broker
+        .names()
+        .deadwatch_queue(gw.ctx.broker.instance_id());
 
     // A stops (and says so in the store); then the worker answers, into
     // A's reply queue, which nobody of A reads any more.
@@ -64,7 +69,7 @@ async fn a_gateway_that_stops_has_its_pending_calls_finished_by_another_on_the_s
     })
     .await;
     assert_eq!(status, "succeeded");
-    // B took it from A's queue, then deleted A's queue (drained, nothing
+    // B took it from A's queue, then deleted A's queues (drained, nothing
     // of A pending).
     let metrics = http
         .get(format!("{base_b}/metrics"))
@@ -80,8 +85,11 @@ async fn a_gateway_that_stops_has_its_pending_calls_finished_by_another_on_the_s
     );
     eventually(
         Duration::from_secs(15),
-        "A's reply queue is deleted",
-        || async { queue_consumers(&broker_b, &a_queue).await.is_none() },
+        "A's queues are deleted",
+        || async {
+            queue_consumers(&broker_b, &a_queue).await.is_none()
+                && queue_consumers(&broker_b, &a_deadwatch).await.is_none()
+        },
     )
     .await;
 
