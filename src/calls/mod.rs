@@ -14,10 +14,15 @@
 //! - [`tracker`]: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
 //! - [`finished`]: the documents of recently finished calls, kept in memory.
+//! - [`instances`]: the gateways sharing the store (liveness, adoption of a
+//!   silent one's queues) and the leases on callback deliveries.
+//! - [`adopt`]: a live gateway draining the queues of a dead one.
 
+pub mod adopt;
 mod batch;
 pub mod document;
 pub mod finished;
+pub mod instances;
 pub mod tracker;
 
 use std::str::FromStr;
@@ -344,6 +349,12 @@ pub struct CallStore {
     writer: AnyPool,
     /// Group commit of the frequent writes, on `writer` (see `batch`).
     batch: batch::Batcher,
+    backend: Backend,
+    /// The gateway instance using this handle ([`CallStore::for_instance`]):
+    /// recorded on the calls it stores (their replies come to its reply
+    /// queue) and as the owner of the callback leases it takes. `None`
+    /// (a store opened by a tool or a test): calls belong to no instance.
+    instance: Option<std::sync::Arc<str>>,
 }
 
 const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, deadline_ms, published, \
@@ -353,7 +364,7 @@ const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, de
 
 /// Columns added after the first release, with their type: added to a
 /// store made before them when it opens.
-fn added_columns(backend: Backend) -> [(&'static str, &'static str); 3] {
+fn added_columns(backend: Backend) -> [(&'static str, &'static str); 6] {
     let real = match backend {
         Backend::Sqlite => "REAL",
         Backend::Postgres => "DOUBLE PRECISION",
@@ -362,6 +373,13 @@ fn added_columns(backend: Backend) -> [(&'static str, &'static str); 3] {
         ("progress", real),
         ("progress_note", "TEXT"),
         ("progress_ms", "BIGINT"),
+        // The instance whose reply queue the call's reply goes to (see
+        // [`instances`]); NULL for calls stored before it existed.
+        ("instance", "TEXT"),
+        // Who is delivering the callback now, and until when (see
+        // [`CallStore::claim_due_callbacks`]).
+        ("lease_owner", "TEXT"),
+        ("lease_until", "BIGINT"),
     ]
 }
 
@@ -417,8 +435,15 @@ fn schema(backend: Backend) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS sb_calls_caller ON sb_calls (caller, status)".into(),
         "CREATE INDEX IF NOT EXISTS sb_calls_callbacks ON sb_calls (callback_state, callback_next_ms)"
             .into(),
+        instances::SCHEMA.into(),
     ]
 }
+
+/// Indexes on columns of [`added_columns`], made once they exist.
+const ADDED_INDEXES: [&str; 1] = [
+    // An instance's pending calls, counted before its adopter lets it go.
+    "CREATE INDEX IF NOT EXISTS sb_calls_instance ON sb_calls (instance, status)",
+];
 
 /// The PostgreSQL advisory lock key held while the schema is created
 /// (any constant; this one spells "sbschema" in ASCII).
@@ -532,6 +557,9 @@ impl CallStore {
                     .map_err(db)?;
             }
         }
+        for stmt in ADDED_INDEXES {
+            sqlx::query(stmt).execute(&mut *tx).await.map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
         let _ = conn.close().await;
         let writer = match backend {
@@ -552,7 +580,22 @@ impl CallStore {
             pool,
             writer,
             batch,
+            backend,
+            instance: None,
         })
+    }
+
+    /// This handle as used by gateway instance `id`: the calls it stores
+    /// are recorded as that instance's, and its callback leases are held in
+    /// that name.
+    pub fn for_instance(mut self, id: &str) -> Self {
+        self.instance = Some(id.into());
+        self
+    }
+
+    /// The instance of [`CallStore::for_instance`], if any.
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_deref()
     }
 
     /// Stores a new pending call. With an idempotency key the caller already
@@ -567,8 +610,8 @@ impl CallStore {
             .execute(Stmt {
                 sql: "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, \
                       published, idem_key, body_hash, traceparent, callback_url, callback_state, \
-                      callback_attempts) \
-                      VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0) \
+                      callback_attempts, instance) \
+                      VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0, $12) \
                       ON CONFLICT (caller, idem_key) DO NOTHING",
                 args: vec![
                     Arg::Text(Some(call.id.clone())),
@@ -582,6 +625,7 @@ impl CallStore {
                     Arg::Text(call.traceparent.clone()),
                     Arg::Text(call.callback_url.clone()),
                     Arg::Text(callback_state.map(str::to_owned)),
+                    Arg::Text(self.instance().map(str::to_owned)),
                 ],
             })
             .await
@@ -747,29 +791,49 @@ impl CallStore {
             .collect()
     }
 
-    /// Pending calls whose deadline passed before `now_ms`.
+    /// Pending calls whose deadline passed before `now_ms`, that this
+    /// handle's instance may expire: every such call except those of an
+    /// instance silent for [`instances::SILENT_AFTER`] whose replies have
+    /// not been drained yet by this instance as its adopter
+    /// ([`instances`]): their replies may be waiting in the dead
+    /// instance's queue, and a call must not be expired while its reply
+    /// sits there unread.
     pub async fn overdue(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT id FROM sb_calls WHERE status = 'pending' AND deadline_ms < $1 LIMIT $2",
-        )
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+        let sql = format!(
+            "SELECT c.id FROM sb_calls c WHERE c.status = 'pending' AND c.deadline_ms < $1 \
+             AND NOT EXISTS (SELECT 1 FROM sb_instances i WHERE i.id = c.instance \
+             AND i.id <> $2 AND i.last_seen_ms < {now} - $3 \
+             AND NOT (COALESCE(i.adopted_by, '') = $2 AND i.drained = 1)) \
+             LIMIT $4",
+            now = instances::db_now(self.backend)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(self.instance().unwrap_or_default())
+            .bind(instances::SILENT_AFTER.as_millis() as i64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(0).map_err(db))
             .collect()
     }
 
-    /// Removes calls never confirmed by the broker: their caller got no
-    /// `202`, so as far as anyone knows they never existed (and a retry with
-    /// the same idempotency key starts afresh).
-    pub async fn drop_unpublished(&self) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM sb_calls WHERE published = 0 AND status = 'pending'")
-            .execute(&self.writer)
-            .await
-            .map_err(db)?;
+    /// Removes calls never confirmed by the broker that were stored before
+    /// `created_before_ms`: their caller got no `202`, so as far as anyone
+    /// knows they never existed (and a retry with the same idempotency key
+    /// starts afresh). Only old ones: with several gateways on one store,
+    /// a younger one may be another live gateway's call whose confirm is
+    /// still on its way ([`instances::UNSENT_GRACE`]).
+    pub async fn drop_unpublished(&self, created_before_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sb_calls WHERE published = 0 AND status = 'pending' AND created_ms < $1",
+        )
+        .bind(created_before_ms)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
         Ok(done.rows_affected())
     }
 
@@ -810,10 +874,14 @@ impl CallStore {
         rows.iter().map(record).collect()
     }
 
-    /// When the next pending callback is due, if any.
+    /// When the next pending callback is due, if any: a callback leased
+    /// by a dispatcher (here or in another gateway) not before its lease
+    /// ends ([`CallStore::claim_due_callbacks`]).
     pub async fn next_callback_ms(&self) -> Result<Option<i64>> {
         let row = sqlx::query(
-            "SELECT MIN(callback_next_ms) FROM sb_calls WHERE callback_state = 'pending'",
+            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > callback_next_ms \
+             THEN lease_until ELSE callback_next_ms END) \
+             FROM sb_calls WHERE callback_state = 'pending'",
         )
         .fetch_one(&self.pool)
         .await
@@ -842,7 +910,8 @@ impl CallStore {
             CallbackOutcome::Dead { error } => (CallbackState::Dead, None, Some(error.as_str())),
             CallbackOutcome::Deferred { next_ms, reason } => {
                 sqlx::query(
-                    "UPDATE sb_calls SET callback_next_ms = $1, callback_error = $2 \
+                    "UPDATE sb_calls SET callback_next_ms = $1, callback_error = $2, \
+                     lease_owner = NULL, lease_until = NULL \
                      WHERE id = $3 AND callback_state = 'pending'",
                 )
                 .bind(next_ms)
@@ -857,7 +926,8 @@ impl CallStore {
         let mut tx = self.writer.begin().await.map_err(db)?;
         sqlx::query(
             "UPDATE sb_calls SET callback_state = $1, callback_next_ms = $2, callback_error = $3, \
-             callback_attempts = callback_attempts + 1 WHERE id = $4",
+             callback_attempts = callback_attempts + 1, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $4",
         )
         .bind(state.as_str())
         .bind(next)
@@ -892,7 +962,8 @@ impl CallStore {
     pub async fn retry_callback(&self, id: &str, now_ms: i64) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE sb_calls SET callback_state = 'pending', callback_next_ms = $1, \
-             callback_attempts = 0 WHERE id = $2 AND callback_state = 'dead'",
+             callback_attempts = 0, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $2 AND callback_state = 'dead'",
         )
         .bind(now_ms)
         .bind(id)

@@ -24,6 +24,7 @@ mod faults;
 mod gateway;
 mod hostile;
 mod hub;
+mod instances;
 mod interop;
 mod management;
 mod metrics;
