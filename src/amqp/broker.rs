@@ -189,8 +189,17 @@ impl Broker {
     }
 
     /// The metrics of the parts that use this broker ([`crate::metrics`]).
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The metrics of every part on this broker as text, what `/metrics`
+    /// serves: OpenMetrics when `openmetrics`, else the Prometheus text
+    /// format. Returns the body and its `Content-Type`. For an application
+    /// that serves its metrics itself (without the gateway, or
+    /// [`crate::gateway::ops::MetricsServer`]).
+    pub fn render_metrics(&self, openmetrics: bool) -> (String, &'static str) {
+        self.inner.metrics.render(openmetrics)
     }
 
     /// Every supervised consumer on this broker ([`super::consumer`]):
@@ -238,7 +247,7 @@ impl Broker {
                 other => self.unavailable(Unreachable::Pool(Box::new(other))),
             })?;
         let channel = conn.create_channel().await?;
-        self.inner.metrics.channel_opened();
+        self.inner.metrics.broker().channel_opened();
         Ok(channel)
     }
 

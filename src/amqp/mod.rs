@@ -17,6 +17,7 @@ pub mod broker;
 pub mod connector;
 pub mod consumer;
 pub mod delivery;
+pub(crate) mod metrics;
 pub mod topology;
 pub mod wire;
 

@@ -186,21 +186,6 @@ impl Circuits {
     }
 }
 
-impl crate::metrics::Source for Arc<CallbackStats> {
-    fn collect(&self, out: &mut crate::metrics::Collected) {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let v = out.callbacks();
-        v.attempts += get(&self.attempts);
-        v.delivered += get(&self.delivered);
-        v.retries += get(&self.retried);
-        v.dead_letters += get(&self.dead);
-        v.deferred += get(&self.deferred);
-        for (host, open) in self.circuits.states() {
-            v.circuits.push((host, i64::from(open)));
-        }
-    }
-}
-
 /// What the rest of the process holds of a running dispatcher. Cheap to
 /// clone.
 #[derive(Debug, Clone)]

@@ -16,6 +16,7 @@
 //! - [`dispatcher`]: the delivery loop, its handle and counters.
 
 pub mod dispatcher;
+pub(crate) mod metrics;
 pub mod sign;
 pub mod ssrf;
 

@@ -16,6 +16,7 @@
 
 pub mod document;
 pub mod finished;
+pub(crate) mod metrics;
 pub mod tracker;
 
 use std::str::FromStr;

@@ -27,10 +27,10 @@ use crate::amqp::consumer::{Consuming, Declare, settle};
 use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, topology, wire};
 use crate::callbacks::DispatcherHandle;
 use crate::calls::document::StatusDocument;
+use crate::calls::metrics::Mode;
 use crate::calls::{CallRecord, CallStatus, CallStore, StoredResult};
 use crate::error::{Error, Result};
 use crate::events::{self, CloudEvent};
-use crate::metrics::Mode;
 use crate::rpc::OrphanSink;
 use crate::worker::Reply;
 
@@ -194,6 +194,7 @@ impl Tracker {
                 self.inner
                     .broker
                     .metrics()
+                    .calls()
                     .reply_after_cancel(&call.service);
             }
             return Ok(false);
@@ -262,7 +263,7 @@ impl Tracker {
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
         self.remember_finished(&call, &doc);
         if cancelled {
-            self.inner.broker.metrics().call_cancelled(&call.service);
+            self.inner.broker.metrics().calls().cancelled(&call.service);
         }
         let event = self.inline_bounded(event, &call);
         if !answered {
@@ -546,7 +547,10 @@ impl Tracker {
                 d = consuming.next() => d,
             };
             let broker = &self.inner.broker;
-            broker.metrics().dead_letter(delivery.routing_key.as_str());
+            broker
+                .metrics()
+                .calls()
+                .dead_letter(delivery.routing_key.as_str());
             let inflight = InFlight::new(delivery);
             let Some(id) = inflight
                 .delivery()
@@ -633,8 +637,9 @@ fn count_finished(broker: &Broker, call: &CallRecord, now_ms: i64) {
         (None, _) => 504,
     };
     let took = u64::try_from(now_ms - call.created_ms).unwrap_or(0);
-    broker
-        .metrics()
-        .calls(&call.service)
-        .finished(mode, status, Duration::from_millis(took));
+    broker.metrics().calls().service(&call.service).finished(
+        mode,
+        status,
+        Duration::from_millis(took),
+    );
 }

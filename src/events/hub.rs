@@ -237,15 +237,6 @@ impl HubStats {
     }
 }
 
-impl crate::metrics::Source for Arc<HubStats> {
-    fn collect(&self, out: &mut crate::metrics::Collected) {
-        let v = out.hub();
-        v.relayed += HubStats::get(&self.relayed);
-        v.dropped_slow += HubStats::get(&self.dropped_slow);
-        v.malformed += HubStats::get(&self.malformed);
-    }
-}
-
 /// A subscription granted by the hub.
 #[derive(Debug)]
 pub struct Subscribed {

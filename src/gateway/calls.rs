@@ -21,9 +21,9 @@ use super::error::{ApiError, Problem};
 use super::headers::{self, Preferences};
 use crate::amqp::wire;
 use crate::calls::document::{StatusDocument, call_path};
+use crate::calls::metrics::{CallMetrics, Mode};
 use crate::calls::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED, Outcome};
 use crate::calls::{CallRecord, CallStatus, Inserted, NewCall};
-use crate::metrics::{CallMetrics, Mode};
 use crate::rpc::Call;
 use crate::worker::Reply;
 

@@ -17,7 +17,7 @@ use super::streams::{Counted, SseOptions, sse_frame, sse_response, ws_relay};
 use crate::calls::document::StatusDocument;
 use crate::calls::tracker::{EVENT_ACCEPTED, EVENT_CANCELLED, EVENT_COMPLETED};
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
-use crate::metrics::Transport;
+use crate::gateway::metrics::Transport;
 
 /// Query of the event streams.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -43,7 +43,7 @@ fn hub_error(e: HubError) -> ApiError {
 /// stream slot, while it lives.
 fn counted(st: &AppState, transport: Transport, slot: Option<Slot>) -> Counted {
     Counted {
-        session: st.broker.metrics().stream_session(transport),
+        session: st.broker.metrics().gateway().stream_session(transport),
         slot,
     }
 }

@@ -98,7 +98,7 @@ impl CallerState {
             rate: rate_limiter(&limits),
             streams: AtomicUsize::new(0),
             long_polls: AtomicUsize::new(0),
-            limited: Limit::ALL.map(|l| metrics.limited(name, l.as_str())),
+            limited: Limit::ALL.map(|l| metrics.gateway().limited(name, l.as_str())),
         }
     }
 
@@ -157,7 +157,7 @@ impl std::fmt::Debug for Limits {
 impl Limits {
     /// The limits of every caller of `g` (its tokens, or `anonymous`), with
     /// their counters in `metrics`.
-    pub fn new(g: &GatewaySettings, metrics: &Metrics) -> Self {
+    pub(crate) fn new(g: &GatewaySettings, metrics: &Metrics) -> Self {
         let mut callers = HashMap::new();
         if g.tokens.is_empty() {
             callers.insert(

@@ -29,6 +29,7 @@ pub mod error;
 pub mod event_routes;
 pub mod headers;
 pub mod limits;
+pub(crate) mod metrics;
 pub mod openapi;
 pub mod ops;
 pub mod streams;
@@ -47,10 +48,10 @@ use tracing::{info, warn};
 use crate::amqp::Broker;
 use crate::callbacks::{Dispatcher, DispatcherHandle};
 use crate::calls::CallStore;
+use crate::calls::metrics::CallMetrics;
 use crate::calls::tracker::Tracker;
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, HubHandle, HubOptions};
-use crate::metrics::CallMetrics;
 use crate::rpc::{RpcClient, RpcOptions};
 use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
 use auth::Auth;
@@ -81,7 +82,7 @@ pub struct AppState {
     /// Callback delivery, when a secret is set.
     pub callbacks: Option<DispatcherHandle>,
     /// Call counters per service, made once so counting takes no lock.
-    pub call_metrics: HashMap<String, Arc<CallMetrics>>,
+    pub(crate) call_metrics: HashMap<String, Arc<CallMetrics>>,
     /// The AsyncAPI document of these settings, made once at start.
     pub asyncapi: bytes::Bytes,
 }
@@ -209,7 +210,7 @@ pub async fn start(
     let call_metrics = settings
         .services
         .keys()
-        .map(|s| (s.clone(), metrics.calls(s)))
+        .map(|s| (s.clone(), metrics.calls().service(s)))
         .collect();
     let state = web::Data::new(AppState {
         gateway: g.clone(),

@@ -78,7 +78,8 @@ pub async fn metrics(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse 
 async fn metrics_of(req: &HttpRequest, broker: &Broker) -> HttpResponse {
     broker
         .metrics()
-        .set_broker_up(broker.was_reachable_within(PROBE_REUSE).await);
+        .broker()
+        .set_up(broker.was_reachable_within(PROBE_REUSE).await);
     let openmetrics = req
         .headers()
         .get_all(header::ACCEPT)

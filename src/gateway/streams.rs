@@ -27,7 +27,7 @@ use tracing::debug;
 
 use super::limits::Slot;
 use crate::events::hub::{HubEvent, Subscribed};
-use crate::metrics::StreamSession;
+use crate::gateway::metrics::StreamSession;
 
 /// `Content-Type` of an SSE response.
 pub const CONTENT_EVENT_STREAM: &str = "text/event-stream";
@@ -49,8 +49,9 @@ pub const WS_MISSED_HEARTBEATS: u32 = 3;
 /// stream ends.
 #[derive(Debug)]
 pub struct Counted {
-    /// Counts the session in the metrics.
-    pub session: StreamSession,
+    /// Counts the session in the metrics (held for its `Drop`: never read).
+    #[expect(dead_code, reason = "held for its Drop, which ends the count")]
+    pub(crate) session: StreamSession,
     /// The caller's stream slot, when its streams are limited.
     pub slot: Option<Slot>,
 }

@@ -16,7 +16,7 @@
 //! - [`router`]: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
 //! - this file: [`RpcClient`], [`Call`], [`PendingReply`].
 
-mod metrics;
+pub(crate) mod metrics;
 pub mod router;
 
 use std::sync::Arc;

@@ -26,7 +26,7 @@
 
 pub mod cancels;
 pub mod handler;
-mod metrics;
+pub(crate) mod metrics;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;

@@ -40,6 +40,7 @@
 //!   new actor when one stops or panics.
 
 pub mod actor;
+pub(crate) mod metrics;
 pub mod pull;
 pub mod status;
 
