@@ -4,19 +4,19 @@
 //!
 //! # Layout
 //! - [`wire`]: names, headers, properties, status mapping (DESIGN.md's AMQP contract).
-//! - [`broker`]: [`Broker`], the handle every part holds: pool, confirmed publishing.
-//! - [`connector`]: how connections are opened: plain for `amqp://`, TLS
+//! - `broker`: [`Broker`], the handle every part holds: pool, confirmed publishing.
+//! - `connector`: how connections are opened: plain for `amqp://`, TLS
 //!   (rustls) for `amqps://`, never plain text for `amqps://`.
 //! - [`topology`]: idempotent declaration of exchanges and queues.
-//! - [`delivery`]: [`InFlight`], a delivery that is acked or rejected exactly once.
+//! - `delivery`: [`InFlight`], a delivery that is acked or rejected exactly once.
 //! - [`consumer`]: supervised consumers (prefetch, acks, reconnect with
 //!   backoff, a watchdog, liveness for readiness and metrics), the one way
 //!   every part consumes.
 
-pub mod broker;
-pub mod connector;
+pub(crate) mod broker;
+mod connector;
 pub mod consumer;
-pub mod delivery;
+pub(crate) mod delivery;
 pub(crate) mod metrics;
 pub mod topology;
 pub mod wire;

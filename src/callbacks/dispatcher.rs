@@ -49,10 +49,10 @@ pub const MAX_IDLE: Duration = Duration::from_secs(1);
 const MIN_IDLE: Duration = Duration::from_millis(5);
 
 /// The content type of a delivery: a structured-mode CloudEvent.
-pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+pub(super) const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 /// The `user-agent` of deliveries.
-pub const USER_AGENT: &str = "switchboard";
+pub(super) const USER_AGENT: &str = "switchboard";
 
 /// Counters of delivery attempts since the dispatcher started (for metrics).
 #[derive(Debug, Default)]

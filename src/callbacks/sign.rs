@@ -11,7 +11,9 @@ use std::fmt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use standardwebhooks::Webhook;
 
-pub use standardwebhooks::{HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP};
+pub(super) use standardwebhooks::{
+    HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP,
+};
 
 /// Why a delivery could not be signed.
 #[derive(Debug, thiserror::Error)]

@@ -10,14 +10,14 @@
 //! # Layout
 //! - this file: [`CallStore`], [`CallRecord`], [`NewCall`].
 //! - [`document`]: the status document and result JSON of DESIGN.md.
-//! - [`tracker`]: the life of a stored call (completion, events, callbacks,
+//! - `tracker`: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
-//! - [`finished`]: the documents of recently finished calls, kept in memory.
+//! - `finished`: the documents of recently finished calls, kept in memory.
 
 pub mod document;
-pub mod finished;
+mod finished;
 pub(crate) mod metrics;
-pub mod tracker;
+pub(crate) mod tracker;
 
 use std::str::FromStr;
 

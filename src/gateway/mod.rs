@@ -3,36 +3,38 @@
 //! reply queue, so a reply can outlive the HTTP request that made the call.
 //!
 //! # Layout
-//! - [`calls`]: start a call, poll and long-poll it, cancel it, fetch its
+//! - `calls`: start a call, poll and long-poll it, cancel it, fetch its
 //!   result.
 //! - the life of calls that outlive their request (store, lifecycle events,
 //!   long-poll wake-ups, callbacks, deadlines, dead letters) is not HTTP:
-//!   it is [`crate::calls::tracker`], which this gateway drives.
-//! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
+//!   it is `crate::calls::tracker`, which this gateway drives.
+//! - `auth`, `headers`, `error`: who calls, what the headers say,
 //!   problem+json answers (also for the errors actix-web answers itself).
-//! - [`limits`]: what one caller may use (rate, pending calls, streams,
+//! - `limits`: what one caller may use (rate, pending calls, streams,
 //!   long-polls), so that no caller starves the others.
-//! - [`browser`]: what a web page may make a browser do (`Origin` checks,
-//!   CORS, DNS rebinding); [`connections`]: what one connection may hold
+//! - `browser`: what a web page may make a browser do (`Origin` checks,
+//!   CORS, DNS rebinding); `connections`: what one connection may hold
 //!   (idle time, unread bodies).
-//! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
+//! - `event_routes`, [`streams`]: the event stream routes and the SSE and
 //!   WebSocket relays of the event hub.
-//! - [`ops`], [`openapi`]: health, readiness, metrics, the API description
+//! - `ops`, `openapi`: health, readiness, metrics, the API description
 //!   (and the AMQP side's, [`crate::asyncapi`]); the metrics-only server of
 //!   `serve` without the gateway.
 
-pub mod auth;
-pub mod browser;
-pub mod calls;
-pub mod connections;
-pub mod error;
-pub mod event_routes;
-pub mod headers;
-pub mod limits;
+mod auth;
+mod browser;
+mod calls;
+mod connections;
+mod error;
+mod event_routes;
+mod headers;
+mod limits;
 pub(crate) mod metrics;
-pub mod openapi;
-pub mod ops;
+pub(crate) mod openapi;
+pub(crate) mod ops;
 pub mod streams;
+
+pub use ops::MetricsServer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -58,7 +60,7 @@ use auth::Auth;
 use error::ApiError;
 
 /// What every request handler shares.
-pub struct AppState {
+pub(crate) struct AppState {
     /// `[gateway]` settings.
     pub gateway: GatewaySettings,
     /// The services the gateway exposes.
@@ -90,7 +92,7 @@ pub struct AppState {
 impl AppState {
     /// The caller of `req` (401 without a known token), once it is within
     /// its rate (else 429): every route that serves a caller starts here.
-    pub fn caller(&self, req: &actix_web::HttpRequest) -> Result<auth::Caller, ApiError> {
+    pub(crate) fn caller(&self, req: &actix_web::HttpRequest) -> Result<auth::Caller, ApiError> {
         let caller = self.auth.caller(req)?;
         self.limits.request(&caller)?;
         Ok(caller)
@@ -101,13 +103,37 @@ impl AppState {
 pub struct RunningGateway {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// The shared state (tests read counters through it).
-    pub state: web::Data<AppState>,
+    /// The shared state of its routes.
+    pub(crate) state: web::Data<AppState>,
     handle: ServerHandle,
     cancel: CancellationToken,
 }
 
+/// What a running gateway is built on, for an application that runs more
+/// beside it (and for the tests): its call store, its event hub, its RPC
+/// client, and how many calls are followed now.
 impl RunningGateway {
+    /// The call store the gateway keeps its calls in.
+    pub fn store(&self) -> &CallStore {
+        self.state.tracker.store()
+    }
+
+    /// The event hub relaying the events exchange to its streams.
+    pub fn hub(&self) -> &HubHandle {
+        &self.state.hub
+    }
+
+    /// The RPC client the gateway publishes calls with.
+    pub fn rpc(&self) -> &RpcClient {
+        &self.state.rpc
+    }
+
+    /// Calls followed now for a waiting request (long polls, the call
+    /// streams): each holds a watch until its call ends or its request goes.
+    pub fn call_watchers(&self) -> usize {
+        self.state.tracker.watchers()
+    }
+
     /// Stops accepting, lets requests in flight finish (bounded), stops the
     /// background tasks and closes the reply consumer and the store.
     pub async fn stop(self) {

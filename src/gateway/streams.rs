@@ -45,7 +45,7 @@ pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
 pub const WS_MISSED_HEARTBEATS: u32 = 3;
 
 /// What a stream holds while it lives: its place in the sessions gauge and
-/// its caller's stream slot ([`super::limits`]), both given back when the
+/// its caller's stream slot (`super::limits`), both given back when the
 /// stream ends.
 #[derive(Debug)]
 pub struct Counted {

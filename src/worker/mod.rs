@@ -17,15 +17,15 @@
 //! the call's `reply_to`, confirmed, as the reply is) and learns of its
 //! caller's cancellation through [`Request::cancelled`]; a request whose
 //! call was cancelled before it began is acked unprocessed
-//! ([`cancels`]).
+//! (`cancels`).
 //!
 //! # Layout
-//! - [`handler`]: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
-//! - [`cancels`]: the process's watch of cancelled calls.
+//! - `handler`: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
+//! - `cancels`: the process's watch of cancelled calls.
 //! - this file: the [`Worker`] actor and the processing of one delivery.
 
-pub mod cancels;
-pub mod handler;
+mod cancels;
+mod handler;
 pub(crate) mod metrics;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -40,6 +40,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 
+pub use cancels::CancelWatch;
 pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
 use crate::amqp::consumer::{

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use switchboard::gateway::ops::MetricsServer;
+use switchboard::gateway::MetricsServer;
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker;
 

@@ -32,17 +32,17 @@
 //! - this file: [`Supervisor`], [`ConsumerSpec`], [`Declare`], [`Link`],
 //!   [`Deliveries`], [`Event`], [`Lost`]; [`Supervisor::quarantine`] for
 //!   poison messages.
-//! - [`status`]: [`ConsumerStatus`] and [`Consumers`], for readiness and metrics.
-//! - [`pull`]: [`Consuming`], the consumer of a tokio task (dead-letter
+//! - `status`: [`ConsumerStatus`] and [`Consumers`], for readiness and metrics.
+//! - `pull`: [`Consuming`], the consumer of a tokio task (dead-letter
 //!   watch, subscriptions): `next()` reconnects by itself.
-//! - [`actor`]: [`ActorConsumer`] and [`Keeper`], the consumer of an actix
+//! - `actor`: [`ActorConsumer`] and [`Keeper`], the consumer of an actix
 //!   actor (worker, reply router, event hub), and the keeper that starts a
 //!   new actor when one stops or panics.
 
-pub mod actor;
+mod actor;
 pub(crate) mod metrics;
-pub mod pull;
-pub mod status;
+mod pull;
+mod status;
 
 pub use actor::{ActorConsumer, Consumes, Keeper};
 pub use pull::Consuming;
