@@ -37,16 +37,16 @@ use std::time::Duration;
 pub const MAX_HEADER_NESTING: usize = deadpool_lapin::lapin::types::parsing::MAX_NESTING_DEPTH;
 
 /// How long a clean close may take before it is abandoned.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Closes a connection cleanly if the broker answers within
 /// [`CLOSE_TIMEOUT`]: a close on a dead connection may never complete, and
 /// no shutdown or recovery may hang on one.
-pub async fn close_connection(conn: &deadpool_lapin::lapin::Connection, why: &str) {
+pub(crate) async fn close_connection(conn: &deadpool_lapin::lapin::Connection, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
 }
 
 /// Closes a channel cleanly, bounded like [`close_connection`].
-pub async fn close_channel(ch: &deadpool_lapin::lapin::Channel, why: &str) {
+pub(crate) async fn close_channel(ch: &deadpool_lapin::lapin::Channel, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, why.into())).await;
 }

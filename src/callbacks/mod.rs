@@ -21,5 +21,4 @@ mod sign;
 mod ssrf;
 
 pub use dispatcher::{CallbackStats, Dispatcher, DispatcherHandle, MAX_IDLE};
-pub use sign::{SignError, Signer};
 pub use ssrf::{CallbackUrlError, check_url};

@@ -104,7 +104,7 @@ impl WorkerStats {
 }
 
 /// How many answered message ids a worker remembers to spot redeliveries.
-pub const DEDUP_WINDOW: usize = 16_384;
+pub(crate) const DEDUP_WINDOW: usize = 16_384;
 
 /// What every in-flight delivery of one worker needs.
 struct Shared {
@@ -395,7 +395,7 @@ impl StreamHandler<Event> for Worker {
 /// or after `grace`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Drain {
+pub(crate) struct Drain {
     /// The longest wait for running handlers.
     pub grace: Duration,
 }
