@@ -16,6 +16,18 @@
 //! parts the gateway and the command line are built of); README.md's
 //! library example is compiled as a test of this crate.
 //!
+//! Modules and items are private unless an application needs them
+//! (`#![warn(unreachable_pub)]` keeps a `pub` from leaking out of a private
+//! module). A module kept public for more than its front-door types says
+//! why in its own documentation: [`amqp::wire`] and [`amqp::topology`]
+//! (the contract a worker in another language follows), [`amqp::consumer`]
+//! (supervised consumers of an application's own queues), [`calls`] (the
+//! call store, readable beside a gateway), [`events::hub`] and
+//! [`gateway::streams`] (relaying the events fanout to streams an
+//! application serves itself). What the integration tests need of a
+//! running gateway, they get through [`RunningGateway`]'s accessors, as an
+//! application would.
+//!
 //! # Layout
 //! - [`settings`]: typed settings (defaults, file, environment).
 //! - [`calls`]: the call store (SQLite or PostgreSQL) and the status document.

@@ -1,6 +1,10 @@
 //! Idempotent declaration of DESIGN.md's topology. Every option that decides
 //! a delivery guarantee is written out with its reason.
 //!
+//! Public for what an application declares itself: a service's queues
+//! ([`declare_service`], [`declare_services`]), a reply queue, and the
+//! [`Mismatch`]es of [`crate::Error::Topology`]; the rest is the crate's.
+//!
 //! What is declared (exchanges, queues, their options and arguments) is
 //! defined here once: the declarations use it, and so does the AsyncAPI
 //! description ([`crate::asyncapi`]). Declaring what exists with other

@@ -2,6 +2,9 @@
 //! (every `202`, every call with an idempotency key), their results and the
 //! state of their callbacks.
 //!
+//! Public: a tool or an application beside the gateway opens the same store
+//! ([`CallStore::open`]) to read calls and their callbacks.
+//!
 //! One portable SQL dialect through sqlx's `Any` driver: an embedded SQLite
 //! file by default, PostgreSQL by URL, so that several gateways can later
 //! share one store without a rewrite. Times are milliseconds since the Unix

@@ -2,6 +2,10 @@
 //! fanout to in-process stream sessions (the gateway's SSE and WebSocket
 //! clients).
 //!
+//! Public: an application that serves event streams on routes of its own
+//! starts a hub and relays its sessions with [`crate::gateway::streams`]
+//! (`tests/it/hub.rs` does exactly that).
+//!
 //! The hub consumes `<prefix>.events` through a queue of its own
 //! (server-named, exclusive, auto-delete) on a dedicated connection
 //! (`switchboard/<instance>/hub`), a supervised consumer

@@ -1,5 +1,7 @@
 //! Event streams over HTTP: a hub session ([`Subscribed`]) served as
 //! Server-Sent Events ([`sse_response`]) or over a WebSocket ([`ws_relay`]).
+//! The one public module of the gateway: an application with actix-web
+//! routes of its own relays [`crate::events::hub`] sessions with these.
 //!
 //! Both are bounded by the hub: a client that does not keep up fills its
 //! session's buffer, the hub drops the session, and the stream ends (an SSE

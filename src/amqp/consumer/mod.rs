@@ -1,4 +1,5 @@
-//! Supervised consumers: the one way switchboard consumes a queue. Every
+//! Supervised consumers: the one way switchboard consumes a queue (public:
+//! an application consumes queues of its own the same way). Every
 //! long-lived consumer (each service's worker, the RPC reply router, the
 //! event hub, the gateway's dead-letter watch, event subscriptions) is a
 //! [`Supervisor`] that opens [`Link`]s.
