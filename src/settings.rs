@@ -673,16 +673,16 @@ pub struct ServiceSettings {
 
 mod defaults {
     use super::QueueType;
-    pub(super) fn concurrency() -> u16 {
+    pub fn concurrency() -> u16 {
         64
     }
-    pub(super) fn queue_type() -> QueueType {
+    pub fn queue_type() -> QueueType {
         QueueType::Quorum
     }
-    pub(super) fn delivery_limit() -> u32 {
+    pub fn delivery_limit() -> u32 {
         5
     }
-    pub(super) fn timeout_ms() -> u64 {
+    pub fn timeout_ms() -> u64 {
         30_000
     }
 }
