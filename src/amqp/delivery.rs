@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 /// completes, and a handler's task must not wait forever (the link's
 /// watchdog replaces the connection; the message comes back when the old
 /// one is closed).
-pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bounds a settlement by [`SETTLE_TIMEOUT`].
 async fn bounded(

@@ -2,6 +2,10 @@
 //! fanout to in-process stream sessions (the gateway's SSE and WebSocket
 //! clients).
 //!
+//! Public: an application that serves event streams on routes of its own
+//! starts a hub and relays its sessions with [`crate::gateway::streams`]
+//! (`tests/it/hub.rs` does exactly that).
+//!
 //! The hub consumes `<prefix>.events` through a queue of its own
 //! (server-named, exclusive, auto-delete) on a dedicated connection
 //! (`switchboard/<instance>/hub`), a supervised consumer
@@ -234,15 +238,6 @@ impl HubStats {
     /// A counter's value now.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
-    }
-}
-
-impl crate::metrics::Source for Arc<HubStats> {
-    fn collect(&self, out: &mut crate::metrics::Collected) {
-        let v = out.hub();
-        v.relayed += HubStats::get(&self.relayed);
-        v.dropped_slow += HubStats::get(&self.dropped_slow);
-        v.malformed += HubStats::get(&self.malformed);
     }
 }
 

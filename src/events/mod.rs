@@ -9,6 +9,7 @@
 //!   WebSocket sessions.
 
 pub mod hub;
+pub(crate) mod metrics;
 
 use std::collections::BTreeMap;
 

@@ -4,7 +4,7 @@
 //! [`RpcClient::send_with_progress`] also hands the caller the progress
 //! reports its call's worker publishes ([`crate::worker::Request::progress`]).
 //!
-//! [`RpcClient::send`] registers the call in the client's [`PendingCalls`]
+//! [`RpcClient::send`] registers the call in the client's `PendingCalls`
 //! (bounded by `rpc.max_pending`; the [`ReplyRouter`] actor routes replies
 //! to them), publishes
 //! the request with a publisher confirm and returns a [`PendingReply`];
@@ -13,11 +13,11 @@
 //! RabbitMQ direct reply-to (opt-in).
 //!
 //! # Layout
-//! - [`router`]: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
+//! - `router`: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
 //! - this file: [`RpcClient`], [`Call`], [`PendingReply`].
 
-mod metrics;
-pub mod router;
+pub(crate) mod metrics;
+mod router;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use deadpool_lapin::lapin::Connection;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub(crate) use router::to_reply;
 pub use router::{OrphanSink, PROGRESS_BUFFER, ProgressSink, ReplyRouter, Routed, RpcStats};
 
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};

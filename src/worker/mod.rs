@@ -17,16 +17,16 @@
 //! the call's `reply_to`, confirmed, as the reply is) and learns of its
 //! caller's cancellation through [`Request::cancelled`]; a request whose
 //! call was cancelled before it began is acked unprocessed
-//! ([`cancels`]).
+//! (`cancels`).
 //!
 //! # Layout
-//! - [`handler`]: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
-//! - [`cancels`]: the process's watch of cancelled calls.
+//! - `handler`: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
+//! - `cancels`: the process's watch of cancelled calls.
 //! - this file: the [`Worker`] actor and the processing of one delivery.
 
-pub mod cancels;
-pub mod handler;
-mod metrics;
+mod cancels;
+mod handler;
+pub(crate) mod metrics;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -40,6 +40,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 
+pub use cancels::CancelWatch;
 pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
 use crate::amqp::consumer::{
@@ -103,7 +104,7 @@ impl WorkerStats {
 }
 
 /// How many answered message ids a worker remembers to spot redeliveries.
-pub const DEDUP_WINDOW: usize = 16_384;
+pub(crate) const DEDUP_WINDOW: usize = 16_384;
 
 /// What every in-flight delivery of one worker needs.
 struct Shared {
@@ -394,7 +395,7 @@ impl StreamHandler<Event> for Worker {
 /// or after `grace`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Drain {
+pub(crate) struct Drain {
     /// The longest wait for running handlers.
     pub grace: Duration,
 }

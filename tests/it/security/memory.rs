@@ -153,7 +153,7 @@ async fn the_finished_call_cache_evicts_by_bytes_before_its_count() {
         s.gateway.finished_cache_bytes = 35_000;
     })
     .await;
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     let body = format!("\"{}\"", "z".repeat(10_000));
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -180,7 +180,7 @@ async fn the_finished_call_cache_evicts_by_bytes_before_its_count() {
     }
     // The store forgets them all: what is still answered comes from memory.
     for id in &ids {
-        state.tracker.store().delete(id).await.unwrap();
+        state.store().delete(id).await.unwrap();
     }
     let status = |id: &str| {
         let url = gw.url(&format!("/v1/calls/{id}"));
