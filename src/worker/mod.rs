@@ -6,7 +6,9 @@
 //! this one stops or panics. Each delivery runs the service's [`Handler`]
 //! concurrently (the channel's prefetch, the service's `concurrency`, bounds
 //! how many run at once), publishes the reply to `reply_to` with publisher
-//! confirms, and only then acks. A handler that panics or fails transiently
+//! confirms, and only then acks; a request whose caller waits in memory
+//! ([`wire::HEADER_CALLER_WAITS`]) gets a transient reply, acked as soon as
+//! it is written. A handler that panics or fails transiently
 //! leaves the request to be delivered again (`basic.reject`); on its last
 //! allowed delivery the worker dead-letters it itself, once, counted and
 //! logged. Work handed back unprocessed (prefetched when a drain begins, a
@@ -511,13 +513,30 @@ async fn process(
             }
         };
         let d = inflight.delivery();
+        let caller_waits = wire::caller_waits(&d.properties);
         if let Some(reply_to) = d.properties.reply_to().as_ref() {
-            let props = wire::reply_properties(
+            let props = wire::reply_properties_for(
                 d.properties.correlation_id().as_ref(),
                 reply.status,
                 &reply.content_type,
                 traceparent.as_deref(),
+                caller_waits,
             );
+            if caller_waits
+                && let Some(channel) = channel.as_ref().filter(|c| c.status().connected())
+            {
+                let reply_to = reply_to.clone();
+                return reply_unconfirmed(
+                    &shared,
+                    inflight,
+                    channel,
+                    reply_to.as_str(),
+                    &reply.body,
+                    props,
+                    reply.status,
+                )
+                .await;
+            }
             let msg = Outgoing {
                 exchange: "",
                 routing_key: reply_to.as_str(),
@@ -550,6 +569,59 @@ async fn process(
     }
     .instrument(span)
     .await
+}
+
+/// Answers a request whose caller waits in memory
+/// ([`wire::HEADER_CALLER_WAITS`]): the reply (transient) is written on the
+/// request's channel and the request acked at once, before the broker
+/// confirms the reply, as a hand-written responder does. Nothing is lost
+/// that anyone could use: if the reply never reaches its caller (the broker
+/// or the caller went), the caller is gone or times out, and no durable
+/// copy would have reached it either. Not `mandatory`: a return would say
+/// only that the caller is gone, and nobody is left to act on it. The
+/// confirm is still awaited after the ack (lapin keeps a confirm nobody
+/// awaits until the channel closes); it resolves, with an error, when the
+/// channel closes.
+async fn reply_unconfirmed(
+    shared: &Shared,
+    inflight: InFlight,
+    channel: &lapin::Channel,
+    reply_to: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+    status: u16,
+) -> Outcome {
+    let written = channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: false,
+                immediate: false,
+            },
+            body,
+            props,
+        )
+        .await;
+    match written {
+        Ok(confirm) => {
+            shared.stats.replied.fetch_add(1, Ordering::Relaxed);
+            debug!(status, "replied (caller waits: not confirmed)");
+            settle(inflight.ack().await);
+            if let Err(e) = confirm.await {
+                debug!(error = %e, "the reply to a waiting caller may be lost");
+            }
+            Outcome::Answered
+        }
+        Err(e) => {
+            // Not written: handed back, as a reply that could not be
+            // published (the channel is going; another worker answers).
+            warn!(error = %e, "reply not written: handed back for redelivery");
+            shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
+            settle(inflight.hand_back().await);
+            Outcome::GivenBack
+        }
+    }
 }
 
 /// Publishes a reply, confirmed: on the channel its request came on (as a
