@@ -574,14 +574,18 @@ async fn process(
 /// Answers a request whose caller waits in memory
 /// ([`wire::HEADER_CALLER_WAITS`]): the reply (transient) is written on the
 /// request's channel and the request acked at once, before the broker
-/// confirms the reply, as a hand-written responder does. Nothing is lost
-/// that anyone could use: if the reply never reaches its caller (the broker
-/// or the caller went), the caller is gone or times out, and no durable
-/// copy would have reached it either. Not `mandatory`: a return would say
-/// only that the caller is gone, and nobody is left to act on it. The
-/// confirm is still awaited after the ack (lapin keeps a confirm nobody
-/// awaits until the channel closes); it resolves, with an error, when the
-/// channel closes.
+/// confirms the reply, as a hand-written responder does. Not `mandatory`:
+/// a return would say only that the caller is gone, and nobody is left to
+/// act on it.
+///
+/// The confirm is still awaited after the ack (bounded by the confirm
+/// timeout), because the request counts as answered only once its reply is
+/// known to be out: should the connection drop with both frames unsent,
+/// the request comes back, and a copy of a request remembered as answered
+/// would be acked without a reply. Until then a redelivered copy waits
+/// (parked, [`Dedup`]); without a confirm the reply is published again
+/// through the pool, confirmed (a caller that got the first one drops the
+/// second as late), so the handler never runs twice for it.
 async fn reply_unconfirmed(
     shared: &Shared,
     inflight: InFlight,
@@ -600,28 +604,39 @@ async fn reply_unconfirmed(
                 immediate: false,
             },
             body,
-            props,
+            props.clone(),
         )
         .await;
-    match written {
-        Ok(confirm) => {
-            shared.stats.replied.fetch_add(1, Ordering::Relaxed);
-            debug!(status, "replied (caller waits: not confirmed)");
-            settle(inflight.ack().await);
-            if let Err(e) = confirm.await {
-                debug!(error = %e, "the reply to a waiting caller may be lost");
-            }
-            Outcome::Answered
-        }
+    let confirm = match written {
+        Ok(confirm) => confirm,
         Err(e) => {
             // Not written: handed back, as a reply that could not be
             // published (the channel is going; another worker answers).
             warn!(error = %e, "reply not written: handed back for redelivery");
             shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
             settle(inflight.hand_back().await);
-            Outcome::GivenBack
+            return Outcome::GivenBack;
+        }
+    };
+    settle(inflight.ack().await);
+    let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
+    if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
+        debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
+        let again = Outgoing {
+            exchange: "",
+            routing_key: reply_to,
+            payload: body,
+            properties: props,
+            mandatory: false,
+        };
+        if let Err(e) = shared.broker.publish(again).await {
+            warn!(error = %e, "reply to a waiting caller not published: the call will time out");
+            return Outcome::GivenBack;
         }
     }
+    shared.stats.replied.fetch_add(1, Ordering::Relaxed);
+    debug!(status, "replied (the caller waits: acked once written)");
+    Outcome::Answered
 }
 
 /// Publishes a reply, confirmed: on the channel its request came on (as a
