@@ -564,7 +564,9 @@ async fn process(
         }
         shared.stats.replied.fetch_add(1, Ordering::Relaxed);
         debug!(status = reply.status, "replied");
-        settle(inflight.ack().await);
+        // Not awaited: the reply is confirmed, and a copy of a request lost
+        // with its ack is settled by the `message_id` memory.
+        settle(inflight.ack_now());
         Outcome::Answered
     }
     .instrument(span)
@@ -618,7 +620,8 @@ async fn reply_unconfirmed(
             return Outcome::GivenBack;
         }
     };
-    settle(inflight.ack().await);
+    // Not awaited: a lost ack brings a copy that waits for this task.
+    settle(inflight.ack_now());
     let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
     if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
         debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
