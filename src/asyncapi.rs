@@ -256,6 +256,11 @@ pub(crate) fn request_fields(service: &str, svc: &ServiceSettings) -> Vec<Field>
                 wire::HEADER_PROGRESS
             ),
         ),
+        Field::header(
+            wire::HEADER_CALLER_WAITS,
+            json!({"type": "boolean"}),
+            "True when the caller waits for the reply in memory (a library `call`, a synchronous HTTP call): a worker may then send the reply transient (`delivery_mode` 1), not mandatory, and ack the request as soon as the reply is written, without waiting for its confirm. Absent (a call that may outlive its caller, a plain RPC client): a persistent reply, acked after its confirm.",
+        ),
     ]
 }
 
@@ -825,7 +830,7 @@ pub fn document(settings: &Settings) -> Value {
 }
 
 /// What every worker must do, whatever its language (DESIGN.md).
-pub(crate) const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch the events exchange for `switchboard.call.cancelled` (`subject` = the call id) to drop a request not yet begun (ack, no reply) and stop a running one.";
+pub(crate) const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed; for a request with `x-sb-caller-waits`, it may send the reply transient and ack once it is written), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch the events exchange for `switchboard.call.cancelled` (`subject` = the call id) to drop a request not yet begun (ack, no reply) and stop a running one.";
 
 #[cfg(test)]
 mod tests {

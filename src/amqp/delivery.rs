@@ -85,6 +85,28 @@ impl InFlight {
         bounded("ack", acker.ack(BasicAckOptions { multiple: false })).await
     }
 
+    /// Done, without waiting: the ack is handed to lapin at once (as the
+    /// first poll of [`InFlight::ack`] does) and its writing is not awaited,
+    /// so the hot path pays neither a task nor a timer for it. For acks
+    /// whose loss costs nothing but a redelivery that is recognised: a
+    /// reply handed to its caller (a copy comes back late and is dropped),
+    /// a request whose reply is out (a copy is settled by the worker's
+    /// `message_id` memory). A channel already closed is not an error: its
+    /// deliveries go back to their queue anyway.
+    pub fn ack_now(self) -> Result<()> {
+        use futures_util::FutureExt;
+        match self
+            .delivery
+            .acker
+            .ack(BasicAckOptions { multiple: false })
+            .now_or_never()
+        {
+            Some(Err(e)) => Err(Error::from(e)),
+            // Sent (`None`: its promise is dropped, the frame is on its way).
+            _ => Ok(()),
+        }
+    }
+
     /// Not processed, through no fault of the message: a request prefetched
     /// when the worker began to drain, a request whose reply could not be
     /// published, a redelivered copy parked behind one handed back. Sent as

@@ -368,7 +368,17 @@ impl CallContext<'_> {
             timeout: Some(self.timeout),
             traceparent: Some(self.traceparent.clone()),
         };
-        let mut pending = match st.rpc.send(call).await {
+        // A synchronous call without a key waits in memory, and nothing but
+        // this request can use its reply: it says so, and its worker skips
+        // the durable, confirmed reply (docs/RELIABILITY.md, "What survives
+        // what"). A call answered 202 or stored (key, callback) outlives its
+        // request: its reply must outlive a broker restart.
+        let sent = if self.mode() == Mode::Sync && !stored_early {
+            st.rpc.send_waiting(call).await
+        } else {
+            st.rpc.send(call).await
+        };
+        let mut pending = match sent {
             Ok(p) => p,
             Err(e) => {
                 if stored_early {

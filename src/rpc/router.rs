@@ -147,12 +147,11 @@ impl Routed {
     }
 }
 
-/// Acks `delivery` on a task of its own, if a runtime runs here (a
-/// delivery left unacked goes back to the queue with its connection).
+/// Acks `delivery` without waiting for the frame to be written
+/// ([`InFlight::ack_now`]): no task or timer per reply. A lost ack brings
+/// the reply back, and it is dropped as late.
 fn ack_later(delivery: InFlight) {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move { settle(delivery.ack().await) });
-    }
+    settle(delivery.ack_now());
 }
 
 struct Waiter {
