@@ -634,13 +634,8 @@ pub(super) async fn get_call(
         None => 0,
     };
     // A finished call's document cannot change: served from memory.
-    if let Some(doc) = st.tracker.finished(&id) {
-        if doc.caller != caller.name {
-            return Err(ApiError::NotFound(format!("no call {id:?}")));
-        }
-        return Ok(HttpResponse::Ok()
-            .content_type(wire::CONTENT_JSON)
-            .body(doc.body.clone()));
+    if let Some(res) = finished_response(&st, &caller, &id) {
+        return res;
     }
     let call = caller_call(&st, &caller, &id).await?;
     if call.status.is_terminal() || wait == 0 {
@@ -660,8 +655,29 @@ pub(super) async fn get_call(
     if let Some(rx) = watch {
         let _ = tokio::time::timeout(Duration::from_secs(wait), rx).await;
     }
+    // Woken by the call's end: the tracker kept its document before it
+    // woke the watchers, so most long-polls end without a store read.
+    if let Some(res) = finished_response(&st, &caller, &id) {
+        return res;
+    }
     let call = caller_call(&st, &caller, &id).await?;
     Ok(document_response(&st, &call))
+}
+
+/// The kept document of finished call `id` ([`crate::calls::tracker`]'s
+/// cache), if it is kept: 404 for another caller's call.
+fn finished_response(
+    st: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Option<Result<HttpResponse, ApiError>> {
+    let doc = st.tracker.finished(id)?;
+    if doc.caller != caller.name {
+        return Some(Err(ApiError::NotFound(format!("no call {id:?}"))));
+    }
+    Some(Ok(HttpResponse::Ok()
+        .content_type(wire::CONTENT_JSON)
+        .body(doc.body.clone())))
 }
 
 /// A call's reply exactly as a synchronous answer would have been.
