@@ -149,6 +149,11 @@ pub struct AmqpSettings {
     /// (one node, the fastest) or `quorum` (replicated: on a cluster, the
     /// replies of pending calls survive the loss of a node).
     pub instance_queue_type: QueueType,
+    /// `x-max-age` of the events log (`<prefix>.events.log`): RabbitMQ's
+    /// duration, a number and a unit of Y, M, D, h, m, s (`7D`).
+    pub events_log_max_age: String,
+    /// `x-max-length-bytes` of the events log, bytes.
+    pub events_log_max_bytes: u64,
     /// `amqps://` only: PEM file of the CA certificates that the broker's
     /// certificate must chain to; empty: the system's root certificates.
     pub tls_ca_file: String,
@@ -163,6 +168,11 @@ pub struct AmqpSettings {
 }
 
 impl AmqpSettings {
+    /// The retention of the events log.
+    pub fn events_log(&self) -> crate::amqp::topology::EventsLog {
+        crate::amqp::topology::EventsLog::new(&self.events_log_max_age, self.events_log_max_bytes)
+    }
+
     /// The broker's nodes, in the order of `amqp.url`.
     pub fn nodes(&self) -> Vec<&str> {
         split_nodes(&self.url)
@@ -857,6 +867,24 @@ impl Settings {
         if let Some(why) = self.instance_queue_expiry_conflict() {
             return fail("amqp.instance_queue_expires_s", why);
         }
+        if !crate::amqp::topology::EventsLog::valid_age(&self.amqp.events_log_max_age) {
+            return fail(
+                "amqp.events_log_max_age",
+                format!(
+                    "must be a number above 0 and one of the units Y, M, D, h, m, s, as \"7D\" (got {:?})",
+                    self.amqp.events_log_max_age
+                ),
+            );
+        }
+        if self.amqp.events_log_max_bytes < 4096 {
+            return fail(
+                "amqp.events_log_max_bytes",
+                format!(
+                    "must be at least 4096 (got {})",
+                    self.amqp.events_log_max_bytes
+                ),
+            );
+        }
         if let Err((key, why)) = self.amqp.check_tls() {
             return fail(key, why);
         }
@@ -1352,6 +1380,8 @@ impl fmt::Debug for AmqpSettings {
             .field("consumer_check_ms", &self.consumer_check_ms)
             .field("instance_queue_expires_s", &self.instance_queue_expires_s)
             .field("instance_queue_type", &self.instance_queue_type)
+            .field("events_log_max_age", &self.events_log_max_age)
+            .field("events_log_max_bytes", &self.events_log_max_bytes)
             // Paths, not secrets: the key file's content is never read here.
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
