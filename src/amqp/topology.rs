@@ -402,7 +402,10 @@ impl EventsLog {
 /// retention.
 pub fn events_log_arguments(log: &EventsLog) -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
     args.insert(
         "x-max-age".into(),
         AMQPValue::LongString(log.max_age.as_str().into()),

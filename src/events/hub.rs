@@ -459,12 +459,7 @@ impl EventHub {
                     last: offset,
                 });
             }
-            Some(s) => {
-                self.seen = Some(Seen {
-                    last: offset,
-                    ..s
-                })
-            }
+            Some(s) => self.seen = Some(Seen { last: offset, ..s }),
             None => {
                 self.seen = Some(Seen {
                     from: offset,
@@ -624,7 +619,10 @@ impl StreamHandler<Event> for EventHub {
             None => {}
             Some((hole, ev)) => {
                 if let Some((first, last)) = hole {
-                    warn!(first, last, "events lost from the log while the hub was away");
+                    warn!(
+                        first,
+                        last, "events lost from the log while the hub was away"
+                    );
                     self.offer(&Arc::new(super::log::lost(first, last)), true);
                 }
                 match ev {
@@ -735,7 +733,10 @@ impl EventHub {
         self.set_sessions_gauge();
         let broker = self.consumer.supervisor().broker().clone();
         let from = last.saturating_add(1);
-        debug!(session = id, from, "event stream session opened: reading the log");
+        debug!(
+            session = id,
+            from, "event stream session opened: reading the log"
+        );
         // A task of its own, not the actor's: readers wait on their
         // clients, and the hub never waits.
         actix::spawn(super::log::read_from(broker, from, filter, tx, stop));

@@ -275,7 +275,11 @@ async fn a_last_event_id_older_than_the_history_is_read_from_the_log_and_one_tha
     let live = event("x", 10);
     publish(&c, &live).await;
     assert_eq!(cloud(next(&mut just_in_time).await), live);
-    assert_eq!(cloud(next(&mut too_old).await), live, "then live, no repeat");
+    assert_eq!(
+        cloud(next(&mut too_old).await),
+        live,
+        "then live, no repeat"
+    );
     for sub in &mut gaps {
         // Live only: the first thing it gets is the new event.
         assert_eq!(cloud(next(sub).await), live);
