@@ -681,7 +681,7 @@ impl Handler<Subscribe> for EventHub {
             Some(None) => (Vec::new(), true),
             Some(Some(last)) => match replay(self.seen, &self.history, last) {
                 Some(events) => (events, false),
-                None => return Ok(self.from_log(last, msg.filter)),
+                None => return Ok(self.session_from_log(last, msg.filter)),
             },
         };
         let replay: Vec<_> = replay
@@ -715,7 +715,7 @@ impl Handler<Subscribe> for EventHub {
 impl EventHub {
     /// A session fed by a reader of the log of its own, from the offset
     /// after `last` (see the module doc), counted among the hub's sessions.
-    fn from_log(&mut self, last: u64, filter: EventFilter) -> Subscribed {
+    fn session_from_log(&mut self, last: u64, filter: EventFilter) -> Subscribed {
         let (tx, rx) = mpsc::channel(self.opts.session_buffer);
         let stop = self.readers.child_token();
         let id = self.next_session;
