@@ -678,6 +678,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn events_log_ages_are_rabbitmq_durations() {
+        for ok in ["7D", "12h", "30m", "90s", "1Y", "6M"] {
+            assert!(EventsLog::valid_age(ok), "{ok}");
+        }
+        for bad in ["", "7", "D", "0D", "7d", "7 D", "-1D", "7DD", "1.5h", "7é"] {
+            assert!(!EventsLog::valid_age(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_events_log_is_a_stream_in_segments_of_a_quarter_of_its_bytes() {
+        let log = EventsLog::new("7D", 1 << 30);
+        assert_eq!(log.segment_bytes, 1 << 28);
+        assert_eq!(
+            EventsLog::new("7D", 1 << 40).segment_bytes,
+            STREAM_SEGMENT_MAX
+        );
+        let args = events_log_arguments(&log);
+        let args = args.inner();
+        assert_eq!(
+            args.get("x-queue-type"),
+            Some(&AMQPValue::LongString("stream".into()))
+        );
+        assert_eq!(
+            args.get("x-max-length-bytes"),
+            Some(&AMQPValue::LongLongInt(1 << 30))
+        );
+    }
+
+    #[test]
     fn rabbitmq_replies_are_read_for_the_argument_and_both_values() {
         let text = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'sb.svc.invoice' in vhost '/': received the value '3' of type 'signedint' but current is the value '5' of type 'signedint'";
         assert_eq!(
