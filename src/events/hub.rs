@@ -248,6 +248,9 @@ pub struct HubStats {
     pub dropped_slow: AtomicU64,
     /// Messages on the fanout that were not CloudEvents (skipped).
     pub malformed: AtomicU64,
+    /// Sessions served by a reader of the log of their own (resumed from a
+    /// position the history did not cover), opened so far.
+    pub log_readers: AtomicU64,
     /// The hub's consumer: whether it consumes now, since when it does not,
     /// how often it came back.
     pub consumer: Arc<ConsumerStatus>,
@@ -413,6 +416,7 @@ impl EventHub {
             relayed: AtomicU64::new(0),
             dropped_slow: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            log_readers: AtomicU64::new(0),
             consumer: supervisor.status().clone(),
         });
         broker.metrics().register(stats.clone());
@@ -731,6 +735,7 @@ impl EventHub {
             },
         );
         self.set_sessions_gauge();
+        self.stats.log_readers.fetch_add(1, Ordering::Relaxed);
         let broker = self.consumer.supervisor().broker().clone();
         let from = last.saturating_add(1);
         debug!(
