@@ -27,7 +27,7 @@
 use std::sync::{Arc, Mutex};
 
 use deadpool_lapin::lapin::{
-    Connection,
+    Channel, Connection,
     options::{BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable},
 };
@@ -141,11 +141,21 @@ pub async fn read_from(
     tx: mpsc::Sender<Arc<HubEvent>>,
     stop: CancellationToken,
 ) {
+    let ch = match broker.channel().await {
+        Ok(ch) => ch,
+        Err(e) => {
+            warn!(from, error = %e, "events log reader not started");
+            return;
+        }
+    };
     let ended = tokio::select! {
-        ended = read(&broker, from, &filter, &tx) => ended,
+        ended = read(&ch, &broker, from, &filter, &tx) => ended,
         _ = stop.cancelled() => Ok("stopped"),
         _ = tx.closed() => Ok("client gone"),
     };
+    // Closed whichever way it ended: a dropped channel stays open on the
+    // pooled connection, its consumer with it.
+    crate::amqp::close_channel(&ch, "events log reader ended").await;
     match ended {
         Ok(why) => debug!(from, why, "events log reader ended"),
         Err(e) => warn!(from, error = %e, "events log reader lost"),
@@ -153,12 +163,12 @@ pub async fn read_from(
 }
 
 async fn read(
+    ch: &Channel,
     broker: &Broker,
     from: u64,
     filter: &EventFilter,
     tx: &mpsc::Sender<Arc<HubEvent>>,
 ) -> Result<&'static str> {
-    let ch = broker.channel().await?;
     // Required for a stream consumer; bounds what waits unread.
     ch.basic_qos(READER_PREFETCH, BasicQosOptions { global: false })
         .await?;
@@ -179,9 +189,9 @@ async fn read(
         )
         .await?;
     let mut first = true;
-    let why = loop {
+    loop {
         let Some(delivery) = consumer.next().await else {
-            break "consumer ended";
+            return Ok("consumer ended");
         };
         let delivery = delivery?;
         let offset = wire::stream_offset(&delivery.properties);
@@ -203,11 +213,9 @@ async fn read(
         if let Some(ev) = parsed
             && tx.send(Arc::new(ev)).await.is_err()
         {
-            break "client gone";
+            return Ok("client gone");
         }
-    };
-    crate::amqp::close_channel(&ch, "events log reader ended").await;
-    Ok(why)
+    }
 }
 
 #[cfg(test)]

@@ -284,7 +284,25 @@ async fn a_last_event_id_older_than_the_history_is_read_from_the_log_and_one_tha
         // Live only: the first thing it gets is the new event.
         assert_eq!(cloud(next(sub).await), live);
     }
+    // The reader's consumer on the log goes with its client: the hub's
+    // own is left.
+    // (The management API: a passive declare of a stream counts none.)
+    let log = c.broker.names().events_log();
+    let api = switchboard::management::Management::new(&c.settings).unwrap();
+    let consumers = || async {
+        let all = api.consumers().await.unwrap();
+        all.iter().filter(|k| k.queue.name == log).count()
+    };
+    let slow = Duration::from_secs(30);
+    eventually(slow, "the hub and the reader consume the log", || async {
+        consumers().await == 2
+    })
+    .await;
     drop(too_old);
+    eventually(slow, "the reader's consumer is cancelled", || async {
+        consumers().await == 1
+    })
+    .await;
     finish(c, h).await;
 }
 
