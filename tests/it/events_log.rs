@@ -326,3 +326,63 @@ async fn a_client_resuming_from_before_the_retention_is_told_what_it_lost() {
     hub.stop().await;
     c.cleanup(&[]).await;
 }
+
+#[actix_rt::test]
+async fn the_hub_misses_nothing_while_its_connection_comes_back() {
+    let c = ctx("evlog-hub-back").await;
+    let hub = EventHub::start(
+        &c.broker,
+        HubOptions {
+            history: 100,
+            history_bytes: 1 << 20,
+            max_sessions: 10,
+            session_buffer: 256,
+            log: EventsLog::new("1h", 16 << 20),
+        },
+    )
+    .await
+    .unwrap();
+    // Published through another instance's connections, which stay up.
+    let mut other = c.settings.clone();
+    other.amqp.instance_id = format!("{}-publisher", other.amqp.instance_id);
+    let publisher = Broker::connect(&other.amqp).await.unwrap();
+    let mut sub = hub.subscribe(EventFilter::default(), None).await.unwrap();
+    events::publish(&publisher, &event("x", 0)).await.unwrap();
+    let first = tokio::time::timeout(WAIT, sub.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    // The management API lists new connections with some delay: close them
+    // as soon as they show.
+    let instance = c.broker.instance_id().to_owned();
+    poll_until(Duration::from_secs(60), "a connection to close", || async {
+        match crate::common::kill_connections(&instance).await {
+            0 => Err("none listed yet"),
+            k => Ok(k),
+        }
+    })
+    .await;
+    // Right away, while the hub's consumer is (likely) still away.
+    for n in 1..40 {
+        events::publish(&publisher, &event("x", n)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 1..40 {
+        let ev = tokio::time::timeout(WAIT, sub.rx.recv())
+            .await
+            .expect("every event after the reconnect")
+            .expect("the session stays open");
+        let e: CloudEvent = serde_json::from_slice(&ev.json).unwrap();
+        got.push((ev.seq, e.data.unwrap()["n"].as_u64().unwrap()));
+    }
+    assert_eq!(
+        got,
+        (1..40).map(|n| (first.seq + n, n)).collect::<Vec<_>>(),
+        "nothing missed, nothing twice"
+    );
+    assert!(hub.stats.consumer.reconnects() >= 1, "the hub came back");
+    drop(sub);
+    hub.stop().await;
+    publisher.close().await;
+    c.cleanup(&[]).await;
+}
