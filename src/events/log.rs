@@ -7,7 +7,7 @@
 //!
 //! # Layout
 //! - [`declare_log`]: declares the log (at start-up and by every reader).
-//! - [`LogQueue`]: the hub's [`Declare`]: its consumer starts at `next` and,
+//! - `LogQueue`: the hub's [`Declare`]: its consumer starts at `next` and,
 //!   re-established, at the offset after the last one it saw.
 //! - [`read_from`]: a reader of its own for one stream session resuming from
 //!   a position the hub no longer holds in memory: from that offset on, then
