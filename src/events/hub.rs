@@ -24,8 +24,11 @@
 //! - history: the last [`HubOptions::history`] events, and at most
 //!   [`HubOptions::history_bytes`] of them ([`HubEvent::size`]); an event
 //!   larger than that is relayed but not kept, and the history before it is
-//!   dropped (whoever resumes from before it gets a gap, as the history
-//!   would have a hole);
+//!   dropped (whoever resumes from before it is served from the log, as the
+//!   history would have a hole);
+//! - sessions resumed from the log: a reader each, counted among the
+//!   sessions; it waits for its client (a channel of `session_buffer`), and
+//!   the broker sends it at most [`super::log::READER_PREFETCH`] unacked;
 //! - broker: a prefetch of [`PREFETCH`] unacked deliveries.
 //!
 //! # Positions and resuming
@@ -89,8 +92,8 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The hub's bounds.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
-    /// Events kept for resuming with a last event id (0: only a client that
-    /// saw the latest event resumes without a gap).
+    /// Events kept for resuming with a last event id (0: every client that
+    /// resumes is served from the log).
     pub history: usize,
     /// Bytes of events kept for resuming ([`HubEvent::size`]), beside the
     /// count: the oldest go first when either is reached.
