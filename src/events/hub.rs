@@ -468,6 +468,13 @@ impl EventHub {
             }
             Some(s) => self.seen = Some(Seen { last: offset, ..s }),
             None => {
+                // A hub started again by its keeper resumes where the one
+                // before it stopped: the earlier offsets of that chunk were
+                // relayed already.
+                let resume_at = *self.resume_at.lock().unwrap_or_else(|p| p.into_inner());
+                if resume_at.is_some_and(|at| offset < at) {
+                    return None;
+                }
                 self.seen = Some(Seen {
                     from: offset,
                     last: offset,
