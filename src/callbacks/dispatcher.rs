@@ -6,7 +6,9 @@
 //! answered `202`. So a callback due before a restart is delivered after it,
 //! by whichever dispatcher looks first.
 //!
-//! The loop: fetch the callbacks due now, start each one not already in
+//! The loop: claim the callbacks due now (a lease in the store, so that of
+//! several gateways sharing it one delivers each:
+//! [`crate::calls::CallStore::claim_due_callbacks`]), start each one not already in
 //! flight (at most `callbacks.concurrency` at once), then sleep until the
 //! next one is due, a [`DispatcherHandle::wake`], a delivery ending, or the
 //! cancellation token; never longer than [`MAX_IDLE`], so callbacks that
@@ -308,6 +310,16 @@ impl Dispatcher {
             concurrency = self.deliverer.settings.concurrency,
             "callback dispatcher started"
         );
+        match self.store.release_own_leases().await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                leases = n,
+                "callback leases of an earlier process of this instance ended"
+            ),
+            Err(e) => {
+                warn!(error = %e, "callback leases of an earlier process not ended; they run out")
+            }
+        }
         loop {
             if self.cancel.is_cancelled() {
                 break;
@@ -347,10 +359,19 @@ impl Dispatcher {
         if free == 0 {
             return;
         }
-        // Rows in flight are still due in the store: ask for enough to get
-        // `free` others past them.
-        let limit = i64::try_from(self.in_flight.len() + free).unwrap_or(i64::MAX);
-        let rows = match self.store.due_callbacks(now, limit).await {
+        // Rows in flight here are leased here: not claimed again. With
+        // several gateways on one store, each due row is leased to one of
+        // them, so one delivers it (another once the lease runs out, if
+        // its holder died mid-delivery).
+        let limit = i64::try_from(free).unwrap_or(i64::MAX);
+        let lease = Duration::from_millis(self.deliverer.settings.timeout_ms)
+            + crate::calls::instances::LEASE_MARGIN;
+        let lease_until = now.saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
+        let rows = match self
+            .store
+            .claim_due_callbacks(now, limit, lease_until)
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 warn!(error = %e, "cannot read due callbacks");

@@ -9,13 +9,20 @@
 //!
 //! # Layout
 //! - this file: [`CallStore`], [`CallRecord`], [`NewCall`].
+//! - `batch`: group commit of the frequent writes.
 //! - [`document`]: the status document and result JSON of DESIGN.md.
 //! - [`tracker`]: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
 //! - [`finished`]: the documents of recently finished calls, kept in memory.
+//! - [`instances`]: the gateways sharing the store (liveness, adoption of a
+//!   silent one's queues) and the leases on callback deliveries.
+//! - [`adopt`]: a live gateway draining the queues of a dead one.
 
+pub mod adopt;
+mod batch;
 pub mod document;
 pub mod finished;
+pub mod instances;
 pub mod tracker;
 
 use std::str::FromStr;
@@ -25,6 +32,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Connection, Row};
 
 use crate::error::{Error, Result};
+use batch::{Arg, Stmt};
 
 /// Where a call stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -330,7 +338,23 @@ enum Backend {
 /// The store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CallStore {
+    /// Reads; on PostgreSQL, writes too.
     pool: AnyPool,
+    /// Writes. On SQLite, a pool of one connection: SQLite takes one writer
+    /// at a time, and a writer that finds the lock taken by another
+    /// connection of this process sleeps in SQLite's busy handler (1, 2,
+    /// 5, 10 ms and up) instead of queueing: at 32 concurrent 202 calls that
+    /// sleep was most of a call's latency (BENCHMARKS.md, `bench http`).
+    /// Writers queue for this connection instead, in order, without sleeping.
+    writer: AnyPool,
+    /// Group commit of the frequent writes, on `writer` (see `batch`).
+    batch: batch::Batcher,
+    backend: Backend,
+    /// The gateway instance using this handle ([`CallStore::for_instance`]):
+    /// recorded on the calls it stores (their replies come to its reply
+    /// queue) and as the owner of the callback leases it takes. `None`
+    /// (a store opened by a tool or a test): calls belong to no instance.
+    instance: Option<std::sync::Arc<str>>,
 }
 
 const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, deadline_ms, published, \
@@ -340,7 +364,7 @@ const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, de
 
 /// Columns added after the first release, with their type: added to a
 /// store made before them when it opens.
-fn added_columns(backend: Backend) -> [(&'static str, &'static str); 3] {
+fn added_columns(backend: Backend) -> [(&'static str, &'static str); 6] {
     let real = match backend {
         Backend::Sqlite => "REAL",
         Backend::Postgres => "DOUBLE PRECISION",
@@ -349,6 +373,13 @@ fn added_columns(backend: Backend) -> [(&'static str, &'static str); 3] {
         ("progress", real),
         ("progress_note", "TEXT"),
         ("progress_ms", "BIGINT"),
+        // The instance whose reply queue the call's reply goes to (see
+        // [`instances`]); NULL for calls stored before it existed.
+        ("instance", "TEXT"),
+        // Who is delivering the callback now, and until when (see
+        // [`CallStore::claim_due_callbacks`]).
+        ("lease_owner", "TEXT"),
+        ("lease_until", "BIGINT"),
     ]
 }
 
@@ -404,8 +435,15 @@ fn schema(backend: Backend) -> Vec<String> {
         "CREATE INDEX IF NOT EXISTS sb_calls_caller ON sb_calls (caller, status)".into(),
         "CREATE INDEX IF NOT EXISTS sb_calls_callbacks ON sb_calls (callback_state, callback_next_ms)"
             .into(),
+        instances::SCHEMA.into(),
     ]
 }
+
+/// Indexes on columns of [`added_columns`], made once they exist.
+const ADDED_INDEXES: [&str; 1] = [
+    // An instance's pending calls, counted before its adopter lets it go.
+    "CREATE INDEX IF NOT EXISTS sb_calls_instance ON sb_calls (instance, status)",
+];
 
 /// The PostgreSQL advisory lock key held while the schema is created
 /// (any constant; this one spells "sbschema" in ASCII).
@@ -519,10 +557,45 @@ impl CallStore {
                     .map_err(db)?;
             }
         }
+        for stmt in ADDED_INDEXES {
+            sqlx::query(stmt).execute(&mut *tx).await.map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
         let _ = conn.close().await;
-        let pool = opts.connect(url).await.map_err(opening)?;
-        Ok(Self { pool })
+        let writer = match backend {
+            Backend::Sqlite => opts
+                .clone()
+                .max_connections(1)
+                .connect(url)
+                .await
+                .map_err(opening)?,
+            Backend::Postgres => opts.clone().connect(url).await.map_err(opening)?,
+        };
+        let pool = match backend {
+            Backend::Sqlite => opts.connect(url).await.map_err(opening)?,
+            Backend::Postgres => writer.clone(),
+        };
+        let batch = batch::Batcher::start(writer.clone());
+        Ok(Self {
+            pool,
+            writer,
+            batch,
+            backend,
+            instance: None,
+        })
+    }
+
+    /// This handle as used by gateway instance `id`: the calls it stores
+    /// are recorded as that instance's, and its callback leases are held in
+    /// that name.
+    pub fn for_instance(mut self, id: &str) -> Self {
+        self.instance = Some(id.into());
+        self
+    }
+
+    /// The instance of [`CallStore::for_instance`], if any.
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_deref()
     }
 
     /// Stores a new pending call. With an idempotency key the caller already
@@ -532,27 +605,32 @@ impl CallStore {
             .callback_url
             .as_ref()
             .map(|_| CallbackState::Waiting.as_str());
-        let done = sqlx::query(
-            "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, published, \
-             idem_key, body_hash, traceparent, callback_url, callback_state, callback_attempts) \
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0) \
-             ON CONFLICT (caller, idem_key) DO NOTHING",
-        )
-        .bind(&call.id)
-        .bind(&call.caller)
-        .bind(&call.service)
-        .bind(call.created_ms)
-        .bind(call.deadline_ms)
-        .bind(i64::from(call.published))
-        .bind(call.idem_key.as_deref())
-        .bind(call.body_hash.as_deref())
-        .bind(call.traceparent.as_deref())
-        .bind(call.callback_url.as_deref())
-        .bind(callback_state)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        if done.rows_affected() == 1 {
+        let done = self
+            .batch
+            .execute(Stmt {
+                sql: "INSERT INTO sb_calls (id, caller, service, status, created_ms, deadline_ms, \
+                      published, idem_key, body_hash, traceparent, callback_url, callback_state, \
+                      callback_attempts, instance) \
+                      VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, 0, $12) \
+                      ON CONFLICT (caller, idem_key) DO NOTHING",
+                args: vec![
+                    Arg::Text(Some(call.id.clone())),
+                    Arg::Text(Some(call.caller.clone())),
+                    Arg::Text(Some(call.service.clone())),
+                    Arg::Int(Some(call.created_ms)),
+                    Arg::Int(Some(call.deadline_ms)),
+                    Arg::Int(Some(i64::from(call.published))),
+                    Arg::Text(call.idem_key.clone()),
+                    Arg::Text(call.body_hash.clone()),
+                    Arg::Text(call.traceparent.clone()),
+                    Arg::Text(call.callback_url.clone()),
+                    Arg::Text(callback_state.map(str::to_owned)),
+                    Arg::Text(self.instance().map(str::to_owned)),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        if done == 1 {
             return Ok(Inserted::New);
         }
         let key = call.idem_key.as_deref().unwrap_or_default();
@@ -577,9 +655,11 @@ impl CallStore {
 
     /// Marks the call's request as confirmed by the broker.
     pub async fn mark_published(&self, id: &str) -> Result<()> {
-        sqlx::query("UPDATE sb_calls SET published = 1 WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
+        self.batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET published = 1 WHERE id = $1",
+                args: vec![Arg::Text(Some(id.to_owned()))],
+            })
             .await
             .map_err(db)?;
         Ok(())
@@ -589,7 +669,7 @@ impl CallStore {
     pub async fn delete(&self, id: &str) -> Result<()> {
         sqlx::query("DELETE FROM sb_calls WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db)?;
         Ok(())
@@ -641,27 +721,30 @@ impl CallStore {
         completed_ms: i64,
         callback: Option<(&str, &[u8])>,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
-             result_content_type = $4, result_body = $5, \
-             callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
-             callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
-             callback_event_id = $7, callback_body = $8 \
-             WHERE id = $9 AND status = 'pending'",
-        )
-        .bind(status.as_str())
-        .bind(completed_ms)
-        .bind(result.map(|r| i64::from(r.status)))
-        .bind(result.map(|r| r.content_type.as_str()))
-        .bind(result.map(|r| r.body.clone()))
-        .bind(CallbackState::Pending.as_str())
-        .bind(callback.map(|c| c.0))
-        .bind(callback.map(|c| c.1.to_vec()))
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+                      result_content_type = $4, result_body = $5, \
+                      callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
+                      callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
+                      callback_event_id = $7, callback_body = $8 \
+                      WHERE id = $9 AND status = 'pending'",
+                args: vec![
+                    Arg::Text(Some(status.as_str().to_owned())),
+                    Arg::Int(Some(completed_ms)),
+                    Arg::Int(result.map(|r| i64::from(r.status))),
+                    Arg::Text(result.map(|r| r.content_type.clone())),
+                    Arg::Blob(result.map(|r| r.body.clone())),
+                    Arg::Text(Some(CallbackState::Pending.as_str().to_owned())),
+                    Arg::Text(callback.map(|c| c.0.to_owned())),
+                    Arg::Blob(callback.map(|c| c.1.to_vec())),
+                    Arg::Text(Some(id.to_owned())),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        Ok(done == 1)
     }
 
     /// Records the latest progress of call `id` while it is pending;
@@ -673,18 +756,21 @@ impl CallStore {
         note: Option<&str>,
         at_ms: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE sb_calls SET progress = $1, progress_note = $2, progress_ms = $3 \
-             WHERE id = $4 AND status = 'pending'",
-        )
-        .bind(fraction)
-        .bind(note)
-        .bind(at_ms)
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        Ok(done.rows_affected() == 1)
+        let done = self
+            .batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET progress = $1, progress_note = $2, progress_ms = $3 \
+                      WHERE id = $4 AND status = 'pending'",
+                args: vec![
+                    Arg::Real(Some(fraction)),
+                    Arg::Text(note.map(str::to_owned)),
+                    Arg::Int(Some(at_ms)),
+                    Arg::Text(Some(id.to_owned())),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        Ok(done == 1)
     }
 
     /// Ids and deadlines of every pending call (to resume after a restart).
@@ -705,29 +791,49 @@ impl CallStore {
             .collect()
     }
 
-    /// Pending calls whose deadline passed before `now_ms`.
+    /// Pending calls whose deadline passed before `now_ms`, that this
+    /// handle's instance may expire: every such call except those of an
+    /// instance silent for [`instances::SILENT_AFTER`] whose replies have
+    /// not been drained yet by this instance as its adopter
+    /// ([`instances`]): their replies may be waiting in the dead
+    /// instance's queue, and a call must not be expired while its reply
+    /// sits there unread.
     pub async fn overdue(&self, now_ms: i64, limit: i64) -> Result<Vec<String>> {
-        let rows = sqlx::query(
-            "SELECT id FROM sb_calls WHERE status = 'pending' AND deadline_ms < $1 LIMIT $2",
-        )
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+        let sql = format!(
+            "SELECT c.id FROM sb_calls c WHERE c.status = 'pending' AND c.deadline_ms < $1 \
+             AND NOT EXISTS (SELECT 1 FROM sb_instances i WHERE i.id = c.instance \
+             AND i.id <> $2 AND i.last_seen_ms < {now} - $3 \
+             AND NOT (COALESCE(i.adopted_by, '') = $2 AND i.drained = 1)) \
+             LIMIT $4",
+            now = instances::db_now(self.backend)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now_ms)
+            .bind(self.instance().unwrap_or_default())
+            .bind(instances::SILENT_AFTER.as_millis() as i64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
         rows.iter()
             .map(|r| r.try_get::<String, _>(0).map_err(db))
             .collect()
     }
 
-    /// Removes calls never confirmed by the broker: their caller got no
-    /// `202`, so as far as anyone knows they never existed (and a retry with
-    /// the same idempotency key starts afresh).
-    pub async fn drop_unpublished(&self) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM sb_calls WHERE published = 0 AND status = 'pending'")
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
+    /// Removes calls never confirmed by the broker that were stored before
+    /// `created_before_ms`: their caller got no `202`, so as far as anyone
+    /// knows they never existed (and a retry with the same idempotency key
+    /// starts afresh). Only old ones: with several gateways on one store,
+    /// a younger one may be another live gateway's call whose confirm is
+    /// still on its way ([`instances::UNSENT_GRACE`]).
+    pub async fn drop_unpublished(&self, created_before_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM sb_calls WHERE published = 0 AND status = 'pending' AND created_ms < $1",
+        )
+        .bind(created_before_ms)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
         Ok(done.rows_affected())
     }
 
@@ -739,14 +845,14 @@ impl CallStore {
              AND (callback_state IS NULL OR callback_state IN ('delivered', 'dead'))",
         )
         .bind(before_ms)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db)?;
         if done.rows_affected() > 0 {
             sqlx::query(
                 "DELETE FROM sb_callback_attempts WHERE call_id NOT IN (SELECT id FROM sb_calls)",
             )
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db)?;
         }
@@ -768,10 +874,14 @@ impl CallStore {
         rows.iter().map(record).collect()
     }
 
-    /// When the next pending callback is due, if any.
+    /// When the next pending callback is due, if any: a callback leased
+    /// by a dispatcher (here or in another gateway) not before its lease
+    /// ends ([`CallStore::claim_due_callbacks`]).
     pub async fn next_callback_ms(&self) -> Result<Option<i64>> {
         let row = sqlx::query(
-            "SELECT MIN(callback_next_ms) FROM sb_calls WHERE callback_state = 'pending'",
+            "SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > callback_next_ms \
+             THEN lease_until ELSE callback_next_ms END) \
+             FROM sb_calls WHERE callback_state = 'pending'",
         )
         .fetch_one(&self.pool)
         .await
@@ -800,22 +910,24 @@ impl CallStore {
             CallbackOutcome::Dead { error } => (CallbackState::Dead, None, Some(error.as_str())),
             CallbackOutcome::Deferred { next_ms, reason } => {
                 sqlx::query(
-                    "UPDATE sb_calls SET callback_next_ms = $1, callback_error = $2 \
+                    "UPDATE sb_calls SET callback_next_ms = $1, callback_error = $2, \
+                     lease_owner = NULL, lease_until = NULL \
                      WHERE id = $3 AND callback_state = 'pending'",
                 )
                 .bind(next_ms)
                 .bind(reason.as_str())
                 .bind(id)
-                .execute(&self.pool)
+                .execute(&self.writer)
                 .await
                 .map_err(db)?;
                 return Ok(());
             }
         };
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         sqlx::query(
             "UPDATE sb_calls SET callback_state = $1, callback_next_ms = $2, callback_error = $3, \
-             callback_attempts = callback_attempts + 1 WHERE id = $4",
+             callback_attempts = callback_attempts + 1, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $4",
         )
         .bind(state.as_str())
         .bind(next)
@@ -850,11 +962,12 @@ impl CallStore {
     pub async fn retry_callback(&self, id: &str, now_ms: i64) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE sb_calls SET callback_state = 'pending', callback_next_ms = $1, \
-             callback_attempts = 0 WHERE id = $2 AND callback_state = 'dead'",
+             callback_attempts = 0, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $2 AND callback_state = 'dead'",
         )
         .bind(now_ms)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db)?;
         Ok(done.rows_affected() == 1)
@@ -899,6 +1012,7 @@ impl CallStore {
 
     /// Closes the pool.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -430,13 +430,7 @@ impl Tracker {
     /// Resumes after a start: drops calls never confirmed by the broker
     /// (nobody got a 202 for them) and returns how many calls are pending.
     pub async fn resume(&self) -> Result<usize> {
-        let dropped = self.inner.store.drop_unpublished().await?;
-        if dropped > 0 {
-            info!(
-                dropped,
-                "dropped calls whose request was never confirmed (no 202 was given)"
-            );
-        }
+        self.drop_unsent().await?;
         let pending = self.inner.store.pending().await?;
         if let Some(cb) = &self.inner.callbacks {
             cb.wake();
@@ -444,8 +438,32 @@ impl Tracker {
         Ok(pending.len())
     }
 
-    /// Every second, ends pending calls past their deadline as expired;
-    /// every minute, removes calls finished longer than `retention` ago.
+    /// Drops calls whose request was never confirmed by the broker, stored
+    /// more than [`super::instances::UNSENT_GRACE`] ago: another gateway
+    /// sharing the store may be waiting for the confirm of a younger one.
+    async fn drop_unsent(&self) -> Result<()> {
+        let grace = super::instances::UNSENT_GRACE.as_millis() as i64;
+        let before = wire::now_ms() as i64 - grace;
+        let dropped = self.inner.store.drop_unpublished(before).await?;
+        if dropped > 0 {
+            info!(
+                dropped,
+                "dropped calls whose request was never confirmed (no 202 was given)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The broker it publishes on.
+    pub fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
+    /// Every second, ends pending calls past their deadline as expired
+    /// (except those of a dead gateway not drained yet: see
+    /// [`CallStore::overdue`]); every minute, removes calls finished longer
+    /// than `retention` ago and drops calls never sent (a gateway that died
+    /// between storing a call and its confirm leaves one).
     pub fn spawn_sweeper(&self, retention: Duration, cancel: CancellationToken) {
         self.inner
             .finished
@@ -472,6 +490,9 @@ impl Tracker {
                     Err(e) => warn!(error = %e, "deadline sweep failed"),
                 }
                 if n % 60 == 1 {
+                    if let Err(e) = tracker.drop_unsent().await {
+                        warn!(error = %e, "unsent calls not dropped");
+                    }
                     let before = now - retention.as_millis() as i64;
                     match tracker.inner.store.purge(before).await {
                         Ok(0) => {}
@@ -571,19 +592,27 @@ impl Tracker {
 
     /// Ends call `id` as dead-lettered, trying again while the store fails,
     /// for at most [`DEAD_LETTER_PATIENCE`]; false when it failed all that time.
-    async fn record_dead_letter(&self, id: &str) -> bool {
+    pub(crate) async fn record_dead_letter(&self, id: &str) -> bool {
+        self.record_end(id, Outcome::DeadLettered).await
+    }
+
+    /// Ends call `id` with `outcome` ([`Tracker::complete`]), trying again
+    /// while the store fails, for at most [`DEAD_LETTER_PATIENCE`]; false
+    /// when it failed all that time (the message that told is then
+    /// quarantined by its consumer).
+    pub(crate) async fn record_end(&self, id: &str, outcome: Outcome) -> bool {
         let give_up = tokio::time::Instant::now() + DEAD_LETTER_PATIENCE;
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.complete(id, Outcome::DeadLettered).await {
+            match self.complete(id, outcome.clone()).await {
                 Ok(_) => return true,
                 Err(e) if tokio::time::Instant::now() + pause < give_up => {
-                    warn!(call_id = %id, error = %e, retry_in = ?pause, "dead letter not recorded yet");
+                    warn!(call_id = %id, error = %e, retry_in = ?pause, "call's end not recorded yet");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
-                    warn!(call_id = %id, error = %e, "dead letter not recorded");
+                    warn!(call_id = %id, error = %e, "call's end not recorded");
                     return false;
                 }
             }

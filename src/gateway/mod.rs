@@ -104,6 +104,9 @@ pub struct RunningGateway {
     pub state: web::Data<AppState>,
     handle: ServerHandle,
     cancel: CancellationToken,
+    /// The instance's liveness task ([`crate::calls::adopt`]): awaited on
+    /// stop, so that it marks the instance gone before the store closes.
+    liveness: tokio::task::JoinHandle<()>,
 }
 
 impl RunningGateway {
@@ -119,6 +122,7 @@ impl RunningGateway {
             cb.stopped().await;
         }
         self.state.rpc.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.liveness).await;
         self.state.tracker.store().close().await;
     }
 }
@@ -165,7 +169,11 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> Result<RunningGateway> {
     let g = settings.gateway.clone();
-    let store = CallStore::open(&g.store_url).await?;
+    // Calls are recorded as this instance's: their replies come to its
+    // reply queue, which another gateway drains if this one dies.
+    let store = CallStore::open(&g.store_url)
+        .await?
+        .for_instance(broker.instance_id());
     let callbacks_enabled = !settings.callbacks.secret.is_empty();
     // Deliveries live in the store, so they survive a restart of the gateway.
     let callbacks = callbacks_enabled.then(|| {
@@ -188,6 +196,8 @@ pub async fn start(
     let rpc = RpcClient::start(broker, options).await?;
     let pending = tracker.resume().await?;
     tracker.spawn_sweeper(Duration::from_secs(g.retention_s), cancel.child_token());
+    // Liveness in the store, and adoption of dead gateways' queues.
+    let (_, liveness) = crate::calls::adopt::spawn(tracker.clone(), cancel.child_token());
     let services: Vec<String> = settings.services.keys().cloned().collect();
     tracker
         .start_dead_letter_watch(&services, cancel.child_token())
@@ -286,5 +296,6 @@ pub async fn start(
         state,
         handle,
         cancel,
+        liveness,
     })
 }

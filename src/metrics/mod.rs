@@ -512,6 +512,10 @@ pub struct RpcValues {
     pub progress_routed: u64,
     /// Progress reports nobody took.
     pub progress_dropped: u64,
+    /// Queues of dead gateways this one drains now ([`crate::calls::adopt`]).
+    pub adopted_queues: i64,
+    /// Replies taken from dead gateways' queues.
+    pub adopted_replies: u64,
 }
 
 /// The event hubs' numbers.
@@ -728,6 +732,18 @@ impl Collected {
                 "switchboard_rpc_progress_dropped",
                 "Progress reports nobody took: of a call not followed here or already ended, read by nobody, not kept up with, or malformed.",
                 r.progress_dropped,
+            )?;
+            gauge(
+                &mut enc,
+                "switchboard_rpc_adopted_queues",
+                "Reply queues of dead gateways sharing the call store that this one drains now.",
+                r.adopted_queues,
+            )?;
+            counter(
+                &mut enc,
+                "switchboard_rpc_adopted_replies",
+                "Replies taken from dead gateways' reply queues and handed to the call store.",
+                r.adopted_replies,
             )?;
         }
         if let Some(h) = &self.hub {

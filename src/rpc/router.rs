@@ -540,7 +540,7 @@ impl Orphan {
 }
 
 /// The reply as callers see it; a malformed status becomes a 502 problem.
-fn to_reply(delivery: &Delivery, body: Bytes, id: &str) -> Reply {
+pub(crate) fn to_reply(delivery: &Delivery, body: Bytes, id: &str) -> Reply {
     let props = &delivery.properties;
     {
         match wire::reply_status(props) {

@@ -25,6 +25,7 @@ mod faults;
 mod gateway;
 mod hostile;
 mod hub;
+mod instances;
 mod interop;
 mod management;
 mod metrics;

@@ -517,14 +517,27 @@ async fn unpublished_calls_are_dropped_and_their_key_starts_afresh() {
         insert_new(&b.store, &keyed(&lost)).await;
         insert_new(&b.store, &call(&kept, &caller, 10, 20)).await;
 
-        assert_eq!(b.store.drop_unpublished().await.unwrap(), 1, "{}", b.name);
+        // Stored at 10: younger than the grace at 5, another gateway may
+        // still be waiting for its confirm.
+        assert_eq!(b.store.drop_unpublished(5).await.unwrap(), 0, "{}", b.name);
+        assert_eq!(
+            b.store.drop_unpublished(100).await.unwrap(),
+            1,
+            "{}",
+            b.name
+        );
         assert!(b.store.get(&lost).await.unwrap().is_none());
         assert!(b.store.get(&kept).await.unwrap().is_some());
         // The caller never got a 202 for it: the same key makes a new call.
         insert_new(&b.store, &keyed(&retry)).await;
         // Published calls are never dropped, nor pending ones once published.
         b.store.mark_published(&retry).await.unwrap();
-        assert_eq!(b.store.drop_unpublished().await.unwrap(), 0, "{}", b.name);
+        assert_eq!(
+            b.store.drop_unpublished(100).await.unwrap(),
+            0,
+            "{}",
+            b.name
+        );
         assert!(b.store.get(&retry).await.unwrap().is_some());
         b.done().await;
     }
@@ -553,6 +566,253 @@ async fn stores_opened_at_once_on_a_fresh_database_all_open() {
         }
         if let Some(db) = fresh_db {
             db.drop().await;
+        }
+        b.done().await;
+    }
+}
+
+/// Another handle on `b`'s store, as a second gateway would open it.
+async fn same_store(b: &Backend) -> CallStore {
+    let url = match (&b.database, &b.dir) {
+        (Some(db), _) => db.url.clone(),
+        (None, Some(dir)) => format!("sqlite://{}/calls.db?mode=rwc", dir.path().display()),
+        (None, None) => unreachable!("every backend is a file or a database"),
+    };
+    CallStore::open(&url).await.unwrap()
+}
+
+#[actix_rt::test]
+async fn a_due_callback_is_claimed_by_one_gateway_of_two_until_its_lease_ends() {
+    for b in backends().await {
+        let p = prefix("lease");
+        let a = b.store.clone().for_instance(&format!("{p}-a"));
+        let other = same_store(&b).await.for_instance(&format!("{p}-b"));
+        let id = format!("{p}-call");
+        insert_new(
+            &a,
+            &NewCall {
+                callback_url: Some("https://example.com/hook".into()),
+                ..call(&id, "c", 10, 1_000_000)
+            },
+        )
+        .await;
+        a.complete(
+            &id,
+            CallStatus::Succeeded,
+            Some(&reply(b"{}")),
+            100,
+            Some(("ev", b"{}")),
+        )
+        .await
+        .unwrap();
+
+        // Both dispatchers look at once: one of them gets it.
+        let (mine, theirs) = futures_util::join!(
+            a.claim_due_callbacks(200, 10, 60_000),
+            other.claim_due_callbacks(200, 10, 60_000)
+        );
+        let (mine, theirs) = (mine.unwrap(), theirs.unwrap());
+        assert_eq!(mine.len() + theirs.len(), 1, "{}: claimed once", b.name);
+        let (holder, taker) = if mine.len() == 1 {
+            (&a, &other)
+        } else {
+            (&other, &a)
+        };
+        // While the lease runs, nobody else (nor the holder) claims it again.
+        assert!(
+            taker
+                .claim_due_callbacks(30_000, 10, 90_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            holder
+                .claim_due_callbacks(30_000, 10, 90_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            taker.next_callback_ms().await.unwrap(),
+            Some(60_000),
+            "{}: due again when the lease ends",
+            b.name
+        );
+        // Its holder died mid-delivery: once the lease ran out, another takes over.
+        let taken = taker
+            .claim_due_callbacks(60_001, 10, 120_000)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1, "{}", b.name);
+        assert_eq!(taken[0].id, id);
+        // That one died too and came back under its instance id: it ends
+        // the leases in its name at start, so the callback is due at once.
+        assert!(
+            holder
+                .claim_due_callbacks(70_000, 10, 130_000)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(taker.release_own_leases().await.unwrap(), 1, "{}", b.name);
+        assert_eq!(holder.release_own_leases().await.unwrap(), 0);
+        let taken = taker
+            .claim_due_callbacks(70_000, 10, 130_000)
+            .await
+            .unwrap();
+        assert_eq!(taken.len(), 1, "{}", b.name);
+        taker
+            .record_attempt(
+                &id,
+                &CallbackOutcome::Delivered,
+                Some((60_002, 5, Some(200))),
+            )
+            .await
+            .unwrap();
+        for s in [&a, &other] {
+            assert!(
+                s.claim_due_callbacks(i64::MAX - 1, 10, i64::MAX)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert_eq!(callback_of(&a, &id).await.state, CallbackState::Delivered);
+        other.close().await;
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn a_silent_gateway_is_adopted_by_exactly_one_and_its_calls_wait_for_the_drain() {
+    use switchboard::calls::instances::SILENT_AFTER;
+    for b in backends().await {
+        let p = prefix("adopt");
+        let (ia, ib, idead) = (format!("{p}-a"), format!("{p}-b"), format!("{p}-dead"));
+        let a = b.store.clone().for_instance(&ia);
+        let bb = same_store(&b).await.for_instance(&ib);
+        let dead = same_store(&b).await.for_instance(&idead);
+        for s in [&a, &bb, &dead] {
+            let me = s.instance().unwrap().to_owned();
+            s.heartbeat(&format!("q.reply.{me}"), &format!("q.deadwatch.{me}"))
+                .await
+                .unwrap();
+        }
+        // A call of the dead gateway, past its deadline, its reply unread.
+        let late = format!("{p}-late");
+        insert_new(&dead, &call(&late, "c", 10, 20)).await;
+        // Alive: nobody adopts it; its overdue call is expired as before.
+        assert!(
+            a.claim_silent(SILENT_AFTER).await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        assert_eq!(a.overdue(1_000, 10).await.unwrap(), vec![late.clone()]);
+
+        dead.mark_gone().await.unwrap();
+        // Silent, not drained: no one expires its call.
+        for s in [&a, &bb] {
+            assert!(s.overdue(1_000, 10).await.unwrap().is_empty(), "{}", b.name);
+        }
+        let (x, y) =
+            futures_util::join!(a.claim_silent(SILENT_AFTER), bb.claim_silent(SILENT_AFTER));
+        let claims: Vec<_> = [x.unwrap(), y.unwrap()].into_iter().flatten().collect();
+        assert_eq!(claims.len(), 1, "{}: adopted by exactly one", b.name);
+        assert_eq!(claims[0].id, idead);
+        assert_eq!(claims[0].reply_queue, format!("q.reply.{idead}"));
+        let (adopter, bystander) = if a.still_adopted(&idead).await.unwrap() {
+            (&a, &bb)
+        } else {
+            (&bb, &a)
+        };
+        assert!(
+            bystander
+                .claim_silent(SILENT_AFTER)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(adopter.overdue(1_000, 10).await.unwrap().is_empty());
+
+        // Drained once by its adopter: the adopter's sweeper may expire it.
+        adopter.mark_drained(&idead).await.unwrap();
+        assert_eq!(
+            adopter.overdue(1_000, 10).await.unwrap(),
+            vec![late.clone()]
+        );
+        assert!(bystander.overdue(1_000, 10).await.unwrap().is_empty());
+        // Not let go while it has a pending call.
+        assert_eq!(adopter.pending_of(&idead).await.unwrap(), 1);
+        adopter
+            .complete(&late, CallStatus::Expired, None, 1_000, None)
+            .await
+            .unwrap();
+        assert_eq!(adopter.pending_of(&idead).await.unwrap(), 0);
+        assert!(
+            !bystander.release(&idead, SILENT_AFTER).await.unwrap(),
+            "only its adopter"
+        );
+        assert!(
+            adopter.release(&idead, SILENT_AFTER).await.unwrap(),
+            "{}",
+            b.name
+        );
+        assert!(!adopter.still_adopted(&idead).await.unwrap());
+
+        // A gateway that comes back withdraws a claim on it.
+        dead.heartbeat("q.r", "q.d").await.unwrap();
+        dead.mark_gone().await.unwrap();
+        assert!(a.claim_silent(SILENT_AFTER).await.unwrap().is_some());
+        dead.heartbeat("q.r", "q.d").await.unwrap();
+        assert!(!a.still_adopted(&idead).await.unwrap(), "{}", b.name);
+        for s in [bb, dead] {
+            s.close().await;
+        }
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
+async fn the_adoptions_of_an_adopter_that_dies_are_claimed_again() {
+    use switchboard::calls::instances::SILENT_AFTER;
+    for b in backends().await {
+        let p = prefix("readopt");
+        let x = b.store.clone().for_instance(&format!("{p}-x"));
+        let y = same_store(&b).await.for_instance(&format!("{p}-y"));
+        let dead = same_store(&b).await.for_instance(&format!("{p}-dead"));
+        for s in [&x, &y, &dead] {
+            s.heartbeat("q.r", "q.d").await.unwrap();
+        }
+        dead.mark_gone().await.unwrap();
+        let claimed = x.claim_silent(SILENT_AFTER).await.unwrap();
+        assert_eq!(claimed.map(|s| s.id), dead.instance().map(str::to_owned));
+        // While X lives, Y leaves its adoption alone.
+        assert!(
+            y.claim_silent(SILENT_AFTER).await.unwrap().is_none(),
+            "{}",
+            b.name
+        );
+        // X dies too: Y claims both X and what X had adopted.
+        x.mark_gone().await.unwrap();
+        let mut taken = Vec::new();
+        while let Some(s) = y.claim_silent(SILENT_AFTER).await.unwrap() {
+            taken.push(s.id);
+            assert!(taken.len() <= 2, "{}: claimed again: {taken:?}", b.name);
+        }
+        taken.sort();
+        let mut expected = vec![format!("{p}-dead"), format!("{p}-x")];
+        expected.sort();
+        assert_eq!(taken, expected, "{}", b.name);
+        assert!(y.still_adopted(&format!("{p}-dead")).await.unwrap());
+        assert!(!x.still_adopted(&format!("{p}-dead")).await.unwrap());
+        // An adoption withdrawn (its adopter failed) is claimed again.
+        y.withdraw(&format!("{p}-dead")).await.unwrap();
+        assert!(!y.still_adopted(&format!("{p}-dead")).await.unwrap());
+        let again = y.claim_silent(SILENT_AFTER).await.unwrap();
+        assert_eq!(again.map(|s| s.id), Some(format!("{p}-dead")), "{}", b.name);
+        for s in [y, dead] {
+            s.close().await;
         }
         b.done().await;
     }

@@ -1,0 +1,107 @@
+//! Several gateways on one store (issue 15), in one process: a gateway that
+//! stops has its pending calls finished by another, which adopts its reply
+//! queue (`calls::adopt`). The SIGKILL case, across processes on
+//! PostgreSQL, is `tests/deployment.rs`.
+
+use std::time::Duration;
+
+use crate::common::{eventually, gateway, poll_until, queue_consumers};
+
+#[actix_rt::test]
+async fn a_gateway_that_stops_has_its_pending_calls_finished_by_another_on_the_store() {
+    let mut gw = gateway("adopt", |_| {}).await;
+    // Gateway B: the same store and prefix, an instance of its own.
+    let mut settings_b = gw.ctx.settings.clone();
+    settings_b.amqp.instance_id = format!("{}-b", gw.ctx.prefix);
+    let broker_b = switchboard::Broker::connect(&settings_b.amqp)
+        .await
+        .unwrap();
+    let b = switchboard::gateway::start(
+        &settings_b,
+        &broker_b,
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let base_b = format!("http://{}", b.addr);
+
+    // A call accepted by A, held by its worker.
+    let res = gw
+        .post("slow")
+        .header("Prefer", "respond-async")
+        .body("{\"n\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let id = res.headers()["Call-Id"].to_str().unwrap().to_owned();
+    let a_queue = gw
+        .ctx
+        .broker
+        .names()
+        .reply_queue(gw.ctx.broker.instance_id());
+    let a_deadwatch = gw
+        .ctx
+        .broker
+        .names()
+        .deadwatch_queue(gw.ctx.broker.instance_id());
+
+    // A stops (and says so in the store); then the worker answers, into
+    // A's reply queue, which nobody of A reads any more.
+    gw.stop_gateway().await;
+    gw.gate.add_permits(1);
+
+    let http = reqwest::Client::new();
+    let status = poll_until(Duration::from_secs(15), "the call ends on B", || async {
+        let doc: serde_json::Value = http
+            .get(format!("{base_b}/v1/calls/{id}"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        match doc["status"].as_str() {
+            Some("pending") | None => Err(format!("{doc}")),
+            Some(s) => Ok(s.to_owned()),
+        }
+    })
+    .await;
+    assert_eq!(status, "succeeded");
+    // B took it from A's queue, then deleted A's queues (drained, nothing
+    // of A pending).
+    let metrics = http
+        .get(format!("{base_b}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_rpc_adopted_replies_total 1"),
+        "{metrics}"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "A's queues are deleted",
+        || async {
+            queue_consumers(&broker_b, &a_queue).await.is_none()
+                && queue_consumers(&broker_b, &a_deadwatch).await.is_none()
+        },
+    )
+    .await;
+
+    b.stop().await;
+    let ch = broker_b.channel().await.unwrap();
+    let names = broker_b.names();
+    for q in [
+        names.reply_queue(broker_b.instance_id()),
+        names.deadwatch_queue(broker_b.instance_id()),
+    ] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    broker_b.close().await;
+    gw.cleanup().await;
+}
