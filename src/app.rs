@@ -20,7 +20,10 @@ use crate::worker::{self, Worker, WorkerHandle};
 /// Starts a worker for every configured service with a built-in handler.
 /// Each consumes on a connection of its own and comes back by itself after
 /// the connection is lost.
-pub async fn start_workers(broker: &Broker, settings: &Settings) -> Result<Vec<WorkerHandle>> {
+pub(crate) async fn start_workers(
+    broker: &Broker,
+    settings: &Settings,
+) -> Result<Vec<WorkerHandle>> {
     let mut handles = Vec::new();
     for (name, svc) in &settings.services {
         let Some(builtin) = svc.handler else {

@@ -11,9 +11,9 @@
 //!
 //! # Layout
 //! - [`document`]: the whole document for some settings.
-//! - [`Field`], [`Message`]: one property or header of an AMQP message, and
+//! - `Field`, `Message`: one property or header of an AMQP message, and
 //!   a message as a list of them; adding a message (a progress report, an
-//!   event type) is one more [`Message`] and its place in a channel.
+//!   event type) is one more `Message` and its place in a channel.
 //! - the per-service channels and operations, the shared reply and events
 //!   channels, and the schemas they use.
 
@@ -30,13 +30,13 @@ use crate::amqp::{Names, topology, wire};
 use crate::settings::{QueueType, ServiceSettings, Settings};
 
 /// The AsyncAPI version of the document.
-pub const ASYNCAPI_VERSION: &str = "3.0.0";
+pub(crate) const ASYNCAPI_VERSION: &str = "3.0.0";
 /// The version of the AMQP bindings used.
 const AMQP_BINDING: &str = "0.3.0";
 
 /// Where a field travels in an AMQP 0-9-1 message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
+pub(crate) enum Slot {
     /// A basic property (`correlation_id`, `reply_to`, `expiration`...).
     Property,
     /// An entry of the `headers` table (`x-status`, `traceparent`...).
@@ -47,7 +47,7 @@ pub enum Slot {
 /// the message's `headers` schema under its AMQP name, with `x-amqp` saying
 /// whether it is a basic property or an entry of the headers table.
 #[derive(Debug, Clone)]
-pub struct Field {
+pub(crate) struct Field {
     /// The property's or header's name, as on the wire.
     pub name: &'static str,
     /// Property or header.
@@ -100,7 +100,7 @@ impl Field {
 
 /// One message of the document: its properties and headers, its body.
 #[derive(Debug, Clone)]
-pub struct Message {
+pub(crate) struct Message {
     /// The key under `components.messages`.
     pub key: String,
     /// A short title.
@@ -200,7 +200,7 @@ fn traceparent(what: &str) -> Field {
 }
 
 /// What a caller sends and a worker receives (DESIGN.md, "Request").
-pub fn request_fields(service: &str, svc: &ServiceSettings) -> Vec<Field> {
+pub(crate) fn request_fields(service: &str, svc: &ServiceSettings) -> Vec<Field> {
     vec![
         Field::property(
             "content_type",
@@ -256,12 +256,17 @@ pub fn request_fields(service: &str, svc: &ServiceSettings) -> Vec<Field> {
                 wire::HEADER_PROGRESS
             ),
         ),
+        Field::header(
+            wire::HEADER_CALLER_WAITS,
+            json!({"type": "boolean"}),
+            "True when the caller waits for the reply in memory (a library `call`, a synchronous HTTP call): a worker may then send the reply transient (`delivery_mode` 1), not mandatory, and ack the request as soon as the reply is written, without waiting for its confirm. Absent (a call that may outlive its caller, a plain RPC client): a persistent reply, acked after its confirm.",
+        ),
     ]
 }
 
 /// A progress report a worker sends to `reply_to` before the reply
 /// (DESIGN.md, "Progress").
-pub fn progress_fields() -> Vec<Field> {
+pub(crate) fn progress_fields() -> Vec<Field> {
     vec![
         Field::property(
             "correlation_id",
@@ -287,7 +292,7 @@ pub fn progress_fields() -> Vec<Field> {
 }
 
 /// What a worker sends back to `reply_to` (DESIGN.md, "Reply").
-pub fn reply_fields(error: bool) -> Vec<Field> {
+pub(crate) fn reply_fields(error: bool) -> Vec<Field> {
     let status = if error {
         json!({"type": "integer", "minimum": 400, "maximum": 599})
     } else {
@@ -856,7 +861,7 @@ pub fn document(settings: &Settings) -> Value {
 }
 
 /// What every worker must do, whatever its language (DESIGN.md).
-pub const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch the events exchange for `switchboard.call.cancelled` (`subject` = the call id) to drop a request not yet begun (ack, no reply) and stop a running one.";
+pub(crate) const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed; for a request with `x-sb-caller-waits`, it may send the reply transient and ack once it is written), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch the events exchange for `switchboard.call.cancelled` (`subject` = the call id) to drop a request not yet begun (ack, no reply) and stop a running one.";
 
 #[cfg(test)]
 mod tests {

@@ -87,6 +87,14 @@ pub enum Error {
     /// A message could not be decoded.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// A handler reported progress outside 0 to 1
+    /// ([`crate::Request::progress`]): a bug in the handler, not in a
+    /// message; nothing was published.
+    #[error("progress must be a number from 0 to 1, not {fraction}")]
+    ProgressOutOfRange {
+        /// The fraction given.
+        fraction: f64,
+    },
     /// A message could not be encoded (serialised) to be published.
     #[error("cannot encode {what}: {source}")]
     Encode {

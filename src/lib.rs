@@ -16,11 +16,23 @@
 //! parts the gateway and the command line are built of); README.md's
 //! library example is compiled as a test of this crate.
 //!
+//! Modules and items are private unless an application needs them
+//! (`#![warn(unreachable_pub)]` keeps a `pub` from leaking out of a private
+//! module). A module kept public for more than its front-door types says
+//! why in its own documentation: [`amqp::wire`] and [`amqp::topology`]
+//! (the contract a worker in another language follows), [`amqp::consumer`]
+//! (supervised consumers of an application's own queues), [`calls`] (the
+//! call store, readable beside a gateway), [`events::hub`] and
+//! [`gateway::streams`] (relaying the events fanout to streams an
+//! application serves itself). What the integration tests need of a
+//! running gateway, they get through [`RunningGateway`]'s accessors, as an
+//! application would.
+//!
 //! # Layout
 //! - [`settings`]: typed settings (defaults, file, environment).
 //! - [`calls`]: the call store (SQLite or PostgreSQL) and the status document.
 //! - [`amqp`]: the broker face (pool, topology, confirmed publishing, wire conventions).
-//! - [`message`]: the [`Request`] and [`Reply`] that rpc and worker share.
+//! - `message`: the [`Request`] and [`Reply`] that rpc and worker share.
 //! - [`worker`]: the worker actor and the handler API.
 //! - [`rpc`]: the RPC client and its reply-router actor.
 //! - [`events`]: CloudEvents broadcast and subscription, and the hub relaying them to streams.
@@ -30,32 +42,32 @@
 //! - [`asyncapi`]: the AMQP contract as an AsyncAPI 3.0 document.
 //! - [`telemetry`]: logging and trace context.
 //! - [`management`]: RabbitMQ's management API, for `switchboard status`.
-//! - [`metrics`]: the Prometheus metrics of every part, and their exposition.
-//! - [`error`]: the library's error type.
+//! - `metrics`: the Prometheus metrics of every part, and their exposition.
+//! - `error`: the library's error type.
 //!
 //! The load generator (`switchboard bench`) is a crate beside this one,
 //! `switchboard-bench` (`bench/`), built on the public API above.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod amqp;
 pub mod app;
 pub mod asyncapi;
 pub mod callbacks;
 pub mod calls;
-pub mod error;
+mod error;
 pub mod events;
 pub mod gateway;
 pub mod management;
-pub mod message;
-pub mod metrics;
+mod message;
+mod metrics;
 pub mod rpc;
 pub mod settings;
 pub mod telemetry;
 pub mod worker;
 
 pub use amqp::Broker;
-pub use error::{Error, Result};
+pub use error::{Error, Result, Unreachable};
 pub use events::{CloudEvent, SubscribeOptions, Subscription};
 pub use gateway::{RunningGateway, start as start_gateway};
 pub use message::{Reply, Request};

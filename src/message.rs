@@ -98,9 +98,7 @@ impl Request {
     /// did not say `x-sb-accepts-progress`). A report never ends the call.
     pub async fn progress(&self, fraction: f64, note: impl AsRef<str>) -> Result<()> {
         if !(0.0..=1.0).contains(&fraction) {
-            return Err(Error::Malformed(format!(
-                "progress must be a number from 0 to 1, not {fraction}"
-            )));
+            return Err(Error::ProgressOutOfRange { fraction });
         }
         match &self.control.reporter {
             Some(r) => r.report(fraction, note.as_ref()).await,
@@ -167,5 +165,32 @@ impl Reply {
             content_type: wire::CONTENT_PROBLEM.into(),
             body: wire::problem_body(status, title, detail).into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn progress_outside_zero_to_one_is_refused_as_such() {
+        let req = Request {
+            service: "echo".into(),
+            payload: Bytes::new(),
+            content_type: wire::CONTENT_JSON.into(),
+            correlation_id: None,
+            message_id: None,
+            traceparent: None,
+            redelivered: false,
+            control: CallControl::default(),
+        };
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let e = req.progress(bad, "").await.expect_err("out of range");
+            assert!(matches!(e, Error::ProgressOutOfRange { .. }), "{e:?}");
+            assert!(!e.is_recoverable());
+        }
+        req.progress(0.5, "half")
+            .await
+            .expect("in range, nobody reads");
     }
 }

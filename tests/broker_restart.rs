@@ -156,14 +156,11 @@ async fn after_a_broker_restart_everything_comes_back_and_no_accepted_call_is_lo
         reconnects >= gw.workers.len() as u64,
         "not every worker came back"
     );
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     eventually(
         Duration::from_secs(30),
         "the event hub consumes again",
-        || {
-            let state = state.clone();
-            async move { state.hub.stats.consumer.is_up() }
-        },
+        || async move { state.hub().stats.consumer.is_up() },
     )
     .await;
     println!(

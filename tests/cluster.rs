@@ -216,7 +216,7 @@ async fn a_node_stopped_mid_load_loses_no_accepted_call_and_runs_none_twice() {
             .iter()
             .map(ToString::to_string)
             .collect();
-        let (metrics, _) = broker.metrics().render(false);
+        let (metrics, _) = broker.render_metrics(false);
         let interesting: Vec<&str> = metrics
             .lines()
             .filter(|l| {
@@ -256,7 +256,7 @@ async fn a_node_stopped_mid_load_loses_no_accepted_call_and_runs_none_twice() {
     )
     .await;
     // The connections were lost with the node, and opened again.
-    let (metrics, _) = broker.metrics().render(false);
+    let (metrics, _) = broker.render_metrics(false);
     let reconnects: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("switchboard_broker_reconnects_total"))

@@ -7,6 +7,7 @@ use crate::events::EventsArgs;
 use crate::http::{self, HttpArgs};
 use crate::notify::{self, NotifyArgs};
 use crate::pending::PendingArgs;
+use crate::plain::ResponderArgs;
 use crate::results::ResultsArgs;
 use crate::rpc::{self, RpcArgs};
 use crate::sse::{self, SseArgs};
@@ -15,7 +16,9 @@ const WORKLOADS: &str = "\
 Workloads:
   rpc      calls through switchboard's RpcClient to an echo service
   raw      the same calls written directly on lapin (the reference)
-  compare  raw and rpc alternating in one run, plus a ratio line each
+  compare  rpc (switchboard, switchboard-waits), raw and the tutorials' plain
+           loop (plain, plain-guarantees) alternating in one run, plus ratio
+           lines (--variants to choose)
   events   CloudEvents through a fanout to K subscribers, both variants
   http     the HTTP gateway in this process: sync POST, 202 + long-poll, GET
            of a finished call, a bare actix-web GET (reference), and an rpc
@@ -83,9 +86,14 @@ pub enum Workload {
     /// guarantees.
     #[command(after_long_help = rpc::RPC_HELP)]
     Raw(RpcArgs),
-    /// raw and rpc side by side in one run, alternating, for every profile
-    /// and concurrency; prints their points and a ratio line each
-    /// (switchboard / raw).
+    /// rpc, raw and the tutorials' plain RPC loop side by side in one run,
+    /// alternating, for every profile and concurrency; prints their points
+    /// and ratio lines (switchboard / raw, and each switchboard side over
+    /// each plain one). Variants: switchboard (`send`: a call that may
+    /// outlive its caller), switchboard-waits (`call`: the caller waits in
+    /// memory), raw, plain (the tutorials' loop: requester here, responder
+    /// a process of its own), plain-guarantees (the same with
+    /// switchboard's guarantees).
     #[command(after_long_help = rpc::RPC_HELP)]
     Compare(CompareArgs),
     /// CloudEvents published at a paced rate to the events fanout, received
@@ -129,6 +137,9 @@ pub enum Workload {
     /// finished-call cache); the point reports VmRSS before and after them
     /// and the growth per call (rss_per_call_bytes).
     Results(ResultsArgs),
+    /// The plain reference's responder process (spawned by `compare`).
+    #[command(hide = true)]
+    PlainResponder(ResponderArgs),
 }
 
 impl Workload {
@@ -142,7 +153,8 @@ impl Workload {
             | Workload::Notify(_)
             | Workload::Sse(_)
             | Workload::Pending(_)
-            | Workload::Results(_) => false,
+            | Workload::Results(_)
+            | Workload::PlainResponder(_) => false,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! `bench rpc`, `bench raw` and `bench compare`: the variants ([`rpc`]'s
-//! switchboard side, [`raw`]'s reference) set up side by side for each
-//! profile, then for each round and concurrency one point per variant,
-//! alternating which goes first, and a ratio line per concurrency when both
-//! variants ran.
+//! switchboard sides, [`raw`]'s and [`plain`]'s references) set up side by
+//! side for each profile, then for each round and concurrency one point per
+//! variant, alternating which goes first (odd rounds in the order given,
+//! even rounds reversed), and a ratio line per concurrency and pair of
+//! variants that ran ([`RATIOS`]).
 //!
 //! [`rpc`]: crate::rpc
 //! [`raw`]: crate::raw
+//! [`plain`]: crate::plain
 
 use std::collections::HashMap;
 
@@ -13,6 +15,7 @@ use crate::Out;
 use crate::env::{Env, Target};
 use crate::error::Result;
 use crate::load::{Measured, Phases, Stop};
+use crate::plain::PlainRpc;
 use crate::probe::Probe;
 use crate::progress::Tally;
 use crate::raw::RawRpc;
@@ -25,19 +28,36 @@ pub struct CompareArgs {
     /// As `bench rpc`.
     #[command(flatten)]
     pub rpc: RpcArgs,
-    /// Repetitions of raw and rpc, alternating which goes first; the ratio
+    /// Repetitions of the variants, alternating which goes first; the ratio
     /// merges them.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
+    /// The variants to measure, in this order on odd rounds (reversed on
+    /// even ones).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "plain,plain-guarantees,switchboard-waits,switchboard,raw"
+    )]
+    pub variants: Vec<Variant>,
 }
 
 /// Which implementation a point measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Variant {
-    /// The library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Variant {
+    /// The library: `RpcClient::send` then wait (a call that may outlive its
+    /// caller: persistent reply, confirmed before the request's ack).
     Switchboard,
-    /// The reference on bare lapin.
+    /// The library: `RpcClient::call` (the caller waits in memory: a
+    /// transient reply, the request acked once the reply is written).
+    SwitchboardWaits,
+    /// The reference on bare lapin with switchboard's properties and queues.
     Raw,
+    /// The tutorials' RPC loop in two processes (crate::plain).
+    Plain,
+    /// The same with switchboard's guarantees (crate::plain).
+    PlainGuarantees,
 }
 
 impl Variant {
@@ -45,22 +65,40 @@ impl Variant {
     pub fn name(self) -> &'static str {
         match self {
             Variant::Switchboard => "switchboard",
+            Variant::SwitchboardWaits => "switchboard-waits",
             Variant::Raw => "raw",
+            Variant::Plain => "plain",
+            Variant::PlainGuarantees => "plain-guarantees",
         }
     }
 }
+
+/// The ratio lines of `bench compare`, each of two variants when both ran:
+/// the first divided by the second (the first is always a switchboard
+/// side). The first pair's line has no `of` (as before the plain variants).
+pub const RATIOS: &[(Variant, Variant)] = &[
+    (Variant::Switchboard, Variant::Raw),
+    (Variant::Switchboard, Variant::PlainGuarantees),
+    (Variant::Switchboard, Variant::Plain),
+    (Variant::SwitchboardWaits, Variant::Plain),
+    (Variant::SwitchboardWaits, Variant::PlainGuarantees),
+];
 
 /// One side of an rpc comparison, set up for one profile.
 enum Side {
     Switchboard(Box<SbRpc>),
     Raw(Box<RawRpc>),
+    Plain(Box<PlainRpc>),
 }
 
 impl Side {
     async fn start(variant: Variant, t: &Target) -> Result<Self> {
         Ok(match variant {
-            Variant::Switchboard => Side::Switchboard(Box::new(SbRpc::start(t).await?)),
+            Variant::Switchboard => Side::Switchboard(Box::new(SbRpc::start(t, false).await?)),
+            Variant::SwitchboardWaits => Side::Switchboard(Box::new(SbRpc::start(t, true).await?)),
             Variant::Raw => Side::Raw(Box::new(RawRpc::start(t).await?)),
+            Variant::Plain => Side::Plain(Box::new(PlainRpc::start(t, false).await?)),
+            Variant::PlainGuarantees => Side::Plain(Box::new(PlainRpc::start(t, true).await?)),
         })
     }
 
@@ -68,6 +106,7 @@ impl Side {
         match self {
             Side::Switchboard(s) => s.drive(concurrency, stop, tally).await,
             Side::Raw(r) => r.drive(concurrency, stop, tally).await,
+            Side::Plain(p) => p.drive(concurrency, stop, tally).await,
         }
     }
 
@@ -75,6 +114,7 @@ impl Side {
         match self {
             Side::Switchboard(s) => s.stop().await,
             Side::Raw(r) => r.stop().await,
+            Side::Plain(p) => p.stop().await,
         }
     }
 }
@@ -177,10 +217,16 @@ async fn measure_sides(
         return;
     }
     for &c in &a.concurrency {
-        let sb = totals.get(&(c, Variant::Switchboard));
-        let raw = totals.get(&(c, Variant::Raw));
-        if let (Some(sb), Some(raw), Some(like)) = (sb, raw, last.get(&c)) {
-            out.emit(Line::Ratio(report::ratio(like, rounds, sb, raw)));
+        for (i, &(top, bottom)) in RATIOS.iter().enumerate() {
+            let sb = totals.get(&(c, top));
+            let raw = totals.get(&(c, bottom));
+            if let (Some(sb), Some(raw), Some(like)) = (sb, raw, last.get(&c)) {
+                let mut ratio = report::ratio(like, rounds, sb, raw);
+                if i > 0 {
+                    ratio.of = Some(format!("{} / {}", top.name(), bottom.name()));
+                }
+                out.emit(Line::Ratio(ratio));
+            }
         }
     }
 }

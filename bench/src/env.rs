@@ -139,7 +139,7 @@ impl Env {
                 "--worker-processes",
                 "serves a service of the run's own: not with --external",
             ));
-        } else if variant != Variant::Switchboard {
+        } else if !matches!(variant, Variant::Switchboard | Variant::SwitchboardWaits) {
             return Err(BenchError::flag(
                 "--worker-processes",
                 "bench rpc only (the raw reference has its own echo server)",

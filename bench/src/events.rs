@@ -244,7 +244,8 @@ pub(crate) async fn run(
                     broker.close().await;
                     result?.0
                 }
-                Variant::Raw => {
+                // Raw: `order` holds no other variant.
+                _ => {
                     let (conn, publisher, subs) = raw_side(env, args.subscribers).await?;
                     let (p, subs) = match measure(&plan, publisher, subs, variant, round).await {
                         Ok(x) => x,

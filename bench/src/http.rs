@@ -182,7 +182,7 @@ pub(crate) async fn run(
             wait: args.wait.max(1),
         };
         let sb = if args.with_rpc_reference {
-            Some(SbRpc::start(&target).await?)
+            Some(SbRpc::start(&target, true).await?)
         } else {
             None
         };

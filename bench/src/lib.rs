@@ -19,7 +19,10 @@
 //!   - `rpc`: `bench rpc`'s side, `RpcClient` calls to an echo `Worker`
 //!     (or to `switchboard serve` processes: `procs`);
 //!   - `raw`: the reference on bare lapin, client and echo server;
-//!   - `compare`: rpc and raw side by side, alternating, with ratio lines;
+//!   - `plain`: the tutorials' RPC loop (requester here, responder a
+//!     process of its own), with and without switchboard's guarantees;
+//!   - `compare`: rpc, raw and plain side by side, alternating, with ratio
+//!     lines;
 //!   - `events`: CloudEvents through a fanout, both variants;
 //!   - `http`: the gateway in this process, and its references;
 //!   - `sse`: SSE clients next to an AMQP subscriber;
@@ -41,6 +44,7 @@ mod http;
 mod load;
 mod notify;
 mod pending;
+mod plain;
 mod probe;
 mod procs;
 mod progress;
@@ -55,20 +59,20 @@ use switchboard::settings::Settings;
 use tracing::info;
 
 pub use args::{BenchArgs, Workload};
-pub use compare::CompareArgs;
+pub use compare::{CompareArgs, Variant};
 pub use error::{BenchError, Result};
 pub use events::EventsArgs;
 pub use http::{HttpArgs, HttpVariant};
 pub use load::LoadArgs;
 pub use notify::{NotifyArgs, NotifyStyle};
 pub use pending::PendingArgs;
+pub use plain::{ResponderArgs, run_responder};
 pub use progress::{LogWriter, Progress};
 pub use report::{Line, Point, Ratio};
 pub use results::ResultsArgs;
 pub use rpc::{Profile, QueueTypeArg, ReplyModeArg, RpcArgs};
 pub use sse::SseArgs;
 
-use compare::Variant;
 use env::Env;
 use probe::Probe;
 
@@ -96,9 +100,22 @@ pub async fn execute(
         }
         Workload::Raw(a) => compare::run(&mut env, a, &[Variant::Raw], 1, &probe, &mut out).await,
         Workload::Compare(c) => {
-            let both = [Variant::Raw, Variant::Switchboard];
-            compare::run(&mut env, &c.rpc, &both, c.rounds.max(1), &probe, &mut out).await
+            let mut variants = c.variants.clone();
+            variants.dedup();
+            compare::run(
+                &mut env,
+                &c.rpc,
+                &variants,
+                c.rounds.max(1),
+                &probe,
+                &mut out,
+            )
+            .await
         }
+        Workload::PlainResponder(_) => Err(BenchError::Setup {
+            workload: "plain-responder",
+            reason: "runs on a runtime of its own: plain::run_responder".into(),
+        }),
         Workload::Events(e) => events::run(&mut env, e, &probe, &mut out).await,
         Workload::Http(h) => http::run(&mut env, h, &probe, &mut out).await,
         Workload::Notify(n) => notify::run(&mut env, n, &probe, &mut out).await,

@@ -30,6 +30,16 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let switchboard_bench::Workload::PlainResponder(args) = &cli.bench.workload {
+        // A plain program: no settings, no actix, no logs but errors.
+        return match switchboard_bench::run_responder(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("switchboard-bench plain-responder: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {

@@ -125,12 +125,16 @@ pub(crate) struct SbRpc {
     service: Arc<str>,
     payload: Bytes,
     timeout: Duration,
+    /// Calls as `RpcClient::call` makes them (the caller waits in memory),
+    /// not as `send` does.
+    caller_waits: bool,
 }
 
 impl SbRpc {
     /// Connects under the target's instance id, starts the worker (unless
-    /// external) and the client.
-    pub async fn start(t: &Target) -> Result<Self> {
+    /// external) and the client, whose calls say whether their caller
+    /// waits in memory (`caller_waits`).
+    pub async fn start(t: &Target, caller_waits: bool) -> Result<Self> {
         let mut amqp = t.amqp.clone();
         amqp.instance_id = t.instance.clone();
         let broker = Broker::connect(&amqp).await?;
@@ -167,6 +171,7 @@ impl SbRpc {
             service: t.service.as_str().into(),
             payload: t.payload.clone(),
             timeout: t.timeout,
+            caller_waits,
         })
     }
 
@@ -176,13 +181,19 @@ impl SbRpc {
         let service = self.service.clone();
         let payload = self.payload.clone();
         let timeout = self.timeout;
+        let waits = self.caller_waits;
         drive(concurrency, stop, tally, move || {
             let client = client.clone();
             let call = Call::new(service.as_ref(), payload.clone()).timeout(timeout);
             let expected = payload.len();
             async move {
-                // `call` is `send` then `wait`: split to time the confirm.
-                let pending = client.send(call).await.map_err(|e| e.to_string())?;
+                // `call` is `send_waiting` then `wait`: split to time the confirm.
+                let pending = if waits {
+                    client.send_waiting(call).await
+                } else {
+                    client.send(call).await
+                };
+                let pending = pending.map_err(|e| e.to_string())?;
                 let sent = Instant::now();
                 let reply = pending.wait().await.map_err(|e| e.to_string())?;
                 check_reply(reply.status, reply.body.len(), expected).map(|()| sent)

@@ -208,7 +208,7 @@ async fn raw_measures_the_reference_with_direct_reply_to() {
 #[actix_rt::test]
 async fn compare_alternates_both_variants_and_gives_ratios() {
     let lines =
-        run("compare --calls 20 --warmup 2 --concurrency 1,4 --profile safe,fast --rounds 2").await;
+        run("compare --calls 20 --warmup 2 --concurrency 1,4 --profile safe,fast --rounds 2 --variants raw,switchboard").await;
     let pts = points(&lines);
     // 2 profiles x 2 rounds x 2 concurrencies x 2 variants.
     assert_eq!(pts.len(), 16);
@@ -227,6 +227,43 @@ async fn compare_alternates_both_variants_and_gives_ratios() {
     for r in &rs {
         check_ratio(r);
         assert_eq!(r["rounds"], 2);
+        assert_eq!(r["round_ratios"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[actix_rt::test]
+async fn compare_runs_the_plain_loop_in_a_process_of_its_own_and_gives_its_ratios() {
+    let lines = run("compare --calls 20 --warmup 2 --concurrency 2 --rounds 2 \
+         --variants plain,plain-guarantees,switchboard-waits,switchboard")
+    .await;
+    let pts = points(&lines);
+    assert_eq!(pts.len(), 8, "4 variants x 2 rounds");
+    for p in &pts {
+        check_point(p, 20);
+    }
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(
+        &variants[..4],
+        [
+            "plain",
+            "plain-guarantees",
+            "switchboard-waits",
+            "switchboard"
+        ]
+    );
+    let rs = ratios(&lines);
+    let of: Vec<&str> = rs.iter().map(|r| r["of"].as_str().unwrap()).collect();
+    assert_eq!(
+        of,
+        [
+            "switchboard / plain-guarantees",
+            "switchboard / plain",
+            "switchboard-waits / plain",
+            "switchboard-waits / plain-guarantees"
+        ]
+    );
+    for r in &rs {
+        check_ratio(r);
         assert_eq!(r["round_ratios"].as_array().unwrap().len(), 2);
     }
 }

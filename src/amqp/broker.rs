@@ -15,7 +15,7 @@ use std::time::Duration;
 use deadpool::Runtime;
 use deadpool::managed::{PoolConfig, PoolError};
 use deadpool_lapin::lapin::{
-    self, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions},
 };
 use tokio::sync::Mutex;
@@ -189,8 +189,17 @@ impl Broker {
     }
 
     /// The metrics of the parts that use this broker ([`crate::metrics`]).
-    pub fn metrics(&self) -> &Arc<Metrics> {
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The metrics of every part on this broker as text, what `/metrics`
+    /// serves: OpenMetrics when `openmetrics`, else the Prometheus text
+    /// format. Returns the body and its `Content-Type`. For an application
+    /// that serves its metrics itself (without the gateway, or
+    /// [`crate::gateway::ops::MetricsServer`]).
+    pub fn render_metrics(&self, openmetrics: bool) -> (String, &'static str) {
+        self.inner.metrics.render(openmetrics)
     }
 
     /// Every supervised consumer on this broker ([`super::consumer`]):
@@ -238,7 +247,7 @@ impl Broker {
                 other => self.unavailable(Unreachable::Pool(Box::new(other))),
             })?;
         let channel = conn.create_channel().await?;
-        self.inner.metrics.channel_opened();
+        self.inner.metrics.broker().channel_opened();
         Ok(channel)
     }
 
@@ -260,7 +269,7 @@ impl Broker {
     /// or whose confirm is lost (the connection dropped, or no confirm
     /// within `amqp.confirm_timeout_ms`), is sent again on a new channel,
     /// with the same properties and so the same `message_id`, up to
-    /// [`PUBLISH_ATTEMPTS`] times (consumers deduplicate by `message_id`);
+    /// `PUBLISH_ATTEMPTS` times (consumers deduplicate by `message_id`);
     /// nacked every time, it is [`Error::Nacked`].
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
         let mut attempt = 1;
@@ -418,7 +427,7 @@ impl PublishSlot {
 }
 
 /// Attempts of one publish before its error is returned.
-pub const PUBLISH_ATTEMPTS: u32 = 3;
+pub(crate) const PUBLISH_ATTEMPTS: u32 = 3;
 
 fn retry_pause(attempt: u32) -> Duration {
     Duration::from_millis(50 * u64::from(attempt * attempt))
@@ -426,7 +435,7 @@ fn retry_pause(attempt: u32) -> Duration {
 
 /// Publishes `msg` on `channel` (which must be in confirm mode) and waits for
 /// the confirm.
-pub async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
+pub(crate) async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
     let confirm = channel
         .basic_publish(
             msg.exchange.into(),
@@ -452,7 +461,4 @@ pub async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
 
 /// `url` without its password, for logs and errors (the one redaction of
 /// the crate, [`crate::settings::redact_url`]).
-pub use crate::settings::redact_url as redact;
-
-/// Shorthand used by the parts for lapin errors they pass on.
-pub type LapinError = lapin::Error;
+pub(crate) use crate::settings::redact_url as redact;

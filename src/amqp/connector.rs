@@ -46,7 +46,7 @@ use crate::settings::{AmqpSettings, SettingsError};
 /// Opens connections to the broker of `amqp.url`, with TLS for `amqps://`.
 /// With several nodes, a connection goes to the node that answered last,
 /// and to the next one in the list when that one does not.
-pub struct Connector {
+pub(super) struct Connector {
     /// The nodes of `amqp.url`, in its order.
     nodes: Vec<Node>,
     /// The node the next connection tries first.
@@ -148,7 +148,7 @@ impl Connector {
     /// Reads and checks everything `amqps://` needs (CA file, client
     /// certificate and key), so that a missing or unreadable file is an
     /// error at start-up naming its setting, not a failure at each connect.
-    pub fn new(settings: &AmqpSettings) -> Result<Self> {
+    pub(super) fn new(settings: &AmqpSettings) -> Result<Self> {
         settings
             .check_tls()
             .map_err(|(key, why)| Error::Settings(SettingsError(format!("{key}: {why}"))))?;
@@ -196,24 +196,19 @@ impl Connector {
         })
     }
 
-    /// Whether connections are TLS (`amqps://`).
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// Opens a connection whose tasks run on the caller's Tokio runtime. Not
     /// bounded in time here: callers bound it with `amqp.connect_timeout_ms`.
     /// A TLS failure is [`Error::Tls`] with a hint; anything else
     /// [`Error::BrokerUnavailable`]; both name the URL with its password
     /// hidden.
-    pub async fn connect(&self, props: ConnectionProperties) -> Result<Connection> {
+    pub(super) async fn connect(&self, props: ConnectionProperties) -> Result<Connection> {
         self.connect_on(props, TokioRuntime::tokio_current()).await
     }
 
     /// [`Connector::connect`], the connection's tasks on `runtime`. Tries
     /// each node once, from the one that answered last; the error is the
     /// last node's.
-    pub async fn connect_on(
+    pub(super) async fn connect_on(
         &self,
         props: ConnectionProperties,
         runtime: TokioRuntime,
@@ -410,7 +405,7 @@ fn certificates(
 /// deadpool's manager of the publishing connections: each is opened by the
 /// [`Connector`] (so TLS for `amqps://`) and named
 /// `switchboard/<instance>/publish`.
-pub struct PoolManager {
+pub(super) struct PoolManager {
     /// How connections are opened.
     pub(crate) connector: Arc<Connector>,
     /// The connection name the broker shows.
@@ -445,4 +440,4 @@ impl deadpool::managed::Manager for PoolManager {
 }
 
 /// The publishing pool.
-pub type Pool = deadpool::managed::Pool<PoolManager>;
+pub(super) type Pool = deadpool::managed::Pool<PoolManager>;

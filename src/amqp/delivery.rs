@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 /// completes, and a handler's task must not wait forever (the link's
 /// watchdog replaces the connection; the message comes back when the old
 /// one is closed).
-pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bounds a settlement by [`SETTLE_TIMEOUT`].
 async fn bounded(
@@ -83,6 +83,28 @@ impl InFlight {
     pub async fn ack(self) -> Result<()> {
         let acker = &self.delivery.acker;
         bounded("ack", acker.ack(BasicAckOptions { multiple: false })).await
+    }
+
+    /// Done, without waiting: the ack is handed to lapin at once (as the
+    /// first poll of [`InFlight::ack`] does) and its writing is not awaited,
+    /// so the hot path pays neither a task nor a timer for it. For acks
+    /// whose loss costs nothing but a redelivery that is recognised: a
+    /// reply handed to its caller (a copy comes back late and is dropped),
+    /// a request whose reply is out (a copy is settled by the worker's
+    /// `message_id` memory). A channel already closed is not an error: its
+    /// deliveries go back to their queue anyway.
+    pub fn ack_now(self) -> Result<()> {
+        use futures_util::FutureExt;
+        match self
+            .delivery
+            .acker
+            .ack(BasicAckOptions { multiple: false })
+            .now_or_never()
+        {
+            Some(Err(e)) => Err(Error::from(e)),
+            // Sent (`None`: its promise is dropped, the frame is on its way).
+            _ => Ok(()),
+        }
     }
 
     /// Not processed, through no fault of the message: a request prefetched

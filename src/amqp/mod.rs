@@ -4,19 +4,20 @@
 //!
 //! # Layout
 //! - [`wire`]: names, headers, properties, status mapping (DESIGN.md's AMQP contract).
-//! - [`broker`]: [`Broker`], the handle every part holds: pool, confirmed publishing.
-//! - [`connector`]: how connections are opened: plain for `amqp://`, TLS
+//! - `broker`: [`Broker`], the handle every part holds: pool, confirmed publishing.
+//! - `connector`: how connections are opened: plain for `amqp://`, TLS
 //!   (rustls) for `amqps://`, never plain text for `amqps://`.
 //! - [`topology`]: idempotent declaration of exchanges and queues.
-//! - [`delivery`]: [`InFlight`], a delivery that is acked or rejected exactly once.
+//! - `delivery`: [`InFlight`], a delivery that is acked or rejected exactly once.
 //! - [`consumer`]: supervised consumers (prefetch, acks, reconnect with
 //!   backoff, a watchdog, liveness for readiness and metrics), the one way
 //!   every part consumes.
 
-pub mod broker;
-pub mod connector;
+pub(crate) mod broker;
+mod connector;
 pub mod consumer;
-pub mod delivery;
+pub(crate) mod delivery;
+pub(crate) mod metrics;
 pub mod topology;
 pub mod wire;
 
@@ -36,16 +37,16 @@ use std::time::Duration;
 pub const MAX_HEADER_NESTING: usize = deadpool_lapin::lapin::types::parsing::MAX_NESTING_DEPTH;
 
 /// How long a clean close may take before it is abandoned.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Closes a connection cleanly if the broker answers within
 /// [`CLOSE_TIMEOUT`]: a close on a dead connection may never complete, and
 /// no shutdown or recovery may hang on one.
-pub async fn close_connection(conn: &deadpool_lapin::lapin::Connection, why: &str) {
+pub(crate) async fn close_connection(conn: &deadpool_lapin::lapin::Connection, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, why.into())).await;
 }
 
 /// Closes a channel cleanly, bounded like [`close_connection`].
-pub async fn close_channel(ch: &deadpool_lapin::lapin::Channel, why: &str) {
+pub(crate) async fn close_channel(ch: &deadpool_lapin::lapin::Channel, why: &str) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ch.close(200, why.into())).await;
 }

@@ -1,6 +1,10 @@
 //! Idempotent declaration of DESIGN.md's topology. Every option that decides
 //! a delivery guarantee is written out with its reason.
 //!
+//! Public for what an application declares itself: a service's queues
+//! ([`declare_service`], [`declare_services`]), a reply queue, and the
+//! [`Mismatch`]es of [`crate::Error::Topology`]; the rest is the crate's.
+//!
 //! What is declared (exchanges, queues, their options and arguments) is
 //! defined here once: the declarations use it, and so does the AsyncAPI
 //! description ([`crate::asyncapi`]). Declaring what exists with other
@@ -23,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
 
 /// Durable, not auto-deleted: the exchanges outlive every process.
-pub fn durable_exchange() -> ExchangeDeclareOptions {
+pub(crate) fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         passive: false,
         durable: true,
@@ -35,7 +39,7 @@ pub fn durable_exchange() -> ExchangeDeclareOptions {
 
 /// Durable, shared, not auto-deleted: requests and replies survive restarts
 /// of the broker and of every consumer.
-pub fn durable_queue() -> QueueDeclareOptions {
+pub(crate) fn durable_queue() -> QueueDeclareOptions {
     QueueDeclareOptions {
         passive: false,
         durable: true,
@@ -48,7 +52,7 @@ pub fn durable_queue() -> QueueDeclareOptions {
 /// The exchanges every deployment shares: `<p>.requests` (direct, routing
 /// key = service), `<p>.dead` (direct, routing key = service) and
 /// `<p>.events` (fanout).
-pub fn shared_exchanges(names: &Names) -> [(String, ExchangeKind); 3] {
+pub(crate) fn shared_exchanges(names: &Names) -> [(String, ExchangeKind); 3] {
     [
         (names.requests_exchange(), ExchangeKind::Direct),
         (names.dead_exchange(), ExchangeKind::Direct),
@@ -57,7 +61,7 @@ pub fn shared_exchanges(names: &Names) -> [(String, ExchangeKind); 3] {
 }
 
 /// Declares [`shared_exchanges`], durable.
-pub async fn declare_shared(ch: &Channel, names: &Names) -> Result<()> {
+pub(crate) async fn declare_shared(ch: &Channel, names: &Names) -> Result<()> {
     for (name, kind) in shared_exchanges(names) {
         ch.exchange_declare(
             name.as_str().into(),
@@ -73,7 +77,11 @@ pub async fn declare_shared(ch: &Channel, names: &Names) -> Result<()> {
 
 /// The arguments of a service queue: queue type, dead-letter wiring and, for
 /// quorum queues, the delivery limit that ends redelivery loops.
-pub fn service_queue_arguments(names: &Names, service: &str, svc: &ServiceSettings) -> FieldTable {
+pub(crate) fn service_queue_arguments(
+    names: &Names,
+    service: &str,
+    svc: &ServiceSettings,
+) -> FieldTable {
     let mut args = of_type(svc.queue_type);
     args.insert(
         "x-dead-letter-exchange".into(),
@@ -98,7 +106,7 @@ pub fn service_queue_arguments(names: &Names, service: &str, svc: &ServiceSettin
 /// A quorum service's dead letters are replicated like its requests, and a
 /// worker that declares its queues again after losing a node never meets a
 /// classic queue whose node is down (RabbitMQ answers 404 until it is back).
-pub fn dead_queue_arguments(kind: QueueType) -> FieldTable {
+pub(crate) fn dead_queue_arguments(kind: QueueType) -> FieldTable {
     of_type(kind)
 }
 
@@ -207,7 +215,7 @@ pub async fn declare_services(
 /// `<p>.reply.<instance>` without `x-expires`, on `ch`: for tools that
 /// consume a reply queue of their own (the benchmark's hand-written client).
 /// switchboard's reply router declares its queue with
-/// [`declare_instance_queue`], which sets the expiry.
+/// `declare_instance_queue`, which sets the expiry.
 pub async fn declare_reply_queue(ch: &Channel, names: &Names, instance: &str) -> Result<String> {
     let queue = names.reply_queue(instance);
     ch.queue_declare(
@@ -227,7 +235,7 @@ pub async fn declare_reply_queue(ch: &Channel, names: &Names, instance: &str) ->
 /// `x-expires` when set, so that an instance that never comes back leaves
 /// nothing behind. Always the same AMQP type for the expiry (a long long):
 /// RabbitMQ compares argument types too when it checks a redeclaration.
-pub fn instance_queue_arguments(expires: Option<Duration>, kind: QueueType) -> FieldTable {
+pub(crate) fn instance_queue_arguments(expires: Option<Duration>, kind: QueueType) -> FieldTable {
     let mut args = of_type(kind);
     if let Some(expires) = expires {
         let ms = i64::try_from(expires.as_millis())
@@ -240,7 +248,7 @@ pub fn instance_queue_arguments(expires: Option<Duration>, kind: QueueType) -> F
 
 /// How a per-instance queue was declared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Declared {
+pub(crate) enum Declared {
     /// With the arguments asked for.
     AsAsked,
     /// It existed with other arguments (declared by an earlier version
@@ -254,7 +262,7 @@ pub enum Declared {
 /// that exists with other arguments is kept as it is ([`Declared::AsFound`]):
 /// a user upgrading from a version without `x-expires` must not lose the
 /// replies waiting in it, nor be stopped at start-up.
-pub async fn declare_instance_queue(
+pub(crate) async fn declare_instance_queue(
     conn: &Connection,
     queue: &str,
     expires: Option<Duration>,
@@ -289,7 +297,7 @@ pub async fn declare_instance_queue(
 /// [`declare_instance_queue`]), bound to the dead exchange for each of
 /// `services`, beside each service's own dead-letter queue. Returns the
 /// queue's name and how it was declared.
-pub async fn declare_deadwatch(
+pub(crate) async fn declare_deadwatch(
     conn: &Connection,
     names: &Names,
     instance: &str,
@@ -319,7 +327,7 @@ pub async fn declare_deadwatch(
 /// while its subscriber is away) when `durable_name` is given, else a
 /// server-named one (exclusive to this connection and auto-deleted: nothing
 /// piles up once its consumer is gone). Returns the queue's name.
-pub async fn declare_subscription(
+pub(crate) async fn declare_subscription(
     ch: &Channel,
     names: &Names,
     durable_name: Option<&str>,
@@ -428,7 +436,10 @@ pub fn events_log_arguments(log: &EventsLog) -> FieldTable {
 /// ([`Declared::AsFound`]): retention is a property of the deployment's log,
 /// which an instance started with other settings must not stop (a policy
 /// changes it in place, RELIABILITY.md).
-pub async fn declare_events_log(broker: &Broker, log: &EventsLog) -> Result<(String, Declared)> {
+pub(crate) async fn declare_events_log(
+    broker: &Broker,
+    log: &EventsLog,
+) -> Result<(String, Declared)> {
     let names = broker.names();
     let queue = names.events_log();
     let ch = broker.channel().await?;
@@ -470,12 +481,12 @@ pub async fn declare_events_log(broker: &Broker, log: &EventsLog) -> Result<(Str
 /// Messages kept in `<p>.poison` at most; past it the oldest go
 /// (`x-overflow` drop-head, RabbitMQ's default): a peer that floods
 /// switchboard's queues with garbage cannot fill the broker's disk through it.
-pub const POISON_MAX_LENGTH: i64 = 10_000;
+pub(crate) const POISON_MAX_LENGTH: i64 = 10_000;
 
 /// `<p>.poison` ([`Names::poison_queue`]): durable, classic, bounded by
 /// [`POISON_MAX_LENGTH`], never expiring (operators decide what becomes of
 /// its messages).
-pub async fn declare_poison(ch: &Channel, names: &Names) -> Result<String> {
+pub(crate) async fn declare_poison(ch: &Channel, names: &Names) -> Result<String> {
     let queue = names.poison_queue();
     let mut args = FieldTable::default();
     args.insert(
@@ -506,7 +517,7 @@ pub(crate) fn passive() -> QueueDeclareOptions {
 /// Whether the broker refused an operation with 406 PRECONDITION_FAILED
 /// (a declaration whose arguments differ from the existing queue's), by
 /// lapin's error kind (the reply code), never by the reply text.
-pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+pub(crate) fn is_precondition_failed(e: &lapin::Error) -> bool {
     matches!(
         e.kind(),
         lapin::ErrorKind::ProtocolError(amqp)
@@ -638,7 +649,7 @@ fn mismatch(entity: Entity, name: &str, e: lapin::Error) -> Error {
 /// for queue 'sb.svc.invoice' in vhost '/': received the value '3' of type
 /// 'signedint' but current is the value '5' of type 'signedint'` (3.x and
 /// 4.x alike). `None` when the text says something else.
-pub fn parse_inequivalent(text: &str) -> Option<(String, String, String)> {
+pub(crate) fn parse_inequivalent(text: &str) -> Option<(String, String, String)> {
     let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
     let (argument, rest) = rest.split_once('\'')?;
     let rest = &rest[rest.find(": received ")? + ": received ".len()..];

@@ -42,6 +42,15 @@ pub const HEADER_PROGRESS: &str = "x-sb-progress";
 /// plain RPC client (a RabbitMQ tutorial-6 program) only ever receives the
 /// reply.
 pub const HEADER_ACCEPTS_PROGRESS: &str = "x-sb-accepts-progress";
+/// Header on a request whose caller waits for the reply in memory (the
+/// library's `RpcClient::call`, the gateway's synchronous calls): if the
+/// caller goes, so does every use of the reply, so a durable, confirmed
+/// reply buys it nothing. A worker answers such a request with a transient
+/// reply, not confirmed, and acks it right after the write. A request
+/// without it (a tutorial-6 client, a call that outlives its caller: 202,
+/// callback, idempotent call in the store) gets a persistent, confirmed
+/// reply before its ack (docs/RELIABILITY.md, "What survives what").
+pub const HEADER_CALLER_WAITS: &str = "x-sb-caller-waits";
 /// The longest progress note kept, in bytes (a longer one is cut at a
 /// character boundary).
 pub const MAX_PROGRESS_NOTE: usize = 1024;
@@ -231,6 +240,8 @@ pub struct RequestMeta<'a> {
     pub timeout: Option<Duration>,
     /// W3C trace context.
     pub traceparent: Option<&'a str>,
+    /// The caller waits for the reply in memory ([`HEADER_CALLER_WAITS`]).
+    pub caller_waits: bool,
 }
 
 /// The AMQP properties of a request (DESIGN.md, "Request").
@@ -244,6 +255,9 @@ pub fn request_properties(meta: &RequestMeta<'_>, persistent: bool) -> BasicProp
         // switchboard callers read progress reports (and drop those of
         // calls they no longer follow).
         headers.insert(HEADER_ACCEPTS_PROGRESS.into(), AMQPValue::Boolean(true));
+    }
+    if meta.caller_waits {
+        headers.insert(HEADER_CALLER_WAITS.into(), AMQPValue::Boolean(true));
     }
     let mut props = BasicProperties::default()
         .with_content_type(meta.content_type.into())
@@ -267,12 +281,25 @@ pub fn request_properties(meta: &RequestMeta<'_>, persistent: bool) -> BasicProp
     props.with_headers(headers)
 }
 
-/// The AMQP properties of a reply (DESIGN.md, "Reply").
+/// The AMQP properties of a reply (DESIGN.md, "Reply"): persistent.
 pub fn reply_properties(
     correlation_id: Option<&ShortString>,
     status: u16,
     content_type: &str,
     traceparent: Option<&str>,
+) -> BasicProperties {
+    reply_properties_for(correlation_id, status, content_type, traceparent, false)
+}
+
+/// The AMQP properties of a reply to a request that did (`caller_waits`:
+/// transient) or did not ([`reply_properties`]: persistent) carry
+/// [`HEADER_CALLER_WAITS`].
+pub fn reply_properties_for(
+    correlation_id: Option<&ShortString>,
+    status: u16,
+    content_type: &str,
+    traceparent: Option<&str>,
+    caller_waits: bool,
 ) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(HEADER_STATUS.into(), AMQPValue::ShortInt(status as i16));
@@ -283,7 +310,9 @@ pub fn reply_properties(
         .with_content_type(content_type.into())
         .with_app_id(APP_ID.into())
         .with_timestamp(now_ms() / 1000)
-        .with_delivery_mode(PERSISTENT)
+        // Transient only when the caller waits in memory: a copy on disk
+        // would outlive everyone who could use it.
+        .with_delivery_mode(if caller_waits { 1 } else { PERSISTENT })
         .with_headers(headers);
     if let Some(id) = correlation_id {
         props = props.with_correlation_id(id.clone());
@@ -362,16 +391,22 @@ pub fn progress_note(body: &[u8]) -> Option<String> {
 /// Whether a request's caller reads progress reports
 /// ([`HEADER_ACCEPTS_PROGRESS`]: true, or a non-zero number).
 pub fn accepts_progress(props: &BasicProperties) -> bool {
-    match props
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(HEADER_ACCEPTS_PROGRESS))
-    {
+    flag(props, HEADER_ACCEPTS_PROGRESS)
+}
+
+/// Whether a request's caller waits for its reply in memory
+/// ([`HEADER_CALLER_WAITS`]: true, or a non-zero number, or `"true"`).
+pub fn caller_waits(props: &BasicProperties) -> bool {
+    flag(props, HEADER_CALLER_WAITS)
+}
+
+/// A boolean header: true, a non-zero number, or the text `true`.
+fn flag(props: &BasicProperties, name: &str) -> bool {
+    match props.headers().as_ref().and_then(|h| h.inner().get(name)) {
         Some(AMQPValue::Boolean(b)) => *b,
         Some(_) => {
-            header_int(props, HEADER_ACCEPTS_PROGRESS).is_some_and(|v| v != 0)
-                || header_str(props, HEADER_ACCEPTS_PROGRESS)
-                    .is_some_and(|s| s.trim().eq_ignore_ascii_case("true"))
+            header_int(props, name).is_some_and(|v| v != 0)
+                || header_str(props, name).is_some_and(|s| s.trim().eq_ignore_ascii_case("true"))
         }
         None => false,
     }
@@ -558,6 +593,7 @@ mod tests {
             content_type: CONTENT_JSON,
             timeout: None,
             traceparent: None,
+            caller_waits: false,
         };
         assert!(accepts_progress(&request_properties(&meta, true)));
         meta.reply_to = None;
@@ -573,6 +609,34 @@ mod tests {
     }
 
     #[test]
+    fn a_caller_that_waits_gets_a_transient_reply() {
+        let mut meta = RequestMeta {
+            service: "s",
+            correlation_id: "c",
+            message_id: None,
+            reply_to: Some("r"),
+            content_type: CONTENT_JSON,
+            timeout: None,
+            traceparent: None,
+            caller_waits: false,
+        };
+        assert!(!caller_waits(&request_properties(&meta, true)));
+        meta.caller_waits = true;
+        let request = request_properties(&meta, true);
+        assert!(caller_waits(&request));
+        let reply = reply_properties_for(
+            request.correlation_id().as_ref(),
+            200,
+            CONTENT_JSON,
+            None,
+            caller_waits(&request),
+        );
+        assert_eq!(*reply.delivery_mode(), Some(1));
+        let reply = reply_properties(request.correlation_id().as_ref(), 200, CONTENT_JSON, None);
+        assert_eq!(*reply.delivery_mode(), Some(PERSISTENT));
+    }
+
+    #[test]
     fn expiry_uses_the_deadline_header() {
         let meta = RequestMeta {
             service: "s",
@@ -582,6 +646,7 @@ mod tests {
             content_type: CONTENT_JSON,
             timeout: Some(Duration::from_millis(100)),
             traceparent: None,
+            caller_waits: false,
         };
         let p = request_properties(&meta, true);
         let now = now_ms();

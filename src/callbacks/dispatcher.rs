@@ -51,10 +51,10 @@ pub const MAX_IDLE: Duration = Duration::from_secs(1);
 const MIN_IDLE: Duration = Duration::from_millis(5);
 
 /// The content type of a delivery: a structured-mode CloudEvent.
-pub const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
+pub(super) const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 /// The `user-agent` of deliveries.
-pub const USER_AGENT: &str = "switchboard";
+pub(super) const USER_AGENT: &str = "switchboard";
 
 /// Counters of delivery attempts since the dispatcher started (for metrics).
 #[derive(Debug, Default)]
@@ -185,21 +185,6 @@ impl Circuits {
             .collect();
         out.sort();
         out
-    }
-}
-
-impl crate::metrics::Source for Arc<CallbackStats> {
-    fn collect(&self, out: &mut crate::metrics::Collected) {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let v = out.callbacks();
-        v.attempts += get(&self.attempts);
-        v.delivered += get(&self.delivered);
-        v.retries += get(&self.retried);
-        v.dead_letters += get(&self.dead);
-        v.deferred += get(&self.deferred);
-        for (host, open) in self.circuits.states() {
-            v.circuits.push((host, i64::from(open)));
-        }
     }
 }
 

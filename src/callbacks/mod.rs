@@ -10,15 +10,15 @@
 //! [`DispatcherHandle::wake`].
 //!
 //! # Layout
-//! - [`ssrf`]: which URLs may be called: checks at acceptance
+//! - `ssrf`: which URLs may be called: checks at acceptance
 //!   ([`check_url`]) and an address-checking resolver for delivery.
-//! - [`sign`]: the Standard Webhooks headers.
-//! - [`dispatcher`]: the delivery loop, its handle and counters.
+//! - `sign`: the Standard Webhooks headers.
+//! - `dispatcher`: the delivery loop, its handle and counters.
 
-pub mod dispatcher;
-pub mod sign;
-pub mod ssrf;
+mod dispatcher;
+pub(crate) mod metrics;
+mod sign;
+mod ssrf;
 
-pub use dispatcher::{CallbackStats, Dispatcher, DispatcherHandle};
-pub use sign::{SignError, Signer};
+pub use dispatcher::{CallbackStats, Dispatcher, DispatcherHandle, MAX_IDLE};
 pub use ssrf::{CallbackUrlError, check_url};

@@ -11,12 +11,14 @@ use std::fmt;
 use reqwest::header::{HeaderMap, HeaderValue};
 use standardwebhooks::Webhook;
 
-pub use standardwebhooks::{HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP};
+pub(super) use standardwebhooks::{
+    HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP,
+};
 
 /// Why a delivery could not be signed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SignError {
+pub(crate) enum SignError {
     /// The secret is empty or not base64 (after an optional `whsec_`).
     #[error("callbacks.secret is not a usable Standard Webhooks secret")]
     Secret,
@@ -30,7 +32,7 @@ pub enum SignError {
 
 /// Signs deliveries with the configured secret. Its `Debug` never shows the
 /// secret.
-pub struct Signer {
+pub(crate) struct Signer {
     webhook: Webhook,
 }
 
@@ -42,7 +44,7 @@ impl fmt::Debug for Signer {
 
 impl Signer {
     /// A signer for `secret` (`whsec_` + base64, as `callbacks.secret`).
-    pub fn new(secret: &str) -> Result<Self, SignError> {
+    pub(super) fn new(secret: &str) -> Result<Self, SignError> {
         if secret.strip_prefix("whsec_").unwrap_or(secret).is_empty() {
             return Err(SignError::Secret);
         }
@@ -52,7 +54,7 @@ impl Signer {
 
     /// The three Standard Webhooks headers for sending `body` as event
     /// `event_id` at `timestamp_secs` (Unix seconds).
-    pub fn headers(
+    pub(super) fn headers(
         &self,
         event_id: &str,
         timestamp_secs: i64,

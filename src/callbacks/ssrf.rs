@@ -23,7 +23,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
 
 /// Longest callback URL accepted, in bytes.
-pub const MAX_URL_LEN: usize = 2048;
+pub(super) const MAX_URL_LEN: usize = 2048;
 
 /// How long a host may take to resolve.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,7 +34,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CallbackUrlError {
-    /// Over [`MAX_URL_LEN`].
+    /// Over `MAX_URL_LEN`.
     #[error("the callback URL is longer than {max} bytes")]
     TooLong {
         /// The bound.
@@ -63,11 +63,11 @@ pub enum CallbackUrlError {
 }
 
 /// Checks a `Callback-Url` when a call is accepted: an absolute `http` or
-/// `https` URL of at most [`MAX_URL_LEN`] bytes, with a host and no user
+/// `https` URL of at most `MAX_URL_LEN` bytes, with a host and no user
 /// info. A host written as an IP address must be one callbacks may reach
-/// ([`is_forbidden`]); a host name must resolve, and to such addresses
+/// (`is_forbidden`); a host name must resolve, and to such addresses
 /// only, unless `allow_private` (then it is resolved at delivery, where
-/// [`GuardedResolver`] refuses the addresses never reachable). Returns the
+/// `GuardedResolver` refuses the addresses never reachable). Returns the
 /// parsed URL.
 pub async fn check_url(url: &str, allow_private: bool) -> Result<Url, CallbackUrlError> {
     let parsed = check_syntax(url)?;
@@ -120,7 +120,7 @@ fn check_syntax(url: &str) -> Result<Url, CallbackUrlError> {
 /// and a host written as an IP literal must be one callbacks may reach
 /// ([`is_forbidden`] with `allow_private`). Host names are left to
 /// [`GuardedResolver`], which checks the addresses actually connected to.
-pub fn check_target(url: &Url, allow_private: bool) -> Result<(), CallbackUrlError> {
+pub(super) fn check_target(url: &Url, allow_private: bool) -> Result<(), CallbackUrlError> {
     check_syntax(url.as_str())?;
     let ip = match url.host() {
         Some(Host::Ipv4(v4)) => IpAddr::V4(v4),
@@ -152,7 +152,7 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
 /// How far a callback may reach an address: what [`is_forbidden`] decides
 /// with `callbacks.allow_private`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reach {
+pub(super) enum Reach {
     /// A public address: callbacks may reach it.
     Public,
     /// The gateway's own networks: loopback, private (RFC 1918, CGNAT
@@ -175,7 +175,7 @@ pub enum Reach {
 
 /// Whether callbacks may not reach `ip`: anything but [`Reach::Public`],
 /// except that `allow_private` re-allows [`Reach::Private`].
-pub fn is_forbidden(ip: IpAddr, allow_private: bool) -> bool {
+pub(super) fn is_forbidden(ip: IpAddr, allow_private: bool) -> bool {
     match reach(ip) {
         Reach::Public => false,
         Reach::Private => !allow_private,
@@ -188,7 +188,7 @@ pub fn is_forbidden(ip: IpAddr, allow_private: bool) -> bool {
 /// that a host or its network may translate to IPv4 (IPv4-mapped, NAT64
 /// `64:ff9b::/96`, 6to4 `2002::/16`, Teredo `2001::/32` with its server and
 /// client addresses), is at least as refused as that IPv4 address.
-pub fn reach(ip: IpAddr) -> Reach {
+pub(super) fn reach(ip: IpAddr) -> Reach {
     match ip {
         IpAddr::V4(v4) => reach_v4(v4),
         IpAddr::V6(v6) => reach_v6(v6),
@@ -281,7 +281,7 @@ fn reach_v6(ip: Ipv6Addr) -> Reach {
 /// the source chain of the request's error.
 #[derive(Debug, thiserror::Error)]
 #[error("{host} resolves to a forbidden address")]
-pub struct ForbiddenAddress {
+pub(super) struct ForbiddenAddress {
     /// The host that was resolved.
     pub host: String,
 }
@@ -289,7 +289,7 @@ pub struct ForbiddenAddress {
 impl ForbiddenAddress {
     /// Whether `err` (or anything in its source chain) is a refusal of
     /// this resolver.
-    pub fn is_in(err: &(dyn StdError + 'static)) -> bool {
+    pub(super) fn is_in(err: &(dyn StdError + 'static)) -> bool {
         let mut cur = Some(err);
         while let Some(e) = cur {
             if e.is::<ForbiddenAddress>() {
@@ -305,7 +305,7 @@ impl ForbiddenAddress {
 /// its addresses is forbidden ([`is_forbidden`] with `allow_private`), so
 /// the address connected to is the address checked.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GuardedResolver {
+pub(super) struct GuardedResolver {
     /// `callbacks.allow_private`: the gateway's own networks are allowed.
     pub allow_private: bool,
 }

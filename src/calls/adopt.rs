@@ -43,7 +43,7 @@ use crate::metrics::{Collected, Source};
 /// How many dead gateways one gateway drains at once: a bound on the
 /// connections adoption opens (two per dead gateway); others wait for a
 /// later round, or for another gateway.
-pub const MAX_ADOPTED: usize = 4;
+pub(crate) const MAX_ADOPTED: usize = 4;
 
 /// How often an adopter looks at the dead gateway's queues and calls (and
 /// whether it still holds the claim) while nothing arrives.
@@ -51,7 +51,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Adoption's numbers.
 #[derive(Debug, Default)]
-pub struct AdoptStats {
+pub(crate) struct AdoptStats {
     /// Dead gateways drained now.
     queues: AtomicI64,
     /// Replies taken from their reply queues and handed to the tracker.
@@ -60,12 +60,12 @@ pub struct AdoptStats {
 
 impl AdoptStats {
     /// Dead gateways drained now.
-    pub fn queues(&self) -> i64 {
+    pub(crate) fn queues(&self) -> i64 {
         self.queues.load(Ordering::Relaxed)
     }
 
     /// Replies taken from dead gateways' reply queues.
-    pub fn replies(&self) -> u64 {
+    pub(crate) fn replies(&self) -> u64 {
         self.replies.load(Ordering::Relaxed)
     }
 }
@@ -75,7 +75,7 @@ struct AdoptSource(Arc<AdoptStats>);
 
 impl Source for AdoptSource {
     fn collect(&self, out: &mut Collected) {
-        let v = out.rpc();
+        let v = out.values::<crate::rpc::metrics::RpcValues>();
         v.adopted_queues += self.0.queues();
         v.adopted_replies += self.0.replies();
     }
@@ -85,7 +85,10 @@ impl Source for AdoptSource {
 /// store must be [`super::CallStore::for_instance`] the broker's
 /// instance). It runs until `cancel`, then marks the gateway gone; await
 /// the handle before closing the store.
-pub fn spawn(tracker: Tracker, cancel: CancellationToken) -> (Arc<AdoptStats>, JoinHandle<()>) {
+pub(crate) fn spawn(
+    tracker: Tracker,
+    cancel: CancellationToken,
+) -> (Arc<AdoptStats>, JoinHandle<()>) {
     let broker = tracker.broker().clone();
     let stats = Arc::new(AdoptStats::default());
     broker.metrics().register(AdoptSource(stats.clone()));
@@ -418,7 +421,7 @@ async fn take_reply(
         return;
     }
     let body: Bytes = inflight.take_payload();
-    let reply = crate::rpc::router::to_reply(inflight.delivery(), body, &id);
+    let reply = crate::rpc::to_reply(inflight.delivery(), body, &id);
     if tracker.record_end(&id, Outcome::Reply(reply)).await {
         stats.replies.fetch_add(1, Ordering::Relaxed);
         settle(inflight.ack().await);

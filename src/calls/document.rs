@@ -9,14 +9,14 @@ use utoipa::ToSchema;
 use super::{AttemptRecord, CallRecord, CallStatus, CallbackState, StoredResult};
 
 /// RFC 3339 text of a time in ms.
-pub fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Whether a content type is JSON (`application/json` or any `+json`).
-pub fn is_json(content_type: &str) -> bool {
+pub(crate) fn is_json(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()
@@ -207,7 +207,7 @@ impl StatusDocument {
 }
 
 /// The path of a call's status document.
-pub fn call_path(id: &str) -> String {
+pub(crate) fn call_path(id: &str) -> String {
     format!("/v1/calls/{id}")
 }
 

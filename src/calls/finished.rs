@@ -24,7 +24,7 @@ const MAX_DOC: usize = 64 * 1024;
 
 /// One finished call's document, serialized once.
 #[derive(Debug)]
-pub struct FinishedDoc {
+pub(crate) struct FinishedDoc {
     /// Who made the call: only they may read it.
     pub caller: String,
     /// When it ended (ms since the epoch).
@@ -36,7 +36,7 @@ pub struct FinishedDoc {
 /// The cache. Shared by the gateway's workers; the lock is held for map
 /// operations only.
 #[derive(Debug)]
-pub struct FinishedDocs {
+pub(super) struct FinishedDocs {
     state: Mutex<State>,
     /// Entries kept at most.
     max_entries: usize,
@@ -56,7 +56,7 @@ struct State {
 
 impl FinishedDocs {
     /// An empty cache of at most `max_entries` documents and `max_bytes`.
-    pub fn new(max_entries: usize, max_bytes: usize) -> Self {
+    pub(super) fn new(max_entries: usize, max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
             max_entries,
@@ -70,19 +70,19 @@ impl FinishedDocs {
     }
 
     /// Sets how long finished calls stay in the store.
-    pub fn set_retention_ms(&self, ms: i64) {
+    pub(super) fn set_retention_ms(&self, ms: i64) {
         self.retention_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The document of `id`, if it is kept and within its retention.
-    pub fn get(&self, id: &str, now_ms: i64) -> Option<Arc<FinishedDoc>> {
+    pub(super) fn get(&self, id: &str, now_ms: i64) -> Option<Arc<FinishedDoc>> {
         let doc = self.lock().docs.get(id).cloned()?;
         let age = now_ms.saturating_sub(doc.completed_ms);
         (age < self.retention_ms.load(Ordering::Relaxed)).then_some(doc)
     }
 
     /// Keeps `doc`, the document of `call`, if it can no longer change.
-    pub fn remember(&self, call: &CallRecord, doc: &StatusDocument) {
+    pub(super) fn remember(&self, call: &CallRecord, doc: &StatusDocument) {
         let (true, None, Some(completed_ms)) =
             (call.status.is_terminal(), &call.callback, call.completed_ms)
         else {
@@ -120,12 +120,14 @@ impl FinishedDocs {
     }
 
     /// Documents kept now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().docs.len()
     }
 
     /// Whether none is kept.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

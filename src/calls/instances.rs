@@ -11,7 +11,7 @@
 //!   [`HEARTBEAT`], and sets it silent at once on a graceful stop;
 //! - a live gateway claims a gateway silent for [`SILENT_AFTER`] with a
 //!   conditional `UPDATE` (one claimant wins), drains its queues into its
-//!   own tracker ([`super::adopt`]) and, once the queues are empty and the
+//!   own tracker (`calls::adopt`) and, once the queues are empty and the
 //!   dead gateway has no pending call left, deletes the queues and the row;
 //! - a dead gateway's calls are not expired by anyone until its adopter has
 //!   drained its queue once ([`CallStore::overdue`]);

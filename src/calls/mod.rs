@@ -2,6 +2,9 @@
 //! (every `202`, every call with an idempotency key), their results and the
 //! state of their callbacks.
 //!
+//! Public: a tool or an application beside the gateway opens the same store
+//! ([`CallStore::open`]) to read calls and their callbacks.
+//!
 //! One portable SQL dialect through sqlx's `Any` driver: an embedded SQLite
 //! file by default, PostgreSQL by URL, so that several gateways can later
 //! share one store without a rewrite. Times are milliseconds since the Unix
@@ -11,19 +14,20 @@
 //! - this file: [`CallStore`], [`CallRecord`], [`NewCall`].
 //! - `batch`: group commit of the frequent writes.
 //! - [`document`]: the status document and result JSON of DESIGN.md.
-//! - [`tracker`]: the life of a stored call (completion, events, callbacks,
+//! - `tracker`: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
-//! - [`finished`]: the documents of recently finished calls, kept in memory.
+//! - `finished`: the documents of recently finished calls, kept in memory.
 //! - [`instances`]: the gateways sharing the store (liveness, adoption of a
 //!   silent one's queues) and the leases on callback deliveries.
-//! - [`adopt`]: a live gateway draining the queues of a dead one.
+//! - `adopt`: a live gateway draining the queues of a dead one.
 
-pub mod adopt;
+pub(crate) mod adopt;
 mod batch;
 pub mod document;
-pub mod finished;
+mod finished;
 pub mod instances;
-pub mod tracker;
+pub(crate) mod metrics;
+pub(crate) mod tracker;
 
 use std::str::FromStr;
 

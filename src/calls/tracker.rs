@@ -27,26 +27,26 @@ use crate::amqp::consumer::{Consuming, Declare, settle};
 use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, topology, wire};
 use crate::callbacks::DispatcherHandle;
 use crate::calls::document::StatusDocument;
+use crate::calls::metrics::Mode;
 use crate::calls::{CallRecord, CallStatus, CallStore, StoredResult};
 use crate::error::{Error, Result};
 use crate::events::{self, CloudEvent};
-use crate::metrics::Mode;
 use crate::rpc::OrphanSink;
 use crate::worker::Reply;
 
 /// `type` of the event published when a call is accepted with a 202.
-pub const EVENT_ACCEPTED: &str = crate::amqp::wire::EVENT_CALL_ACCEPTED;
+pub(crate) const EVENT_ACCEPTED: &str = crate::amqp::wire::EVENT_CALL_ACCEPTED;
 /// `type` of the event published when a call ends.
-pub const EVENT_COMPLETED: &str = crate::amqp::wire::EVENT_CALL_COMPLETED;
+pub(crate) const EVENT_COMPLETED: &str = crate::amqp::wire::EVENT_CALL_COMPLETED;
 /// `type` of the event published when a worker reports progress.
-pub const EVENT_PROGRESS: &str = crate::amqp::wire::EVENT_CALL_PROGRESS;
+pub(crate) const EVENT_PROGRESS: &str = crate::amqp::wire::EVENT_CALL_PROGRESS;
 /// `type` of the event published when a caller cancels a call.
-pub const EVENT_CANCELLED: &str = crate::amqp::wire::EVENT_CALL_CANCELLED;
+pub(crate) const EVENT_CANCELLED: &str = crate::amqp::wire::EVENT_CALL_CANCELLED;
 use crate::amqp::wire::EXT_CALLER;
 
 /// How a call ended.
 #[derive(Debug, Clone)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The service replied.
     Reply(Reply),
     /// No reply before the service's deadline.
@@ -59,7 +59,7 @@ pub enum Outcome {
 
 /// The call lifecycle. Cheap to clone.
 #[derive(Clone)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     inner: Arc<Inner>,
 }
 
@@ -85,7 +85,7 @@ impl Tracker {
     /// A tracker over `store` that publishes on `broker`, with the bounds of
     /// `g` (`max_streams` long-pollers, the finished-call cache, results
     /// inlined in events).
-    pub fn new(
+    pub(crate) fn new(
         store: CallStore,
         broker: Broker,
         callbacks: Option<DispatcherHandle>,
@@ -111,24 +111,24 @@ impl Tracker {
     }
 
     /// The store.
-    pub fn store(&self) -> &CallStore {
+    pub(crate) fn store(&self) -> &CallStore {
         &self.inner.store
     }
 
     /// The kept document of a finished call (see [`super::finished`]).
-    pub fn finished(&self, id: &str) -> Option<Arc<super::finished::FinishedDoc>> {
+    pub(crate) fn finished(&self, id: &str) -> Option<Arc<super::finished::FinishedDoc>> {
         self.inner.finished.get(id, wire::now_ms() as i64)
     }
 
     /// Keeps `doc`, `call`'s document, if it can no longer change.
-    pub fn remember_finished(&self, call: &CallRecord, doc: &StatusDocument) {
+    pub(crate) fn remember_finished(&self, call: &CallRecord, doc: &StatusDocument) {
         self.inner.finished.remember(call, doc);
     }
 
     /// `event`, a lifecycle event about `call`, as it may be published: with
     /// the document of [`StatusDocument::for_events`] when the result is
     /// over `gateway.inline_result_max_bytes` (same id, same attributes).
-    pub fn inline_bounded(&self, mut event: CloudEvent, call: &CallRecord) -> CloudEvent {
+    pub(crate) fn inline_bounded(&self, mut event: CloudEvent, call: &CallRecord) -> CloudEvent {
         let doc = StatusDocument::for_events(call, self.inner.inline_result_max_bytes);
         if doc.result_omitted {
             event.data = Some(serde_json::to_value(&doc).unwrap_or(Value::Null));
@@ -138,12 +138,12 @@ impl Tracker {
 
     /// The document of `call` as lifecycle events carry it
     /// ([`StatusDocument::for_events`]).
-    pub fn event_document(&self, call: &CallRecord) -> StatusDocument {
+    pub(crate) fn event_document(&self, call: &CallRecord) -> StatusDocument {
         StatusDocument::for_events(call, self.inner.inline_result_max_bytes)
     }
 
     /// A lifecycle CloudEvent about `doc`.
-    pub fn lifecycle_event(
+    pub(crate) fn lifecycle_event(
         &self,
         ty: &str,
         doc: &StatusDocument,
@@ -165,7 +165,7 @@ impl Tracker {
 
     /// Publishes a lifecycle event; a failure is logged, not returned: the
     /// call itself is already safe in the store.
-    pub async fn publish_event(&self, event: &CloudEvent) {
+    pub(crate) async fn publish_event(&self, event: &CloudEvent) {
         if let Err(e) = events::publish(&self.inner.broker, event).await {
             warn!(error = %e, event_type = %event.ty, subject = ?event.subject, "lifecycle event not published");
         }
@@ -174,13 +174,13 @@ impl Tracker {
     /// Ends a stored call with `outcome`, once: publishes the completed
     /// event, wakes its long-pollers and schedules its callback. Returns
     /// whether this call changed the call (false: unknown or already ended).
-    pub async fn complete(&self, id: &str, outcome: Outcome) -> Result<bool> {
+    pub(crate) async fn complete(&self, id: &str, outcome: Outcome) -> Result<bool> {
         self.end(id, outcome, false).await
     }
 
     /// [`Tracker::complete`] for a call whose reply was the HTTP answer (it
     /// was stored only for its idempotency key): the gateway counted it.
-    pub async fn complete_answered(&self, id: &str, outcome: Outcome) -> Result<bool> {
+    pub(crate) async fn complete_answered(&self, id: &str, outcome: Outcome) -> Result<bool> {
         self.end(id, outcome, true).await
     }
 
@@ -194,6 +194,7 @@ impl Tracker {
                 self.inner
                     .broker
                     .metrics()
+                    .calls()
                     .reply_after_cancel(&call.service);
             }
             return Ok(false);
@@ -262,7 +263,7 @@ impl Tracker {
         info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
         self.remember_finished(&call, &doc);
         if cancelled {
-            self.inner.broker.metrics().call_cancelled(&call.service);
+            self.inner.broker.metrics().calls().cancelled(&call.service);
         }
         let event = self.inline_bounded(event, &call);
         if !answered {
@@ -286,7 +287,7 @@ impl Tracker {
     /// sweeper. Nothing is held in memory per pending call: a pending call
     /// costs a row in the store. A reply that arrived before the detach is
     /// stored here.
-    pub fn adopt(&self, pending: crate::rpc::PendingReply) {
+    pub(crate) fn adopt(&self, pending: crate::rpc::PendingReply) {
         let id = pending.call_id().to_owned();
         let Some(routed) = pending.detach() else {
             return;
@@ -314,7 +315,7 @@ impl Tracker {
     /// every call answered with a 202 (and of calls from before a restart)
     /// finish their stored call here. No task or waiter is held per pending
     /// call: a pending call costs a row in the store, not memory.
-    pub fn orphan_sink(&self) -> OrphanSink {
+    pub(crate) fn orphan_sink(&self) -> OrphanSink {
         let tracker = self.clone();
         Arc::new(move |id: String, reply: Reply| {
             let tracker = tracker.clone();
@@ -326,14 +327,14 @@ impl Tracker {
     /// (event `switchboard.call.cancelled`, which workers watch; its
     /// callback, long-pollers and streams are told as for any end). False
     /// when it had already ended.
-    pub async fn cancel(&self, id: &str) -> Result<bool> {
+    pub(crate) async fn cancel(&self, id: &str) -> Result<bool> {
         self.end(id, Outcome::Cancelled, false).await
     }
 
     /// Records a progress report on its stored call, while it is pending,
     /// and publishes `switchboard.call.progress`; whether a call took it. A
     /// store failure is logged: a report is not worth a retry.
-    pub async fn progress(&self, p: crate::worker::Progress) -> bool {
+    pub(crate) async fn progress(&self, p: crate::worker::Progress) -> bool {
         let now = wire::now_ms() as i64;
         let recorded = self
             .inner
@@ -367,7 +368,7 @@ impl Tracker {
 
     /// The sink for progress reports of calls the RPC client does not
     /// follow in memory: every call answered with a 202.
-    pub fn progress_sink(&self) -> crate::rpc::ProgressSink {
+    pub(crate) fn progress_sink(&self) -> crate::rpc::ProgressSink {
         let tracker = self.clone();
         Arc::new(move |p: crate::worker::Progress| {
             let tracker = tracker.clone();
@@ -377,7 +378,7 @@ impl Tracker {
 
     /// A receiver that fires when `id` ends (or is dropped when the bound of
     /// watchers is reached: the caller then answers with the current state).
-    pub fn watch(&self, id: &str) -> Option<oneshot::Receiver<()>> {
+    pub(crate) fn watch(&self, id: &str) -> Option<oneshot::Receiver<()>> {
         let mut map = self
             .inner
             .watchers
@@ -406,7 +407,7 @@ impl Tracker {
     }
 
     /// Long-pollers waiting now.
-    pub fn watchers(&self) -> usize {
+    pub(crate) fn watchers(&self) -> usize {
         self.inner.watcher_count.load(Ordering::Relaxed)
     }
 
@@ -429,7 +430,7 @@ impl Tracker {
 
     /// Resumes after a start: drops calls never confirmed by the broker
     /// (nobody got a 202 for them) and returns how many calls are pending.
-    pub async fn resume(&self) -> Result<usize> {
+    pub(crate) async fn resume(&self) -> Result<usize> {
         self.drop_unsent().await?;
         let pending = self.inner.store.pending().await?;
         if let Some(cb) = &self.inner.callbacks {
@@ -455,7 +456,7 @@ impl Tracker {
     }
 
     /// The broker it publishes on.
-    pub fn broker(&self) -> &Broker {
+    pub(crate) fn broker(&self) -> &Broker {
         &self.inner.broker
     }
 
@@ -464,7 +465,7 @@ impl Tracker {
     /// [`CallStore::overdue`]); every minute, removes calls finished longer
     /// than `retention` ago and drops calls never sent (a gateway that died
     /// between storing a call and its confirm leaves one).
-    pub fn spawn_sweeper(&self, retention: Duration, cancel: CancellationToken) {
+    pub(crate) fn spawn_sweeper(&self, retention: Duration, cancel: CancellationToken) {
         self.inner
             .finished
             .set_retention_ms(retention.as_millis().min(i64::MAX as u128) as i64);
@@ -513,7 +514,7 @@ impl Tracker {
     /// `<prefix>.poison`; one without a correlation id is no call of ours:
     /// counted and acked (the original stays in the service's dead-letter
     /// queue).
-    pub async fn start_dead_letter_watch(
+    pub(crate) async fn start_dead_letter_watch(
         &self,
         services: &[String],
         cancel: CancellationToken,
@@ -567,7 +568,10 @@ impl Tracker {
                 d = consuming.next() => d,
             };
             let broker = &self.inner.broker;
-            broker.metrics().dead_letter(delivery.routing_key.as_str());
+            broker
+                .metrics()
+                .calls()
+                .dead_letter(delivery.routing_key.as_str());
             let inflight = InFlight::new(delivery);
             let Some(id) = inflight
                 .delivery()
@@ -622,7 +626,7 @@ impl Tracker {
 
 /// How long a dead letter whose call the store fails to record is kept in
 /// hand and tried again before it is settled as poison.
-pub const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(60);
+pub(crate) const DEAD_LETTER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The dead-letter watch's queue, declared on every (re-)open of its
 /// consumer ([`topology::declare_deadwatch`]).
@@ -662,8 +666,9 @@ fn count_finished(broker: &Broker, call: &CallRecord, now_ms: i64) {
         (None, _) => 504,
     };
     let took = u64::try_from(now_ms - call.created_ms).unwrap_or(0);
-    broker
-        .metrics()
-        .calls(&call.service)
-        .finished(mode, status, Duration::from_millis(took));
+    broker.metrics().calls().service(&call.service).finished(
+        mode,
+        status,
+        Duration::from_millis(took),
+    );
 }

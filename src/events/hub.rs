@@ -2,7 +2,11 @@
 //! fanout to in-process stream sessions (the gateway's SSE and WebSocket
 //! clients).
 //!
-//! The hub consumes the events log `<prefix>.events.log` ([`super::log`], a
+//! Public: an application that serves event streams on routes of its own
+//! starts a hub and relays its sessions with [`crate::gateway::streams`]
+//! (`tests/it/hub.rs` does exactly that).
+//!
+//! The hub consumes the events log `<prefix>.events.log` (`events::log`, a
 //! stream bound to `<prefix>.events`) from `next`, on a dedicated connection
 //! (`switchboard/<instance>/hub`), a supervised consumer
 //! ([`crate::amqp::consumer`]): lost, it comes back at the offset after the
@@ -28,7 +32,7 @@
 //!   history would have a hole);
 //! - sessions resumed from the log: a reader each, counted among the
 //!   sessions; it waits for its client (a channel of `session_buffer`), and
-//!   the broker sends it at most [`super::log::READER_PREFETCH`] unacked;
+//!   the broker sends it at most `events::log::READER_PREFETCH` unacked;
 //! - broker: a prefetch of [`PREFETCH`] unacked deliveries.
 //!
 //! # Positions and resuming
@@ -45,10 +49,10 @@
 //!   live event can slip in between;
 //! - else (older than the history, this hub started after it, or ahead of
 //!   what this hub has seen yet): a reader of its own
-//!   ([`super::log::read_from`]) consumes the log from offset `n + 1` and
+//!   (`events::log::read_from`) consumes the log from offset `n + 1` and
 //!   goes on live, so there is no seam to cross. If the log starts after
 //!   `n + 1` (retention), the session gets a `switchboard.events.lost` event
-//!   first ([`super::log::lost`]). Such a reader costs a channel and a
+//!   first (`events::log::lost`). Such a reader costs a channel and a
 //!   consumer on the broker for as long as the session lives: the history
 //!   keeps that for clients that come back late.
 //!
@@ -266,15 +270,6 @@ impl HubStats {
     }
 }
 
-impl crate::metrics::Source for Arc<HubStats> {
-    fn collect(&self, out: &mut crate::metrics::Collected) {
-        let v = out.hub();
-        v.relayed += HubStats::get(&self.relayed);
-        v.dropped_slow += HubStats::get(&self.dropped_slow);
-        v.malformed += HubStats::get(&self.malformed);
-    }
-}
-
 /// A subscription granted by the hub.
 #[derive(Debug)]
 pub struct Subscribed {
@@ -336,7 +331,7 @@ struct Session {
 enum Feed {
     /// The hub relays to it.
     Live(mpsc::Sender<Arc<HubEvent>>),
-    /// A reader of the log of its own ([`super::log::read_from`]) holds the
+    /// A reader of the log of its own (`events::log::read_from`) holds the
     /// sender; the hub only counts the session, until the reader or the
     /// client is gone, and stops the reader with `stop`.
     Log {

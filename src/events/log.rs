@@ -45,12 +45,12 @@ use crate::error::Result;
 
 /// Deliveries a log reader may hold unacked: RabbitMQ requires a prefetch
 /// of stream consumers, and it bounds what waits in memory.
-pub const READER_PREFETCH: u16 = 256;
+pub(crate) const READER_PREFETCH: u16 = 256;
 
 /// Declares the events log ([`topology::declare_events_log`]); one that
 /// exists with another retention is used as it is, with one warning per
 /// process.
-pub async fn declare_log(broker: &Broker, log: &EventsLog) -> Result<String> {
+pub(crate) async fn declare_log(broker: &Broker, log: &EventsLog) -> Result<String> {
     static WARNED: std::sync::Once = std::sync::Once::new();
     let (queue, declared) = topology::declare_events_log(broker, log).await?;
     if declared == Declared::AsFound {
@@ -66,7 +66,7 @@ pub async fn declare_log(broker: &Broker, log: &EventsLog) -> Result<String> {
 
 /// The `x-stream-offset` argument of a consumer starting at `at` (an
 /// offset), or at the next message appended when `None`.
-pub fn start_at(at: Option<u64>) -> FieldTable {
+pub(crate) fn start_at(at: Option<u64>) -> FieldTable {
     let mut args = FieldTable::default();
     let value = match at {
         Some(offset) => AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX)),
@@ -105,7 +105,7 @@ impl Declare for LogQueue {
 /// The event a session gets in place of the events from `first_lost` to
 /// `last_lost` (offsets), which the log no longer holds. Its position is
 /// `last_lost`: a client resuming from it goes on with the first kept.
-pub fn lost(first_lost: u64, last_lost: u64) -> HubEvent {
+pub(crate) fn lost(first_lost: u64, last_lost: u64) -> HubEvent {
     let event = CloudEvent::new(
         wire::EVENT_EVENTS_LOST,
         wire::APP_ID,
@@ -134,7 +134,7 @@ pub fn lost(first_lost: u64, last_lost: u64) -> HubEvent {
 /// the session's receiver is gone, when `stop` is cancelled, or when the
 /// consumer is lost (the stream ends, and the client resumes from its last
 /// position).
-pub async fn read_from(
+pub(crate) async fn read_from(
     broker: Broker,
     from: u64,
     filter: EventFilter,

@@ -19,7 +19,7 @@ use crate::settings::{ServiceSettings, TokenSettings};
 
 /// The caller of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// The token's name in the settings, or `anonymous`.
     pub name: String,
     /// Services it may call; `None` means all.
@@ -28,7 +28,7 @@ pub struct Caller {
 
 impl Caller {
     /// Whether this caller may call `service`.
-    pub fn may_call(&self, service: &str) -> bool {
+    pub(crate) fn may_call(&self, service: &str) -> bool {
         self.services
             .as_ref()
             .is_none_or(|s| s.iter().any(|x| x == service))
@@ -37,7 +37,7 @@ impl Caller {
     /// The settings of `service` when this caller may call it. Otherwise
     /// 404, the very answer to a service that does not exist: a token
     /// learns nothing of the services it may not call.
-    pub fn service<'a>(
+    pub(crate) fn service<'a>(
         &self,
         services: &'a BTreeMap<String, ServiceSettings>,
         name: &str,
@@ -62,7 +62,7 @@ struct Token {
 
 /// The configured tokens. Its `Debug` shows caller names only.
 #[derive(Clone)]
-pub struct Auth {
+pub(crate) struct Auth {
     tokens: Vec<Token>,
 }
 
@@ -80,7 +80,7 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// From `gateway.tokens` (validated: an entry without a usable token
     /// has been refused at start-up, and would be left out here).
-    pub fn new(tokens: &BTreeMap<String, TokenSettings>) -> Self {
+    pub(crate) fn new(tokens: &BTreeMap<String, TokenSettings>) -> Self {
         let tokens = tokens
             .iter()
             .filter_map(|(name, t)| {
@@ -96,12 +96,12 @@ impl Auth {
     }
 
     /// Whether no token is configured: every caller is `anonymous`.
-    pub fn is_anonymous(&self) -> bool {
+    pub(crate) fn is_anonymous(&self) -> bool {
         self.tokens.is_empty()
     }
 
     /// Who sent `req`: 401 without a known bearer token when tokens are set.
-    pub fn caller(&self, req: &HttpRequest) -> Result<Caller, ApiError> {
+    pub(crate) fn caller(&self, req: &HttpRequest) -> Result<Caller, ApiError> {
         if self.tokens.is_empty() {
             return Ok(Caller {
                 name: "anonymous".into(),

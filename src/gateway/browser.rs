@@ -52,7 +52,7 @@ const EXPOSED_HEADERS: &[&str] = &[
 /// gateway honours, no credentials (bearer tokens are sent explicitly,
 /// never by the browser on its own). Another origin gets no CORS headers, so its page cannot read
 /// an answer; [`guard`] has already refused what it could change.
-pub fn cors(origins: &[String]) -> Cors {
+pub(super) fn cors(origins: &[String]) -> Cors {
     let mut cors = Cors::default()
         .allowed_methods([Method::GET, Method::POST, Method::DELETE])
         .allowed_headers(ALLOWED_HEADERS.iter().copied())
@@ -67,7 +67,7 @@ pub fn cors(origins: &[String]) -> Cors {
 /// The `from_fn` middleware of the module doc: refuses with a 403
 /// problem+json what a page of another origin may not do, and, on an
 /// anonymous gateway, requests for a host name that is not loopback.
-pub async fn guard(
+pub(super) async fn guard(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody + 'static>>, actix_web::Error> {

@@ -21,9 +21,9 @@ use super::error::{ApiError, Problem};
 use super::headers::{self, Preferences};
 use crate::amqp::wire;
 use crate::calls::document::{StatusDocument, call_path};
+use crate::calls::metrics::{CallMetrics, Mode};
 use crate::calls::tracker::{EVENT_ACCEPTED, EVENT_COMPLETED, Outcome};
 use crate::calls::{CallRecord, CallStatus, Inserted, NewCall};
-use crate::metrics::{CallMetrics, Mode};
 use crate::rpc::Call;
 use crate::worker::Reply;
 
@@ -34,7 +34,7 @@ const ACCEPTED_EVENT_WAIT: Duration = Duration::from_secs(2);
 /// that has not all arrived within `timeout` with a 408 (the whole body, so
 /// a byte now and then does not hold the connection either; the connection
 /// is then closed: [`super::connections`]).
-pub async fn read_body(
+pub(super) async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
@@ -81,13 +81,13 @@ fn header_str<'a>(req: &'a HttpRequest, name: &str) -> Result<Option<&'a str>, A
 }
 
 /// A `Retry-After` spread with jitter: `base` to `2 * base` seconds.
-pub fn retry_after(base: u64) -> String {
+pub(super) fn retry_after(base: u64) -> String {
     let base = base.max(1);
     (base + rand::rng().random_range(0..=base)).to_string()
 }
 
 /// The caller's `traceparent` header, when it is well formed.
-pub fn incoming_traceparent(req: &HttpRequest) -> Option<&str> {
+pub(super) fn incoming_traceparent(req: &HttpRequest) -> Option<&str> {
     req.headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -187,7 +187,7 @@ fn repeat_answer(st: &AppState, call: &CallRecord) -> HttpResponse {
     ),
     security((), ("bearer" = []))
 )]
-pub async fn start_call(
+pub(super) async fn start_call(
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -223,7 +223,7 @@ pub async fn start_call(
                     "callbacks are not enabled on this gateway".into(),
                 ));
             }
-            let checked = crate::callbacks::ssrf::check_url(url, st.allow_private_callbacks)
+            let checked = crate::callbacks::check_url(url, st.allow_private_callbacks)
                 .await
                 .map_err(|e| ApiError::Unprocessable(format!("Callback-Url refused: {e}")))?;
             Some(checked.to_string())
@@ -368,7 +368,17 @@ impl CallContext<'_> {
             timeout: Some(self.timeout),
             traceparent: Some(self.traceparent.clone()),
         };
-        let mut pending = match st.rpc.send(call).await {
+        // A synchronous call without a key waits in memory, and nothing but
+        // this request can use its reply: it says so, and its worker skips
+        // the durable, confirmed reply (docs/RELIABILITY.md, "What survives
+        // what"). A call answered 202 or stored (key, callback) outlives its
+        // request: its reply must outlive a broker restart.
+        let sent = if self.mode() == Mode::Sync && !stored_early {
+            st.rpc.send_waiting(call).await
+        } else {
+            st.rpc.send(call).await
+        };
+        let mut pending = match sent {
             Ok(p) => p,
             Err(e) => {
                 if stored_early {
@@ -564,13 +574,17 @@ impl CallContext<'_> {
 
 /// `?wait=N` on a status document.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct WaitQuery {
+pub(super) struct WaitQuery {
     /// Hold the request up to N seconds until the call ends.
     wait: Option<String>,
 }
 
 /// The caller's stored call, or 404 (also for another caller's call).
-pub async fn caller_call(st: &AppState, caller: &Caller, id: &str) -> Result<CallRecord, ApiError> {
+pub(super) async fn caller_call(
+    st: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<CallRecord, ApiError> {
     let not_found = || ApiError::NotFound(format!("no call {id:?}"));
     if id.len() > 64 {
         return Err(not_found());
@@ -607,7 +621,7 @@ fn document_response(st: &AppState, call: &CallRecord) -> HttpResponse {
     ),
     security((), ("bearer" = []))
 )]
-pub async fn get_call(
+pub(super) async fn get_call(
     req: HttpRequest,
     path: web::Path<String>,
     query: web::Query<WaitQuery>,
@@ -666,7 +680,7 @@ pub async fn get_call(
     ),
     security((), ("bearer" = []))
 )]
-pub async fn get_result(
+pub(super) async fn get_result(
     req: HttpRequest,
     path: web::Path<String>,
     st: web::Data<AppState>,
@@ -714,7 +728,7 @@ pub async fn get_result(
     ),
     security((), ("bearer" = []))
 )]
-pub async fn cancel_call(
+pub(super) async fn cancel_call(
     req: HttpRequest,
     path: web::Path<String>,
     st: web::Data<AppState>,
@@ -748,7 +762,7 @@ pub async fn cancel_call(
     ),
     security((), ("bearer" = []))
 )]
-pub async fn retry_callback(
+pub(super) async fn retry_callback(
     req: HttpRequest,
     path: web::Path<String>,
     st: web::Data<AppState>,

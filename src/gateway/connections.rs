@@ -65,7 +65,9 @@ struct ConnWatch {
 
 /// The `HttpServer::on_connect` callback: starts a connection's watchdog,
 /// which shuts its socket after `limit` with no request in progress.
-pub fn on_connect(limit: Duration) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
+pub(super) fn on_connect(
+    limit: Duration,
+) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
     move |io, extensions| {
         let Some(stream) = io.downcast_ref::<actix_web::rt::net::TcpStream>() else {
             return;
@@ -163,7 +165,7 @@ impl Drop for InProgress {
 /// The `from_fn` middleware of the module doc: counts the request in
 /// progress until its answer is sent, and keeps an unread body alive until
 /// then.
-pub async fn guard(
+pub(super) async fn guard(
     mut req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<Holding>, actix_web::Error> {
@@ -209,7 +211,7 @@ impl Stream for Shared {
 
 /// An answer's body, with what must live until it is sent: the request's
 /// body stream and the request's place in its connection's count.
-pub struct Holding {
+pub(super) struct Holding {
     body: BoxBody,
     _request_body: Option<Shared>,
     _in_progress: Option<InProgress>,

@@ -16,7 +16,7 @@ use crate::error::Error;
 
 /// A problem document (RFC 9457).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Problem {
+pub(super) struct Problem {
     /// A URI naming the problem type; `about:blank` for plain HTTP statuses.
     #[serde(rename = "type")]
     pub kind: String,
@@ -32,7 +32,7 @@ pub struct Problem {
 /// What can go wrong answering an HTTP request.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// 400: a malformed header, query or body.
     #[error("{0}")]
     BadRequest(String),
@@ -86,7 +86,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// 503 with a retry hint.
-    pub fn unavailable(detail: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(detail: impl Into<String>) -> Self {
         ApiError::Unavailable {
             detail: detail.into(),
             retry_after: 1,
@@ -94,7 +94,7 @@ impl ApiError {
     }
 
     /// 500, logging `what` (never sent to the client).
-    pub fn internal(what: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(what: impl std::fmt::Display) -> Self {
         ApiError::Internal(what.to_string())
     }
 }
@@ -193,7 +193,7 @@ fn problem_json(status: StatusCode, detail: &str) -> Vec<u8> {
 /// content type and body are the service's). A client error's detail is
 /// actix-web's message (it says what was wrong with the request); a server
 /// error's is only its status, the cause is logged.
-pub fn shape_bare_error<B: MessageBody>(
+pub(super) fn shape_bare_error<B: MessageBody>(
     res: ServiceResponse<B>,
 ) -> actix_web::Result<ErrorHandlerResponse<B>> {
     let shaped = res.headers().get(header::CONTENT_TYPE).is_some_and(|ct| {

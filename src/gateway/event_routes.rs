@@ -17,11 +17,11 @@ use super::streams::{Counted, SseOptions, sse_frame, sse_response, ws_relay};
 use crate::calls::document::StatusDocument;
 use crate::calls::tracker::{EVENT_ACCEPTED, EVENT_CANCELLED, EVENT_COMPLETED};
 use crate::events::hub::{EventFilter, HubError, HubEvent, Subscribed};
-use crate::metrics::Transport;
+use crate::gateway::metrics::Transport;
 
 /// Query of the event streams.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct StreamQuery {
+pub(super) struct StreamQuery {
     /// Only events whose type starts with this.
     #[serde(rename = "type")]
     #[param(rename = "type")]
@@ -43,7 +43,7 @@ fn hub_error(e: HubError) -> ApiError {
 /// stream slot, while it lives.
 fn counted(st: &AppState, transport: Transport, slot: Option<Slot>) -> Counted {
     Counted {
-        session: st.broker.metrics().stream_session(transport),
+        session: st.broker.metrics().gateway().stream_session(transport),
         slot,
     }
 }
@@ -97,7 +97,7 @@ async fn subscribe(
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
-pub async fn events_sse(
+pub(super) async fn events_sse(
     req: HttpRequest,
     q: web::Query<StreamQuery>,
     st: web::Data<AppState>,
@@ -122,7 +122,7 @@ pub async fn events_sse(
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
-pub async fn events_ws(
+pub(super) async fn events_ws(
     req: HttpRequest,
     body: web::Payload,
     q: web::Query<StreamQuery>,
@@ -161,7 +161,7 @@ fn snapshot(st: &AppState, ty: &str, doc: &StatusDocument, caller: &str) -> Byte
         (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security((), ("bearer" = [])))]
-pub async fn call_events(
+pub(super) async fn call_events(
     req: HttpRequest,
     path: web::Path<String>,
     st: web::Data<AppState>,

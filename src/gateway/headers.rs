@@ -7,7 +7,7 @@ use super::error::ApiError;
 
 /// The preferences of a request that the gateway honours.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Preferences {
+pub(super) struct Preferences {
     /// `respond-async`: answer 202 as soon as the call is accepted.
     pub respond_async: bool,
     /// `wait=N`: wait up to N seconds for the reply.
@@ -17,7 +17,7 @@ pub struct Preferences {
 /// Parses every `Prefer` header value. Unknown preferences are ignored
 /// (RFC 7240); a `wait` that is not a non-negative integer is a 400. The
 /// first occurrence of a preference wins.
-pub fn parse_prefer<'a>(
+pub(super) fn parse_prefer<'a>(
     values: impl IntoIterator<Item = &'a str>,
 ) -> Result<Preferences, ApiError> {
     let mut prefs = Preferences::default();
@@ -43,7 +43,7 @@ pub fn parse_prefer<'a>(
 
 /// A non-negative whole number of seconds (at most 10 digits), else 400
 /// naming `what`.
-pub fn parse_seconds(s: &str, what: &str) -> Result<u64, ApiError> {
+pub(super) fn parse_seconds(s: &str, what: &str) -> Result<u64, ApiError> {
     if s.is_empty() || s.len() > 10 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::BadRequest(format!(
             "{what} must be a non-negative whole number of seconds"
@@ -81,7 +81,7 @@ fn split_outside_quotes(s: &str, sep: char) -> impl Iterator<Item = &str> {
 }
 
 /// `Idempotency-Key`: 1 to 255 visible ASCII characters, else 400.
-pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
+pub(super) fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
     if (1..=255).contains(&key.len()) && key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
         Ok(())
     } else {
@@ -95,7 +95,7 @@ pub fn check_idempotency_key(key: &str) -> Result<(), ApiError> {
 /// travels as an AMQP short string.
 ///
 /// [`wire::MAX_SHORT_STRING`]: crate::amqp::wire::MAX_SHORT_STRING
-pub fn check_content_type(content_type: &str) -> Result<(), ApiError> {
+pub(super) fn check_content_type(content_type: &str) -> Result<(), ApiError> {
     if content_type.len() <= crate::amqp::wire::MAX_SHORT_STRING {
         Ok(())
     } else {

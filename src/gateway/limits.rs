@@ -34,11 +34,11 @@ use crate::metrics::Metrics;
 use crate::settings::{CallerLimits, GatewaySettings};
 
 /// The caller of every request of a gateway without tokens.
-pub const ANONYMOUS: &str = "anonymous";
+pub(super) const ANONYMOUS: &str = "anonymous";
 
 /// One of a caller's limits (the `limit` label of the metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub(super) enum Limit {
     /// Requests per second.
     Rate,
     /// Calls pending in the store.
@@ -58,7 +58,7 @@ impl Limit {
     ];
 
     /// The label value.
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Limit::Rate => "rate",
             Limit::Pending => "pending",
@@ -98,7 +98,7 @@ impl CallerState {
             rate: rate_limiter(&limits),
             streams: AtomicUsize::new(0),
             long_polls: AtomicUsize::new(0),
-            limited: Limit::ALL.map(|l| metrics.limited(name, l.as_str())),
+            limited: Limit::ALL.map(|l| metrics.gateway().limited(name, l.as_str())),
         }
     }
 
@@ -140,7 +140,7 @@ fn rate_limiter(limits: &CallerLimits) -> Option<DefaultDirectRateLimiter> {
 }
 
 /// Every caller's limits and holdings. Shared by the gateway's workers.
-pub struct Limits {
+pub(crate) struct Limits {
     callers: HashMap<String, Arc<CallerState>>,
 }
 
@@ -157,7 +157,7 @@ impl std::fmt::Debug for Limits {
 impl Limits {
     /// The limits of every caller of `g` (its tokens, or `anonymous`), with
     /// their counters in `metrics`.
-    pub fn new(g: &GatewaySettings, metrics: &Metrics) -> Self {
+    pub(crate) fn new(g: &GatewaySettings, metrics: &Metrics) -> Self {
         let mut callers = HashMap::new();
         if g.tokens.is_empty() {
             callers.insert(
@@ -182,12 +182,12 @@ impl Limits {
     }
 
     /// The limits in effect for `caller`.
-    pub fn limits_of(&self, caller: &Caller) -> Option<CallerLimits> {
+    pub(crate) fn limits_of(&self, caller: &Caller) -> Option<CallerLimits> {
         self.of(caller).map(|c| c.limits)
     }
 
     /// Takes one request from `caller`'s rate; 429 when it is spent.
-    pub fn request(&self, caller: &Caller) -> Result<(), ApiError> {
+    pub(crate) fn request(&self, caller: &Caller) -> Result<(), ApiError> {
         let Some(c) = self.of(caller) else {
             return Ok(());
         };
@@ -210,7 +210,7 @@ impl Limits {
 
     /// Whether `caller` may start one more call, having `pending` calls
     /// pending now; 429 when it is at its `max_pending`.
-    pub fn pending(
+    pub(crate) fn pending(
         &self,
         caller: &Caller,
         pending: usize,
@@ -232,13 +232,13 @@ impl Limits {
 
     /// A stream slot of `caller`, held until the slot is dropped; 429 when
     /// it holds its `max_streams`.
-    pub fn stream(&self, caller: &Caller) -> Result<Option<Slot>, ApiError> {
+    pub(crate) fn stream(&self, caller: &Caller) -> Result<Option<Slot>, ApiError> {
         self.hold(caller, Limit::Streams, "event streams")
     }
 
     /// A long-poll slot of `caller`, held until the slot is dropped; 429
     /// when it holds its `max_long_polls`.
-    pub fn long_poll(&self, caller: &Caller) -> Result<Option<Slot>, ApiError> {
+    pub(crate) fn long_poll(&self, caller: &Caller) -> Result<Option<Slot>, ApiError> {
         self.hold(caller, Limit::LongPolls, "long-polls")
     }
 

@@ -3,35 +3,38 @@
 //! reply queue, so a reply can outlive the HTTP request that made the call.
 //!
 //! # Layout
-//! - [`calls`]: start a call, poll and long-poll it, cancel it, fetch its
+//! - `calls`: start a call, poll and long-poll it, cancel it, fetch its
 //!   result.
 //! - the life of calls that outlive their request (store, lifecycle events,
 //!   long-poll wake-ups, callbacks, deadlines, dead letters) is not HTTP:
-//!   it is [`crate::calls::tracker`], which this gateway drives.
-//! - [`auth`], [`headers`], [`error`]: who calls, what the headers say,
+//!   it is `crate::calls::tracker`, which this gateway drives.
+//! - `auth`, `headers`, `error`: who calls, what the headers say,
 //!   problem+json answers (also for the errors actix-web answers itself).
-//! - [`limits`]: what one caller may use (rate, pending calls, streams,
+//! - `limits`: what one caller may use (rate, pending calls, streams,
 //!   long-polls), so that no caller starves the others.
-//! - [`browser`]: what a web page may make a browser do (`Origin` checks,
-//!   CORS, DNS rebinding); [`connections`]: what one connection may hold
+//! - `browser`: what a web page may make a browser do (`Origin` checks,
+//!   CORS, DNS rebinding); `connections`: what one connection may hold
 //!   (idle time, unread bodies).
-//! - [`event_routes`], [`streams`]: the event stream routes and the SSE and
+//! - `event_routes`, [`streams`]: the event stream routes and the SSE and
 //!   WebSocket relays of the event hub.
-//! - [`ops`], [`openapi`]: health, readiness, metrics, the API description
+//! - `ops`, `openapi`: health, readiness, metrics, the API description
 //!   (and the AMQP side's, [`crate::asyncapi`]); the metrics-only server of
 //!   `serve` without the gateway.
 
-pub mod auth;
-pub mod browser;
-pub mod calls;
-pub mod connections;
-pub mod error;
-pub mod event_routes;
-pub mod headers;
-pub mod limits;
-pub mod openapi;
-pub mod ops;
+mod auth;
+mod browser;
+mod calls;
+mod connections;
+mod error;
+mod event_routes;
+mod headers;
+mod limits;
+pub(crate) mod metrics;
+pub(crate) mod openapi;
+pub(crate) mod ops;
 pub mod streams;
+
+pub use ops::MetricsServer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -47,17 +50,17 @@ use tracing::{info, warn};
 use crate::amqp::Broker;
 use crate::callbacks::{Dispatcher, DispatcherHandle};
 use crate::calls::CallStore;
+use crate::calls::metrics::CallMetrics;
 use crate::calls::tracker::Tracker;
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, HubHandle, HubOptions};
-use crate::metrics::CallMetrics;
 use crate::rpc::{RpcClient, RpcOptions};
 use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
 use auth::Auth;
 use error::ApiError;
 
 /// What every request handler shares.
-pub struct AppState {
+pub(crate) struct AppState {
     /// `[gateway]` settings.
     pub gateway: GatewaySettings,
     /// The services the gateway exposes.
@@ -81,7 +84,7 @@ pub struct AppState {
     /// Callback delivery, when a secret is set.
     pub callbacks: Option<DispatcherHandle>,
     /// Call counters per service, made once so counting takes no lock.
-    pub call_metrics: HashMap<String, Arc<CallMetrics>>,
+    pub(crate) call_metrics: HashMap<String, Arc<CallMetrics>>,
     /// The AsyncAPI document of these settings, made once at start.
     pub asyncapi: bytes::Bytes,
 }
@@ -89,7 +92,7 @@ pub struct AppState {
 impl AppState {
     /// The caller of `req` (401 without a known token), once it is within
     /// its rate (else 429): every route that serves a caller starts here.
-    pub fn caller(&self, req: &actix_web::HttpRequest) -> Result<auth::Caller, ApiError> {
+    pub(crate) fn caller(&self, req: &actix_web::HttpRequest) -> Result<auth::Caller, ApiError> {
         let caller = self.auth.caller(req)?;
         self.limits.request(&caller)?;
         Ok(caller)
@@ -100,8 +103,8 @@ impl AppState {
 pub struct RunningGateway {
     /// Where it listens.
     pub addr: SocketAddr,
-    /// The shared state (tests read counters through it).
-    pub state: web::Data<AppState>,
+    /// The shared state of its routes.
+    pub(crate) state: web::Data<AppState>,
     handle: ServerHandle,
     cancel: CancellationToken,
     /// The instance's liveness task ([`crate::calls::adopt`]): awaited on
@@ -109,7 +112,31 @@ pub struct RunningGateway {
     liveness: tokio::task::JoinHandle<()>,
 }
 
+/// What a running gateway is built on, for an application that runs more
+/// beside it (and for the tests): its call store, its event hub, its RPC
+/// client, and how many calls are followed now.
 impl RunningGateway {
+    /// The call store the gateway keeps its calls in.
+    pub fn store(&self) -> &CallStore {
+        self.state.tracker.store()
+    }
+
+    /// The event hub relaying the events exchange to its streams.
+    pub fn hub(&self) -> &HubHandle {
+        &self.state.hub
+    }
+
+    /// The RPC client the gateway publishes calls with.
+    pub fn rpc(&self) -> &RpcClient {
+        &self.state.rpc
+    }
+
+    /// Calls followed now for a waiting request (long polls, the call
+    /// streams): each holds a watch until its call ends or its request goes.
+    pub fn call_watchers(&self) -> usize {
+        self.state.tracker.watchers()
+    }
+
     /// Stops accepting, lets requests in flight finish (bounded), stops the
     /// background tasks and closes the reply consumer and the store.
     pub async fn stop(self) {
@@ -220,7 +247,7 @@ pub async fn start(
     let call_metrics = settings
         .services
         .keys()
-        .map(|s| (s.clone(), metrics.calls(s)))
+        .map(|s| (s.clone(), metrics.calls().service(s)))
         .collect();
     let state = web::Data::new(AppState {
         gateway: g.clone(),

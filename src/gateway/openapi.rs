@@ -45,7 +45,7 @@ use crate::calls::document::{AttemptDocument, CallbackDocument, ResultDocument, 
         (name = "operations", description = "Health, metrics and description"),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// Declares the bearer token scheme.
 struct BearerAuth;

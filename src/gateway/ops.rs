@@ -18,11 +18,11 @@ use crate::error::{Error, Result};
 /// How long a reachability probe of the broker is reused by `/readyz` and
 /// `/metrics` (`switchboard_broker_up`): however often they are asked, the
 /// broker sees at most one channel opened and closed per this time.
-pub const PROBE_REUSE: Duration = Duration::from_secs(1);
+pub(crate) const PROBE_REUSE: Duration = Duration::from_secs(1);
 
 /// Liveness and readiness answers.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     /// `ok`.
     pub status: &'static str,
 }
@@ -30,7 +30,7 @@ pub struct Health {
 /// Liveness: the process answers HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", body = Health)))]
-pub async fn healthz() -> HttpResponse {
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
 
@@ -43,7 +43,7 @@ pub async fn healthz() -> HttpResponse {
         (status = 200, description = "Ready", body = Health),
         (status = 503, description = "Broker or store unavailable, or a consumer down (named, with the time it went down); Retry-After", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn readyz(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn readyz(st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     broker_ready(&st.broker).await?;
     if !st.tracker.store().ping().await {
         return Err(ApiError::unavailable("the call store is unavailable"));
@@ -70,7 +70,7 @@ async fn broker_ready(broker: &Broker) -> Result<(), ApiError> {
 /// scraper asks for it (Prometheus does), else the Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "The metrics (OpenMetrics or Prometheus text format, by `Accept`)", content_type = "text/plain")))]
-pub async fn metrics(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn metrics(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse {
     metrics_of(&req, &st.broker).await
 }
 
@@ -78,7 +78,8 @@ pub async fn metrics(req: HttpRequest, st: web::Data<AppState>) -> HttpResponse 
 async fn metrics_of(req: &HttpRequest, broker: &Broker) -> HttpResponse {
     broker
         .metrics()
-        .set_broker_up(broker.was_reachable_within(PROBE_REUSE).await);
+        .broker()
+        .set_up(broker.was_reachable_within(PROBE_REUSE).await);
     let openmetrics = req
         .headers()
         .get_all(header::ACCEPT)
@@ -152,7 +153,7 @@ impl MetricsServer {
 /// This API's OpenAPI 3 description, generated from the code.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json")))]
-pub async fn openapi() -> HttpResponse {
+pub(crate) async fn openapi() -> HttpResponse {
     static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let body = DOC.get_or_init(|| {
         super::openapi::ApiDoc::openapi()
@@ -169,13 +170,13 @@ pub async fn openapi() -> HttpResponse {
 /// other languages.
 #[utoipa::path(get, path = "/asyncapi.json", tag = "operations",
     responses((status = 200, description = "The AsyncAPI document of the AMQP side: each service's queues, operations and messages, the replies, the events exchange", content_type = "application/json")))]
-pub async fn asyncapi(st: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn asyncapi(st: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(st.asyncapi.clone())
 }
 
 /// Any route that does not exist: a problem+json 404.
-pub async fn not_found() -> Result<HttpResponse, ApiError> {
+pub(crate) async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".into()))
 }

@@ -1,5 +1,7 @@
 //! Event streams over HTTP: a hub session ([`Subscribed`]) served as
 //! Server-Sent Events ([`sse_response`]) or over a WebSocket ([`ws_relay`]).
+//! The one public module of the gateway: an application with actix-web
+//! routes of its own relays [`crate::events::hub`] sessions with these.
 //!
 //! Both are bounded by the hub: a client that does not keep up fills its
 //! session's buffer, the hub drops the session, and the stream ends (an SSE
@@ -13,7 +15,7 @@
 //! `data: <CloudEvent JSON on one line>`; comments `: gap` (first, when the
 //! `Last-Event-ID` given was not a position) and `: keep-alive` (every
 //! heartbeat). Events the log no longer holds come as one
-//! `switchboard.events.lost` event ([`crate::events::log::lost`]).
+//! `switchboard.events.lost` event (`events::log::lost`).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -30,30 +32,31 @@ use tracing::debug;
 
 use super::limits::Slot;
 use crate::events::hub::{HubEvent, Subscribed};
-use crate::metrics::StreamSession;
+use crate::gateway::metrics::StreamSession;
 
 /// `Content-Type` of an SSE response.
-pub const CONTENT_EVENT_STREAM: &str = "text/event-stream";
+pub(crate) const CONTENT_EVENT_STREAM: &str = "text/event-stream";
 /// The comment sent first when events may have been missed.
-pub const GAP_COMMENT: &[u8] = b": gap\n\n";
+pub(crate) const GAP_COMMENT: &[u8] = b": gap\n\n";
 /// The comment sent every heartbeat.
-pub const KEEP_ALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
+pub(crate) const KEEP_ALIVE_COMMENT: &[u8] = b": keep-alive\n\n";
 /// The shortest heartbeat: a zero interval would spin.
-pub const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
+pub(crate) const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 /// The largest frame a WebSocket client may send. Clients have nothing to
 /// say but control frames; a bigger frame ends the connection.
-pub const MAX_CLIENT_FRAME: usize = 16 * 1024;
+pub(crate) const MAX_CLIENT_FRAME: usize = 16 * 1024;
 /// Heartbeats a WebSocket client may let pass without a word (a pong counts)
 /// before it is taken as gone.
-pub const WS_MISSED_HEARTBEATS: u32 = 3;
+pub(crate) const WS_MISSED_HEARTBEATS: u32 = 3;
 
 /// What a stream holds while it lives: its place in the sessions gauge and
-/// its caller's stream slot ([`super::limits`]), both given back when the
+/// its caller's stream slot (`super::limits`), both given back when the
 /// stream ends.
 #[derive(Debug)]
 pub struct Counted {
-    /// Counts the session in the metrics.
-    pub session: StreamSession,
+    /// Counts the session in the metrics (held for its `Drop`: never read).
+    #[expect(dead_code, reason = "held for its Drop, which ends the count")]
+    pub(crate) session: StreamSession,
     /// The caller's stream slot, when its streams are limited.
     pub slot: Option<Slot>,
 }
@@ -93,7 +96,7 @@ impl fmt::Debug for SseOptions {
 /// so any CR or LF in the type or the JSON is removed: in JSON a raw line
 /// break can only be whitespace between tokens (inside strings it is
 /// escaped), so the data stays the same JSON, on one line.
-pub fn sse_frame(ev: &HubEvent) -> Bytes {
+pub(crate) fn sse_frame(ev: &HubEvent) -> Bytes {
     let mut out = BytesMut::with_capacity(ev.position.len() + ev.ty.len() + ev.json.len() + 24);
     out.put_slice(b"id: ");
     put_one_line(&mut out, ev.position.as_bytes());
@@ -183,7 +186,7 @@ impl SseBody {
 ///
 /// Sends `: gap` first when `sub.gap`, then `opts.first`, then every event,
 /// with a `: keep-alive` comment every `heartbeat` (at least
-/// [`MIN_HEARTBEAT`]). The stream ends after the event `opts.close_after`
+/// `MIN_HEARTBEAT`). The stream ends after the event `opts.close_after`
 /// picks, when the hub drops the session, or when the client leaves.
 pub fn sse_response(sub: Subscribed, heartbeat: Duration, opts: SseOptions) -> HttpResponse {
     let mut queued = VecDeque::with_capacity(opts.first.len() + 1);
@@ -216,7 +219,7 @@ pub fn sse_response(sub: Subscribed, heartbeat: Duration, opts: SseOptions) -> H
 /// Serves a hub session over a WebSocket: each event is one text frame (the
 /// CloudEvent JSON). Answers Ping with Pong, pings every `heartbeat`, and
 /// ends on Close, on a send error, on a protocol error, when the client has
-/// been silent for [`WS_MISSED_HEARTBEATS`] heartbeats, or when the hub
+/// been silent for `WS_MISSED_HEARTBEATS` heartbeats, or when the hub
 /// drops the session (then with close code 1013, "try again later").
 /// `counted`, when given, counts the session until it ends.
 pub async fn ws_relay(

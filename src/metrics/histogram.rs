@@ -16,7 +16,7 @@ use prometheus_client::metrics::{MetricType, TypedMetric};
 /// Upper bounds (seconds) of every switchboard duration histogram: from half
 /// a millisecond (a synchronous call on one machine) to an hour (an
 /// asynchronous call that waited for a slow service).
-pub const DURATION_BUCKETS: &[f64] = &[
+pub(crate) const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0, 300.0, 900.0, 3600.0,
 ];

@@ -4,7 +4,7 @@
 //! [`RpcClient::send_with_progress`] also hands the caller the progress
 //! reports its call's worker publishes ([`crate::worker::Request::progress`]).
 //!
-//! [`RpcClient::send`] registers the call in the client's [`PendingCalls`]
+//! [`RpcClient::send`] registers the call in the client's `PendingCalls`
 //! (bounded by `rpc.max_pending`; the [`ReplyRouter`] actor routes replies
 //! to them), publishes
 //! the request with a publisher confirm and returns a [`PendingReply`];
@@ -13,11 +13,11 @@
 //! RabbitMQ direct reply-to (opt-in).
 //!
 //! # Layout
-//! - [`router`]: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
+//! - `router`: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
 //! - this file: [`RpcClient`], [`Call`], [`PendingReply`].
 
-mod metrics;
-pub mod router;
+pub(crate) mod metrics;
+mod router;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use deadpool_lapin::lapin::Connection;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+pub(crate) use router::to_reply;
 pub use router::{OrphanSink, PROGRESS_BUFFER, ProgressSink, ReplyRouter, Routed, RpcStats};
 
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
@@ -295,14 +296,29 @@ impl RpcClient {
         let _ = self.inner.router.addr().send(router::Close).await;
     }
 
-    /// Calls and waits for the reply (or the deadline).
+    /// Calls and waits for the reply (or the deadline). The caller waits in
+    /// memory, so the request says so ([`wire::HEADER_CALLER_WAITS`]): its
+    /// worker replies transient and unconfirmed (docs/RELIABILITY.md, "What
+    /// survives what").
     pub async fn call(&self, call: Call) -> Result<Reply> {
-        self.send(call).await?.wait().await
+        self.send_waiting(call).await?.wait().await
     }
 
-    /// Publishes the call (confirmed) and returns the reply to await.
+    /// Publishes the call (confirmed) and returns the reply to await. The
+    /// reply is persistent and confirmed before its request is acked: the
+    /// call may outlive this caller ([`PendingReply::detach`]).
     pub async fn send(&self, call: Call) -> Result<PendingReply> {
-        self.publish(call, None).await
+        self.publish(call, None, false).await
+    }
+
+    /// [`RpcClient::send`] for a caller that waits for the reply in memory
+    /// and has no use for it once gone (the gateway's synchronous calls):
+    /// the request carries [`wire::HEADER_CALLER_WAITS`], and its worker
+    /// replies transient, without awaiting a confirm. Should the broker
+    /// restart between the reply and its delivery, the reply is lost and
+    /// the call times out.
+    pub async fn send_waiting(&self, call: Call) -> Result<PendingReply> {
+        self.publish(call, None, true).await
     }
 
     /// [`RpcClient::send`], and the call's progress reports as they come:
@@ -329,7 +345,7 @@ impl RpcClient {
         call: Call,
     ) -> Result<(PendingReply, tokio::sync::mpsc::Receiver<Progress>)> {
         let (tx, rx) = tokio::sync::mpsc::channel(PROGRESS_BUFFER);
-        let pending = self.publish(call, Some(tx)).await?;
+        let pending = self.publish(call, Some(tx), false).await?;
         Ok((pending, rx))
     }
 
@@ -337,6 +353,7 @@ impl RpcClient {
         &self,
         call: Call,
         progress: Option<tokio::sync::mpsc::Sender<Progress>>,
+        caller_waits: bool,
     ) -> Result<PendingReply> {
         let inner = &self.inner;
         let call_id = call
@@ -385,6 +402,7 @@ impl RpcClient {
             content_type: &call.content_type,
             timeout: Some(timeout),
             traceparent: Some(&traceparent),
+            caller_waits,
         };
         let exchange = inner.broker.names().requests_exchange();
         let msg = Outgoing {

@@ -26,7 +26,7 @@
 //! same way: it finds no waiter, and the sink finds the call ended.
 //!
 //! Nothing a peer sends can make the map grow: entries are added only by
-//! [`PendingCalls::register`] (bounded by `max_pending`) and removed by the
+//! [`PendingCalls::register_with_progress`] (bounded by `max_pending`) and removed by the
 //! reply, by [`PendingCalls::forget`] (the caller gave up) or by the
 //! deadline sweep.
 
@@ -147,12 +147,11 @@ impl Routed {
     }
 }
 
-/// Acks `delivery` on a task of its own, if a runtime runs here (a
-/// delivery left unacked goes back to the queue with its connection).
+/// Acks `delivery` without waiting for the frame to be written
+/// ([`InFlight::ack_now`]): no task or timer per reply. A lost ack brings
+/// the reply back, and it is dropped as late.
 fn ack_later(delivery: InFlight) {
-    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-        rt.spawn(async move { settle(delivery.ack().await) });
-    }
+    settle(delivery.ack_now());
 }
 
 struct Waiter {
@@ -165,7 +164,7 @@ struct Waiter {
 /// The pending calls of one RPC client, shared by its callers (register,
 /// forget) and its router (route, sweep). The lock is never held across an
 /// await.
-pub struct PendingCalls {
+pub(super) struct PendingCalls {
     state: std::sync::Mutex<PendingState>,
     max_pending: usize,
     stats: std::sync::Arc<RpcStats>,
@@ -193,7 +192,7 @@ impl PendingState {
 
 /// Why a call is forgotten ([`PendingCalls::forget`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forget {
+pub(super) enum Forget {
     /// Its caller gave up (deadline, drop): a timeout; a reply is late.
     GaveUp,
     /// Its publish failed: an error to its caller, not a timeout; a reply
@@ -207,7 +206,7 @@ pub enum Forget {
 
 impl PendingCalls {
     /// An empty map bounded by `max_pending`.
-    pub fn new(max_pending: usize, stats: std::sync::Arc<RpcStats>) -> Self {
+    pub(super) fn new(max_pending: usize, stats: std::sync::Arc<RpcStats>) -> Self {
         Self {
             state: std::sync::Mutex::new(PendingState::default()),
             max_pending,
@@ -224,20 +223,10 @@ impl PendingCalls {
     }
 
     /// Registers a call before its request is published, so that even the
-    /// fastest reply finds its waiter.
-    pub fn register(
-        &self,
-        id: String,
-        deadline: Instant,
-        tx: oneshot::Sender<Routed>,
-    ) -> Result<(), Error> {
-        self.register_with_progress(id, deadline, tx, None)
-    }
-
-    /// [`PendingCalls::register`], with a channel for the call's progress
+    /// fastest reply finds its waiter; with a channel for the call's progress
     /// reports (closed when the call is no longer followed: replied,
     /// forgotten or past its deadline).
-    pub fn register_with_progress(
+    pub(super) fn register_with_progress(
         &self,
         id: String,
         deadline: Instant,
@@ -268,7 +257,7 @@ impl PendingCalls {
     /// Forgets a call: its caller gave up, its publish failed, or it was
     /// handed over to the orphan sink ([`Forget`] says which, and so
     /// whether it counts as a timeout and whether its reply is late).
-    pub fn forget(&self, id: &str, why: Forget) {
+    pub(super) fn forget(&self, id: &str, why: Forget) {
         let mut st = self.lock();
         if st.waiters.remove(id).is_some() {
             self.set_gauge(st.waiters.len());
@@ -310,13 +299,8 @@ impl PendingCalls {
     }
 
     /// Calls waiting now.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.lock().waiters.len()
-    }
-
-    /// Whether no call waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Whether call `id` is followed here, and where its progress goes:
@@ -345,11 +329,11 @@ impl PendingCalls {
 /// Where the router puts the channel that direct-mode requests must be
 /// published on; empty while it is being re-established.
 #[derive(Clone, Default)]
-pub struct ChannelSlot(std::sync::Arc<std::sync::RwLock<Option<Channel>>>);
+pub(super) struct ChannelSlot(std::sync::Arc<std::sync::RwLock<Option<Channel>>>);
 
 impl ChannelSlot {
     /// The current channel.
-    pub fn get(&self) -> Option<Channel> {
+    pub(super) fn get(&self) -> Option<Channel> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
     pub(super) fn set(&self, ch: Option<Channel>) {
@@ -361,7 +345,7 @@ impl ChannelSlot {
 /// kept in hand and offered again (100 ms, doubling up to 5 s) before it is
 /// settled as poison: a store that is briefly away loses nothing, one that
 /// never takes it cannot hold a prefetch slot forever.
-pub const SINK_PATIENCE: Duration = Duration::from_secs(60);
+pub(super) const SINK_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The actor routing replies to waiting callers.
 pub struct ReplyRouter {

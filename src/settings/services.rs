@@ -52,16 +52,16 @@ pub struct ServiceSettings {
 
 mod defaults {
     use super::QueueType;
-    pub fn concurrency() -> u16 {
+    pub(super) fn concurrency() -> u16 {
         64
     }
-    pub fn queue_type() -> QueueType {
+    pub(super) fn queue_type() -> QueueType {
         QueueType::Quorum
     }
-    pub fn delivery_limit() -> u32 {
+    pub(super) fn delivery_limit() -> u32 {
         5
     }
-    pub fn timeout_ms() -> u64 {
+    pub(super) fn timeout_ms() -> u64 {
         30_000
     }
 }

@@ -28,7 +28,7 @@ use crate::events::{SubscribeOptions, Subscription};
 /// How many cancelled call ids a process remembers. Bounded: a request
 /// cancelled longer ago than that many cancellations runs (and its reply is
 /// dropped by the gateway).
-pub const RECENT_CANCELLED: usize = 16_384;
+pub(super) const RECENT_CANCELLED: usize = 16_384;
 
 /// The cancelled calls a process has heard of, and the handlers running.
 pub struct CancelWatch {

@@ -60,7 +60,7 @@ impl HandlerError {
 }
 
 /// The future a handler returns.
-pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
+pub(super) type HandlerFuture = Pin<Box<dyn Future<Output = Result<Reply, HandlerError>> + Send>>;
 
 /// A service's code: an async function from a request to a reply.
 /// Any `Fn(Request) -> impl Future<Output = Result<Reply, HandlerError>>`

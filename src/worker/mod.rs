@@ -6,7 +6,9 @@
 //! this one stops or panics. Each delivery runs the service's [`Handler`]
 //! concurrently (the channel's prefetch, the service's `concurrency`, bounds
 //! how many run at once), publishes the reply to `reply_to` with publisher
-//! confirms, and only then acks. A handler that panics or fails transiently
+//! confirms, and only then acks; a request whose caller waits in memory
+//! ([`wire::HEADER_CALLER_WAITS`]) gets a transient reply, acked as soon as
+//! it is written. A handler that panics or fails transiently
 //! leaves the request to be delivered again (`basic.reject`); on its last
 //! allowed delivery the worker dead-letters it itself, once, counted and
 //! logged. Work handed back unprocessed (prefetched when a drain begins, a
@@ -17,16 +19,16 @@
 //! the call's `reply_to`, confirmed, as the reply is) and learns of its
 //! caller's cancellation through [`Request::cancelled`]; a request whose
 //! call was cancelled before it began is acked unprocessed
-//! ([`cancels`]).
+//! (`cancels`).
 //!
 //! # Layout
-//! - [`handler`]: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
-//! - [`cancels`]: the process's watch of cancelled calls.
+//! - `handler`: [`Request`], [`Reply`], [`HandlerError`], the [`Handler`] trait, `echo`.
+//! - `cancels`: the process's watch of cancelled calls.
 //! - this file: the [`Worker`] actor and the processing of one delivery.
 
-pub mod cancels;
-pub mod handler;
-mod metrics;
+mod cancels;
+mod handler;
+pub(crate) mod metrics;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -40,6 +42,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 
+pub use cancels::CancelWatch;
 pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
 use crate::amqp::consumer::{
@@ -103,7 +106,7 @@ impl WorkerStats {
 }
 
 /// How many answered message ids a worker remembers to spot redeliveries.
-pub const DEDUP_WINDOW: usize = 16_384;
+pub(crate) const DEDUP_WINDOW: usize = 16_384;
 
 /// What every in-flight delivery of one worker needs.
 struct Shared {
@@ -394,7 +397,7 @@ impl StreamHandler<Event> for Worker {
 /// or after `grace`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Drain {
+pub(crate) struct Drain {
     /// The longest wait for running handlers.
     pub grace: Duration,
 }
@@ -511,13 +514,30 @@ async fn process(
             }
         };
         let d = inflight.delivery();
+        let caller_waits = wire::caller_waits(&d.properties);
         if let Some(reply_to) = d.properties.reply_to().as_ref() {
-            let props = wire::reply_properties(
+            let props = wire::reply_properties_for(
                 d.properties.correlation_id().as_ref(),
                 reply.status,
                 &reply.content_type,
                 traceparent.as_deref(),
+                caller_waits,
             );
+            if caller_waits
+                && let Some(channel) = channel.as_ref().filter(|c| c.status().connected())
+            {
+                let reply_to = reply_to.clone();
+                return reply_unconfirmed(
+                    &shared,
+                    inflight,
+                    channel,
+                    reply_to.as_str(),
+                    &reply.body,
+                    props,
+                    reply.status,
+                )
+                .await;
+            }
             let msg = Outgoing {
                 exchange: "",
                 routing_key: reply_to.as_str(),
@@ -545,11 +565,82 @@ async fn process(
         }
         shared.stats.replied.fetch_add(1, Ordering::Relaxed);
         debug!(status = reply.status, "replied");
-        settle(inflight.ack().await);
+        // Not awaited: the reply is confirmed, and a copy of a request lost
+        // with its ack is settled by the `message_id` memory.
+        settle(inflight.ack_now());
         Outcome::Answered
     }
     .instrument(span)
     .await
+}
+
+/// Answers a request whose caller waits in memory
+/// ([`wire::HEADER_CALLER_WAITS`]): the reply (transient) is written on the
+/// request's channel and the request acked at once, before the broker
+/// confirms the reply, as a hand-written responder does. Not `mandatory`:
+/// a return would say only that the caller is gone, and nobody is left to
+/// act on it.
+///
+/// The confirm is still awaited after the ack (bounded by the confirm
+/// timeout), because the request counts as answered only once its reply is
+/// known to be out: should the connection drop with both frames unsent,
+/// the request comes back, and a copy of a request remembered as answered
+/// would be acked without a reply. Until then a redelivered copy waits
+/// (parked, [`Dedup`]); without a confirm the reply is published again
+/// through the pool, confirmed (a caller that got the first one drops the
+/// second as late), so the handler never runs twice for it.
+async fn reply_unconfirmed(
+    shared: &Shared,
+    inflight: InFlight,
+    channel: &lapin::Channel,
+    reply_to: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+    status: u16,
+) -> Outcome {
+    let written = channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: false,
+                immediate: false,
+            },
+            body,
+            props.clone(),
+        )
+        .await;
+    let confirm = match written {
+        Ok(confirm) => confirm,
+        Err(e) => {
+            // Not written: handed back, as a reply that could not be
+            // published (the channel is going; another worker answers).
+            warn!(error = %e, "reply not written: handed back for redelivery");
+            shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
+            settle(inflight.hand_back().await);
+            return Outcome::GivenBack;
+        }
+    };
+    // Not awaited: a lost ack brings a copy that waits for this task.
+    settle(inflight.ack_now());
+    let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
+    if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
+        debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
+        let again = Outgoing {
+            exchange: "",
+            routing_key: reply_to,
+            payload: body,
+            properties: props,
+            mandatory: false,
+        };
+        if let Err(e) = shared.broker.publish(again).await {
+            warn!(error = %e, "reply to a waiting caller not published: the call will time out");
+            return Outcome::GivenBack;
+        }
+    }
+    shared.stats.replied.fetch_add(1, Ordering::Relaxed);
+    debug!(status, "replied (the caller waits: acked once written)");
+    Outcome::Answered
 }
 
 /// Publishes a reply, confirmed: on the channel its request came on (as a

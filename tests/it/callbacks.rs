@@ -10,9 +10,7 @@ use std::time::Duration;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use standardwebhooks::Webhook;
-use switchboard::callbacks::{
-    CallbackUrlError, Dispatcher, DispatcherHandle, check_url, dispatcher::MAX_IDLE,
-};
+use switchboard::callbacks::{CallbackUrlError, Dispatcher, DispatcherHandle, MAX_IDLE, check_url};
 use switchboard::calls::{
     CallRecord, CallStatus, CallStore, CallbackRecord, CallbackState, Inserted, NewCall,
     StoredResult, document,

@@ -21,7 +21,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use switchboard::amqp::topology;
 use switchboard::settings::{ServiceSettings, TokenSettings};
-use switchboard::worker::cancels::CancelWatch;
+use switchboard::worker::CancelWatch;
 use switchboard::worker::{Handler, HandlerError, Reply, Request};
 use tokio::sync::{Semaphore, mpsc};
 

@@ -85,7 +85,7 @@ fn no_broker(e: &Error) -> ! {
         // `eprintln!`, and this message must be seen.
         let msg = format!(
             "\n\nswitchboard tests need a RabbitMQ.\n  {e}\n  Tests looked at {} (set SWITCHBOARD__AMQP__URL to change it).\n\n",
-            switchboard::amqp::broker::redact(&amqp_url())
+            switchboard::settings::redact_url(&amqp_url())
         );
         let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
     }

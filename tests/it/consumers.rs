@@ -36,7 +36,7 @@ use serde_json::Value;
 use switchboard::amqp::consumer::{ActorConsumer, Consumes, Declare, Event, Keeper};
 use switchboard::amqp::{Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, topology, wire};
 use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
-use switchboard::gateway::ops::MetricsServer;
+use switchboard::gateway::MetricsServer;
 use switchboard::management::Management;
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker::{self, Reply, Request};
@@ -332,7 +332,7 @@ async fn the_reply_router_hub_and_dead_letter_watch_are_each_reported_when_wedge
     let http = &gw.http;
     let readyz = gw.url("/readyz");
     let metrics = gw.url("/metrics");
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     let instance = gw.ctx.broker.instance_id().to_owned();
     ready(http, &readyz).await;
     for role in ["rpc", "hub", "deadwatch"] {
@@ -362,7 +362,11 @@ async fn the_reply_router_hub_and_dead_letter_watch_are_each_reported_when_wedge
     let res = gw.post("echo").body("{}").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     // Events flow: the hub relays a new event.
-    let mut sub = state.hub.subscribe(Default::default(), None).await.unwrap();
+    let mut sub = state
+        .hub()
+        .subscribe(Default::default(), None)
+        .await
+        .unwrap();
     let event = CloudEvent::new("wedge.test", "test", serde_json::json!(1));
     events::publish(&gw.ctx.broker, &event).await.unwrap();
     let got = tokio::time::timeout(RECOVERY, sub.rx.recv())
@@ -392,7 +396,7 @@ async fn the_reply_router_hub_and_dead_letter_watch_are_each_reported_when_wedge
 #[actix_rt::test]
 async fn the_reply_router_and_dead_letter_watch_come_back_when_their_queues_are_deleted() {
     let gw = gateway("cancel-all", |_| {}).await;
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     let broker = gw.ctx.broker.clone();
     let names = broker.names().clone();
     let instance = broker.instance_id().to_owned();
@@ -416,7 +420,7 @@ async fn the_reply_router_and_dead_letter_watch_come_back_when_their_queues_are_
     // The reply queue: deleted, its consumer is cancelled by the broker.
     delete(names.reply_queue(&instance)).await;
     eventually(RECOVERY, "the reply consumer is back", || async {
-        state.rpc.consumer().reconnects() >= 1 && state.rpc.consumer().is_up()
+        state.rpc().consumer().reconnects() >= 1 && state.rpc().consumer().is_up()
     })
     .await;
     let res = gw.post("echo").body("{}").send().await.unwrap();

@@ -254,6 +254,7 @@ async fn serves_invoice(name: &str, worker: &mut Command) {
                 content_type: wire::CONTENT_JSON,
                 timeout: Some(Duration::from_secs(30)),
                 traceparent: Some(TRACEPARENT),
+                caller_waits: false,
             },
             false,
         );

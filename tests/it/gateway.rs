@@ -126,11 +126,12 @@ async fn a_slow_call_degrades_to_202_and_is_reachable_by_polling_and_long_pollin
     // Long-poll: held until the call ends, which the test lets happen.
     let poll = tokio::spawn(gw.get(&format!("{location}?wait=30")).send());
     // The long-poll is held by the gateway before the reply is allowed.
-    let state = gw.gateway.as_ref().unwrap().state.clone();
-    crate::common::eventually(Duration::from_secs(10), "the long-poll is waiting", || {
-        let state = state.clone();
-        async move { state.tracker.watchers() == 1 }
-    })
+    let state = gw.gateway.as_ref().unwrap();
+    crate::common::eventually(
+        Duration::from_secs(10),
+        "the long-poll is waiting",
+        || async move { state.call_watchers() == 1 },
+    )
     .await;
     gw.gate.add_permits(1);
     let doc = json(poll.await.unwrap().unwrap()).await;
@@ -587,20 +588,17 @@ async fn websocket_clients_receive_events_as_text_frames() {
     let gw = gateway("gw-ws", |_| {}).await;
     let url = format!("{}/v1/events/ws", gw.base.replace("http://", "ws://"));
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     crate::common::eventually(
         Duration::from_secs(10),
         "the WebSocket session is open",
-        || {
-            let state = state.clone();
-            async move {
-                state
-                    .hub
-                    .stats
-                    .sessions
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    == 1
-            }
+        || async move {
+            state
+                .hub()
+                .stats
+                .sessions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1
         },
     )
     .await;
@@ -652,18 +650,19 @@ async fn event_streams_show_each_caller_only_its_own_calls() {
         .await
         .unwrap();
     let mut alice = Sse::new(alice);
-    let state = gw.gateway.as_ref().unwrap().state.clone();
-    crate::common::eventually(Duration::from_secs(10), "both streams open", || {
-        let state = state.clone();
-        async move {
+    let state = gw.gateway.as_ref().unwrap();
+    crate::common::eventually(
+        Duration::from_secs(10),
+        "both streams open",
+        || async move {
             state
-                .hub
+                .hub()
                 .stats
                 .sessions
                 .load(std::sync::atomic::Ordering::Relaxed)
                 == 2
-        }
-    })
+        },
+    )
     .await;
     let res = gw
         .post("echo")

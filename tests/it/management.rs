@@ -180,6 +180,7 @@ async fn fill(c: &Ctx, service: &str, n: usize) {
                 content_type: wire::CONTENT_JSON,
                 timeout: None,
                 traceparent: None,
+                caller_waits: false,
             },
             true,
         )

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use switchboard::gateway::ops::MetricsServer;
-use switchboard::metrics::CONTENT_TYPE_OPENMETRICS;
+use switchboard::gateway::MetricsServer;
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker;
 
@@ -54,7 +53,8 @@ pub(crate) async fn scrape(http: &reqwest::Client, url: &str) -> Scrape {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(
         res.headers()["content-type"].to_str().unwrap(),
-        CONTENT_TYPE_OPENMETRICS
+        // What Prometheus asks for, spelled out: a test of what a scraper sees.
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     let text = res.text().await.unwrap();
     assert!(

@@ -217,6 +217,7 @@ async fn one_traceparent_goes_from_http_through_the_worker_and_its_reply_to_the_
             content_type: wire::CONTENT_JSON,
             timeout: Some(Duration::from_secs(10)),
             traceparent: Some(other),
+            caller_waits: false,
         },
         false,
     );

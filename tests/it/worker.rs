@@ -120,6 +120,7 @@ async fn a_request_past_its_deadline_is_not_worked_on() {
             content_type: wire::CONTENT_JSON,
             timeout: None,
             traceparent: None,
+            caller_waits: false,
         },
         true,
     );
@@ -151,4 +152,139 @@ async fn a_request_past_its_deadline_is_not_worked_on() {
         "the handler ran a stale request"
     );
     c.cleanup(&["late"]).await;
+}
+
+/// Publishes a request for `service` whose reply goes to `reply_to`, with
+/// or without [`wire::HEADER_CALLER_WAITS`], as a foreign caller would.
+async fn request_replied_to(
+    c: &crate::common::Ctx,
+    service: &str,
+    id: &str,
+    reply_to: &str,
+    caller_waits: bool,
+) {
+    let meta = wire::RequestMeta {
+        service,
+        correlation_id: id,
+        message_id: None,
+        reply_to: Some(reply_to),
+        content_type: wire::CONTENT_JSON,
+        timeout: Some(Duration::from_secs(30)),
+        traceparent: None,
+        caller_waits,
+    };
+    c.broker
+        .publish(Outgoing {
+            exchange: &c.broker.names().requests_exchange(),
+            routing_key: service,
+            payload: b"{}",
+            properties: wire::request_properties(&meta, true),
+            mandatory: true,
+        })
+        .await
+        .unwrap();
+}
+
+#[actix_rt::test]
+async fn a_caller_that_waits_in_memory_gets_a_transient_reply_and_others_a_persistent_one() {
+    use deadpool_lapin::lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use deadpool_lapin::lapin::types::FieldTable;
+    let c = ctx("waits").await;
+    let handle = c
+        .worker(
+            "waits",
+            &c.service(),
+            switchboard::worker::echo(Duration::ZERO),
+        )
+        .await
+        .unwrap();
+    // A reply queue of the test's own, read as a foreign caller reads it.
+    let replies = format!("{}.t-waits-replies", c.prefix);
+    let ch = c.broker.channel().await.unwrap();
+    ch.queue_declare(
+        replies.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    request_replied_to(&c, "waits", "waiting", &replies, true).await;
+    request_replied_to(&c, "waits", "stored", &replies, false).await;
+    let mut modes = std::collections::HashMap::new();
+    while modes.len() < 2 {
+        let m = poll_until(Duration::from_secs(10), "a reply", || async {
+            ch.basic_get(replies.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .ok_or("no reply yet")
+        })
+        .await;
+        let p = &m.delivery.properties;
+        let id = p.correlation_id().as_ref().unwrap().to_string();
+        modes.insert(id, *p.delivery_mode());
+    }
+    assert_eq!(
+        modes["waiting"],
+        Some(1),
+        "a waiting caller's reply is transient"
+    );
+    assert_eq!(
+        modes["stored"],
+        Some(wire::PERSISTENT),
+        "a reply to a caller that does not say it waits is persistent"
+    );
+    eventually(Duration::from_secs(10), "both requests acked", || async {
+        handle.stats.replied.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let _ = ch
+        .queue_delete(replies.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    c.cleanup(&["waits"]).await;
+}
+
+#[actix_rt::test]
+async fn a_library_call_says_its_caller_waits_and_a_send_does_not() {
+    let c = ctx("waitsays").await;
+    // No worker: the requests stay in the service queue, to be read there.
+    let ch = c.broker.channel().await.unwrap();
+    switchboard::amqp::topology::declare_service(&ch, c.broker.names(), "waitsays", &c.service())
+        .await
+        .unwrap();
+    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
+    let called = {
+        let client = client.clone();
+        actix_rt::spawn(async move {
+            client
+                .call(Call::new("waitsays", &b"1"[..]).timeout(Duration::from_secs(30)))
+                .await
+        })
+    };
+    let sent = client
+        .send(Call::new("waitsays", &b"2"[..]).timeout(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let queue = c.broker.names().service_queue("waitsays");
+    let mut waits = std::collections::HashMap::new();
+    while waits.len() < 2 {
+        let m = poll_until(Duration::from_secs(10), "a request", || async {
+            ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "no request yet".to_owned())
+        })
+        .await;
+        waits.insert(
+            m.delivery.data.clone(),
+            wire::caller_waits(&m.delivery.properties),
+        );
+    }
+    assert!(waits[&b"1".to_vec()], "RpcClient::call sets the header");
+    assert!(!waits[&b"2".to_vec()], "RpcClient::send does not");
+    called.abort();
+    drop(sent);
+    c.cleanup(&["waitsays"]).await;
 }

@@ -1,4 +1,5 @@
-//! Supervised consumers: the one way switchboard consumes a queue. Every
+//! Supervised consumers: the one way switchboard consumes a queue (public:
+//! an application consumes queues of its own the same way). Every
 //! long-lived consumer (each service's worker, the RPC reply router, the
 //! event hub, the gateway's dead-letter watch, event subscriptions) is a
 //! [`Supervisor`] that opens [`Link`]s.
@@ -32,16 +33,17 @@
 //! - this file: [`Supervisor`], [`ConsumerSpec`], [`Declare`], [`Link`],
 //!   [`Deliveries`], [`Event`], [`Lost`]; [`Supervisor::quarantine`] for
 //!   poison messages.
-//! - [`status`]: [`ConsumerStatus`] and [`Consumers`], for readiness and metrics.
-//! - [`pull`]: [`Consuming`], the consumer of a tokio task (dead-letter
+//! - `status`: [`ConsumerStatus`] and [`Consumers`], for readiness and metrics.
+//! - `pull`: [`Consuming`], the consumer of a tokio task (dead-letter
 //!   watch, subscriptions): `next()` reconnects by itself.
-//! - [`actor`]: [`ActorConsumer`] and [`Keeper`], the consumer of an actix
+//! - `actor`: [`ActorConsumer`] and [`Keeper`], the consumer of an actix
 //!   actor (worker, reply router, event hub), and the keeper that starts a
 //!   new actor when one stops or panics.
 
-pub mod actor;
-pub mod pull;
-pub mod status;
+mod actor;
+pub(crate) mod metrics;
+mod pull;
+mod status;
 
 pub use actor::{ActorConsumer, Consumes, Keeper};
 pub use pull::Consuming;

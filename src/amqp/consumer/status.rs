@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use super::metrics::ConsumerValues;
 use crate::metrics::{Collected, Source};
 
 /// Where one consumer stands.
@@ -239,13 +240,14 @@ impl Source for Arc<Consumers> {
     fn collect(&self, out: &mut Collected) {
         let live = self.current();
         let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let out = out.values::<ConsumerValues>();
         for (name, r) in retired.iter() {
-            let v = out.consumer(name);
+            let v = out.named(name);
             v.reconnects += r.reconnects;
             v.poisoned += r.poisoned;
         }
         for c in live {
-            let v = out.consumer(&c.name);
+            let v = out.named(&c.name);
             v.up += i64::from(c.is_up());
             v.reconnects += c.reconnects();
             v.poisoned += c.poisoned();
@@ -296,7 +298,7 @@ mod tests {
         d.set_up("r");
         let mut out = Collected::default();
         all.collect(&mut out);
-        let v = out.consumer("rpc");
+        let v = out.values::<ConsumerValues>().named("rpc");
         assert_eq!((v.up, v.reconnects, v.poisoned), (1, 1, 1));
         assert_eq!(all.lock_live().len(), 1);
     }

@@ -367,7 +367,7 @@ async fn assert_none_left(gw: &Gw, queue: &str) {
 
 /// The value of one series of the process's metrics (0 when absent).
 fn series(gw: &Gw, name: &str) -> f64 {
-    let (text, _) = gw.ctx.broker.metrics().render(false);
+    let (text, _) = gw.ctx.broker.render_metrics(false);
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

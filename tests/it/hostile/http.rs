@@ -604,7 +604,7 @@ async fn headers_the_gateway_cannot_pass_on_are_refused_and_preferences_survive_
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], longest.as_str());
     // The library refuses them too, rather than panic inside lapin.
-    let rpc = &gw.gateway.as_ref().unwrap().state.rpc;
+    let rpc = gw.gateway.as_ref().unwrap().rpc();
     let long = switchboard::rpc::Call::new("echo", &b"{}"[..]).content_type("a".repeat(256));
     assert!(matches!(
         rpc.call(long).await,
@@ -682,7 +682,7 @@ async fn bodies_up_to_the_limit_pass_and_over_it_are_413_chunked_or_not() {
 #[actix_rt::test]
 async fn long_polls_of_calls_that_do_not_exist_leave_nothing_behind() {
     let gw = gateway("hostile-longpoll", hostile_settings).await;
-    let tracker = &gw.gateway.as_ref().unwrap().state.tracker;
+    let running = gw.gateway.as_ref().unwrap();
     let mut rng = StdRng::seed_from_u64(SEED);
     for i in 0..50 {
         let id = match i % 3 {
@@ -699,6 +699,6 @@ async fn long_polls_of_calls_that_do_not_exist_leave_nothing_behind() {
         assert_eq!(res.status(), StatusCode::NOT_FOUND);
     }
     // No long-poller is waiting, and none is counted: nothing was kept.
-    assert_eq!(tracker.watchers(), 0);
+    assert_eq!(running.call_watchers(), 0);
     gw.cleanup().await;
 }

@@ -6,7 +6,7 @@ use super::*;
 #[actix_rt::test]
 async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_call() {
     let gw = gateway("hostile-peer", hostile_settings).await;
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     let broker = &gw.ctx.broker;
     let queue = broker.names().reply_queue(broker.instance_id());
     let ch = broker.channel().await.unwrap();
@@ -14,7 +14,7 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
 
     let bad_status = pending_call(&gw).await;
     let bad_body = pending_call(&gw).await;
-    let stats = state.rpc.stats();
+    let stats = state.rpc().stats();
     let malformed0 = stats.malformed.load(std::sync::atomic::Ordering::Relaxed);
     let unknown0 = stats.unknown.load(std::sync::atomic::Ordering::Relaxed);
     let dropped0 = stats.dropped();
@@ -63,10 +63,10 @@ async fn malformed_replies_from_a_foreign_peer_are_counted_and_fail_only_their_c
     eventually(
         Duration::from_secs(10),
         "every foreign reply counted",
-        || async { state.rpc.stats().dropped() >= dropped0 + sent },
+        || async { state.rpc().stats().dropped() >= dropped0 + sent },
     )
     .await;
-    let stats = state.rpc.stats();
+    let stats = state.rpc().stats();
     assert_eq!(
         stats.malformed.load(std::sync::atomic::Ordering::Relaxed),
         malformed0 + without_id

@@ -280,7 +280,7 @@ async fn a_caller_at_its_long_polls_gets_429_while_another_long_polls() {
         }),
     )
     .await;
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     let start = |token: &'static str| {
         let req = gw
             .post("slow")
@@ -301,10 +301,11 @@ async fn a_caller_at_its_long_polls_gets_429_while_another_long_polls() {
             .send()
     };
     let first = tokio::spawn(long_poll(ALICE, &a, 60));
-    eventually(Duration::from_secs(10), "alice's long-poll is held", || {
-        let state = state.clone();
-        async move { state.tracker.watchers() == 1 }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "alice's long-poll is held",
+        || async move { state.call_watchers() == 1 },
+    )
     .await;
     too_many(long_poll(ALICE, &a, 60).await.unwrap(), "max_long_polls", 1).await;
     // A plain poll takes no slot.
@@ -312,10 +313,11 @@ async fn a_caller_at_its_long_polls_gets_429_while_another_long_polls() {
     assert_eq!(poll.status(), StatusCode::OK);
     // Bob long-polls his own call meanwhile: held too, not refused.
     let bobs = tokio::spawn(long_poll(BOB, &b, 60));
-    eventually(Duration::from_secs(10), "bob's long-poll is held", || {
-        let state = state.clone();
-        async move { state.tracker.watchers() == 2 }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "bob's long-poll is held",
+        || async move { state.call_watchers() == 2 },
+    )
     .await;
     counted(&gw, "long_polls", 1.0).await;
     // Both calls end: both long-polls answer with the end.
@@ -329,10 +331,11 @@ async fn a_caller_at_its_long_polls_gets_429_while_another_long_polls() {
     // Her slot is back.
     let c = start(ALICE).await;
     let again = tokio::spawn(long_poll(ALICE, &c, 60));
-    eventually(Duration::from_secs(10), "alice long-polls again", || {
-        let state = state.clone();
-        async move { state.tracker.watchers() == 1 }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "alice long-polls again",
+        || async move { state.call_watchers() == 1 },
+    )
     .await;
     gw.gate.add_permits(1);
     assert_eq!(again.await.unwrap().unwrap().status(), StatusCode::OK);

@@ -135,7 +135,7 @@ async fn the_event_history_evicts_by_bytes_before_its_count() {
         assert_eq!(f.data.unwrap()["data"]["n"], n);
         ids.push(f.id.unwrap());
     }
-    let stats = gw.gateway.as_ref().unwrap().state.hub.stats.clone();
+    let stats = gw.gateway.as_ref().unwrap().hub().stats.clone();
     let log_readers = || stats.log_readers.load(std::sync::atomic::Ordering::Relaxed);
     // After the second-newest: the newest is replayed from the history.
     let recent = first_frame(open(Some(&ids[2])).await.unwrap()).await;
@@ -158,7 +158,7 @@ async fn the_finished_call_cache_evicts_by_bytes_before_its_count() {
         s.gateway.finished_cache_bytes = 35_000;
     })
     .await;
-    let state = gw.gateway.as_ref().unwrap().state.clone();
+    let state = gw.gateway.as_ref().unwrap();
     let body = format!("\"{}\"", "z".repeat(10_000));
     let mut ids = Vec::new();
     for _ in 0..4 {
@@ -185,7 +185,7 @@ async fn the_finished_call_cache_evicts_by_bytes_before_its_count() {
     }
     // The store forgets them all: what is still answered comes from memory.
     for id in &ids {
-        state.tracker.store().delete(id).await.unwrap();
+        state.store().delete(id).await.unwrap();
     }
     let status = |id: &str| {
         let url = gw.url(&format!("/v1/calls/{id}"));
