@@ -44,6 +44,7 @@ pub(crate) async fn start_workers(
 /// arguments is [`crate::Error::Topology`], naming it and the argument.
 pub async fn declare_services(broker: &Broker, settings: &Settings) -> Result<()> {
     topology::declare_services(broker, &settings.services).await?;
+    declare_events_log(broker, settings).await?;
     for (name, svc) in &settings.services {
         let served_by = match svc.handler {
             Some(BuiltinHandler::Echo) => "echo handler",
@@ -54,11 +55,22 @@ pub async fn declare_services(broker: &Broker, settings: &Settings) -> Result<()
     Ok(())
 }
 
+/// The events log (`<prefix>.events.log`), shared by every instance: declared
+/// with the shared exchanges, so that events are kept from the start even
+/// before a gateway runs.
+async fn declare_events_log(broker: &Broker, settings: &Settings) -> Result<()> {
+    crate::events::declare_log(broker, &settings.amqp.events_log()).await?;
+    Ok(())
+}
+
 /// `switchboard declare`: connects, declares as [`declare_services`] does,
 /// and closes.
 pub async fn declare(settings: &Settings) -> Result<()> {
     let broker = Broker::connect(&settings.amqp).await?;
-    let declared = topology::declare_services(&broker, &settings.services).await;
+    let mut declared = topology::declare_services(&broker, &settings.services).await;
+    if declared.is_ok() {
+        declared = declare_events_log(&broker, settings).await;
+    }
     broker.close().await;
     declared
 }

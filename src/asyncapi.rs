@@ -631,7 +631,7 @@ fn shared_schemas() -> Map<String, Value> {
 /// request channel and queue (bindings, arguments), dead-letter queue, the
 /// operations of a caller and of a worker, and the messages with every
 /// property and header switchboard reads or writes; the replies; the events
-/// exchange with its CloudEvents.
+/// exchange with its CloudEvents, and the events log that keeps them.
 pub fn document(settings: &Settings) -> Value {
     let names = Names::new(settings.amqp.prefix.clone());
     let (server, vhost) = server(settings);
@@ -770,10 +770,41 @@ pub fn document(settings: &Settings) -> Value {
             "bindings": exchange_binding(&events.0, &events.1, &vhost),
         }),
     );
+    let log = names.events_log();
+    channels.insert(
+        "eventsLog".into(),
+        json!({
+            "address": log,
+            "title": "Events log",
+            "description": format!("The stream queue `{log}`, bound to `{}`: every event within the retention (`amqp.events_log_max_age`, `amqp.events_log_max_bytes`), in order, for any number of readers; nothing is removed by reading. Its offsets are the positions (`id`, `Last-Event-ID`) of the gateway's `/v1/events`. Read it with a prefetch and manual acks (acks only move the credit on), saying where to start with the consume argument `{}`: `first`, `last`, `next`, an offset or a timestamp; each delivery carries its offset in the header of the same name. RabbitMQ may deliver from the start of the chunk holding the offset asked for: skip lower offsets.", events.0, wire::HEADER_STREAM_OFFSET),
+            "messages": channel_messages(event_keys.iter().map(|m| m.key.as_str())),
+            "bindings": queue_binding(
+                &log,
+                &vhost,
+                &topology::events_log_arguments(&settings.amqp.events_log()),
+                json!([{"exchange": events.0, "routingKey": ""}]),
+            ),
+        }),
+    );
     let event_refs: Vec<Value> = event_keys
         .iter()
         .map(|m| reference(&format!("#/channels/events/messages/{}", m.key)))
         .collect();
+    let log_refs: Vec<Value> = event_keys
+        .iter()
+        .map(|m| reference(&format!("#/channels/eventsLog/messages/{}", m.key)))
+        .collect();
+    operations.insert(
+        "events.replay".into(),
+        json!({
+            "action": "receive",
+            "title": "Replay the events log",
+            "summary": "Consume the events log from any offset (or time) on: what was published while you were away, within the retention, then live events.",
+            "channel": reference("#/channels/eventsLog"),
+            "messages": log_refs,
+            "tags": [{"name": "events"}],
+        }),
+    );
     operations.insert(
         "events.publish".into(),
         json!({

@@ -192,6 +192,8 @@ impl Env {
         queues.extend(self.queues.iter().cloned());
         let mut exchanges = self.exchanges.clone();
         if !self.external {
+            // Declared by the gateway's event hub (and `serve`).
+            queues.push(names.events_log());
             exchanges.extend([
                 names.requests_exchange(),
                 names.dead_exchange(),

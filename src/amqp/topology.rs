@@ -361,6 +361,123 @@ pub(crate) async fn declare_subscription(
     Ok(queue)
 }
 
+/// The retention of the events log (`<p>.events.log`, a stream queue):
+/// RabbitMQ drops its oldest segments once they are older than `max_age` or
+/// the log is larger than `max_bytes`. Only whole segments go, so a segment
+/// is a fraction of `max_bytes` ([`EventsLog::new`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventsLog {
+    /// `x-max-age`: RabbitMQ's duration (`7D`, `12h`, `30m`, `90s`; units
+    /// Y, M, D, h, m, s).
+    pub max_age: String,
+    /// `x-max-length-bytes`.
+    pub max_bytes: u64,
+    /// `x-stream-max-segment-size-bytes`.
+    pub segment_bytes: u64,
+}
+
+/// RabbitMQ's default (and largest useful) stream segment, bytes.
+pub const STREAM_SEGMENT_MAX: u64 = 500_000_000;
+
+impl EventsLog {
+    /// A retention of `max_age` and `max_bytes`, in segments of a quarter of
+    /// `max_bytes` (at most [`STREAM_SEGMENT_MAX`]): the log holds between
+    /// three quarters of `max_bytes` and `max_bytes` plus a segment once full.
+    pub fn new(max_age: impl Into<String>, max_bytes: u64) -> Self {
+        Self {
+            max_age: max_age.into(),
+            max_bytes,
+            segment_bytes: (max_bytes / 4).clamp(1, STREAM_SEGMENT_MAX),
+        }
+    }
+
+    /// Whether `age` is a duration RabbitMQ takes as `x-max-age`: a
+    /// positive number followed by one of its units.
+    pub fn valid_age(age: &str) -> bool {
+        let Some(unit) = age.chars().last() else {
+            return false;
+        };
+        let digits = &age[..age.len() - unit.len_utf8()];
+        matches!(unit, 'Y' | 'M' | 'D' | 'h' | 'm' | 's')
+            && !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && digits.parse::<u64>().is_ok_and(|n| n > 0)
+    }
+}
+
+/// The arguments of the events log: a stream queue (an append-only log that
+/// consumers read from any offset without removing anything), with its
+/// retention.
+pub fn events_log_arguments(log: &EventsLog) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    args.insert(
+        "x-max-age".into(),
+        AMQPValue::LongString(log.max_age.as_str().into()),
+    );
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(log.max_bytes).unwrap_or(i64::MAX)),
+    );
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(log.segment_bytes).unwrap_or(i64::MAX)),
+    );
+    args
+}
+
+/// The events log `<p>.events.log` ([`Names::events_log`]): a durable stream
+/// queue bound to the events fanout, on channels of its own.
+/// Streams are durable, shared and never auto-deleted (RabbitMQ refuses
+/// anything else). One that exists with another retention is used as it is
+/// ([`Declared::AsFound`]): retention is a property of the deployment's log,
+/// which an instance started with other settings must not stop (a policy
+/// changes it in place, RELIABILITY.md).
+pub(crate) async fn declare_events_log(
+    broker: &Broker,
+    log: &EventsLog,
+) -> Result<(String, Declared)> {
+    let names = broker.names();
+    let queue = names.events_log();
+    let ch = broker.channel().await?;
+    let declared = match ch
+        .queue_declare(
+            queue.as_str().into(),
+            durable_queue(),
+            events_log_arguments(log),
+        )
+        .await
+    {
+        Ok(_) => {
+            super::close_channel(&ch, "declared").await;
+            Declared::AsAsked
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            // The 406 closed that channel: look at the queue on another.
+            let ch = broker.channel().await?;
+            ch.queue_declare(queue.as_str().into(), passive(), FieldTable::default())
+                .await?;
+            super::close_channel(&ch, "declared").await;
+            Declared::AsFound
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ch = broker.channel().await?;
+    ch.queue_bind(
+        queue.as_str().into(),
+        names.events_exchange().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    super::close_channel(&ch, "declared").await;
+    Ok((queue, declared))
+}
+
 /// Messages kept in `<p>.poison` at most; past it the oldest go
 /// (`x-overflow` drop-head, RabbitMQ's default): a peer that floods
 /// switchboard's queues with garbage cannot fill the broker's disk through it.
@@ -570,6 +687,36 @@ fn setting_of(m: &Mismatch, service: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_log_ages_are_rabbitmq_durations() {
+        for ok in ["7D", "12h", "30m", "90s", "1Y", "6M"] {
+            assert!(EventsLog::valid_age(ok), "{ok}");
+        }
+        for bad in ["", "7", "D", "0D", "7d", "7 D", "-1D", "7DD", "1.5h", "7é"] {
+            assert!(!EventsLog::valid_age(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_events_log_is_a_stream_in_segments_of_a_quarter_of_its_bytes() {
+        let log = EventsLog::new("7D", 1 << 30);
+        assert_eq!(log.segment_bytes, 1 << 28);
+        assert_eq!(
+            EventsLog::new("7D", 1 << 40).segment_bytes,
+            STREAM_SEGMENT_MAX
+        );
+        let args = events_log_arguments(&log);
+        let args = args.inner();
+        assert_eq!(
+            args.get("x-queue-type"),
+            Some(&AMQPValue::LongString("stream".into()))
+        );
+        assert_eq!(
+            args.get("x-max-length-bytes"),
+            Some(&AMQPValue::LongLongInt(1 << 30))
+        );
+    }
 
     #[test]
     fn rabbitmq_replies_are_read_for_the_argument_and_both_values() {

@@ -99,6 +99,15 @@ pub const CALL_LIFECYCLE_EVENTS: &[(&str, &str)] = &[
         "A call was cancelled by its caller (`DELETE /v1/calls/{id}`): `data` is its status document, `cancelled`. Workers drop its request if it has not begun, and tell a running handler.",
     ),
 ];
+/// RabbitMQ's stream offset: the consume argument saying where a stream
+/// consumer starts (`first`, `last`, `next`, an offset or a timestamp), and
+/// the header of each delivery from a stream giving its offset.
+pub const HEADER_STREAM_OFFSET: &str = "x-stream-offset";
+/// CloudEvent `type` of the event an event stream sends in place of events
+/// it can no longer replay (older than the events log's retention): `data`
+/// says which positions were lost (`first_lost`, `last_lost`); its position
+/// is `last_lost`, so resuming from it goes on with the first event kept.
+pub const EVENT_EVENTS_LOST: &str = "switchboard.events.lost";
 /// `app_id` on every message switchboard publishes.
 pub const APP_ID: &str = "switchboard";
 /// `delivery_mode` of a persistent message.
@@ -144,6 +153,13 @@ impl Names {
     /// `<p>.events`: fanout exchange for broadcast.
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
+    }
+    /// `<p>.events.log`: the events log, a stream queue bound to the events
+    /// fanout. Its offsets are the positions of `/v1/events` (SSE `id`,
+    /// `Last-Event-ID`), the same on every instance; any AMQP client may
+    /// replay it ([`HEADER_STREAM_OFFSET`]).
+    pub fn events_log(&self) -> String {
+        format!("{}.events.log", self.prefix)
     }
     /// `<p>.reply.<instance>`: replies for one instance.
     pub fn reply_queue(&self, instance: &str) -> String {
@@ -422,6 +438,12 @@ pub fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
     }
 }
 
+/// The offset of a delivery from a stream queue ([`HEADER_STREAM_OFFSET`]);
+/// `None` when absent or negative (not a delivery from a stream).
+pub fn stream_offset(props: &BasicProperties) -> Option<u64> {
+    u64::try_from(header_int(props, HEADER_STREAM_OFFSET)?).ok()
+}
+
 /// Why a reply's status could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed x-status header")]
@@ -497,6 +519,7 @@ mod tests {
         assert_eq!(n.dead_exchange(), "sb.dead");
         assert_eq!(n.dead_queue("echo"), "sb.svc.echo.dead");
         assert_eq!(n.events_exchange(), "sb.events");
+        assert_eq!(n.events_log(), "sb.events.log");
         assert_eq!(n.reply_queue("host1"), "sb.reply.host1");
         assert_eq!(n.deadwatch_queue("host1"), "sb.deadwatch.host1");
         assert_eq!(n.poison_queue(), "sb.poison");

@@ -6,17 +6,17 @@
 //! starts a hub and relays its sessions with [`crate::gateway::streams`]
 //! (`tests/it/hub.rs` does exactly that).
 //!
-//! The hub consumes `<prefix>.events` through a queue of its own
-//! (server-named, exclusive, auto-delete) on a dedicated connection
+//! The hub consumes the events log `<prefix>.events.log` (`events::log`, a
+//! stream bound to `<prefix>.events`) from `next`, on a dedicated connection
 //! (`switchboard/<instance>/hub`), a supervised consumer
-//! ([`crate::amqp::consumer`]): lost, it comes back with a new queue (events
-//! published in between are not relayed: the hub is a live relay), and a
+//! ([`crate::amqp::consumer`]): lost, it comes back at the offset after the
+//! last one it saw, so it misses nothing the log still holds; and a
 //! [`Keeper`] starts a new hub if this one stops or panics (its sessions
-//! end; clients resume with a gap). Each valid CloudEvent is numbered, kept
-//! in a bounded history ring and offered to every session whose
-//! [`EventFilter`] matches it. Messages that are not CloudEvents are skipped
-//! and counted (the events exchange is shared with every client of the
-//! vhost, and the hub's queue is temporary: nothing to keep).
+//! end; clients resume from their last position). Each valid CloudEvent is
+//! kept in a bounded history ring under its offset in the log and offered
+//! to every session whose [`EventFilter`] matches it. Messages that are not
+//! CloudEvents are skipped and counted (the events exchange is shared with
+//! every client of the vhost).
 //!
 //! # Bounds
 //! - sessions: at most [`HubOptions::max_sessions`]; one more is refused with
@@ -28,20 +28,38 @@
 //! - history: the last [`HubOptions::history`] events, and at most
 //!   [`HubOptions::history_bytes`] of them ([`HubEvent::size`]); an event
 //!   larger than that is relayed but not kept, and the history before it is
-//!   dropped (whoever resumes from before it gets a gap, as the history
-//!   would have a hole);
+//!   dropped (whoever resumes from before it is served from the log, as the
+//!   history would have a hole);
+//! - sessions resumed from the log: a reader each, counted among the
+//!   sessions; it waits for its client (a channel of `session_buffer`), and
+//!   the broker sends it at most `events::log::READER_PREFETCH` unacked;
 //! - broker: a prefetch of [`PREFETCH`] unacked deliveries.
 //!
 //! # Positions and resuming
-//! Every event gets a position `<epoch>-<seq>`: `epoch` is random per hub
-//! start, `seq` counts from 1. A subscriber that gives the position of the
-//! last event it saw ([`Subscribe::last_event_id`]) gets exactly the matching
-//! events after it from the history, then live ones, with no loss and no
-//! repeat: the replay and the registration happen in one actor step, so no
-//! live event can slip in between. A position of another epoch (another
-//! process, or this one before a restart), one that is malformed, or one
-//! older than the history is unknown: the session starts live with
-//! [`Subscribed::gap`] set.
+//! An event's position is its offset in the events log, in decimal: every
+//! instance reads the same log, so every instance gives an event the same
+//! position, before and after any restart. A subscriber that gives the
+//! position `n` of the last event it saw ([`Subscribe::last_event_id`]) gets
+//! exactly the matching events after it, then live ones, with no loss and
+//! no repeat, in one of two ways:
+//! - the history holds every offset from `n + 1` on (the usual case: a
+//!   client that reconnects after a moment, to this instance or another that
+//!   has run as long): the events after `n` from the history, then live
+//!   ones. The replay and the registration happen in one actor step, so no
+//!   live event can slip in between;
+//! - else (older than the history, this hub started after it, or ahead of
+//!   what this hub has seen yet): a reader of its own
+//!   (`events::log::read_from`) consumes the log from offset `n + 1` and
+//!   goes on live, so there is no seam to cross. If the log starts after
+//!   `n + 1` (retention), the session gets a `switchboard.events.lost` event
+//!   first (`events::log::lost`). Such a reader costs a channel and a
+//!   consumer on the broker for as long as the session lives: the history
+//!   keeps that for clients that come back late.
+//!
+//! A position that is not a number is unknown: the session starts live with
+//! [`Subscribed::gap`] set. If the hub's own consumer finds a hole in the
+//! log (it was away longer than the retention), its sessions get a
+//! `switchboard.events.lost` event for it.
 //!
 //! The replay never counts against the session's buffer: the channel of a
 //! resumed session holds the replay plus `session_buffer`, so a large
@@ -49,18 +67,21 @@
 //! still bounded (at most `history + session_buffer` events per session).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 use bytes::Bytes;
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{CloudEvent, FanoutQueue};
+use super::CloudEvent;
+use super::log::LogQueue;
 use crate::amqp::consumer::{ActorConsumer, ConsumerStatus, Consumes, Event, Keeper, Link, settle};
-use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor};
+use crate::amqp::topology::EventsLog;
+use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, wire};
 use crate::error::Result;
 
 /// Unacked deliveries the broker may hand the hub at once: bounds what waits
@@ -73,10 +94,10 @@ pub const PREFETCH: u16 = 256;
 pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The hub's bounds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HubOptions {
-    /// Events kept for resuming with a last event id (0: only a client that
-    /// saw the latest event resumes without a gap).
+    /// Events kept for resuming with a last event id (0: every client that
+    /// resumes is served from the log).
     pub history: usize,
     /// Bytes of events kept for resuming ([`HubEvent::size`]), beside the
     /// count: the oldest go first when either is reached.
@@ -85,16 +106,19 @@ pub struct HubOptions {
     pub max_sessions: usize,
     /// Events queued per session before it is dropped as slow (at least 1).
     pub session_buffer: usize,
+    /// The retention the events log is declared with, if the hub is the
+    /// first to declare it (`amqp.events_log_*`).
+    pub log: EventsLog,
 }
 
 /// One event as the hub relays it. Shared by the history and every session
 /// (`Arc<HubEvent>`), so relaying to many sessions copies no payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubEvent {
-    /// Order of arrival at this hub, from 1.
+    /// Its offset in the events log.
     pub seq: u64,
-    /// Opaque, resumable position: what SSE sends as `id:` and takes back as
-    /// `Last-Event-ID`.
+    /// Resumable position, the offset in decimal: what SSE sends as `id:`
+    /// and takes back as `Last-Event-ID`.
     pub position: String,
     /// The CloudEvent type (for filters and the SSE `event:` field).
     pub ty: String,
@@ -108,16 +132,16 @@ pub struct HubEvent {
 }
 
 impl HubEvent {
-    /// The event numbered `seq` of epoch `epoch`, from a delivery's body;
-    /// `None` when the body is not a CloudEvent.
-    fn parse(epoch: &str, seq: u64, body: &[u8]) -> Option<Self> {
+    /// The event at `offset` in the log, from a delivery's body; `None` when
+    /// the body is not a CloudEvent.
+    pub(crate) fn parse(offset: u64, body: &[u8]) -> Option<Self> {
         let event: CloudEvent = serde_json::from_slice(body).ok()?;
         // Re-encoded rather than passed through: compact JSON has no raw
         // newline, so it is one SSE `data:` line and one WebSocket frame.
         let json = serde_json::to_vec(&event).ok()?;
         Some(Self {
-            seq,
-            position: position(epoch, seq),
+            seq: offset,
+            position: offset.to_string(),
             caller: event
                 .extensions
                 .get(crate::amqp::wire::EXT_CALLER)
@@ -142,33 +166,35 @@ impl HubEvent {
     }
 }
 
-/// `<epoch>-<seq>`.
-fn position(epoch: &str, seq: u64) -> String {
-    format!("{epoch}-{seq}")
+/// The offset a `Last-Event-ID` names; `None` when it is not one. Takes
+/// client input: never panics.
+pub fn parse_position(last_event_id: &str) -> Option<u64> {
+    let last = last_event_id.trim();
+    // `u64::from_str` takes a leading `+`: a position never has one.
+    if last.starts_with('+') {
+        return None;
+    }
+    last.parse().ok()
 }
 
-/// The events of `history` after the position `last_event_id`, for a hub
-/// of epoch `epoch` whose last event is `seq`; `None` when that position is
-/// unknown (other epoch, malformed, too old, or ahead). Takes client input:
-/// never panics.
+/// Which offsets a hub has seen without a hole: every one from `from` to
+/// `last` is in its history or was not a CloudEvent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    from: u64,
+    last: u64,
+}
+
+/// The events of `history` after offset `last`, when `seen` covers every
+/// offset after it; `None` when the log must be read instead (older than
+/// the history, or ahead of what the hub has seen).
 fn replay(
-    epoch: &str,
-    seq: u64,
+    seen: Option<Seen>,
     history: &VecDeque<Arc<HubEvent>>,
-    last_event_id: &str,
+    last: u64,
 ) -> Option<Vec<Arc<HubEvent>>> {
-    let (last_epoch, last) = last_event_id.trim().rsplit_once('-')?;
-    if last_epoch != epoch {
-        return None;
-    }
-    let last: u64 = last.parse().ok()?;
-    if last > seq {
-        return None;
-    }
-    // The event right after `last` must still be in the history (or not
-    // have happened yet), else some were lost.
-    let oldest = history.front().map_or(seq.saturating_add(1), |e| e.seq);
-    if last.saturating_add(1) < oldest {
+    let seen = seen?;
+    if last > seen.last || last.saturating_add(1) < seen.from {
         return None;
     }
     Some(history.iter().filter(|e| e.seq > last).cloned().collect())
@@ -229,6 +255,9 @@ pub struct HubStats {
     pub dropped_slow: AtomicU64,
     /// Messages on the fanout that were not CloudEvents (skipped).
     pub malformed: AtomicU64,
+    /// Sessions served by a reader of the log of their own (resumed from a
+    /// position the history did not cover), opened so far.
+    pub log_readers: AtomicU64,
     /// The hub's consumer: whether it consumes now, since when it does not,
     /// how often it came back.
     pub consumer: Arc<ConsumerStatus>,
@@ -249,8 +278,8 @@ pub struct Subscribed {
     /// The session's events: the replay first, then live ones. Ends when the
     /// session is dropped (slow, unsubscribed, hub stopped).
     pub rx: mpsc::Receiver<Arc<HubEvent>>,
-    /// Events may have been missed: the last event id given was unknown or
-    /// older than the history.
+    /// Events may have been missed: the last event id given was not a
+    /// position.
     pub gap: bool,
 }
 
@@ -294,17 +323,51 @@ impl HubHandle {
 
 /// One stream client.
 struct Session {
-    tx: mpsc::Sender<Arc<HubEvent>>,
+    feed: Feed,
     filter: EventFilter,
+}
+
+/// Where a session's events come from.
+enum Feed {
+    /// The hub relays to it.
+    Live(mpsc::Sender<Arc<HubEvent>>),
+    /// A reader of the log of its own (`events::log::read_from`) holds the
+    /// sender; the hub only counts the session, until the reader or the
+    /// client is gone, and stops the reader with `stop`.
+    Log {
+        tx: mpsc::WeakSender<Arc<HubEvent>>,
+        stop: CancellationToken,
+    },
+}
+
+impl Feed {
+    /// Whether the session's stream has ended (client or reader gone).
+    fn is_closed(&self) -> bool {
+        match self {
+            Feed::Live(tx) => tx.is_closed(),
+            Feed::Log { tx, .. } => tx.upgrade().is_none_or(|tx| tx.is_closed()),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Feed::Log { stop, .. } = &self.feed {
+            stop.cancel();
+        }
+    }
 }
 
 /// The actor relaying the events fanout to stream sessions.
 pub struct EventHub {
     opts: HubOptions,
-    /// Random per start: positions of another epoch are unknown here.
-    epoch: String,
-    /// The last seq given out (0: none yet).
-    seq: u64,
+    /// The offsets seen without a hole (`None`: none yet).
+    seen: Option<Seen>,
+    /// Where the consumer starts when it comes back: after the last offset
+    /// seen (shared with its [`LogQueue`]).
+    resume_at: Arc<Mutex<Option<u64>>>,
+    /// Stops the log readers of every session when the hub stops.
+    readers: CancellationToken,
     /// The last `opts.history` events, oldest first.
     history: VecDeque<Arc<HubEvent>>,
     /// The sum of [`HubEvent::size`] over `history`.
@@ -317,12 +380,13 @@ pub struct EventHub {
 }
 
 impl EventHub {
-    /// Binds a queue of its own to the events fanout on a dedicated
-    /// connection and starts relaying. Returns once the queue is bound: every
-    /// event published (and confirmed) afterwards reaches the hub. Runs the
+    /// Declares the events log and consumes it from `next` on a dedicated
+    /// connection. Returns once it consumes: every event published (and
+    /// confirmed) afterwards reaches the hub. Runs the
     /// actor on the current Actix arbiter, so it must be called inside an
     /// Actix system (`actix_rt`, `#[actix_web::main]`).
     pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
+        let resume_at = Arc::new(Mutex::new(None));
         let supervisor = Supervisor::new(
             broker,
             ConsumerSpec {
@@ -333,9 +397,10 @@ impl EventHub {
                 prefetch: Some(PREFETCH),
                 confirm: false,
             },
-            // A temporary queue: the hub is a live relay, nothing should
-            // pile up while it is gone.
-            FanoutQueue { durable_name: None },
+            LogQueue {
+                log: opts.log.clone(),
+                resume_at: resume_at.clone(),
+            },
         );
         let link = match supervisor.open().await {
             Ok(link) => link,
@@ -349,21 +414,22 @@ impl EventHub {
             relayed: AtomicU64::new(0),
             dropped_slow: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            log_readers: AtomicU64::new(0),
             consumer: supervisor.status().clone(),
         });
         broker.metrics().register(stats.clone());
         info!(queue = %link.queue(), history = opts.history, max_sessions = opts.max_sessions, session_buffer = opts.session_buffer, "event hub started");
         let hub_stats = stats.clone();
         let keeper = Keeper::start(supervisor, link, move |consumer| {
-            let epoch = format!("{:016x}", rand::random::<u64>());
             EventHub {
                 opts: HubOptions {
                     // A channel of 0 does not exist; 1 is the least bound.
                     session_buffer: opts.session_buffer.max(1),
-                    ..opts
+                    ..opts.clone()
                 },
-                epoch,
-                seq: 0,
+                seen: None,
+                resume_at: resume_at.clone(),
+                readers: CancellationToken::new(),
                 history: VecDeque::with_capacity(opts.history.min(4096)),
                 history_bytes: 0,
                 sessions: HashMap::new(),
@@ -376,10 +442,50 @@ impl EventHub {
         Ok(HubHandle { keeper, stats })
     }
 
-    /// The events to replay after `last_event_id`, or `None` when that
-    /// position is unknown here (other epoch, malformed, too old, or ahead).
-    fn replay_after(&self, last_event_id: &str) -> Option<Vec<Arc<HubEvent>>> {
-        replay(&self.epoch, self.seq, &self.history, last_event_id)
+    /// Takes note of offset `offset` from the log: moves [`Self::seen`] and
+    /// where the consumer resumes on. Returns the offsets lost before it (a
+    /// hole: the consumer was away longer than the log's retention), and
+    /// `None` for an offset seen already (a re-established consumer gets
+    /// the whole chunk it resumes in).
+    fn arrived(&mut self, offset: u64) -> Option<Option<(u64, u64)>> {
+        let mut hole = None;
+        match self.seen {
+            Some(s) if offset <= s.last => return None,
+            Some(s) if offset > s.last + 1 => {
+                hole = Some((s.last + 1, offset - 1));
+                // The history before the hole resumes no one: drop it.
+                self.history.clear();
+                self.history_bytes = 0;
+                self.seen = Some(Seen {
+                    from: offset,
+                    last: offset,
+                });
+            }
+            Some(s) => self.seen = Some(Seen { last: offset, ..s }),
+            None => {
+                // A hub started again by its keeper resumes where the one
+                // before it stopped: the earlier offsets of that chunk were
+                // relayed already.
+                let resume_at = *self.resume_at.lock().unwrap_or_else(|p| p.into_inner());
+                if resume_at.is_some_and(|at| offset < at) {
+                    return None;
+                }
+                self.seen = Some(Seen {
+                    from: offset,
+                    last: offset,
+                })
+            }
+        }
+        *self.resume_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(offset + 1);
+        Some(hole)
+    }
+
+    /// The history's events must cover every offset from `seen.from` on:
+    /// when the oldest go, so does `from`.
+    fn forgot_until(&mut self, offset: u64) {
+        if let Some(s) = &mut self.seen {
+            s.from = s.from.max(offset + 1);
+        }
     }
 
     fn set_sessions_gauge(&self) {
@@ -391,7 +497,7 @@ impl EventHub {
     /// Removes the sessions whose receiver is gone.
     fn sweep(&mut self) {
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| !s.tx.is_closed());
+        self.sessions.retain(|_, s| !s.feed.is_closed());
         if self.sessions.len() != before {
             debug!(
                 removed = before - self.sessions.len(),
@@ -405,15 +511,17 @@ impl EventHub {
     /// module doc).
     fn keep(&mut self, ev: &Arc<HubEvent>) {
         if self.opts.history == 0 {
+            self.forgot_until(ev.seq);
             return;
         }
         let size = ev.size();
         if size > self.opts.history_bytes {
             // Not kept; the events before it are of no use to anyone
-            // resuming (they would miss this one): a gap, as for events too
-            // old.
+            // resuming (they would miss this one): those resume from the
+            // log, as for events too old.
             self.history.clear();
             self.history_bytes = 0;
+            self.forgot_until(ev.seq);
             debug!(position = %ev.position, size, "event larger than the history's byte bound: not kept");
             return;
         }
@@ -424,6 +532,7 @@ impl EventHub {
                 break;
             };
             self.history_bytes -= old.size();
+            self.forgot_until(old.seq);
         }
         self.history_bytes += size;
         self.history.push_back(ev.clone());
@@ -433,12 +542,21 @@ impl EventHub {
     fn relay(&mut self, ev: HubEvent) {
         let ev = Arc::new(ev);
         self.keep(&ev);
+        self.offer(&ev, false);
+        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Offers `ev` to every live session it matches (every one when `all`).
+    fn offer(&mut self, ev: &Arc<HubEvent>, all: bool) {
         let stats = &self.stats;
         self.sessions.retain(|id, s| {
-            if !s.filter.matches(&ev) {
+            let Feed::Live(tx) = &s.feed else {
+                return true;
+            };
+            if !all && !s.filter.matches(ev) {
                 return true;
             }
-            match s.tx.try_send(ev.clone()) {
+            match tx.try_send(ev.clone()) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_)) => {
                     stats.dropped_slow.fetch_add(1, Ordering::Relaxed);
@@ -455,7 +573,6 @@ impl EventHub {
                 }
             }
         });
-        self.stats.relayed.fetch_add(1, Ordering::Relaxed);
         self.set_sessions_gauge();
     }
 }
@@ -464,7 +581,7 @@ impl Actor for EventHub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        info!(epoch = %self.epoch, "event hub relaying");
+        info!("event hub relaying");
         // A hub started again after one panicked: its sessions are gone.
         self.set_sessions_gauge();
         ActorConsumer::start(self, ctx);
@@ -472,6 +589,7 @@ impl Actor for EventHub {
     }
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.readers.cancel();
         self.stats.sessions.store(0, Ordering::Relaxed);
         info!(sessions = self.sessions.len(), "event hub stopped");
     }
@@ -493,22 +611,43 @@ impl StreamHandler<Event> for EventHub {
             // Sessions stay open (heartbeats go on) while the consumer comes back.
             return;
         };
-        let seq = self.seq + 1;
-        match HubEvent::parse(&self.epoch, seq, &delivery.data) {
-            Some(ev) => {
-                self.seq = seq;
-                self.relay(ev);
-            }
+        let inflight = InFlight::new(delivery);
+        let delivery = inflight.delivery();
+        let arrived = match wire::stream_offset(&delivery.properties) {
+            Some(offset) => self.arrived(offset).map(|hole| (offset, hole)),
             None => {
-                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                debug!(
-                    bytes = delivery.data.len(),
-                    "message on the events fanout is not a CloudEvent: skipped"
-                );
+                // Not from a stream: the log was replaced by another kind of
+                // queue under its name, which cannot give positions.
+                warn!("a delivery from the events log without an offset: skipped");
+                None
+            }
+        };
+        let parsed = arrived.map(|(offset, hole)| (hole, HubEvent::parse(offset, &delivery.data)));
+        match parsed {
+            // Seen already, or no offset.
+            None => {}
+            Some((hole, ev)) => {
+                if let Some((first, last)) = hole {
+                    warn!(
+                        first,
+                        last, "events lost from the log while the hub was away"
+                    );
+                    self.offer(&Arc::new(super::log::lost(first, last)), true);
+                }
+                match ev {
+                    Some(ev) => self.relay(ev),
+                    None => {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        debug!(
+                            bytes = delivery.data.len(),
+                            "message on the events fanout is not a CloudEvent: skipped"
+                        );
+                    }
+                }
             }
         }
-        // Acked once relayed (or skipped): the hub keeps nothing for later.
-        let inflight = InFlight::new(delivery);
+        // Acked once relayed (or skipped): on a stream an ack only moves the
+        // consumer's credit on.
         ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
     }
 
@@ -546,11 +685,12 @@ impl Handler<Subscribe> for EventHub {
                 limit: self.opts.max_sessions,
             });
         }
-        let (replay, gap) = match msg.last_event_id.as_deref() {
+        let (replay, gap) = match msg.last_event_id.as_deref().map(parse_position) {
             None => (Vec::new(), false),
-            Some(last) => match self.replay_after(last) {
+            Some(None) => (Vec::new(), true),
+            Some(Some(last)) => match replay(self.seen, &self.history, last) {
                 Some(events) => (events, false),
-                None => (Vec::new(), true),
+                None => return Ok(self.session_from_log(last, msg.filter)),
             },
         };
         let replay: Vec<_> = replay
@@ -571,13 +711,46 @@ impl Handler<Subscribe> for EventHub {
         self.sessions.insert(
             id,
             Session {
-                tx,
+                feed: Feed::Live(tx),
                 filter: msg.filter,
             },
         );
         self.set_sessions_gauge();
         debug!(session = id, replayed, gap, "event stream session opened");
         Ok(Subscribed { id, rx, gap })
+    }
+}
+
+impl EventHub {
+    /// A session fed by a reader of the log of its own, from the offset
+    /// after `last` (see the module doc), counted among the hub's sessions.
+    fn session_from_log(&mut self, last: u64, filter: EventFilter) -> Subscribed {
+        let (tx, rx) = mpsc::channel(self.opts.session_buffer);
+        let stop = self.readers.child_token();
+        let id = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(
+            id,
+            Session {
+                feed: Feed::Log {
+                    tx: tx.downgrade(),
+                    stop: stop.clone(),
+                },
+                filter: filter.clone(),
+            },
+        );
+        self.set_sessions_gauge();
+        self.stats.log_readers.fetch_add(1, Ordering::Relaxed);
+        let broker = self.consumer.supervisor().broker().clone();
+        let from = last.saturating_add(1);
+        debug!(
+            session = id,
+            from, "event stream session opened: reading the log"
+        );
+        // A task of its own, not the actor's: readers wait on their
+        // clients, and the hub never waits.
+        actix::spawn(super::log::read_from(broker, from, filter, tx, stop));
+        Subscribed { id, rx, gap: false }
     }
 }
 
@@ -630,9 +803,9 @@ mod tests {
         )
         .unwrap();
         assert!(pretty.contains(&b'\n'));
-        let ev = HubEvent::parse("e", 7, &pretty).unwrap();
+        let ev = HubEvent::parse(7, &pretty).unwrap();
         assert!(!ev.json.contains(&b'\n'));
-        assert_eq!(ev.position, "e-7");
+        assert_eq!(ev.position, "7");
         assert_eq!(ev.ty, "a.b");
         assert_eq!(ev.subject.as_deref(), Some("s1"));
         let back: CloudEvent = serde_json::from_slice(&ev.json).unwrap();
@@ -641,15 +814,15 @@ mod tests {
 
     #[test]
     fn non_cloudevents_are_refused() {
-        assert!(HubEvent::parse("e", 1, b"not json").is_none());
-        assert!(HubEvent::parse("e", 1, br#"{"type": "x"}"#).is_none());
+        assert!(HubEvent::parse(1, b"not json").is_none());
+        assert!(HubEvent::parse(1, br#"{"type": "x"}"#).is_none());
     }
 
     #[test]
     fn filters_match_type_prefix_and_subject() {
         let ev = HubEvent {
             seq: 1,
-            position: "e-1".into(),
+            position: "1".into(),
             ty: "orders.created".into(),
             subject: Some("o1".into()),
             caller: None,
@@ -668,67 +841,72 @@ mod tests {
     }
 }
 
-/// Properties of resuming: any `Last-Event-ID` is safe, and a known position
-/// replays exactly the events after it.
+/// Properties of resuming: any `Last-Event-ID` is safe, and the history
+/// replays exactly the events after a position only when it holds all of
+/// them (else the log is read).
 #[cfg(test)]
 mod props {
     use proptest::prelude::*;
 
     use super::*;
 
-    const EPOCH: &str = "00c0ffee00c0ffee";
-
-    /// A hub's history after `seq` events, keeping the last `kept`.
-    fn history(seq: u64, kept: u64) -> VecDeque<Arc<HubEvent>> {
-        (seq - kept.min(seq) + 1..=seq)
+    /// A hub's history after offsets `first..=last`, keeping the last
+    /// `kept` (every one a CloudEvent).
+    fn history(first: u64, last: u64, kept: u64) -> (Option<Seen>, VecDeque<Arc<HubEvent>>) {
+        let from = (last + 1).saturating_sub(kept).max(first);
+        let h = (from..=last)
             .map(|n| {
                 Arc::new(HubEvent {
                     seq: n,
-                    position: position(EPOCH, n),
+                    position: n.to_string(),
                     ty: "t".into(),
                     subject: None,
                     caller: None,
                     json: Bytes::new(),
                 })
             })
-            .collect()
-    }
-
-    fn last_event_id() -> impl Strategy<Value = String> {
-        prop_oneof![
-            any::<String>(),
-            "[0-9a-f]{0,17}-[0-9+-]{0,21}",
-            (0u64..80).prop_map(|n| position(EPOCH, n)),
-            (0u64..80).prop_map(|n| position("0123456789abcdef", n)),
-            (0u64..80).prop_map(|n| format!(" {EPOCH}-{n}\t")),
-            Just(format!("{EPOCH}-{}", u64::MAX)),
-            Just(format!("{EPOCH}-18446744073709551616")),
-        ]
+            .collect();
+        (Some(Seen { from, last }), h)
     }
 
     proptest! {
         #[test]
-        fn any_last_event_id_is_safe(seq in 0u64..60, kept in 0u64..40, last in last_event_id()) {
-            let h = history(seq, kept);
-            if let Some(events) = replay(EPOCH, seq, &h, &last) {
-                // Known: this epoch, not ahead, nothing lost in between.
-                let (_, n) = last.trim().rsplit_once('-').unwrap_or_default();
-                let n: u64 = n.parse().map_err(|_| TestCaseError::fail("known but not a number"))?;
-                prop_assert!(n <= seq);
-                let want: Vec<u64> = (n + 1..=seq).collect();
-                let got: Vec<u64> = events.iter().map(|e| e.seq).collect();
-                prop_assert_eq!(got, want, "no loss, no repeat");
+        fn any_last_event_id_is_safe(text in prop_oneof![any::<String>(), "[ +0-9a-f-]{0,24}"]) {
+            if let Some(n) = parse_position(&text) {
+                let digits = text.trim();
+                prop_assert!(digits.bytes().all(|b| b.is_ascii_digit()));
+                prop_assert_eq!(digits.parse::<u64>().ok(), Some(n));
             }
         }
 
         #[test]
-        fn a_position_given_out_resumes_unless_too_old(seq in 0u64..60, kept in 0u64..40, at in 0u64..70) {
-            let h = history(seq, kept);
-            let got = replay(EPOCH, seq, &h, &position(EPOCH, at));
-            let oldest = seq - kept.min(seq) + 1;
-            let known = at <= seq && at + 1 >= oldest;
-            prop_assert_eq!(got.is_some(), known);
-            prop_assert_eq!(replay("ffffffffffffffff", seq, &h, &position(EPOCH, at)), None);
+        fn the_history_replays_exactly_the_events_after_a_position_it_covers(
+            first in 0u64..30, len in 0u64..40, kept in 0u64..40, at in 0u64..90,
+        ) {
+            let last = first + len;
+            let (seen, h) = history(first, last, kept);
+            let from = seen.map_or(0, |s| s.from);
+            match replay(seen, &h, at) {
+                Some(events) => {
+                    prop_assert!(at <= last && at + 1 >= from);
+                    let want: Vec<u64> = (at + 1..=last).collect();
+                    let got: Vec<u64> = events.iter().map(|e| e.seq).collect();
+                    prop_assert_eq!(got, want, "no loss, no repeat");
+                }
+                None => prop_assert!(at > last || at + 1 < from, "covered, yet read from the log"),
+            }
+            prop_assert_eq!(replay(None, &h, at), None);
         }
+    }
+
+    #[test]
+    fn positions_are_decimal_offsets() {
+        assert_eq!(parse_position(" 42\t"), Some(42));
+        assert_eq!(parse_position("0"), Some(0));
+        assert_eq!(parse_position("+4"), None);
+        assert_eq!(parse_position("-4"), None);
+        assert_eq!(parse_position("00c0ffee-3"), None);
+        assert_eq!(parse_position("18446744073709551616"), None);
+        assert_eq!(parse_position(""), None);
     }
 }

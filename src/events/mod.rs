@@ -7,9 +7,14 @@
 //! - this file: [`CloudEvent`], [`publish`], [`Subscription`].
 //! - [`hub`]: [`hub::EventHub`], the actor relaying the fanout to SSE and
 //!   WebSocket sessions.
+//! - `log`: the events log `<prefix>.events.log`, the stream whose offsets
+//!   are the positions of those sessions on every instance.
 
 pub mod hub;
+pub(crate) mod log;
 pub(crate) mod metrics;
+
+pub(crate) use log::declare_log;
 
 use std::collections::BTreeMap;
 

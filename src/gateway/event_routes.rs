@@ -91,7 +91,7 @@ async fn subscribe(
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     params(StreamQuery, ("Last-Event-ID" = Option<String>, Header, description = "Resume after this position")),
     responses(
-        (status = 200, description = "text/event-stream: `id:` (resumable position), `event:` (CloudEvent type), `data:` (the CloudEvent as one line of JSON); `: keep-alive` comments; `: gap` first when events may have been missed", content_type = "text/event-stream"),
+        (status = 200, description = "text/event-stream: `id:` (resumable position on any instance: the offset in the events log), `event:` (CloudEvent type), `data:` (the CloudEvent as one line of JSON); `: keep-alive` comments; `switchboard.events.lost` first when resuming from before the log's retention (`data`: `first_lost`, `last_lost`); `: gap` first when `Last-Event-ID` is not a position", content_type = "text/event-stream"),
         (status = 401, description = "No or unknown bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "The caller is over one of its limits (gateway.limits: rate, streams); header Retry-After", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams open", body = Problem, content_type = "application/problem+json"),

@@ -236,6 +236,7 @@ pub async fn start(
             history_bytes: g.event_history_bytes,
             max_sessions: g.max_streams,
             session_buffer: g.stream_buffer,
+            log: settings.amqp.events_log(),
         },
     )
     .await?;

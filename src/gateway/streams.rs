@@ -10,9 +10,12 @@
 //! connection fails, the body (SSE) or the relay task (WebSocket) is dropped,
 //! and with it the session's receiver, which the hub then removes.
 //!
-//! SSE framing (DESIGN.md): `id: <position>`, `event: <type>`,
-//! `data: <CloudEvent JSON on one line>`; comments `: gap` (first, when
-//! events may have been missed) and `: keep-alive` (every heartbeat).
+//! SSE framing (DESIGN.md): `id: <position>` (the event's offset in the
+//! events log, the same on every instance), `event: <type>`,
+//! `data: <CloudEvent JSON on one line>`; comments `: gap` (first, when the
+//! `Last-Event-ID` given was not a position) and `: keep-alive` (every
+//! heartbeat). Events the log no longer holds come as one
+//! `switchboard.events.lost` event (`events::log::lost`).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

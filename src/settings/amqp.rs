@@ -40,6 +40,11 @@ pub struct AmqpSettings {
     /// (one node, the fastest) or `quorum` (replicated: on a cluster, the
     /// replies of pending calls survive the loss of a node).
     pub instance_queue_type: QueueType,
+    /// `x-max-age` of the events log (`<prefix>.events.log`): RabbitMQ's
+    /// duration, a number and a unit of Y, M, D, h, m, s (`7D`).
+    pub events_log_max_age: String,
+    /// `x-max-length-bytes` of the events log, bytes.
+    pub events_log_max_bytes: u64,
     /// `amqps://` only: PEM file of the CA certificates that the broker's
     /// certificate must chain to; empty: the system's root certificates.
     pub tls_ca_file: String,
@@ -54,6 +59,11 @@ pub struct AmqpSettings {
 }
 
 impl AmqpSettings {
+    /// The retention of the events log.
+    pub fn events_log(&self) -> crate::amqp::topology::EventsLog {
+        crate::amqp::topology::EventsLog::new(&self.events_log_max_age, self.events_log_max_bytes)
+    }
+
     /// The broker's nodes, in the order of `amqp.url`.
     pub fn nodes(&self) -> Vec<&str> {
         split_nodes(&self.url)

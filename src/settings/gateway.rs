@@ -36,7 +36,8 @@ pub struct GatewaySettings {
     pub stream_buffer: usize,
     /// Heartbeat period of streams, s.
     pub heartbeat_s: u64,
-    /// Events kept for Last-Event-ID resumption.
+    /// Events kept in memory for Last-Event-ID resumption (older positions
+    /// are read from the events log).
     pub event_history: usize,
     /// Bytes of events kept for resumption (beside `event_history`).
     pub event_history_bytes: usize,

@@ -105,6 +105,8 @@ impl fmt::Debug for AmqpSettings {
             .field("consumer_check_ms", &self.consumer_check_ms)
             .field("instance_queue_expires_s", &self.instance_queue_expires_s)
             .field("instance_queue_type", &self.instance_queue_type)
+            .field("events_log_max_age", &self.events_log_max_age)
+            .field("events_log_max_bytes", &self.events_log_max_bytes)
             // Paths, not secrets: the key file's content is never read here.
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)

@@ -89,6 +89,24 @@ impl Settings {
         if let Some(why) = self.instance_queue_expiry_conflict() {
             return fail("amqp.instance_queue_expires_s", why);
         }
+        if !crate::amqp::topology::EventsLog::valid_age(&self.amqp.events_log_max_age) {
+            return fail(
+                "amqp.events_log_max_age",
+                format!(
+                    "must be a number above 0 and one of the units Y, M, D, h, m, s, as \"7D\" (got {:?})",
+                    self.amqp.events_log_max_age
+                ),
+            );
+        }
+        if self.amqp.events_log_max_bytes < 4096 {
+            return fail(
+                "amqp.events_log_max_bytes",
+                format!(
+                    "must be at least 4096 (got {})",
+                    self.amqp.events_log_max_bytes
+                ),
+            );
+        }
         if let Err((key, why)) = self.amqp.check_tls() {
             return fail(key, why);
         }

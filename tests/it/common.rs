@@ -145,6 +145,7 @@ impl Ctx {
             .queue_delete(names.reply_queue(self.broker.instance_id()).into(), q)
             .await;
         let _ = ch.queue_delete(names.poison_queue().into(), q).await;
+        let _ = ch.queue_delete(names.events_log().into(), q).await;
         for x in [
             names.requests_exchange(),
             names.dead_exchange(),

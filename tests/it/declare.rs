@@ -72,6 +72,15 @@ async fn declare_prepares_every_service_of_the_file_and_exits() {
     assert_eq!(q.arguments["x-delivery-limit"], 5);
     assert_eq!(q.arguments["x-dead-letter-exchange"], names.dead_exchange());
     assert_eq!(q.arguments["x-dead-letter-routing-key"], "invoice");
+    // The events log, a stream with the retention of the settings.
+    let log = api.queue(&names.events_log()).await.unwrap().unwrap();
+    assert_eq!(log.arguments["x-queue-type"], "stream");
+    assert_eq!(log.arguments["x-max-age"], "7D");
+    assert_eq!(log.arguments["x-max-length-bytes"], 1_073_741_824u64);
+    assert_eq!(
+        log.arguments["x-stream-max-segment-size-bytes"],
+        268_435_456u64
+    );
     // Again: idempotent.
     let again = switchboard(&c, toml, &["declare"]).await;
     assert_eq!(again.status.code(), Some(0));

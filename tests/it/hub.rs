@@ -8,6 +8,7 @@ use std::time::Duration;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use switchboard::amqp::topology::EventsLog;
 use switchboard::amqp::{Outgoing, wire};
 use switchboard::events::hub::{
     EventFilter, EventHub, HubError, HubEvent, HubHandle, HubOptions, HubStats, Subscribed,
@@ -27,6 +28,7 @@ fn opts(history: usize, max_sessions: usize, session_buffer: usize) -> HubOption
         history_bytes: 64 << 20,
         max_sessions,
         session_buffer,
+        log: EventsLog::new("1h", 16 << 20),
     }
 }
 
@@ -108,16 +110,18 @@ async fn every_subscriber_gets_every_event_in_order() {
         publish(&c, e).await;
     }
     for sub in &mut subs {
-        let mut last_seq = 0;
+        // Offsets start at 0: `None` is below every one.
+        let mut last_seq = None;
         for expected in &sent {
             let got = next(sub).await;
             assert_eq!(&cloud(&got), expected);
             assert_eq!(got.ty, "orders.created");
             assert_eq!(got.subject, expected.subject);
-            assert!(got.seq > last_seq, "seq grows");
-            assert!(got.position.ends_with(&format!("-{}", got.seq)));
+            assert!(Some(got.seq) > last_seq, "seq grows");
+            // The position is the event's offset in the events log.
+            assert_eq!(got.position, got.seq.to_string());
             assert!(!got.json.contains(&b'\n'));
-            last_seq = got.seq;
+            last_seq = Some(got.seq);
         }
     }
     assert_eq!(stat(&h.stats.relayed), 30);
@@ -232,7 +236,8 @@ async fn resuming_with_a_last_event_id_gives_exactly_the_events_after_it() {
 }
 
 #[actix_rt::test]
-async fn an_unknown_or_too_old_last_event_id_gives_a_gap_and_live_events() {
+async fn a_last_event_id_older_than_the_history_is_read_from_the_log_and_one_that_is_no_position_gives_a_gap()
+ {
     let c = ctx("hub-gap").await;
     let h = hub(&c, opts(3, 20, 64)).await;
     let mut everything = subscribe(&h, all(), None).await;
@@ -241,23 +246,19 @@ async fn an_unknown_or_too_old_last_event_id_gives_a_gap_and_live_events() {
         publish(&c, &event("x", n)).await;
         seen.push(next(&mut everything).await);
     }
-    // The history holds events 8, 9 and 10 (indexes 7..10).
-    let epoch = seen[0]
-        .position
-        .rsplit_once('-')
-        .map(|(e, _)| e.to_owned())
-        .unwrap();
+    // The history holds the last 3 events (indexes 7..10); the log all.
     let just_in_time = subscribe(&h, all(), Some(&seen[6].position)).await;
     assert!(!just_in_time.gap, "the event after it is still kept");
+    let too_old = subscribe(&h, all(), Some(&seen[2].position)).await;
+    assert!(!too_old.gap, "the log still has the events after it");
     let mut gaps = Vec::new();
     for last in [
-        seen[5].position.clone(), // the event after it is gone
-        "nonsense".into(),
+        "nonsense".to_string(),
         String::new(),
-        "0123456789abcdef-3".into(), // another epoch
-        format!("{epoch}-999"),      // not given out yet
-        format!("{epoch}-x"),
-        format!("{epoch}--1"),
+        "0123456789abcdef-3".into(), // a position of an earlier version
+        "x".into(),
+        "-1".into(),
+        "+3".into(),
     ] {
         let sub = subscribe(&h, all(), Some(&last)).await;
         assert!(sub.gap, "{last:?} should be unknown");
@@ -267,13 +268,41 @@ async fn an_unknown_or_too_old_last_event_id_gives_a_gap_and_live_events() {
     for ev in &seen[7..10] {
         assert_eq!(next(&mut just_in_time).await.position, ev.position);
     }
+    let mut too_old = too_old;
+    for ev in &seen[3..10] {
+        assert_eq!(next(&mut too_old).await.position, ev.position);
+    }
     let live = event("x", 10);
     publish(&c, &live).await;
     assert_eq!(cloud(next(&mut just_in_time).await), live);
+    assert_eq!(
+        cloud(next(&mut too_old).await),
+        live,
+        "then live, no repeat"
+    );
     for sub in &mut gaps {
         // Live only: the first thing it gets is the new event.
         assert_eq!(cloud(next(sub).await), live);
     }
+    // The reader's consumer on the log goes with its client: the hub's
+    // own is left.
+    // (The management API: a passive declare of a stream counts none.)
+    let log = c.broker.names().events_log();
+    let api = switchboard::management::Management::new(&c.settings).unwrap();
+    let consumers = || async {
+        let all = api.consumers().await.unwrap();
+        all.iter().filter(|k| k.queue.name == log).count()
+    };
+    let slow = Duration::from_secs(30);
+    eventually(slow, "the hub and the reader consume the log", || async {
+        consumers().await == 2
+    })
+    .await;
+    drop(too_old);
+    eventually(slow, "the reader's consumer is cancelled", || async {
+        consumers().await == 1
+    })
+    .await;
     finish(c, h).await;
 }
 
@@ -351,7 +380,9 @@ async fn malformed_messages_are_skipped_and_counted() {
     publish(&c, &good).await;
     let got = next(&mut sub).await;
     assert_eq!(cloud(&got), good);
-    assert_eq!(got.seq, 1, "skipped messages take no position");
+    // Skipped messages still take their offsets in the log (every reader
+    // of the log sees them): positions are the log's, not the hub's.
+    assert_eq!(got.seq, 3);
     assert_eq!(stat(&h.stats.malformed), 3);
     assert_eq!(stat(&h.stats.relayed), 1);
     finish(c, h).await;

@@ -19,6 +19,7 @@ mod declare;
 mod dependents;
 mod deploy;
 mod events;
+mod events_log;
 mod examples;
 mod faults;
 mod gateway;

@@ -158,6 +158,21 @@ fn each_bad_setting_is_named_in_the_error() {
         (&[("SWITCHBOARD__AMQP__URL", "http://x")], None, "amqp.url"),
         (&[("SWITCHBOARD__AMQP__PREFIX", "a b")], None, "amqp.prefix"),
         (
+            &[("SWITCHBOARD__AMQP__EVENTS_LOG_MAX_AGE", "7 days")],
+            None,
+            "amqp.events_log_max_age",
+        ),
+        (
+            &[("SWITCHBOARD__AMQP__EVENTS_LOG_MAX_AGE", "0D")],
+            None,
+            "amqp.events_log_max_age",
+        ),
+        (
+            &[("SWITCHBOARD__AMQP__EVENTS_LOG_MAX_BYTES", "100")],
+            None,
+            "amqp.events_log_max_bytes",
+        ),
+        (
             &[("SWITCHBOARD__RPC__REPLY_MODE", "pigeon")],
             None,
             "rpc.reply_mode",

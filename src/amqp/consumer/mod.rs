@@ -106,6 +106,12 @@ pub struct ConsumerSpec {
 pub trait Declare: Send + Sync + 'static {
     /// Declares and returns the queue's name.
     async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String>;
+
+    /// The arguments of `basic.consume` on this open (a stream consumer's
+    /// `x-stream-offset`, which moves on as it reads); none by default.
+    fn consume_arguments(&self) -> FieldTable {
+        FieldTable::default()
+    }
 }
 
 /// Opens links for one consumer and keeps its status. Cheap to clone.
@@ -191,7 +197,7 @@ impl Supervisor {
                     exclusive: false,
                     nowait: false,
                 },
-                FieldTable::default(),
+                self.inner.declare.consume_arguments(),
             )
             .await?;
         let (alarm, alarmed) = oneshot::channel();
