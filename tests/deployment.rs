@@ -12,6 +12,11 @@
 //! killed, before it could record it, is sent again once its lease runs
 //! out (at least once across a crash).
 //!
+//! An SSE client follows `switchboard.call.completed` on A and, when A's
+//! death cuts its stream, reconnects to B with `Last-Event-ID`: it sees
+//! every call's completion once, none missed and no id twice (positions
+//! are offsets in `<prefix>.events.log`, the same on every gateway).
+//!
 //! A test binary of its own (`cargo test --test deployment`, under a
 //! minute). Needs RabbitMQ (with the management API, to delete what the
 //! processes declared) and PostgreSQL (`SWITCHBOARD_TEST_POSTGRES_URL`, by
@@ -26,6 +31,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix_web::{App, HttpResponse, HttpServer, web};
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
 
 use common::{amqp_url, eventually, free_port, management_url, poll_until};
 
@@ -250,6 +257,19 @@ async fn run(prefix: String, store_url: String) {
     })
     .await;
 
+    // The SSE client: on A, then on B from where A's stream was cut.
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let (ready, followed) = oneshot::channel();
+    let (reconnect, gate) = oneshot::channel();
+    let follower = tokio::spawn(follow(
+        vec![gateways[0].clone(), gateways[1].clone()],
+        seen.clone(),
+        ready,
+        gate,
+    ));
+    let mut reconnect = Some(reconnect);
+    followed.await.expect("the SSE client connected to A");
+
     let load_started = Instant::now();
     let mut accepted: Vec<String> = Vec::new();
     let mut kills = 0;
@@ -279,6 +299,29 @@ async fn run(prefix: String, store_url: String) {
         let id = res.headers()["Call-Id"].to_str().unwrap().to_owned();
         accepted.push(id);
     }
+
+    // The SSE client, cut off with A, comes back only once calls have
+    // ended meanwhile (callbacks that arrived after the kill): it gets them
+    // only by resuming where it left off.
+    let after_kill = |received: &Received| {
+        let killed_at = killed_at.expect("A was killed");
+        received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|times| times.first().is_some_and(|t| *t > killed_at))
+            .count()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "calls end while the SSE client is away",
+        || {
+            let n = after_kill(&received);
+            async move { n >= 10 }
+        },
+    )
+    .await;
+    let _ = reconnect.take().expect("once").send(());
 
     // Every accepted call ends `succeeded`, polled through B or C.
     let survivors = &gateways[1..];
@@ -408,8 +451,51 @@ async fn run(prefix: String, store_url: String) {
         duplicates.len(),
         load_started.elapsed().as_secs_f64()
     );
+    // The SSE client saw every call's completion, each once, ids unrepeated.
+    poll_until(
+        Duration::from_secs(20),
+        "the SSE client sees every completion",
+        || {
+            let missing = {
+                let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                accepted
+                    .iter()
+                    .filter(|id| !seen.calls.contains_key(*id))
+                    .count()
+            };
+            async move {
+                if missing == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{missing} completions not seen over SSE"))
+                }
+            }
+        },
+    )
+    .await;
+    follower.abort();
+    let (sse_events, sse_twice, sse_ids_repeated, sse_reconnects, sse_other) = {
+        let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids = seen.ids.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        (
+            seen.ids.len(),
+            seen.calls.values().filter(|n| **n > 1).count(),
+            seen.ids.len() - ids.len(),
+            seen.reconnects,
+            seen.other.clone(),
+        )
+    };
+    println!(
+        "sse: {sse_events} completions seen, {sse_twice} seen twice, {sse_ids_repeated} ids repeated, {sse_reconnects} reconnects, other events: {sse_other:?}"
+    );
     drop(children);
     receiver.stop(false).await;
+    assert_eq!(sse_reconnects, 1, "the SSE client did not move to B");
+    assert_eq!(sse_twice, 0, "a completion reached the SSE client twice");
+    assert_eq!(sse_ids_repeated, 0, "an SSE id came twice");
+    assert!(sse_other.is_empty(), "unexpected events: {sse_other:?}");
     assert!(lost.is_empty(), "calls that did not succeed: {lost:?}");
     assert!(
         duplicates.is_empty(),
@@ -420,6 +506,92 @@ async fn run(prefix: String, store_url: String) {
         adopted >= 1.0,
         "no reply was taken from A's queue: the kill tested nothing"
     );
+}
+
+/// What the SSE client saw.
+#[derive(Default)]
+struct Seen {
+    /// Every event's SSE id (its offset in the events log), in order.
+    ids: Vec<u64>,
+    /// Completions seen per call id.
+    calls: HashMap<String, usize>,
+    /// Times it connected again, to the next gateway.
+    reconnects: usize,
+    /// Events of any other type (`switchboard.events.lost` would be one).
+    other: Vec<String>,
+}
+
+/// Follows `switchboard.call.completed` over SSE on the first of `bases`;
+/// when that stream ends (its gateway died), on the next, resuming after
+/// the last id seen with `Last-Event-ID`, once `gate` opens. `ready` fires
+/// once connected to the first.
+async fn follow(
+    bases: Vec<String>,
+    seen: Arc<Mutex<Seen>>,
+    ready: oneshot::Sender<()>,
+    gate: oneshot::Receiver<()>,
+) {
+    // No overall timeout: the stream lasts as long as the test wants it.
+    let http = reqwest::Client::new();
+    let mut ready = Some(ready);
+    let mut gate = Some(gate);
+    let mut last: Option<String> = None;
+    for (i, base) in bases.iter().enumerate() {
+        if i > 0
+            && let Some(g) = gate.take()
+        {
+            let _ = g.await;
+        }
+        let mut req = http.get(format!("{base}/v1/events?type=switchboard.call.completed"));
+        if let Some(l) = &last {
+            req = req.header("Last-Event-ID", l);
+        }
+        let Ok(res) = req.send().await else {
+            continue;
+        };
+        if !res.status().is_success() {
+            continue;
+        }
+        if i > 0 {
+            seen.lock().unwrap_or_else(|p| p.into_inner()).reconnects += 1;
+        }
+        if let Some(r) = ready.take() {
+            let _ = r.send(());
+        }
+        let mut body = res.bytes_stream();
+        let (mut buf, mut id, mut data) = (String::new(), None::<String>, String::new());
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find('\n') {
+                let line = buf[..end].trim_end_matches('\r').to_owned();
+                buf.drain(..=end);
+                if line.is_empty() {
+                    if let Some(event_id) = id.take() {
+                        record(&seen, &event_id, &data);
+                        last = Some(event_id);
+                    }
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+        }
+    }
+}
+
+fn record(seen: &Mutex<Seen>, event_id: &str, data: &str) {
+    let event: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+    let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    seen.ids.push(event_id.parse().unwrap_or(u64::MAX));
+    if event["type"] == "switchboard.call.completed" {
+        let call = event["subject"].as_str().unwrap_or_default().to_owned();
+        *seen.calls.entry(call).or_default() += 1;
+    } else {
+        seen.other
+            .push(event["type"].as_str().unwrap_or("?").to_owned());
+    }
 }
 
 /// Deletes every queue and exchange named with `prefix` (this test's own),
