@@ -497,17 +497,24 @@ impl StreamHandler<Event> for Fragile {
     fn finished(&mut self, _: &mut Self::Context) {}
 }
 
-/// The test queue `<prefix>.fragile`, classic and durable.
+/// The test queue `<prefix>.fragile`, classic and durable, declared by the
+/// test: the consumer only checks that it exists (passive), so that once
+/// the test deletes it no reconnect declares it again (it leaked so).
 struct FragileQueue;
+
+fn fragile_queue(broker: &Broker) -> String {
+    format!("{}.fragile", broker.names().prefix())
+}
 
 #[async_trait::async_trait]
 impl Declare for FragileQueue {
     async fn declare(&self, broker: &Broker, conn: &Connection) -> switchboard::Result<String> {
-        let queue = format!("{}.fragile", broker.names().prefix());
+        let queue = fragile_queue(broker);
         let ch = conn.create_channel().await?;
         ch.queue_declare(
             queue.as_str().into(),
             QueueDeclareOptions {
+                passive: true,
                 durable: true,
                 ..Default::default()
             },
@@ -521,6 +528,20 @@ impl Declare for FragileQueue {
 #[actix_rt::test]
 async fn a_consumer_actor_that_panics_is_reported_down_and_started_again_losing_nothing() {
     let c = ctx("actor-panic").await;
+    c.broker
+        .channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            fragile_queue(&c.broker).as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
     let supervisor = Supervisor::new(
         &c.broker,
         ConsumerSpec {
