@@ -33,7 +33,7 @@
 //!   deliveries held for their ack, the flush timer.
 //! - [`Batched`]: a delivery settled through an [`AckBatch`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -51,15 +51,6 @@ pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(5);
 /// The most finished deliveries held in one run before it is acked.
 const MAX_BATCH: usize = 64;
 
-/// How one tag above the floor ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Done {
-    /// Finished: to ack.
-    ToAck,
-    /// Settled on its own (rejected, nacked, acked alone).
-    Settled,
-}
-
 /// An ack to write: `basic.ack(tag, multiple)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ack {
@@ -68,13 +59,17 @@ pub(crate) struct Ack {
 }
 
 /// The delivery tags of one channel: every tag up to `floor` is settled;
-/// above it, those reported finished or settled.
+/// above it, those finished (to ack) and those settled on their own (kept
+/// as ranges: a handler that runs for an hour below thousands of settled
+/// tags costs a range, not an entry per tag). Finished tags are at most
+/// the prefetch.
 #[derive(Debug, Default)]
 pub(crate) struct Tags {
     floor: u64,
     delivered: u64,
-    done: BTreeMap<u64, Done>,
-    to_ack: usize,
+    to_ack: BTreeSet<u64>,
+    /// First tag to last tag (inclusive) of each range settled alone.
+    settled: BTreeMap<u64, u64>,
 }
 
 impl Tags {
@@ -83,50 +78,78 @@ impl Tags {
         self.delivered = self.delivered.max(tag);
     }
 
+    /// The range settled alone that holds `tag`, if any.
+    fn settled_range(&self, tag: u64) -> Option<(u64, u64)> {
+        self.settled
+            .range(..=tag)
+            .next_back()
+            .filter(|(_, last)| **last >= tag)
+            .map(|(first, last)| (*first, *last))
+    }
+
+    fn known(&self, tag: u64) -> bool {
+        tag <= self.floor || self.to_ack.contains(&tag) || self.settled_range(tag).is_some()
+    }
+
     /// Tag `tag` finished and is to be acked; false if it was settled or
     /// reported before (it must then not be acked again).
     pub(crate) fn finished(&mut self, tag: u64) -> bool {
-        self.mark(tag, Done::ToAck)
+        if self.known(tag) {
+            return false;
+        }
+        self.to_ack.insert(tag);
+        self.delivered(tag);
+        true
     }
 
     /// Tag `tag` was settled on its own (its frame written); false if it
     /// was known before.
     pub(crate) fn settled(&mut self, tag: u64) -> bool {
-        self.mark(tag, Done::Settled)
-    }
-
-    fn mark(&mut self, tag: u64, how: Done) -> bool {
-        if tag <= self.floor || self.done.contains_key(&tag) {
+        if self.known(tag) {
             return false;
         }
-        self.done.insert(tag, how);
-        if how == Done::ToAck {
-            self.to_ack += 1;
-        }
+        self.settle_range(tag);
         self.delivered(tag);
         true
+    }
+
+    /// Adds `tag` (not known) to the ranges settled alone, merged with its
+    /// neighbours.
+    fn settle_range(&mut self, tag: u64) {
+        let mut first = tag;
+        if let Some((&f, &l)) = self.settled.range(..tag).next_back()
+            && l + 1 == tag
+        {
+            first = f;
+        }
+        let last = match self.settled.remove(&(tag + 1)) {
+            Some(l) => l,
+            None => tag,
+        };
+        self.settled.insert(first, last);
     }
 
     /// The contiguous run above the floor: its highest tag, its highest tag
     /// to ack and how many it has to ack.
     fn run(&self) -> (u64, Option<u64>, usize) {
         let (mut top, mut last, mut n) = (self.floor, None, 0);
-        for (&tag, &how) in self.done.range(self.floor + 1..) {
-            if tag != top + 1 {
-                break;
-            }
-            top = tag;
-            if how == Done::ToAck {
-                last = Some(tag);
+        loop {
+            let next = top + 1;
+            if self.to_ack.contains(&next) {
+                top = next;
+                last = Some(next);
                 n += 1;
+            } else if let Some(l) = self.settled.get(&next) {
+                top = *l;
+            } else {
+                return (top, last, n);
             }
         }
-        (top, last, n)
     }
 
     /// Finished tags held (in the run and above gaps).
     pub(crate) fn held(&self) -> usize {
-        self.to_ack
+        self.to_ack.len()
     }
 
     /// Whether the run should be acked now: it holds `max_batch` finished
@@ -141,14 +164,13 @@ impl Tags {
     /// tags.
     pub(crate) fn take_run(&mut self) -> Option<(Ack, Vec<u64>)> {
         let (top, last, n) = self.run();
-        let mut covered = Vec::with_capacity(n);
-        for tag in self.floor + 1..=top {
-            if self.done.remove(&tag) == Some(Done::ToAck) {
-                covered.push(tag);
-            }
-        }
+        let above = self.to_ack.split_off(&(top + 1));
+        let covered: Vec<u64> = std::mem::replace(&mut self.to_ack, above)
+            .into_iter()
+            .collect();
+        let above = self.settled.split_off(&(top + 1));
+        self.settled = above;
         self.floor = top;
-        self.to_ack -= covered.len();
         last.map(|tag| {
             (
                 Ack {
@@ -163,16 +185,10 @@ impl Tags {
     /// Finished tags above a gap (call after [`Tags::take_run`]), to ack
     /// one by one: marked settled.
     pub(crate) fn take_stragglers(&mut self) -> Vec<u64> {
-        let tags: Vec<u64> = self
-            .done
-            .iter_mut()
-            .filter(|(_, how)| **how == Done::ToAck)
-            .map(|(tag, how)| {
-                *how = Done::Settled;
-                *tag
-            })
-            .collect();
-        self.to_ack -= tags.len();
+        let tags: Vec<u64> = std::mem::take(&mut self.to_ack).into_iter().collect();
+        for &tag in &tags {
+            self.settle_range(tag);
+        }
         tags
     }
 }
@@ -540,6 +556,27 @@ mod tests {
         t.finished(3);
         assert_eq!(t.take_run(), Some((ack(3, false), vec![3])));
         assert!(!t.finished(4), "acked alone before");
+    }
+
+    #[test]
+    fn tags_settled_alone_above_a_long_gap_are_kept_as_one_range() {
+        let mut t = delivered(10_001);
+        for tag in 2..=10_001 {
+            t.finished(tag);
+            assert_eq!(t.take_run(), None, "1 runs for an hour");
+            assert_eq!(t.take_stragglers(), vec![tag]);
+        }
+        assert_eq!(
+            t.settled.len(),
+            1,
+            "{:?}",
+            t.settled.iter().take(3).collect::<Vec<_>>()
+        );
+        assert!(!t.finished(5_000), "acked alone before");
+        t.finished(1);
+        assert_eq!(t.take_run(), Some((ack(1, false), vec![1])));
+        assert_eq!(t.floor, 10_001);
+        assert!(t.settled.is_empty());
     }
 
     #[test]
