@@ -131,7 +131,7 @@ impl Routed {
     }
 
     /// The caller holds the reply for good: the broker may forget it (acked
-    /// with the contiguous replies done before it, [`crate::amqp::acks`]:
+    /// with the contiguous replies done before it, `amqp::acks`:
     /// no round trip, task or timer on the caller's path; a lost ack brings
     /// the reply back, and it is dropped as late).
     pub fn done(self) -> Reply {

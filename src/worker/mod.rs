@@ -6,7 +6,9 @@
 //! this one stops or panics. Each delivery runs the service's [`Handler`]
 //! concurrently (the channel's prefetch, the service's `concurrency`, bounds
 //! how many run at once), publishes the reply to `reply_to` with publisher
-//! confirms, and only then acks; a request whose caller waits in memory
+//! confirms, and only then acks (batched: one `basic.ack(multiple)` for a
+//! run of contiguous finished deliveries, `amqp::acks`); a request whose
+//! caller waits in memory
 //! ([`wire::HEADER_CALLER_WAITS`]) gets a transient reply, acked as soon as
 //! it is written. A handler that panics or fails transiently
 //! leaves the request to be delivered again (`basic.reject`); on its last
