@@ -276,6 +276,16 @@ async fn run(prefix: String, store_url: String) {
     let mut killed_at = None;
     for n in 0..CALLS {
         if n == KILL_AFTER {
+            // The SSE client has a position on A to resume from.
+            eventually(
+                Duration::from_secs(30),
+                "the SSE client on A sees a completion",
+                || {
+                    let n = seen.lock().unwrap_or_else(|p| p.into_inner()).calls.len();
+                    async move { n > 0 }
+                },
+            )
+            .await;
             children.kill("a");
             killed_at = Some(Instant::now());
             kills += 1;
@@ -456,25 +466,30 @@ async fn run(prefix: String, store_url: String) {
         Duration::from_secs(20),
         "the SSE client sees every completion",
         || {
-            let missing = {
+            let (missing, ids, resumed) = {
                 let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                accepted
+                let missing: Vec<String> = accepted
                     .iter()
                     .filter(|id| !seen.calls.contains_key(*id))
-                    .count()
+                    .cloned()
+                    .collect();
+                (missing, seen.ids.clone(), seen.resumed_after.clone())
             };
             async move {
-                if missing == 0 {
+                if missing.is_empty() {
                     Ok(())
                 } else {
-                    Err(format!("{missing} completions not seen over SSE"))
+                    Err(format!(
+                        "{} completions not seen over SSE ({missing:?}); ids seen {ids:?}, resumed after {resumed:?}",
+                        missing.len()
+                    ))
                 }
             }
         },
     )
     .await;
     follower.abort();
-    let (sse_events, sse_twice, sse_ids_repeated, sse_reconnects, sse_other) = {
+    let (sse_events, sse_twice, sse_ids_repeated, sse_reconnects, sse_other, sse_resumed) = {
         let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
         let mut ids = seen.ids.clone();
         ids.sort_unstable();
@@ -485,14 +500,19 @@ async fn run(prefix: String, store_url: String) {
             seen.ids.len() - ids.len(),
             seen.reconnects,
             seen.other.clone(),
+            seen.resumed_after.clone(),
         )
     };
     println!(
-        "sse: {sse_events} completions seen, {sse_twice} seen twice, {sse_ids_repeated} ids repeated, {sse_reconnects} reconnects, other events: {sse_other:?}"
+        "sse: {sse_events} completions seen, {sse_twice} seen twice, {sse_ids_repeated} ids repeated, {sse_reconnects} reconnects (after id {sse_resumed:?}), other events: {sse_other:?}"
     );
     drop(children);
     receiver.stop(false).await;
     assert_eq!(sse_reconnects, 1, "the SSE client did not move to B");
+    assert!(
+        sse_resumed.is_some(),
+        "the SSE client came back with no position"
+    );
     assert_eq!(sse_twice, 0, "a completion reached the SSE client twice");
     assert_eq!(sse_ids_repeated, 0, "an SSE id came twice");
     assert!(sse_other.is_empty(), "unexpected events: {sse_other:?}");
@@ -519,6 +539,8 @@ struct Seen {
     reconnects: usize,
     /// Events of any other type (`switchboard.events.lost` would be one).
     other: Vec<String>,
+    /// The `Last-Event-ID` the client came back with.
+    resumed_after: Option<String>,
 }
 
 /// Follows `switchboard.call.completed` over SSE on the first of `bases`;
@@ -553,7 +575,9 @@ async fn follow(
             continue;
         }
         if i > 0 {
-            seen.lock().unwrap_or_else(|p| p.into_inner()).reconnects += 1;
+            let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.reconnects += 1;
+            seen.resumed_after = last.clone();
         }
         if let Some(r) = ready.take() {
             let _ = r.send(());
