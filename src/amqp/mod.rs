@@ -9,12 +9,10 @@
 //!   (rustls) for `amqps://`, never plain text for `amqps://`.
 //! - [`topology`]: idempotent declaration of exchanges and queues.
 //! - `delivery`: [`InFlight`], a delivery that is acked or rejected exactly once.
-//! - `acks`: batched acks (`multiple`) of contiguous finished deliveries.
 //! - [`consumer`]: supervised consumers (prefetch, acks, reconnect with
 //!   backoff, a watchdog, liveness for readiness and metrics), the one way
 //!   every part consumes.
 
-pub(crate) mod acks;
 pub(crate) mod broker;
 mod connector;
 pub mod consumer;

@@ -42,7 +42,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::amqp::acks::{AckBatch, Batched};
 use crate::amqp::consumer::{ActorConsumer, Consumes, Event, Link, settle};
 use crate::amqp::delivery::SETTLE_TIMEOUT;
 use crate::amqp::{InFlight, wire};
@@ -121,7 +120,7 @@ pub const PROGRESS_BUFFER: usize = 32;
 #[derive(Debug)]
 pub struct Routed {
     reply: Reply,
-    delivery: Option<Batched>,
+    delivery: Option<InFlight>,
 }
 
 impl Routed {
@@ -131,12 +130,10 @@ impl Routed {
     }
 
     /// The caller holds the reply for good: the broker may forget it (acked
-    /// with the contiguous replies done before it, `amqp::acks`:
-    /// no round trip, task or timer on the caller's path; a lost ack brings
-    /// the reply back, and it is dropped as late).
+    /// in the background: no round trip on the caller's path).
     pub fn done(self) -> Reply {
         if let Some(delivery) = self.delivery {
-            delivery.ack();
+            ack_later(delivery);
         }
         self.reply
     }
@@ -148,6 +145,13 @@ impl Routed {
             settle(delivery.hand_back().await);
         }
     }
+}
+
+/// Acks `delivery` without waiting for the frame to be written
+/// ([`InFlight::ack_now`]): no task or timer per reply. A lost ack brings
+/// the reply back, and it is dropped as late.
+fn ack_later(delivery: InFlight) {
+    settle(delivery.ack_now());
 }
 
 struct Waiter {
@@ -360,8 +364,6 @@ pub struct ReplyRouter {
     slot: ChannelSlot,
     /// Replies being settled (offered to the sink, quarantined).
     settling: Settling,
-    /// The acks of the reply channel consumed now, batched (queue mode).
-    acks: AckBatch,
 }
 
 impl ReplyRouter {
@@ -386,9 +388,6 @@ impl ReplyRouter {
             consumer,
             slot,
             settling: Settling::default(),
-            // The reply consumer's prefetch (4,096) is far above the batch
-            // (64 at most): held acks never starve it.
-            acks: AckBatch::new(u16::MAX),
         }
     }
 
@@ -398,7 +397,7 @@ impl ReplyRouter {
     fn route_progress(
         &mut self,
         progress: crate::worker::Progress,
-        delivery: Option<Batched>,
+        delivery: Option<InFlight>,
         ctx: &mut Context<Self>,
     ) {
         let stats = self.stats.clone();
@@ -437,7 +436,7 @@ impl ReplyRouter {
                     count(sink(progress).await);
                 }
                 if let Some(delivery) = delivery {
-                    delivery.ack();
+                    settle(delivery.ack().await);
                 }
             }
             .into_actor(self),
@@ -450,8 +449,8 @@ impl ReplyRouter {
         &mut self,
         id: String,
         reply: Reply,
-        delivery: Option<Batched>,
-    ) -> Option<(Orphan, Option<Batched>)> {
+        delivery: Option<InFlight>,
+    ) -> Option<(Orphan, Option<InFlight>)> {
         let (waiter, late) = self.pending.take(&id);
         let Some(waiter) = waiter else {
             return Some((Orphan { id, reply, late }, delivery));
@@ -482,10 +481,6 @@ impl Consumes for ReplyRouter {
     fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
         if self.mode == ReplyMode::Direct {
             self.slot.set(Some(link.channel().clone()));
-        }
-        if !self.no_ack {
-            // Tags start again at 1 on the new channel.
-            self.acks.relink(link.channel().clone());
         }
         info!(pending = self.pending.len(), queue = %link.queue(), "reply consumer ready");
     }
@@ -577,18 +572,14 @@ impl StreamHandler<Event> for ReplyRouter {
                 return;
             }
             let supervisor = self.consumer.supervisor().clone();
-            let inflight = self.acks.track(InFlight::new(delivery));
+            let inflight = InFlight::new(delivery);
             let settling = self.settling.start();
             ctx.spawn(
                 async move {
                     let _settling = settling;
-                    let _ = inflight
-                        .settle_alone(|i| async move {
-                            supervisor
-                                .quarantine_settled(i, "a reply without a correlation id")
-                                .await
-                        })
-                        .await;
+                    supervisor
+                        .quarantine(inflight, "a reply without a correlation id")
+                        .await
                 }
                 .into_actor(self),
             );
@@ -596,13 +587,13 @@ impl StreamHandler<Event> for ReplyRouter {
         };
         if let Some(fraction) = wire::progress_of(&delivery.properties) {
             let note = wire::progress_note(&delivery.data);
-            let inflight = (!self.no_ack).then(|| self.acks.track(InFlight::new(delivery)));
+            let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
             let Ok(fraction) = fraction else {
                 // A report that says nothing: dropped, never a reply.
                 warn!(call_id = %id, "progress report with a malformed x-sb-progress dropped");
                 self.stats.progress_dropped.fetch_add(1, Ordering::Relaxed);
                 if let Some(inflight) = inflight {
-                    inflight.ack();
+                    ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
                 }
                 return;
             };
@@ -616,7 +607,7 @@ impl StreamHandler<Event> for ReplyRouter {
         }
         let body = Bytes::from(std::mem::take(&mut delivery.data));
         let reply = to_reply(&delivery, body, &id);
-        let inflight = (!self.no_ack).then(|| self.acks.track(InFlight::new(delivery)));
+        let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
         // Routed: its caller settles it once it holds the reply for good.
         let Some((orphan, inflight)) = self.route(id, reply, inflight) else {
             return;
@@ -624,7 +615,14 @@ impl StreamHandler<Event> for ReplyRouter {
         let Some(sink) = self.orphans.clone() else {
             orphan.count_dropped(&self.stats);
             if let Some(inflight) = inflight {
-                inflight.ack();
+                let settling = self.settling.start();
+                ctx.spawn(
+                    async move {
+                        let _settling = settling;
+                        settle(inflight.ack().await)
+                    }
+                    .into_actor(self),
+                );
             }
             return;
         };
@@ -654,20 +652,16 @@ impl StreamHandler<Event> for ReplyRouter {
                 match offer(&sink, &orphan).await {
                     Ok(true) => {
                         stats.handed_off.fetch_add(1, Ordering::Relaxed);
-                        inflight.ack();
+                        settle(inflight.ack().await);
                     }
                     Ok(false) => {
                         orphan.count_dropped(&stats);
-                        inflight.ack();
+                        settle(inflight.ack().await);
                     }
                     Err(()) => {
-                        let _ = inflight
-                            .settle_alone(|i| async move {
-                                supervisor
-                                    .quarantine_settled(i, "a reply the call store failed to take")
-                                    .await
-                            })
-                            .await;
+                        supervisor
+                            .quarantine(inflight, "a reply the call store failed to take")
+                            .await
                     }
                 }
             }
@@ -756,11 +750,8 @@ impl Handler<Close> for ReplyRouter {
         self.slot.set(None);
         let link = ActorConsumer::stop(self, ctx);
         let settling = self.settling.clone();
-        let acks = self.acks.clone();
         Box::pin(async move {
             settling.idle(SETTLE_TIMEOUT).await;
-            // Held acks are written before the channel closes.
-            acks.flush();
             if let Some(link) = link {
                 link.stop("shutdown").await;
             }

@@ -6,9 +6,7 @@
 //! this one stops or panics. Each delivery runs the service's [`Handler`]
 //! concurrently (the channel's prefetch, the service's `concurrency`, bounds
 //! how many run at once), publishes the reply to `reply_to` with publisher
-//! confirms, and only then acks (batched: one `basic.ack(multiple)` for a
-//! run of contiguous finished deliveries, `amqp::acks`); a request whose
-//! caller waits in memory
+//! confirms, and only then acks; a request whose caller waits in memory
 //! ([`wire::HEADER_CALLER_WAITS`]) gets a transient reply, acked as soon as
 //! it is written. A handler that panics or fails transiently
 //! leaves the request to be delivered again (`basic.reject`); on its last
@@ -47,9 +45,8 @@ use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 pub use cancels::CancelWatch;
 pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
-use crate::amqp::acks::{AckBatch, Batched};
 use crate::amqp::consumer::{
-    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, Link, settle,
+    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, settle,
 };
 use crate::amqp::{
     Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology, wire,
@@ -138,7 +135,7 @@ enum Outcome {
 struct Dedup {
     done: HashSet<String>,
     order: VecDeque<String>,
-    running: HashMap<String, Vec<Batched>>,
+    running: HashMap<String, Vec<InFlight>>,
 }
 
 impl Dedup {
@@ -171,9 +168,6 @@ pub struct Worker {
     stream_done: bool,
     /// Who waits for the drain to end.
     drained: Vec<oneshot::Sender<()>>,
-    /// The acks of the channel consumed now, batched
-    /// ([`crate::amqp::acks`]).
-    acks: AckBatch,
 }
 
 impl Actor for Worker {
@@ -187,11 +181,6 @@ impl Actor for Worker {
 impl Consumes for Worker {
     fn consumer(&mut self) -> &mut ActorConsumer {
         &mut self.consumer
-    }
-
-    fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
-        // Tags start again at 1 on the new channel.
-        self.acks.relink(link.channel().clone());
     }
 }
 
@@ -301,7 +290,6 @@ impl Worker {
                 draining: false,
                 stream_done: false,
                 drained: Vec::new(),
-                acks: AckBatch::new(shared.settings.concurrency),
             }
             .start()
         });
@@ -317,14 +305,15 @@ impl Worker {
                 self.dedup.remember(key);
             }
             for copy in parked {
-                // A copy of an answered request is done; of one given
-                // back, it goes back too, unprocessed (not a failure).
-                match outcome {
-                    Outcome::Answered => copy.ack(),
-                    Outcome::GivenBack => {
-                        actix::spawn(async move { settle(copy.hand_back().await) });
-                    }
-                }
+                actix::spawn(async move {
+                    // A copy of an answered request is done; of one given
+                    // back, it goes back too, unprocessed (not a failure).
+                    let settled = match outcome {
+                        Outcome::Answered => copy.ack().await,
+                        Outcome::GivenBack => copy.hand_back().await,
+                    };
+                    settle(settled);
+                });
             }
         }
         self.check_drained();
@@ -333,8 +322,6 @@ impl Worker {
     /// Wakes who waits for the drain once nothing is left in hand.
     fn check_drained(&mut self) {
         if self.draining && self.stream_done && self.in_flight == 0 {
-            // Held acks are written before the channel closes.
-            self.acks.flush();
             for tx in self.drained.drain(..) {
                 let _ = tx.send(());
             }
@@ -358,7 +345,7 @@ impl StreamHandler<Event> for Worker {
         if delivery.redelivered {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let inflight = self.acks.track(InFlight::new(delivery));
+        let inflight = InFlight::new(delivery);
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
             // unprocessed, for another worker. In flight until the nack is
@@ -371,7 +358,7 @@ impl StreamHandler<Event> for Worker {
             );
             return;
         }
-        let props = &inflight.inflight().delivery().properties;
+        let props = &inflight.delivery().properties;
         let key = props
             .message_id()
             .as_ref()
@@ -381,7 +368,7 @@ impl StreamHandler<Event> for Worker {
             if self.dedup.done.contains(k) {
                 self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.shared.service, message_id = %k, "already answered: acked without running again");
-                inflight.ack();
+                actix::spawn(async move { settle(inflight.ack().await) });
                 return;
             }
             if let Some(parked) = self.dedup.running.get_mut(k) {
@@ -427,7 +414,6 @@ impl actix::Handler<Drain> for Worker {
         self.drained.push(tx);
         self.check_drained();
         let grace = msg.grace;
-        let acks = self.acks.clone();
         Box::pin(async move {
             if let Some(link) = &link {
                 // Deliveries already sent still arrive, and are handed back.
@@ -435,9 +421,7 @@ impl actix::Handler<Drain> for Worker {
             }
             let _ = tokio::time::timeout(grace, rx).await;
             if let Some(link) = link {
-                // Held acks are written first; unacked deliveries (handlers
-                // past the grace) go back to the queue.
-                acks.flush();
+                // Unacked deliveries (handlers past the grace) go back to the queue.
                 link.stop("shutdown").await;
             }
         })
@@ -447,11 +431,11 @@ impl actix::Handler<Drain> for Worker {
 /// Handles one delivery: expiry check, handler, reply, settlement.
 async fn process(
     shared: Arc<Shared>,
-    mut inflight: Batched,
+    mut inflight: InFlight,
     channel: Option<lapin::Channel>,
 ) -> Outcome {
-    let payload = inflight.inflight_mut().take_payload();
-    let d = inflight.inflight().delivery();
+    let payload = inflight.take_payload();
+    let d = inflight.delivery();
     let props = &d.properties;
     let call_id = props
         .correlation_id()
@@ -467,18 +451,18 @@ async fn process(
         crate::telemetry::otlp::continue_trace(&span, tp);
     }
     async move {
-        let d = inflight.inflight().delivery();
+        let d = inflight.delivery();
         let props = &d.properties;
         if wire::is_expired(props, wire::now_ms()) {
             debug!("deadline passed before work began: dropped");
             shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-            inflight.ack();
+            settle(inflight.ack().await);
             return Outcome::GivenBack;
         }
         if !call_id.is_empty() && shared.cancels.is_cancelled(&call_id) {
             debug!("the call was cancelled before work began: dropped");
             shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            inflight.ack();
+            settle(inflight.ack().await);
             return Outcome::Answered;
         }
         let running = shared.cancels.running(&call_id);
@@ -513,7 +497,7 @@ async fn process(
             // Whatever the handler answered, nobody wants it: the call ended.
             debug!("the call was cancelled while its handler ran: no reply");
             shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            inflight.ack();
+            settle(inflight.ack().await);
             return Outcome::Answered;
         }
         drop(running);
@@ -529,7 +513,7 @@ async fn process(
                 return give_back(&shared, inflight).await;
             }
         };
-        let d = inflight.inflight().delivery();
+        let d = inflight.delivery();
         let caller_waits = wire::caller_waits(&d.properties);
         if let Some(reply_to) = d.properties.reply_to().as_ref() {
             let props = wire::reply_properties_for(
@@ -581,9 +565,9 @@ async fn process(
         }
         shared.stats.replied.fetch_add(1, Ordering::Relaxed);
         debug!(status = reply.status, "replied");
-        // Batched, not awaited: the reply is confirmed, and a copy of a
-        // request lost with its ack is settled by the `message_id` memory.
-        inflight.ack();
+        // Not awaited: the reply is confirmed, and a copy of a request lost
+        // with its ack is settled by the `message_id` memory.
+        settle(inflight.ack_now());
         Outcome::Answered
     }
     .instrument(span)
@@ -607,7 +591,7 @@ async fn process(
 /// second as late), so the handler never runs twice for it.
 async fn reply_unconfirmed(
     shared: &Shared,
-    inflight: Batched,
+    inflight: InFlight,
     channel: &lapin::Channel,
     reply_to: &str,
     body: &[u8],
@@ -637,9 +621,8 @@ async fn reply_unconfirmed(
             return Outcome::GivenBack;
         }
     };
-    // Batched, not awaited: a lost ack brings a copy that waits for this
-    // task (or, once it is answered, is acked by the `message_id` memory).
-    inflight.ack();
+    // Not awaited: a lost ack brings a copy that waits for this task.
+    settle(inflight.ack_now());
     let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
     if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
         debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
@@ -734,9 +717,9 @@ impl handler::Reporter for ProgressReporter {
 /// many deliveries failed before (`x-delivery-count`; the broker would
 /// dead-letter it itself on the next return); classic queues count
 /// nothing, so there a request that fails again once redelivered ends.
-async fn give_back(shared: &Shared, inflight: Batched) -> Outcome {
-    let d = inflight.inflight().delivery();
-    let failed_before = inflight.inflight().failed_deliveries();
+async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
+    let d = inflight.delivery();
+    let failed_before = inflight.failed_deliveries();
     let last = match shared.settings.queue_type {
         QueueType::Classic => d.redelivered,
         QueueType::Quorum => failed_before >= u64::from(shared.settings.delivery_limit),

@@ -98,51 +98,6 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
 }
 
 #[actix_rt::test]
-async fn requests_failing_among_concurrent_successes_are_redelivered_not_swallowed_by_batched_acks()
-{
-    // Acks are batched (`basic.ack(multiple)` of a run of finished
-    // deliveries): a request rejected for redelivery among others that
-    // finish around it must come back, never be covered by their ack (it
-    // would then be gone without a reply, and its call would time out).
-    let c = ctx("batch").await;
-    let runs = Arc::new(AtomicU64::new(0));
-    let r = runs.clone();
-    let h = Arc::new(move |req: Request| {
-        let r = r.clone();
-        async move {
-            r.fetch_add(1, Ordering::Relaxed);
-            let n: u64 = serde_json::from_slice(&req.payload).unwrap();
-            // Finish out of order: handlers run concurrently.
-            tokio::time::sleep(Duration::from_millis(n % 5)).await;
-            if n % 4 == 1 && !req.redelivered {
-                return Err(HandlerError::transient("fails on its first delivery"));
-            }
-            Ok(Reply::ok(req.content_type, req.payload))
-        }
-    });
-    let svc = c.service();
-    let handle = c.worker("batched", &svc, h).await.unwrap();
-    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
-    let calls = (0..64u64).map(|n| {
-        let client = client.clone();
-        async move {
-            let call =
-                Call::new("batched", n.to_string().into_bytes()).timeout(Duration::from_secs(30));
-            (n, client.call(call).await)
-        }
-    });
-    for (n, reply) in futures_util::future::join_all(calls).await {
-        let reply = reply.unwrap_or_else(|e| panic!("call {n}: {e}"));
-        assert_eq!(reply.status, 200, "call {n}");
-        assert_eq!(&reply.body[..], n.to_string().as_bytes(), "call {n}");
-    }
-    // 16 of the 64 failed once: rejected, redelivered, answered.
-    assert!(handle.stats.requeued.load(Ordering::Relaxed) >= 16);
-    assert!(runs.load(Ordering::Relaxed) >= 80);
-    c.cleanup(&["batched"]).await;
-}
-
-#[actix_rt::test]
 async fn a_request_past_its_deadline_is_not_worked_on() {
     let c = ctx("expired").await;
     let ran = Arc::new(AtomicU64::new(0));

@@ -265,13 +265,6 @@ impl Supervisor {
     /// and message id. If the copy cannot be published, the original is
     /// handed back to be tried again: nothing is dropped.
     pub async fn quarantine(&self, inflight: InFlight, reason: &str) {
-        let _ = self.quarantine_settled(inflight, reason).await;
-    }
-
-    /// [`Supervisor::quarantine`], returning whether the original was
-    /// settled (acked or handed back): for a batch of acks
-    /// ([`crate::amqp::acks`]) to know the tag is done.
-    pub(crate) async fn quarantine_settled(&self, inflight: InFlight, reason: &str) -> Result<()> {
         let broker = &self.inner.broker;
         let d = inflight.delivery();
         let queue = self.inner.status.queue();
@@ -302,19 +295,11 @@ impl Supervisor {
             Ok(()) => {
                 self.inner.status.count_poison();
                 warn!(consumer = %self.name(), %queue, ?message_id, ?correlation_id, reason, to = %poison, "poison message moved out of the queue");
-                let settled = inflight.ack().await;
-                if let Err(e) = &settled {
-                    warn!(error = %e, "could not settle a delivery");
-                }
-                settled
+                settle(inflight.ack().await);
             }
             Err(e) => {
                 warn!(consumer = %self.name(), %queue, ?message_id, error = %e, "poison message could not be moved; handed back");
-                let settled = inflight.hand_back().await;
-                if let Err(e) = &settled {
-                    warn!(error = %e, "could not settle a delivery");
-                }
-                settled
+                settle(inflight.hand_back().await);
             }
         }
     }
