@@ -84,7 +84,10 @@ async fn every_attempt_is_listed_and_a_dead_callback_is_sent_again_once_signed()
     );
     let res = retry(&gw, &id).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::ACCEPTED);
-    assert_eq!(json(res).await["callback"]["state"], "pending");
+    // Pending again; the dispatcher, woken by the retry, may already have
+    // delivered it by the time the answer reads the call.
+    let state = json(res).await["callback"]["state"].clone();
+    assert!(state == "pending" || state == "delivered", "{state}");
     let doc = until(&gw, &id, "delivered", |d| {
         d["callback"]["state"] == "delivered"
     })
