@@ -350,14 +350,7 @@ pub(crate) async fn declare_subscription(
         .await
         .map_err(|e| mismatch(Entity::Queue, &name, e))?;
     let queue = queue.name().as_str().to_owned();
-    ch.queue_bind(
-        queue.as_str().into(),
-        names.events_exchange().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    bind_to_events(ch, names, &queue).await?;
     Ok(queue)
 }
 
@@ -466,14 +459,7 @@ pub(crate) async fn declare_events_log(
         Err(e) => return Err(e.into()),
     };
     let ch = broker.channel().await?;
-    ch.queue_bind(
-        queue.as_str().into(),
-        names.events_exchange().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
+    bind_to_events(&ch, names, &queue).await?;
     super::close_channel(&ch, "declared").await;
     Ok((queue, declared))
 }
@@ -682,6 +668,20 @@ fn setting_of(m: &Mismatch, service: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("services.{service}.{key}"))
+}
+
+/// Binds `queue` to the events fanout (a subscription's queue, the events
+/// log).
+async fn bind_to_events(ch: &Channel, names: &Names, queue: &str) -> Result<()> {
+    ch.queue_bind(
+        queue.into(),
+        names.events_exchange().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -268,7 +268,9 @@ async fn adopt(tracker: &Tracker, silent: &Silent, stats: &AdoptStats, cancel: &
             }
             Next::DeadLetter(delivery) => {
                 quiet = false;
-                take_dead_letter(tracker, &d.dead, InFlight::new(delivery)).await;
+                tracker
+                    .take_dead_letter(&d.dead, InFlight::new(delivery))
+                    .await;
             }
             Next::Check => {
                 match store.still_adopted(&silent.id).await {
@@ -428,27 +430,6 @@ async fn take_reply(
     } else {
         from.supervisor()
             .quarantine(inflight, "a reply the call store failed to take")
-            .await;
-    }
-}
-
-/// Fails the stored call of a dead letter of the dead gateway's watch.
-async fn take_dead_letter(tracker: &Tracker, from: &Consuming, inflight: InFlight) {
-    let Some(id) = inflight
-        .delivery()
-        .properties
-        .correlation_id()
-        .as_ref()
-        .map(|c| c.to_string())
-    else {
-        settle(inflight.ack().await);
-        return;
-    };
-    if tracker.record_dead_letter(&id).await {
-        settle(inflight.ack().await);
-    } else {
-        from.supervisor()
-            .quarantine(inflight, "a dead letter the call store failed to record")
             .await;
     }
 }

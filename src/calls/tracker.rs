@@ -572,25 +572,32 @@ impl Tracker {
                 .metrics()
                 .calls()
                 .dead_letter(delivery.routing_key.as_str());
-            let inflight = InFlight::new(delivery);
-            let Some(id) = inflight
-                .delivery()
-                .properties
-                .correlation_id()
-                .as_ref()
-                .map(|c| c.to_string())
-            else {
-                settle(inflight.ack().await);
-                continue;
-            };
-            if self.record_dead_letter(&id).await {
-                settle(inflight.ack().await);
-            } else {
-                consuming
-                    .supervisor()
-                    .quarantine(inflight, "a dead letter the call store failed to record")
-                    .await;
-            }
+            self.take_dead_letter(&consuming, InFlight::new(delivery))
+                .await;
+        }
+    }
+
+    /// Fails the stored call of a dead letter taken from `from` (this
+    /// gateway's watch, or an adopted one's), then acks it; one the store
+    /// fails to record goes to the poison queue. A dead letter without a
+    /// correlation id is no call of a gateway's: acked.
+    pub(crate) async fn take_dead_letter(&self, from: &Consuming, inflight: InFlight) {
+        let Some(id) = inflight
+            .delivery()
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+        else {
+            settle(inflight.ack().await);
+            return;
+        };
+        if self.record_dead_letter(&id).await {
+            settle(inflight.ack().await);
+        } else {
+            from.supervisor()
+                .quarantine(inflight, "a dead letter the call store failed to record")
+                .await;
         }
     }
 
