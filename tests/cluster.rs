@@ -131,7 +131,9 @@ async fn a_node_stopped_mid_load_loses_no_accepted_call_and_runs_none_twice() {
     let worker = Worker::start(&broker, "work", &svc, handler)
         .await
         .expect("the worker starts");
-    assert_eq!(s.rpc.reply_mode, ReplyMode::Queue);
+    // `auto`: calls made with `send` come back through the durable reply
+    // queue (replicated here), as every call below is.
+    assert_eq!(s.rpc.reply_mode, ReplyMode::Auto);
     let client = RpcClient::start(&broker, RpcOptions::from(&s.rpc))
         .await
         .expect("the RPC client starts");

@@ -156,6 +156,7 @@ impl Env {
             service,
             service_settings,
             reply_mode: match a.reply_mode {
+                ReplyModeArg::Auto => ReplyMode::Auto,
                 ReplyModeArg::Queue => ReplyMode::Queue,
                 ReplyModeArg::Direct => ReplyMode::Direct,
             },
@@ -164,6 +165,7 @@ impl Env {
             labels: Labels {
                 profile: profile.name(),
                 reply_mode: match a.reply_mode {
+                    ReplyModeArg::Auto => "auto",
                     ReplyModeArg::Queue => "queue",
                     ReplyModeArg::Direct => "direct",
                 },

@@ -86,7 +86,8 @@ impl RawRpc {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let (queue, no_ack) = match t.reply_mode {
-            ReplyMode::Queue => {
+            // `auto` is the library's mixed mode: raw stands for `send`.
+            ReplyMode::Queue | ReplyMode::Auto => {
                 let q = topology::declare_reply_queue(&channel, &t.names, &t.instance).await?;
                 // The same bound on unacked replies as switchboard's client.
                 channel

@@ -44,7 +44,7 @@ pub struct RpcArgs {
     pub concurrency: Vec<usize>,
     /// Where replies come back: the client's durable reply queue, or RabbitMQ
     /// direct reply-to.
-    #[arg(long, value_enum, default_value_t = ReplyModeArg::Queue)]
+    #[arg(long, value_enum, default_value_t = ReplyModeArg::Auto)]
     pub reply_mode: ReplyModeArg,
     /// Delivery guarantees; a comma-separated list gives points for each.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "safe")]
@@ -77,6 +77,10 @@ pub struct RpcArgs {
 /// `--reply-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReplyModeArg {
+    /// The library's default: direct reply-to for calls whose caller waits
+    /// (`switchboard-waits`), the durable reply queue for the others (the
+    /// raw reference: the queue).
+    Auto,
     /// The client's durable reply queue.
     Queue,
     /// RabbitMQ direct reply-to.

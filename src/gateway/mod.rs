@@ -212,11 +212,13 @@ pub async fn start(
     });
     let tracker = Tracker::new(store, broker.clone(), callbacks.clone(), &g);
     let mut options = RpcOptions::from(&settings.rpc);
-    if options.reply_mode != ReplyMode::Queue {
+    if options.reply_mode == ReplyMode::Direct {
         warn!(
             "the gateway always uses the durable reply queue, so replies outlive requests and restarts"
         );
     }
+    // Its synchronous calls too (not `auto`): a reply on its way when the
+    // gateway's connection drops still reaches its HTTP caller.
     options.reply_mode = ReplyMode::Queue;
     options.orphans = Some(tracker.orphan_sink());
     options.progress = Some(tracker.progress_sink());

@@ -9,8 +9,11 @@
 //! to them), publishes
 //! the request with a publisher confirm and returns a [`PendingReply`];
 //! awaiting it gives the reply or a timeout at the call's deadline. Replies
-//! come back either on the instance's durable reply queue (default) or by
-//! RabbitMQ direct reply-to (opt-in).
+//! come back on the instance's durable reply queue or by RabbitMQ direct
+//! reply-to: by default (`rpc.reply_mode = "auto"`) a call whose caller
+//! waits in memory ([`RpcClient::call`], [`RpcClient::send_waiting`]) by
+//! direct reply-to, on a consumer and connection of its own (`rpc-direct`),
+//! and every other through the queue.
 //!
 //! # Layout
 //! - `router`: the [`ReplyRouter`] actor: pending calls, deadlines, reply dispatch.
@@ -168,8 +171,97 @@ struct Inner {
     /// router puts the current one here (a new one after a reconnect).
     direct_channel: router::ChannelSlot,
     pending: Arc<PendingCalls>,
+    /// `auto` mode: the direct reply-to path of the calls whose caller
+    /// waits in memory (the others come back through the reply queue).
+    waiting: Option<DirectPath>,
     options: RpcOptions,
     stats: Arc<RpcStats>,
+}
+
+/// A reply consumer on `amq.rabbitmq.reply-to` (its own connection) and its
+/// router: in `auto` mode, where the replies of waiting callers come back.
+struct DirectPath {
+    router: Keeper<ReplyRouter>,
+    consumer: Arc<ConsumerStatus>,
+    /// Where the requests of its calls are published (the consuming channel).
+    channel: router::ChannelSlot,
+    pending: Arc<PendingCalls>,
+}
+
+/// Starts a reply router of `mode` on a supervised consumer of its own
+/// (named `name`), sharing `stats`: the router, its consumer's status, the
+/// direct channel slot and its pending calls.
+async fn start_router(
+    broker: &Broker,
+    name: &str,
+    mode: ReplyMode,
+    options: &RpcOptions,
+    stats: &Arc<RpcStats>,
+) -> Result<DirectPath> {
+    let supervisor = Supervisor::new(
+        broker,
+        ConsumerSpec {
+            name: name.into(),
+            tag: if mode == ReplyMode::Direct {
+                "direct-replies".into()
+            } else {
+                "replies".into()
+            },
+            prefetch: match mode {
+                // Bounds the replies in this process's memory that are
+                // not yet acked.
+                ReplyMode::Direct => None,
+                // Direct reply-to requires no-ack consumption.
+                _ => Some(4096),
+            },
+            // Direct mode publishes its requests on the consuming channel.
+            confirm: mode == ReplyMode::Direct,
+        },
+        ReplyQueue { mode },
+    );
+    let link = match supervisor.open().await {
+        Ok(link) => link,
+        Err(e) => {
+            supervisor.status().set_stopped();
+            return Err(e);
+        }
+    };
+    let channel = router::ChannelSlot::default();
+    if mode == ReplyMode::Direct {
+        // Before the first call, not once the actor has started.
+        channel.set(Some(link.channel().clone()));
+    }
+    let pending = Arc::new(PendingCalls::new(options.max_pending, stats.clone()));
+    let consumer = supervisor.status().clone();
+    // The direct path of `auto` mode serves waiting callers only: nothing
+    // of theirs is ever detached to a sink.
+    let (orphans, progress) = if options.reply_mode == ReplyMode::Auto && mode == ReplyMode::Direct
+    {
+        (None, None)
+    } else {
+        (options.orphans.clone(), options.progress.clone())
+    };
+    let router = {
+        let (slot, pending, stats) = (channel.clone(), pending.clone(), stats.clone());
+        Keeper::start(supervisor, link, move |consumer| {
+            ReplyRouter::new(
+                mode,
+                consumer,
+                slot.clone(),
+                pending.clone(),
+                stats.clone(),
+                orphans.clone(),
+                progress.clone(),
+            )
+            .start()
+        })
+    };
+    Ok(DirectPath {
+        router,
+        consumer,
+        channel,
+        pending,
+    })
 }
 
 /// The reply consumer's queue, declared on every (re-)open: the instance's
@@ -183,7 +275,7 @@ struct ReplyQueue {
 impl Declare for ReplyQueue {
     async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String> {
         match self.mode {
-            ReplyMode::Queue => {
+            ReplyMode::Queue | ReplyMode::Auto => {
                 let queue = broker.names().reply_queue(broker.instance_id());
                 let declared = topology::declare_instance_queue(
                     conn,
@@ -205,69 +297,40 @@ impl RpcClient {
     /// (`switchboard/<instance>/rpc`) and the router actor, which
     /// re-establishes the consumer when it is lost.
     pub async fn start(broker: &Broker, options: RpcOptions) -> Result<Self> {
-        let mode = options.reply_mode;
-        let supervisor = Supervisor::new(
-            broker,
-            ConsumerSpec {
-                name: "rpc".into(),
-                tag: "replies".into(),
-                prefetch: match mode {
-                    // Bounds the replies in this process's memory that are
-                    // not yet acked.
-                    ReplyMode::Queue => Some(4096),
-                    // Direct reply-to requires no-ack consumption.
-                    ReplyMode::Direct => None,
-                },
-                // Direct mode publishes its requests on the consuming channel.
-                confirm: mode == ReplyMode::Direct,
-            },
-            ReplyQueue { mode },
-        );
-        let link = match supervisor.open().await {
-            Ok(link) => link,
-            Err(e) => {
-                supervisor.status().set_stopped();
-                return Err(e);
-            }
-        };
-        let reply_to = match mode {
-            ReplyMode::Queue => broker.names().reply_queue(broker.instance_id()),
-            ReplyMode::Direct => wire::DIRECT_REPLY_TO.to_owned(),
-        };
         let stats = Arc::new(RpcStats::default());
-        broker.metrics().register(metrics::RpcSource(stats.clone()));
-        let direct_channel = router::ChannelSlot::default();
-        if mode == ReplyMode::Direct {
-            // Before the first call, not once the actor has started.
-            direct_channel.set(Some(link.channel().clone()));
-        }
-        let pending = Arc::new(PendingCalls::new(options.max_pending, stats.clone()));
-        let consumer = supervisor.status().clone();
-        let router = {
-            let (slot, pending, stats) = (direct_channel.clone(), pending.clone(), stats.clone());
-            let orphans = options.orphans.clone();
-            let progress = options.progress.clone();
-            Keeper::start(supervisor, link, move |consumer| {
-                ReplyRouter::new(
-                    mode,
-                    consumer,
-                    slot.clone(),
-                    pending.clone(),
-                    stats.clone(),
-                    orphans.clone(),
-                    progress.clone(),
-                )
-                .start()
-            })
+        // `auto`: the reply queue for calls that may outlive their caller,
+        // and direct reply-to for the calls whose caller waits.
+        let main_mode = match options.reply_mode {
+            ReplyMode::Direct => ReplyMode::Direct,
+            ReplyMode::Queue | ReplyMode::Auto => ReplyMode::Queue,
         };
+        let main = start_router(broker, "rpc", main_mode, &options, &stats).await?;
+        let waiting = if options.reply_mode == ReplyMode::Auto {
+            match start_router(broker, "rpc-direct", ReplyMode::Direct, &options, &stats).await {
+                Ok(path) => Some(path),
+                Err(e) => {
+                    main.router.stop_restarting();
+                    let _ = main.router.addr().send(router::Close).await;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let reply_to = match main_mode {
+            ReplyMode::Direct => wire::DIRECT_REPLY_TO.to_owned(),
+            _ => broker.names().reply_queue(broker.instance_id()),
+        };
+        broker.metrics().register(metrics::RpcSource(stats.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 broker: broker.clone(),
-                router,
-                consumer,
+                router: main.router,
+                consumer: main.consumer,
                 reply_to,
-                direct_channel,
-                pending,
+                direct_channel: main.channel,
+                pending: main.pending,
+                waiting,
                 options,
                 stats,
             }),
@@ -277,6 +340,12 @@ impl RpcClient {
     /// The reply consumer's status (whether it consumes now).
     pub fn consumer(&self) -> &Arc<ConsumerStatus> {
         &self.inner.consumer
+    }
+
+    /// `auto` mode: the status of the direct reply-to consumer that brings
+    /// the replies of waiting callers.
+    pub fn waiting_consumer(&self) -> Option<&Arc<ConsumerStatus>> {
+        self.inner.waiting.as_ref().map(|w| &w.consumer)
     }
 
     /// Counters: pending, late, unknown, malformed replies.
@@ -294,6 +363,10 @@ impl RpcClient {
     pub async fn close(&self) {
         self.inner.router.stop_restarting();
         let _ = self.inner.router.addr().send(router::Close).await;
+        if let Some(w) = &self.inner.waiting {
+            w.router.stop_restarting();
+            let _ = w.router.addr().send(router::Close).await;
+        }
     }
 
     /// Calls and waits for the reply (or the deadline). The caller waits in
@@ -377,16 +450,26 @@ impl RpcClient {
         }
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
         let deadline = Instant::now() + timeout;
+        // Where its reply comes back: in `auto` mode a waiting caller's by
+        // direct reply-to (its request published on that consumer's
+        // channel), every other by the client's own mode.
+        let (calls, direct, reply_to) = match &inner.waiting {
+            Some(w) if caller_waits => (&w.pending, Some(&w.channel), wire::DIRECT_REPLY_TO),
+            _ if inner.options.reply_mode == ReplyMode::Direct => (
+                &inner.pending,
+                Some(&inner.direct_channel),
+                wire::DIRECT_REPLY_TO,
+            ),
+            _ => (&inner.pending, None, inner.reply_to.as_str()),
+        };
         let (tx, rx) = oneshot::channel();
-        inner
-            .pending
-            .register_with_progress(call_id.clone(), deadline, tx, progress)?;
+        calls.register_with_progress(call_id.clone(), deadline, tx, progress)?;
         let pending = PendingReply {
             call_id,
             rx: Some(rx),
             deadline,
             timeout,
-            calls: inner.pending.clone(),
+            calls: calls.clone(),
         };
         // None given: the caller's current span when it is exported (the
         // worker's span then joins the caller's trace), else a new trace.
@@ -398,7 +481,7 @@ impl RpcClient {
             service: &call.service,
             correlation_id: &pending.call_id,
             message_id: call.message_id.as_deref(),
-            reply_to: Some(&inner.reply_to),
+            reply_to: Some(reply_to),
             content_type: &call.content_type,
             timeout: Some(timeout),
             traceparent: Some(&traceparent),
@@ -412,30 +495,29 @@ impl RpcClient {
             properties: wire::request_properties(&meta, inner.options.persistent),
             mandatory: true,
         };
-        let published = match inner.options.reply_mode {
-            ReplyMode::Direct => {
-                let ch = inner
-                    .direct_channel
-                    .get()
-                    .ok_or_else(|| Error::BrokerUnavailable {
-                        url: inner.broker.url_redacted(),
-                        reason: Unreachable::ReplyChannelDown,
-                    })?;
-                // Bounded: a wedged reply connection must not hold the
-                // caller (its watchdog replaces it meanwhile).
-                let confirm = inner.broker.confirm_timeout();
-                tokio::time::timeout(confirm, publish_on(&ch, &msg))
-                    .await
-                    .map_err(|_| Error::BrokerUnavailable {
-                        url: inner.broker.url_redacted(),
-                        reason: Unreachable::NoAnswer {
-                            what: "publisher confirm",
-                            after: confirm,
-                        },
-                    })
-                    .and_then(|r| r)
-            }
-            ReplyMode::Queue => inner.broker.publish(msg).await,
+        let published = match direct {
+            Some(slot) => match slot.get() {
+                Some(ch) => {
+                    // Bounded: a wedged reply connection must not hold the
+                    // caller (its watchdog replaces it meanwhile).
+                    let confirm = inner.broker.confirm_timeout();
+                    tokio::time::timeout(confirm, publish_on(&ch, &msg))
+                        .await
+                        .map_err(|_| Error::BrokerUnavailable {
+                            url: inner.broker.url_redacted(),
+                            reason: Unreachable::NoAnswer {
+                                what: "publisher confirm",
+                                after: confirm,
+                            },
+                        })
+                        .and_then(|r| r)
+                }
+                None => Err(Error::BrokerUnavailable {
+                    url: inner.broker.url_redacted(),
+                    reason: Unreachable::ReplyChannelDown,
+                }),
+            },
+            None => inner.broker.publish(msg).await,
         };
         match published {
             Ok(()) => Ok(pending),

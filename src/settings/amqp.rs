@@ -122,6 +122,11 @@ pub(super) fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Stri
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReplyMode {
+    /// The instance's durable reply queue for calls that may outlive their
+    /// caller (`send`), RabbitMQ direct reply-to for calls whose caller
+    /// waits in memory (`call`, `send_waiting`): each call pays only for
+    /// the durability it can use.
+    Auto,
     /// The instance's durable reply queue: replies survive a restart.
     Queue,
     /// RabbitMQ direct reply-to: no queue, replies to a gone caller are lost.

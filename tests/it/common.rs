@@ -410,6 +410,12 @@ pub fn management_url() -> String {
 /// name starts with `switchboard/<instance>/` (this test's own only).
 /// Returns how many it closed.
 pub async fn kill_connections(instance: &str) -> usize {
+    kill_connections_named(&format!("switchboard/{instance}/")).await
+}
+
+/// Closes, from the broker's side, every connection whose name starts with
+/// `prefix` (`switchboard/<instance>/<role>`); returns how many.
+pub async fn kill_connections_named(prefix: &str) -> usize {
     let http = reqwest::Client::new();
     let list: Vec<serde_json::Value> = http
         .get(format!("{}/api/connections", management_url()))
@@ -420,12 +426,11 @@ pub async fn kill_connections(instance: &str) -> usize {
         .json()
         .await
         .unwrap();
-    let prefix = format!("switchboard/{instance}/");
     let mut killed = 0;
     for c in list {
         let named = c["client_properties"]["connection_name"]
             .as_str()
-            .is_some_and(|n| n.starts_with(&prefix));
+            .is_some_and(|n| n.starts_with(prefix));
         let Some(name) = c["name"].as_str().filter(|_| named) else {
             continue;
         };

@@ -675,8 +675,14 @@ async fn a_reply_without_correlation_id_goes_once_to_the_poison_queue_and_replie
         client.consumer().poisoned() == 1
     })
     .await;
-    // Replies go on.
-    let reply = client.call(Call::new("echo", &b"1"[..])).await.unwrap();
+    // Replies go on (through the reply queue: `send`, not a waiting `call`).
+    let reply = client
+        .send(Call::new("echo", &b"1"[..]))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
     assert_eq!(&reply.body[..], b"1");
     assert_eq!(client.stats().malformed.load(Ordering::Relaxed), 1);
     // Once: in the poison queue, with where it came from; not in the reply queue.
@@ -847,7 +853,14 @@ async fn per_instance_queues_expire_and_one_declared_without_expiry_is_used_as_i
         .await
         .unwrap();
     let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
-    let reply = client.call(Call::new("echo", &b"2"[..])).await.unwrap();
+    // Through the reply queue (`send`), the old one.
+    let reply = client
+        .send(Call::new("echo", &b"2"[..]))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
     assert_eq!(&reply.body[..], b"2");
     let api = Management::new(&c.settings).unwrap();
     let q = api.queue(&old).await.unwrap().expect("still there");

@@ -12,7 +12,7 @@ use switchboard::settings::ReplyMode;
 use switchboard::worker::{self, Reply, Request};
 use tokio::sync::Semaphore;
 
-use crate::common::{ctx, eventually};
+use crate::common::{ctx, eventually, kill_connections_named, poll_until};
 
 async fn echo_setup(
     name: &str,
@@ -242,5 +242,153 @@ async fn the_pending_bound_refuses_calls_beyond_it() {
     // Room again.
     gate.add_permits(1);
     assert!(client.call(Call::new("held", &b"y"[..])).await.is_ok());
+    c.cleanup(&["held"]).await;
+}
+
+/// A worker of the test's own on bare lapin, as a foreign service would
+/// be: it answers each request on its `reply_to` and reports that address.
+async fn foreign_echo(
+    c: &crate::common::Ctx,
+    service: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use deadpool_lapin::lapin::BasicProperties;
+    use deadpool_lapin::lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions,
+    };
+    use deadpool_lapin::lapin::types::FieldTable;
+    use futures_util::StreamExt;
+
+    let ch = c.broker.channel().await.unwrap();
+    switchboard::amqp::topology::declare_service(&ch, c.broker.names(), service, &c.service())
+        .await
+        .unwrap();
+    let queue = c.broker.names().service_queue(service);
+    let mut deliveries = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "foreign-echo".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    actix_rt::spawn(async move {
+        while let Some(Ok(d)) = deliveries.next().await {
+            let reply_to = d.properties.reply_to().clone().unwrap().to_string();
+            let mut props = BasicProperties::default();
+            if let Some(id) = d.properties.correlation_id() {
+                props = props.with_correlation_id(id.clone());
+            }
+            ch.basic_publish(
+                "".into(),
+                reply_to.as_str().into(),
+                BasicPublishOptions::default(),
+                &d.data,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+            let _ = tx.send(reply_to);
+        }
+    });
+    rx
+}
+
+#[actix_rt::test]
+async fn in_auto_mode_a_waiting_call_comes_back_by_direct_reply_to_and_a_sent_one_through_the_reply_queue()
+ {
+    let c = ctx("auto-paths").await;
+    let mut seen = foreign_echo(&c, "echo").await;
+    let mut opts = RpcOptions::from(&c.settings.rpc);
+    opts.reply_mode = ReplyMode::Auto;
+    let client = c.client(opts).await.unwrap();
+    let reply = client
+        .call(Call::new("echo", &b"\"waits\""[..]))
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], b"\"waits\"");
+    let reply_to = seen.recv().await.unwrap();
+    assert!(
+        reply_to.starts_with("amq.rabbitmq.reply-to."),
+        "a waiting call's reply_to: {reply_to}"
+    );
+    let reply = client
+        .send(Call::new("echo", &b"\"outlives\""[..]))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(&reply.body[..], b"\"outlives\"");
+    let reply_to = seen.recv().await.unwrap();
+    assert_eq!(
+        reply_to,
+        c.broker.names().reply_queue(c.broker.instance_id())
+    );
+    assert!(client.waiting_consumer().unwrap().is_up());
+    c.cleanup(&["echo"]).await;
+}
+
+#[actix_rt::test]
+async fn in_auto_mode_a_waiting_call_whose_reply_connection_drops_fails_at_once_and_the_next_is_answered()
+ {
+    let c = ctx("auto-drop").await;
+    let gate = Arc::new(Semaphore::new(0));
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    let g = gate.clone();
+    let held = Arc::new(move |req: Request| {
+        let (g, held_tx) = (g.clone(), held_tx.clone());
+        async move {
+            let _ = held_tx.send(());
+            let _p = g
+                .acquire()
+                .await
+                .map_err(|_| worker::HandlerError::new(500, "closed"))?;
+            Ok(Reply::ok(req.content_type, req.payload))
+        }
+    });
+    c.worker("held", &c.service(), held).await.unwrap();
+    let mut opts = RpcOptions::from(&c.settings.rpc);
+    opts.reply_mode = ReplyMode::Auto;
+    let client = c.client(opts).await.unwrap();
+    let deadline = Duration::from_secs(120);
+    let first = {
+        let client = client.clone();
+        actix_rt::spawn(async move {
+            client
+                .call(Call::new("held", &b"1"[..]).timeout(deadline))
+                .await
+        })
+    };
+    held_rx.recv().await.unwrap();
+    let prefix = format!("switchboard/{}/rpc-direct", c.broker.instance_id());
+    // The management API lists a new connection with some delay.
+    poll_until(Duration::from_secs(60), &prefix, || async {
+        match kill_connections_named(&prefix).await {
+            0 => Err("not listed yet"),
+            k => Ok(k),
+        }
+    })
+    .await;
+    // Not at its deadline: the caller learns at once that its reply cannot come.
+    let err = tokio::time::timeout(deadline / 2, first)
+        .await
+        .expect("the waiting call ends before its deadline")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::ReplyLost(_)), "got {err:?}");
+    gate.add_permits(2);
+    eventually(
+        Duration::from_secs(30),
+        "the direct reply consumer is back",
+        || async { client.waiting_consumer().unwrap().is_up() },
+    )
+    .await;
+    let reply = client.call(Call::new("held", &b"2"[..])).await.unwrap();
+    assert_eq!(&reply.body[..], b"2");
     c.cleanup(&["held"]).await;
 }
