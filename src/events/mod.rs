@@ -209,9 +209,16 @@ impl Subscription {
         self.consuming.stop("unsubscribed").await;
     }
 
+    /// Acks are handed to lapin without waiting for them to be written
+    /// ([`InFlight::ack_now`]): the next event is not held up by a round
+    /// trip to the connection's I/O thread, and a timer per event. Nothing
+    /// is weakened: an ack only ever went out after its event was handled
+    /// (durable: when the next one is asked for), and one lost with its
+    /// connection brings the event back to a durable queue either way (a
+    /// temporary queue goes with its connection).
     async fn next_event(&mut self) -> Option<Result<CloudEvent>> {
         if let Some(previous) = self.unacked.take() {
-            settle(previous.ack().await);
+            settle(previous.ack_now());
         }
         loop {
             let delivery = self.consuming.next().await;
@@ -223,7 +230,7 @@ impl Subscription {
                         .quarantine(inflight, "an event that is not a CloudEvent")
                         .await;
                 } else {
-                    settle(inflight.ack().await);
+                    settle(inflight.ack_now());
                 }
                 continue;
             };
@@ -232,13 +239,13 @@ impl Subscription {
                 .as_deref()
                 .is_none_or(|p| event.ty.starts_with(p));
             if !wanted {
-                settle(inflight.ack().await);
+                settle(inflight.ack_now());
                 continue;
             }
             if self.durable {
                 self.unacked = Some(inflight);
             } else {
-                settle(inflight.ack().await);
+                settle(inflight.ack_now());
             }
             return Some(Ok(event));
         }
