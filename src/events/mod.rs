@@ -77,7 +77,10 @@ impl CloudEvent {
     }
 }
 
-/// Publishes an event to the events fanout, persistent and confirmed.
+/// Publishes an event to the events fanout, persistent and confirmed
+/// (sent again if not, as [`Broker::publish`] does), always on the same
+/// shared publishing channel: the broker spends less per event delivered
+/// when a fanout's messages come over one channel than spread over several.
 pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
     let body = serde_json::to_vec(event).map_err(|source| Error::Encode {
         what: "an event",
@@ -99,7 +102,7 @@ pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
         props = props.with_headers(h);
     }
     broker
-        .publish(Outgoing {
+        .publish_pinned(Outgoing {
             exchange: &broker.names().events_exchange(),
             routing_key: "",
             payload: &body,
