@@ -270,24 +270,34 @@ impl Broker {
     /// within `amqp.confirm_timeout_ms`), is sent again on a new channel,
     /// with the same properties and so the same `message_id`, up to
     /// `PUBLISH_ATTEMPTS` times (consumers deduplicate by `message_id`);
-    /// nacked every time, it is [`Error::Nacked`].
+    /// nacked every time, it is [`Error::Nacked`]. Each attempt has one
+    /// deadline, `amqp.confirm_timeout_ms` from its start, for its channel
+    /// and its confirm together (one timer per attempt, not one each).
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
         let mut attempt = 1;
         loop {
-            let opened = tokio::time::timeout(self.inner.confirm_timeout, self.publish_channel())
-                .await
-                .unwrap_or_else(|_| Err(self.no_answer("channel", self.inner.confirm_timeout)));
-            let (slot, channel) = match opened {
-                Ok(c) => c,
-                Err(e) if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() => {
+            // The channel the attempt got, if it got one.
+            let mut got: Option<(usize, Channel)> = None;
+            let sent = tokio::time::timeout(self.inner.confirm_timeout, async {
+                let (slot, channel) = self.publish_channel().await?;
+                let (_, channel) = got.insert((slot, channel));
+                publish_on(channel, &msg).await
+            })
+            .await;
+            let Some((slot, channel)) = got else {
+                // No channel: nothing was sent.
+                let e = match sent {
+                    Ok(Err(e)) => e,
+                    Err(_) => self.no_answer("channel", self.inner.confirm_timeout),
+                    Ok(Ok(())) => return Ok(()),
+                };
+                if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() {
                     attempt += 1;
                     tokio::time::sleep(retry_pause(attempt)).await;
                     continue;
                 }
-                Err(e) => return Err(e),
+                return Err(e);
             };
-            let sent =
-                tokio::time::timeout(self.inner.confirm_timeout, publish_on(&channel, &msg)).await;
             let err = match sent {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),

@@ -6,7 +6,9 @@
 //! this one stops or panics. Each delivery runs the service's [`Handler`]
 //! concurrently (the channel's prefetch, the service's `concurrency`, bounds
 //! how many run at once), publishes the reply to `reply_to` with publisher
-//! confirms, and only then acks; a request whose caller waits in memory
+//! confirms, and only then acks (batched: one `basic.ack(multiple)` for a
+//! run of contiguous finished deliveries, never covering one in progress or
+//! rejected, `amqp::acks`); a request whose caller waits in memory
 //! ([`wire::HEADER_CALLER_WAITS`]) gets a transient reply, acked as soon as
 //! it is written. A handler that panics or fails transiently
 //! leaves the request to be delivered again (`basic.reject`); on its last
@@ -45,8 +47,9 @@ use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 pub use cancels::CancelWatch;
 pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
+use crate::amqp::acks::{AckCounts, AckTracker, Tracked};
 use crate::amqp::consumer::{
-    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, settle,
+    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, Link, settle,
 };
 use crate::amqp::{
     Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology, wire,
@@ -85,6 +88,9 @@ pub struct WorkerStats {
     pub cancelled: AtomicU64,
     /// Progress reports published.
     pub progress: AtomicU64,
+    /// `basic.ack` frames written and the deliveries they acked (batched:
+    /// `acked / frames` deliveries per frame).
+    pub acks: Arc<AckCounts>,
 }
 
 impl WorkerStats {
@@ -101,6 +107,7 @@ impl WorkerStats {
             handler_time: Default::default(),
             cancelled: AtomicU64::new(0),
             progress: AtomicU64::new(0),
+            acks: Arc::default(),
         }
     }
 }
@@ -135,7 +142,7 @@ enum Outcome {
 struct Dedup {
     done: HashSet<String>,
     order: VecDeque<String>,
-    running: HashMap<String, Vec<InFlight>>,
+    running: HashMap<String, Vec<Tracked>>,
 }
 
 impl Dedup {
@@ -168,6 +175,9 @@ pub struct Worker {
     stream_done: bool,
     /// Who waits for the drain to end.
     drained: Vec<oneshot::Sender<()>>,
+    /// The settlements of the channel consumed now (batched acks); a new
+    /// one with each link, whose tags start again at 1.
+    acks: Option<AckTracker>,
 }
 
 impl Actor for Worker {
@@ -181,6 +191,16 @@ impl Actor for Worker {
 impl Consumes for Worker {
     fn consumer(&mut self) -> &mut ActorConsumer {
         &mut self.consumer
+    }
+
+    fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
+        // Deliveries of the old channel still in hand are settled through
+        // the old tracker, on the old channel (closed: the broker requeued
+        // them), never on this one.
+        self.acks = Some(AckTracker::new(
+            link.channel().clone(),
+            self.shared.stats.acks.clone(),
+        ));
     }
 }
 
@@ -290,6 +310,7 @@ impl Worker {
                 draining: false,
                 stream_done: false,
                 drained: Vec::new(),
+                acks: None,
             }
             .start()
         });
@@ -305,15 +326,12 @@ impl Worker {
                 self.dedup.remember(key);
             }
             for copy in parked {
-                actix::spawn(async move {
-                    // A copy of an answered request is done; of one given
-                    // back, it goes back too, unprocessed (not a failure).
-                    let settled = match outcome {
-                        Outcome::Answered => copy.ack().await,
-                        Outcome::GivenBack => copy.hand_back().await,
-                    };
-                    settle(settled);
-                });
+                // A copy of an answered request is done; of one given
+                // back, it goes back too, unprocessed (not a failure).
+                match outcome {
+                    Outcome::Answered => copy.ack(),
+                    Outcome::GivenBack => settle(copy.hand_back()),
+                }
             }
         }
         self.check_drained();
@@ -322,6 +340,10 @@ impl Worker {
     /// Wakes who waits for the drain once nothing is left in hand.
     fn check_drained(&mut self) {
         if self.draining && self.stream_done && self.in_flight == 0 {
+            // Held acks are written before the channel closes.
+            if let Some(acks) = &self.acks {
+                acks.flush();
+            }
             for tx in self.drained.drain(..) {
                 let _ = tx.send(());
             }
@@ -345,17 +367,20 @@ impl StreamHandler<Event> for Worker {
         if delivery.redelivered {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let inflight = InFlight::new(delivery);
+        let Some(acks) = &self.acks else {
+            // Never: every link is announced (`linked`) before its first
+            // delivery. Back to the queue, unprocessed.
+            let inflight = InFlight::new(delivery);
+            actix::spawn(async move { settle(inflight.hand_back().await) });
+            return;
+        };
+        let inflight = acks.track(InFlight::new(delivery));
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
-            // unprocessed, for another worker. In flight until the nack is
-            // sent, so that the connection closes only after it.
-            self.in_flight += 1;
-            ctx.spawn(
-                async move { settle(inflight.hand_back().await) }
-                    .into_actor(self)
-                    .map(|(), act, _| act.finish(None, Outcome::GivenBack)),
-            );
+            // unprocessed, for another worker (the nack is written now,
+            // before the connection's close).
+            settle(inflight.hand_back());
+            self.check_drained();
             return;
         }
         let props = &inflight.delivery().properties;
@@ -368,7 +393,7 @@ impl StreamHandler<Event> for Worker {
             if self.dedup.done.contains(k) {
                 self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.shared.service, message_id = %k, "already answered: acked without running again");
-                actix::spawn(async move { settle(inflight.ack().await) });
+                inflight.ack();
                 return;
             }
             if let Some(parked) = self.dedup.running.get_mut(k) {
@@ -414,6 +439,7 @@ impl actix::Handler<Drain> for Worker {
         self.drained.push(tx);
         self.check_drained();
         let grace = msg.grace;
+        let acks = self.acks.clone();
         Box::pin(async move {
             if let Some(link) = &link {
                 // Deliveries already sent still arrive, and are handed back.
@@ -421,7 +447,11 @@ impl actix::Handler<Drain> for Worker {
             }
             let _ = tokio::time::timeout(grace, rx).await;
             if let Some(link) = link {
-                // Unacked deliveries (handlers past the grace) go back to the queue.
+                // Held acks are written first; unacked deliveries (handlers
+                // past the grace) go back to the queue.
+                if let Some(acks) = &acks {
+                    acks.flush();
+                }
                 link.stop("shutdown").await;
             }
         })
@@ -431,7 +461,7 @@ impl actix::Handler<Drain> for Worker {
 /// Handles one delivery: expiry check, handler, reply, settlement.
 async fn process(
     shared: Arc<Shared>,
-    mut inflight: InFlight,
+    mut inflight: Tracked,
     channel: Option<lapin::Channel>,
 ) -> Outcome {
     let payload = inflight.take_payload();
@@ -456,13 +486,13 @@ async fn process(
         if wire::is_expired(props, wire::now_ms()) {
             debug!("deadline passed before work began: dropped");
             shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-            settle(inflight.ack().await);
+            inflight.ack();
             return Outcome::GivenBack;
         }
         if !call_id.is_empty() && shared.cancels.is_cancelled(&call_id) {
             debug!("the call was cancelled before work began: dropped");
             shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            settle(inflight.ack().await);
+            inflight.ack();
             return Outcome::Answered;
         }
         let running = shared.cancels.running(&call_id);
@@ -497,7 +527,7 @@ async fn process(
             // Whatever the handler answered, nobody wants it: the call ended.
             debug!("the call was cancelled while its handler ran: no reply");
             shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            settle(inflight.ack().await);
+            inflight.ack();
             return Outcome::Answered;
         }
         drop(running);
@@ -506,11 +536,11 @@ async fn process(
             Ok(Err(e)) if !e.transient => e.to_reply(),
             Ok(Err(e)) => {
                 warn!(error = %e, "transient failure: left for redelivery");
-                return give_back(&shared, inflight).await;
+                return give_back(&shared, inflight);
             }
             Err(_) => {
                 error!("handler panicked: left for redelivery");
-                return give_back(&shared, inflight).await;
+                return give_back(&shared, inflight);
             }
         };
         let d = inflight.delivery();
@@ -558,16 +588,16 @@ async fn process(
                     // Not the request's fault: handed back, not rejected.
                     warn!(error = %e, "reply not published: handed back for redelivery");
                     shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-                    settle(inflight.hand_back().await);
+                    settle(inflight.hand_back());
                     return Outcome::GivenBack;
                 }
             }
         }
         shared.stats.replied.fetch_add(1, Ordering::Relaxed);
         debug!(status = reply.status, "replied");
-        // Not awaited: the reply is confirmed, and a copy of a request lost
-        // with its ack is settled by the `message_id` memory.
-        settle(inflight.ack_now());
+        // Batched, not awaited: the reply is confirmed, and a copy of a
+        // request lost with its ack is settled by the `message_id` memory.
+        inflight.ack();
         Outcome::Answered
     }
     .instrument(span)
@@ -591,7 +621,7 @@ async fn process(
 /// second as late), so the handler never runs twice for it.
 async fn reply_unconfirmed(
     shared: &Shared,
-    inflight: InFlight,
+    inflight: Tracked,
     channel: &lapin::Channel,
     reply_to: &str,
     body: &[u8],
@@ -617,12 +647,13 @@ async fn reply_unconfirmed(
             // published (the channel is going; another worker answers).
             warn!(error = %e, "reply not written: handed back for redelivery");
             shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-            settle(inflight.hand_back().await);
+            settle(inflight.hand_back());
             return Outcome::GivenBack;
         }
     };
-    // Not awaited: a lost ack brings a copy that waits for this task.
-    settle(inflight.ack_now());
+    // Batched, not awaited: a lost ack brings a copy that waits for this
+    // task (or, once it is answered, is acked by the `message_id` memory).
+    inflight.ack();
     let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
     if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
         debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
@@ -717,7 +748,7 @@ impl handler::Reporter for ProgressReporter {
 /// many deliveries failed before (`x-delivery-count`; the broker would
 /// dead-letter it itself on the next return); classic queues count
 /// nothing, so there a request that fails again once redelivered ends.
-async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
+fn give_back(shared: &Shared, inflight: Tracked) -> Outcome {
     let d = inflight.delivery();
     let failed_before = inflight.failed_deliveries();
     let last = match shared.settings.queue_type {
@@ -726,7 +757,7 @@ async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
     };
     if !last {
         shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-        settle(inflight.retry().await);
+        settle(inflight.retry());
         return Outcome::GivenBack;
     }
     let message_id = d.properties.message_id().as_ref().map(|m| m.to_string());
@@ -739,6 +770,6 @@ async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
     );
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     shared.stats.consumer.count_poison();
-    settle(inflight.dead_letter().await);
+    settle(inflight.dead_letter());
     Outcome::GivenBack
 }
