@@ -265,7 +265,8 @@ impl AckTracker {
     pub(crate) fn track(&self, inflight: InFlight) -> Tracked {
         self.lock().tags.delivered(inflight.delivery().delivery_tag);
         Tracked {
-            inflight: Some(inflight),
+            inflight,
+            settled: false,
             tracker: self.clone(),
         }
     }
@@ -364,7 +365,8 @@ async fn flusher(tracker: Weak<Inner>, notify: Arc<Notify>) {
 /// ([`Tracked::ack`]), or rejected or nacked at once. Dropped unsettled
 /// (its task was dropped), it is handed back.
 pub(crate) struct Tracked {
-    inflight: Option<InFlight>,
+    inflight: InFlight,
+    settled: bool,
     tracker: AckTracker,
 }
 
@@ -372,45 +374,43 @@ impl std::fmt::Debug for Tracked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracked")
             .field("tag", &self.tag())
+            .field("settled", &self.settled)
             .finish_non_exhaustive()
     }
 }
 
 impl Tracked {
-    fn inflight(&self) -> &InFlight {
-        self.inflight.as_ref().expect("held until settled")
-    }
-
     fn tag(&self) -> u64 {
-        self.inflight
-            .as_ref()
-            .map_or(0, |i| i.delivery().delivery_tag)
+        self.inflight.delivery().delivery_tag
     }
 
     /// The delivery, to read.
     pub(crate) fn delivery(&self) -> &Delivery {
-        self.inflight().delivery()
+        self.inflight.delivery()
     }
 
     /// [`InFlight::take_payload`].
     pub(crate) fn take_payload(&mut self) -> bytes::Bytes {
-        self.inflight
-            .as_mut()
-            .expect("held until settled")
-            .take_payload()
+        self.inflight.take_payload()
     }
 
     /// [`InFlight::failed_deliveries`].
     pub(crate) fn failed_deliveries(&self) -> u64 {
-        self.inflight().failed_deliveries()
+        self.inflight.failed_deliveries()
     }
 
     /// Done: acked with the run it belongs to, not awaited; for acks whose
     /// loss costs only a recognised redelivery (as [`InFlight::ack_now`]).
     pub(crate) fn ack(mut self) {
-        let tag = self.tag();
-        self.inflight = None;
-        self.tracker.finished(tag);
+        self.ack_keeping();
+    }
+
+    /// [`Tracked::ack`], keeping the delivery readable (a reply to publish
+    /// again). Settles once: a later call, or settlement, does nothing.
+    pub(crate) fn ack_keeping(&mut self) {
+        if !std::mem::replace(&mut self.settled, true) {
+            self.tracker.finished(self.tag());
+        }
     }
 
     /// [`InFlight::hand_back`]: `basic.nack(requeue)`, written now.
@@ -419,8 +419,10 @@ impl Tracked {
     }
 
     fn nack(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.settled, true) {
+            return Ok(());
+        }
         let tag = self.tag();
-        self.inflight = None;
         self.tracker.settle_alone(tag, "nack", |ch| {
             let nack = BasicNackOptions {
                 multiple: false,
@@ -441,8 +443,10 @@ impl Tracked {
     }
 
     fn reject(mut self, requeue: bool) -> Result<()> {
+        if std::mem::replace(&mut self.settled, true) {
+            return Ok(());
+        }
         let tag = self.tag();
-        self.inflight = None;
         self.tracker.settle_alone(tag, "reject", |ch| {
             ch.basic_reject(tag, BasicRejectOptions { requeue })
                 .now_or_never()
@@ -452,12 +456,10 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        if self.inflight.is_some() {
-            // Dropped unsettled (its task was dropped): back to the queue,
-            // and its tag no longer stops the run.
-            if let Err(e) = self.nack() {
-                debug!(error = %e, "a dropped delivery was not handed back");
-            }
+        // Dropped unsettled (its task was dropped): back to the queue, and
+        // its tag no longer stops the run.
+        if let Err(e) = self.nack() {
+            debug!(error = %e, "a dropped delivery was not handed back");
         }
     }
 }
@@ -569,53 +571,49 @@ mod tests {
         assert_eq!(t.take(), vec![ack(4, false, 1)]);
     }
 
+    /// The tags an ack settles at the broker: up to its tag (only its tag
+    /// without `multiple`), those not settled before.
+    fn covered(a: &Ack, settled: &BTreeSet<u64>) -> Vec<u64> {
+        let lowest = if a.multiple { 1 } else { a.tag };
+        (lowest..=a.tag).filter(|x| !settled.contains(x)).collect()
+    }
+
     #[test]
     fn failures_among_successes_are_never_acked() {
         // Tags 1..=64, every fourth rejected, finishing in a scrambled
-        // order, flushed at random points: every ack written covers only
+        // order, flushed at arbitrary points: every ack written covers only
         // finished tags, each finished tag exactly once.
         let mut t = delivered(64);
         let mut order: Vec<u64> = (1..=64).collect();
-        // A fixed permutation (no randomness needed to scramble).
+        // A fixed permutation (37 is prime to 64).
         order.sort_by_key(|n| (n * 37) % 64);
+        // Settled at the broker: rejected, or acked.
+        let mut settled = BTreeSet::new();
         let mut acked = BTreeSet::new();
-        let mut rejected = BTreeSet::new();
-        let mut settled_before: BTreeSet<u64> = BTreeSet::new();
+        let mut check = |acks: Vec<Ack>, done: &[u64], settled: &mut BTreeSet<u64>| {
+            for a in acks {
+                let covered = covered(&a, settled);
+                assert_eq!(covered.len() as u64, a.count, "{a:?}");
+                for c in covered {
+                    assert!(c % 4 != 1, "ack {a:?} covers rejected {c}");
+                    assert!(done.contains(&c), "ack {a:?} covers {c}, in progress");
+                    assert!(acked.insert(c), "{c} acked twice");
+                    settled.insert(c);
+                }
+            }
+        };
         for (i, &tag) in order.iter().enumerate() {
             if tag % 4 == 1 {
                 assert!(t.settled(tag));
-                rejected.insert(tag);
+                settled.insert(tag);
             } else {
                 assert!(t.finished(tag));
             }
             if i % 5 == 0 {
-                for a in t.take() {
-                    let lowest = if a.multiple { 1 } else { a.tag };
-                    let covered: Vec<u64> = (lowest..=a.tag)
-                        .filter(|x| !settled_before.contains(x) && !rejected.contains(x))
-                        .collect();
-                    assert_eq!(covered.len() as u64, a.count, "{a:?}");
-                    for c in covered {
-                        assert!(c % 4 != 1, "ack {a:?} covers rejected {c}");
-                        assert!(
-                            order[..=i].contains(&c),
-                            "ack {a:?} covers {c}, still in progress"
-                        );
-                        assert!(acked.insert(c), "{c} acked twice");
-                        settled_before.insert(c);
-                    }
-                }
+                check(t.take(), &order[..=i], &mut settled);
             }
         }
-        for a in t.take() {
-            let lowest = if a.multiple { 1 } else { a.tag };
-            for c in
-                (lowest..=a.tag).filter(|x| !settled_before.contains(x) && !rejected.contains(x))
-            {
-                assert!(acked.insert(c), "{c} acked twice");
-                settled_before.insert(c);
-            }
-        }
+        check(t.take(), &order, &mut settled);
         assert_eq!(acked.len(), 48);
         assert_eq!(t.in_progress(), 0);
         assert_eq!(t.held(), 0);

@@ -446,24 +446,44 @@ fn retry_pause(attempt: u32) -> Duration {
 /// Publishes `msg` on `channel` (which must be in confirm mode) and waits for
 /// the confirm.
 pub(crate) async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
+    publish_owned(
+        channel,
+        Outgoing {
+            properties: msg.properties.clone(),
+            ..*msg
+        },
+    )
+    .await
+}
+
+/// [`publish_on`], moving the message's properties into the publish
+/// instead of cloning them (headers and short strings: an allocation each).
+pub(crate) async fn publish_owned(channel: &Channel, msg: Outgoing<'_>) -> Result<()> {
+    let Outgoing {
+        exchange,
+        routing_key,
+        payload,
+        properties,
+        mandatory,
+    } = msg;
     let confirm = channel
         .basic_publish(
-            msg.exchange.into(),
-            msg.routing_key.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions {
-                mandatory: msg.mandatory,
+                mandatory,
                 immediate: false,
             },
-            msg.payload,
-            msg.properties.clone(),
+            payload,
+            properties,
         )
         .await?
         .await?;
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) => Err(Error::NoRoute {
-            exchange: msg.exchange.to_owned(),
-            routing_key: msg.routing_key.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
         }),
         Confirmation::Nack(_) => Err(Error::Nacked),
     }

@@ -52,7 +52,7 @@ use crate::amqp::consumer::{
     ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, Link, settle,
 };
 use crate::amqp::{
-    Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology, wire,
+    Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_owned, topology, wire,
 };
 use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
@@ -516,7 +516,6 @@ async fn process(
             redelivered: d.redelivered,
             control: CallControl::new(reporter, running.token()),
         };
-        let traceparent = request.traceparent.clone();
         let handler = shared.handler.clone();
         let started = std::time::Instant::now();
         let outcome = AssertUnwindSafe(async move { handler.handle(request).await })
@@ -546,33 +545,17 @@ async fn process(
         let d = inflight.delivery();
         let caller_waits = wire::caller_waits(&d.properties);
         if let Some(reply_to) = d.properties.reply_to().as_ref() {
-            let props = wire::reply_properties_for(
-                d.properties.correlation_id().as_ref(),
-                reply.status,
-                &reply.content_type,
-                traceparent.as_deref(),
-                caller_waits,
-            );
             if caller_waits
                 && let Some(channel) = channel.as_ref().filter(|c| c.status().connected())
             {
-                let reply_to = reply_to.clone();
-                return reply_unconfirmed(
-                    &shared,
-                    inflight,
-                    channel,
-                    reply_to.as_str(),
-                    &reply.body,
-                    props,
-                    reply.status,
-                )
-                .await;
+                return reply_unconfirmed(&shared, inflight, channel, &reply).await;
             }
-            let msg = Outgoing {
+            // Built for each attempt (not cloned: most replies need one).
+            let msg = || Outgoing {
                 exchange: "",
                 routing_key: reply_to.as_str(),
                 payload: &reply.body,
-                properties: props,
+                properties: reply_properties(d, &reply, caller_waits),
                 // RabbitMQ returns mandatory publishes to direct reply-to
                 // addresses even when it delivers them: only ask for
                 // returns where they mean "the caller's queue is gone".
@@ -621,25 +604,26 @@ async fn process(
 /// second as late), so the handler never runs twice for it.
 async fn reply_unconfirmed(
     shared: &Shared,
-    inflight: Tracked,
+    mut inflight: Tracked,
     channel: &lapin::Channel,
-    reply_to: &str,
-    body: &[u8],
-    props: lapin::BasicProperties,
-    status: u16,
+    reply: &Reply,
 ) -> Outcome {
-    let written = channel
-        .basic_publish(
-            "".into(),
-            reply_to.into(),
-            lapin::options::BasicPublishOptions {
-                mandatory: false,
-                immediate: false,
-            },
-            body,
-            props.clone(),
-        )
-        .await;
+    let written = {
+        let d = inflight.delivery();
+        let to = d.properties.reply_to().as_ref().map_or("", |r| r.as_str());
+        channel
+            .basic_publish(
+                "".into(),
+                to.into(),
+                lapin::options::BasicPublishOptions {
+                    mandatory: false,
+                    immediate: false,
+                },
+                &reply.body,
+                reply_properties(d, reply, true),
+            )
+            .await
+    };
     let confirm = match written {
         Ok(confirm) => confirm,
         Err(e) => {
@@ -653,15 +637,17 @@ async fn reply_unconfirmed(
     };
     // Batched, not awaited: a lost ack brings a copy that waits for this
     // task (or, once it is answered, is acked by the `message_id` memory).
-    inflight.ack();
+    // The delivery stays readable, should the reply be published again.
+    inflight.ack_keeping();
     let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
     if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
         debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
+        let d = inflight.delivery();
         let again = Outgoing {
             exchange: "",
-            routing_key: reply_to,
-            payload: body,
-            properties: props,
+            routing_key: d.properties.reply_to().as_ref().map_or("", |r| r.as_str()),
+            payload: &reply.body,
+            properties: reply_properties(d, reply, true),
             mandatory: false,
         };
         if let Err(e) = shared.broker.publish(again).await {
@@ -670,8 +656,28 @@ async fn reply_unconfirmed(
         }
     }
     shared.stats.replied.fetch_add(1, Ordering::Relaxed);
-    debug!(status, "replied (the caller waits: acked once written)");
+    debug!(
+        status = reply.status,
+        "replied (the caller waits: acked once written)"
+    );
     Outcome::Answered
+}
+
+/// The properties of the reply to `d`: its correlation id and
+/// `traceparent`, the reply's status and content type; transient when its
+/// caller waits in memory.
+fn reply_properties(
+    d: &lapin::message::Delivery,
+    reply: &Reply,
+    caller_waits: bool,
+) -> lapin::BasicProperties {
+    wire::reply_properties_for(
+        d.properties.correlation_id().as_ref(),
+        reply.status,
+        &reply.content_type,
+        wire::header_str(&d.properties, wire::HEADER_TRACEPARENT),
+        caller_waits,
+    )
 }
 
 /// Publishes a reply, confirmed: on the channel its request came on (as a
@@ -680,13 +686,16 @@ async fn reply_unconfirmed(
 /// through the broker's publishing pool, with its retries. A reply that made
 /// it on the first way as well reaches its caller twice: the second is
 /// counted there as late and dropped. The handler never runs twice for it.
-async fn publish_to_caller(
+/// `msg` makes the message for each way (its properties are moved into the
+/// publish, not cloned).
+async fn publish_to_caller<'a>(
     broker: &Broker,
     channel: Option<&lapin::Channel>,
-    msg: Outgoing<'_>,
+    msg: impl Fn() -> Outgoing<'a>,
 ) -> Result<()> {
     if let Some(channel) = channel.filter(|c| c.status().connected()) {
-        let sent = tokio::time::timeout(broker.confirm_timeout(), publish_on(channel, &msg)).await;
+        let sent =
+            tokio::time::timeout(broker.confirm_timeout(), publish_owned(channel, msg())).await;
         match sent {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),
@@ -696,7 +705,7 @@ async fn publish_to_caller(
             Err(_) => debug!("no confirm of the reply in time; publishing it through the pool"),
         }
     }
-    broker.publish(msg).await
+    broker.publish(msg()).await
 }
 
 /// Publishes a handler's progress reports on its call's `reply_to`, as its
@@ -717,7 +726,7 @@ impl handler::Reporter for ProgressReporter {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> {
         let note = wire::progress_note(note.as_bytes()).unwrap_or_default();
         Box::pin(async move {
-            let msg = Outgoing {
+            let msg = || Outgoing {
                 exchange: "",
                 routing_key: &self.reply_to,
                 payload: note.as_bytes(),
