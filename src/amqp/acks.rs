@@ -31,7 +31,10 @@
 //! Tags start again at 1 on a new channel: a tracker belongs to one channel
 //! (one link), and a delivery is settled through the tracker of the channel
 //! it came on, never another; on a channel already closed the write fails
-//! harmlessly (the broker has requeued its deliveries).
+//! harmlessly (the broker has requeued its deliveries). This holds because
+//! a lost channel is always replaced by a new link: lapin's own recovery
+//! (`ConnectionProperties::enable_auto_recover`, which would restart a
+//! channel's tags under the same `Channel`) is never enabled.
 //!
 //! # Layout
 //! - [`Tags`]: the bookkeeping of one channel's tags (pure logic, tested here).
