@@ -76,9 +76,6 @@ pub(crate) struct Measured {
     pub errors: u64,
     /// From the first call started to the last one finished.
     pub elapsed: Duration,
-    /// rpc with an in-process worker: requests the worker acked per
-    /// `basic.ack` frame it wrote during the drive (batched acks).
-    pub acks_per_frame: Option<f64>,
 }
 
 /// The two phases of a measured point: a warm-up of `warmup` calls (not
@@ -196,7 +193,6 @@ where
         calls: 0,
         errors: 0,
         elapsed: Duration::ZERO,
-        acks_per_frame: None,
     };
     for task in tasks {
         match task.await {

@@ -89,11 +89,6 @@ pub struct Point {
     pub machine_cpu_s: Option<f64>,
     /// Which repetition of an alternating comparison (1-based).
     pub round: u32,
-    /// rpc with an in-process switchboard worker: requests it acked per
-    /// `basic.ack` frame during the point (batched acks: one frame for a
-    /// run of contiguous finished requests).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub worker_acks_per_frame: Option<f64>,
     /// Events only: events delivered to all subscribers together.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub deliveries: Option<u64>,
@@ -286,7 +281,6 @@ pub(crate) fn measured_point(
         confirm_p50_us: Some(m.confirmed.value_at_quantile(0.5)),
         confirm_p99_us: Some(m.confirmed.value_at_quantile(0.99)),
         round,
-        worker_acks_per_frame: m.acks_per_frame.map(round2),
         deliveries: None,
         delivered_per_s: None,
         rate: None,

@@ -4,7 +4,6 @@
 //! external service), exactly as an application would make them.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -187,15 +186,7 @@ impl SbRpc {
         let payload = self.payload.clone();
         let timeout = self.timeout;
         let waits = self.caller_waits;
-        let acks = self.worker.as_ref().map(|w| w.stats.acks.clone());
-        let read = |a: &switchboard::amqp::AckCounts| {
-            (
-                a.frames.load(Ordering::Relaxed),
-                a.acked.load(Ordering::Relaxed),
-            )
-        };
-        let before = acks.as_deref().map(read);
-        let mut m = drive(concurrency, stop, tally, move || {
+        drive(concurrency, stop, tally, move || {
             let client = client.clone();
             let call = Call::new(service.as_ref(), payload.clone()).timeout(timeout);
             let expected = payload.len();
@@ -212,18 +203,7 @@ impl SbRpc {
                 check_reply(reply.status, reply.body.len(), expected).map(|()| sent)
             }
         })
-        .await;
-        // The worker acks a request after its caller has the reply: the
-        // last few acks of the drive may come after it ended, and count in
-        // the next point's.
-        if let (Some(acks), Some((frames0, acked0))) = (acks.as_deref(), before) {
-            let (frames, acked) = read(acks);
-            let frames = frames.saturating_sub(frames0);
-            if frames > 0 {
-                m.acks_per_frame = Some(acked.saturating_sub(acked0) as f64 / frames as f64);
-            }
-        }
-        m
+        .await
     }
 
     /// Stops the worker once it has settled the requests it runs (a caller

@@ -270,9 +270,7 @@ impl Broker {
     /// within `amqp.confirm_timeout_ms`), is sent again on a new channel,
     /// with the same properties and so the same `message_id`, up to
     /// `PUBLISH_ATTEMPTS` times (consumers deduplicate by `message_id`);
-    /// nacked every time, it is [`Error::Nacked`]. Each attempt has one
-    /// deadline, `amqp.confirm_timeout_ms` from its start, for its channel
-    /// and its confirm together (one timer per attempt, not one each).
+    /// nacked every time, it is [`Error::Nacked`].
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
         self.publish_via(msg, None).await
     }
@@ -287,31 +285,24 @@ impl Broker {
     }
 
     /// [`Broker::publish`] on the shared channel `slot` (`None`: the next).
-    async fn publish_via(&self, msg: Outgoing<'_>, pin: Option<usize>) -> Result<()> {
+    async fn publish_via(&self, msg: Outgoing<'_>, slot: Option<usize>) -> Result<()> {
         let mut attempt = 1;
         loop {
-            // The channel the attempt got, if it got one.
-            let mut got: Option<(usize, Channel)> = None;
-            let sent = tokio::time::timeout(self.inner.confirm_timeout, async {
-                let (slot, channel) = self.publish_channel(pin).await?;
-                let (_, channel) = got.insert((slot, channel));
-                publish_on(channel, &msg).await
-            })
-            .await;
-            let Some((slot, channel)) = got else {
-                // No channel: nothing was sent.
-                let e = match sent {
-                    Ok(Err(e)) => e,
-                    Err(_) => self.no_answer("channel", self.inner.confirm_timeout),
-                    Ok(Ok(())) => return Ok(()),
-                };
-                if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() {
+            let opened =
+                tokio::time::timeout(self.inner.confirm_timeout, self.publish_channel(slot))
+                    .await
+                    .unwrap_or_else(|_| Err(self.no_answer("channel", self.inner.confirm_timeout)));
+            let (slot, channel) = match opened {
+                Ok(c) => c,
+                Err(e) if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() => {
                     attempt += 1;
                     tokio::time::sleep(retry_pause(attempt)).await;
                     continue;
                 }
-                return Err(e);
+                Err(e) => return Err(e),
             };
+            let sent =
+                tokio::time::timeout(self.inner.confirm_timeout, publish_on(&channel, &msg)).await;
             let err = match sent {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),
@@ -461,44 +452,24 @@ fn retry_pause(attempt: u32) -> Duration {
 /// Publishes `msg` on `channel` (which must be in confirm mode) and waits for
 /// the confirm.
 pub(crate) async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<()> {
-    publish_owned(
-        channel,
-        Outgoing {
-            properties: msg.properties.clone(),
-            ..*msg
-        },
-    )
-    .await
-}
-
-/// [`publish_on`], moving the message's properties into the publish
-/// instead of cloning them (headers and short strings: an allocation each).
-pub(crate) async fn publish_owned(channel: &Channel, msg: Outgoing<'_>) -> Result<()> {
-    let Outgoing {
-        exchange,
-        routing_key,
-        payload,
-        properties,
-        mandatory,
-    } = msg;
     let confirm = channel
         .basic_publish(
-            exchange.into(),
-            routing_key.into(),
+            msg.exchange.into(),
+            msg.routing_key.into(),
             BasicPublishOptions {
-                mandatory,
+                mandatory: msg.mandatory,
                 immediate: false,
             },
-            payload,
-            properties,
+            msg.payload,
+            msg.properties.clone(),
         )
         .await?
         .await?;
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) => Err(Error::NoRoute {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
+            exchange: msg.exchange.to_owned(),
+            routing_key: msg.routing_key.to_owned(),
         }),
         Confirmation::Nack(_) => Err(Error::Nacked),
     }

@@ -9,13 +9,10 @@
 //!   (rustls) for `amqps://`, never plain text for `amqps://`.
 //! - [`topology`]: idempotent declaration of exchanges and queues.
 //! - `delivery`: [`InFlight`], a delivery that is acked or rejected exactly once.
-//! - `acks`: batched acks (`multiple`) of a channel's contiguous finished
-//!   deliveries, and every other settlement of them written in order.
 //! - [`consumer`]: supervised consumers (prefetch, acks, reconnect with
 //!   backoff, a watchdog, liveness for readiness and metrics), the one way
 //!   every part consumes.
 
-pub(crate) mod acks;
 pub(crate) mod broker;
 mod connector;
 pub mod consumer;
@@ -24,7 +21,6 @@ pub(crate) mod metrics;
 pub mod topology;
 pub mod wire;
 
-pub use acks::AckCounts;
 pub use broker::{Broker, Outgoing};
 pub use connector::TlsError;
 pub use consumer::{ConsumerSpec, Supervisor};

@@ -42,8 +42,6 @@ impl Source for WorkerSource {
         v.expired += get(&s.expired);
         v.cancelled += get(&s.cancelled);
         v.progress += get(&s.progress);
-        v.ack_frames += get(&s.acks.frames);
-        v.acks += get(&s.acks.acked);
         v.consuming += i64::from(s.consumer.is_up());
         v.handler.add(&s.handler_time.snapshot());
     }
@@ -70,10 +68,6 @@ pub(crate) struct ServiceValues {
     pub(crate) cancelled: u64,
     /// Progress reports published.
     pub(crate) progress: u64,
-    /// `basic.ack` frames written.
-    pub(crate) ack_frames: u64,
-    /// Deliveries those frames acked.
-    pub(crate) acks: u64,
     /// Workers consuming now.
     pub(crate) consuming: i64,
     /// Handler run times.
@@ -112,7 +106,7 @@ impl Values for WorkerValues {
                 .map(move |(s, v)| (s.as_str(), f(v)))
                 .collect::<Vec<_>>()
         };
-        let families: [WorkerFamily; 11] = [
+        let families: [WorkerFamily; 9] = [
             (
                 "switchboard_worker_deliveries",
                 "Requests delivered to the service's workers.",
@@ -157,16 +151,6 @@ impl Values for WorkerValues {
                 "switchboard_worker_progress_reports",
                 "Progress reports handlers published to their callers.",
                 |v| v.progress,
-            ),
-            (
-                "switchboard_worker_ack_frames",
-                "basic.ack frames the service's workers wrote (one acks a run of contiguous finished requests: acks / ack_frames is the requests per frame).",
-                |v| v.ack_frames,
-            ),
-            (
-                "switchboard_worker_acks",
-                "Requests the service's workers acked (answered, expired, cancelled, or copies of answered ones).",
-                |v| v.acks,
             ),
         ];
         for (name, help, f) in families {

@@ -6,9 +6,7 @@
 //! this one stops or panics. Each delivery runs the service's [`Handler`]
 //! concurrently (the channel's prefetch, the service's `concurrency`, bounds
 //! how many run at once), publishes the reply to `reply_to` with publisher
-//! confirms, and only then acks (batched: one `basic.ack(multiple)` for a
-//! run of contiguous finished deliveries, never covering one in progress or
-//! rejected, `amqp::acks`); a request whose caller waits in memory
+//! confirms, and only then acks; a request whose caller waits in memory
 //! ([`wire::HEADER_CALLER_WAITS`]) gets a transient reply, acked as soon as
 //! it is written. A handler that panics or fails transiently
 //! leaves the request to be delivered again (`basic.reject`); on its last
@@ -47,12 +45,11 @@ use tracing::{Instrument, debug, error, field::Empty, info_span, warn};
 pub use cancels::CancelWatch;
 pub use handler::{CallControl, Handler, HandlerError, Progress, Reply, Request, echo};
 
-use crate::amqp::acks::{AckCounts, AckTracker, Tracked};
 use crate::amqp::consumer::{
-    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, Link, settle,
+    ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, settle,
 };
 use crate::amqp::{
-    Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_owned, topology, wire,
+    Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology, wire,
 };
 use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
@@ -88,9 +85,6 @@ pub struct WorkerStats {
     pub cancelled: AtomicU64,
     /// Progress reports published.
     pub progress: AtomicU64,
-    /// `basic.ack` frames written and the deliveries they acked (batched:
-    /// `acked / frames` deliveries per frame).
-    pub acks: Arc<AckCounts>,
 }
 
 impl WorkerStats {
@@ -107,7 +101,6 @@ impl WorkerStats {
             handler_time: Default::default(),
             cancelled: AtomicU64::new(0),
             progress: AtomicU64::new(0),
-            acks: Arc::default(),
         }
     }
 }
@@ -142,7 +135,7 @@ enum Outcome {
 struct Dedup {
     done: HashSet<String>,
     order: VecDeque<String>,
-    running: HashMap<String, Vec<Tracked>>,
+    running: HashMap<String, Vec<InFlight>>,
 }
 
 impl Dedup {
@@ -175,9 +168,6 @@ pub struct Worker {
     stream_done: bool,
     /// Who waits for the drain to end.
     drained: Vec<oneshot::Sender<()>>,
-    /// The settlements of the channel consumed now (batched acks); a new
-    /// one with each link, whose tags start again at 1.
-    acks: Option<AckTracker>,
 }
 
 impl Actor for Worker {
@@ -191,16 +181,6 @@ impl Actor for Worker {
 impl Consumes for Worker {
     fn consumer(&mut self) -> &mut ActorConsumer {
         &mut self.consumer
-    }
-
-    fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
-        // Deliveries of the old channel still in hand are settled through
-        // the old tracker, on the old channel (closed: the broker requeued
-        // them), never on this one.
-        self.acks = Some(AckTracker::new(
-            link.channel().clone(),
-            self.shared.stats.acks.clone(),
-        ));
     }
 }
 
@@ -310,7 +290,6 @@ impl Worker {
                 draining: false,
                 stream_done: false,
                 drained: Vec::new(),
-                acks: None,
             }
             .start()
         });
@@ -326,12 +305,15 @@ impl Worker {
                 self.dedup.remember(key);
             }
             for copy in parked {
-                // A copy of an answered request is done; of one given
-                // back, it goes back too, unprocessed (not a failure).
-                match outcome {
-                    Outcome::Answered => copy.ack(),
-                    Outcome::GivenBack => settle(copy.hand_back()),
-                }
+                actix::spawn(async move {
+                    // A copy of an answered request is done; of one given
+                    // back, it goes back too, unprocessed (not a failure).
+                    let settled = match outcome {
+                        Outcome::Answered => copy.ack().await,
+                        Outcome::GivenBack => copy.hand_back().await,
+                    };
+                    settle(settled);
+                });
             }
         }
         self.check_drained();
@@ -340,10 +322,6 @@ impl Worker {
     /// Wakes who waits for the drain once nothing is left in hand.
     fn check_drained(&mut self) {
         if self.draining && self.stream_done && self.in_flight == 0 {
-            // Held acks are written before the channel closes.
-            if let Some(acks) = &self.acks {
-                acks.flush();
-            }
             for tx in self.drained.drain(..) {
                 let _ = tx.send(());
             }
@@ -367,20 +345,17 @@ impl StreamHandler<Event> for Worker {
         if delivery.redelivered {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let Some(acks) = &self.acks else {
-            // Never: every link is announced (`linked`) before its first
-            // delivery. Back to the queue, unprocessed.
-            let inflight = InFlight::new(delivery);
-            actix::spawn(async move { settle(inflight.hand_back().await) });
-            return;
-        };
-        let inflight = acks.track(InFlight::new(delivery));
+        let inflight = InFlight::new(delivery);
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
-            // unprocessed, for another worker (the nack is written now,
-            // before the connection's close).
-            settle(inflight.hand_back());
-            self.check_drained();
+            // unprocessed, for another worker. In flight until the nack is
+            // sent, so that the connection closes only after it.
+            self.in_flight += 1;
+            ctx.spawn(
+                async move { settle(inflight.hand_back().await) }
+                    .into_actor(self)
+                    .map(|(), act, _| act.finish(None, Outcome::GivenBack)),
+            );
             return;
         }
         let props = &inflight.delivery().properties;
@@ -393,7 +368,7 @@ impl StreamHandler<Event> for Worker {
             if self.dedup.done.contains(k) {
                 self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.shared.service, message_id = %k, "already answered: acked without running again");
-                inflight.ack();
+                actix::spawn(async move { settle(inflight.ack().await) });
                 return;
             }
             if let Some(parked) = self.dedup.running.get_mut(k) {
@@ -439,7 +414,6 @@ impl actix::Handler<Drain> for Worker {
         self.drained.push(tx);
         self.check_drained();
         let grace = msg.grace;
-        let acks = self.acks.clone();
         Box::pin(async move {
             if let Some(link) = &link {
                 // Deliveries already sent still arrive, and are handed back.
@@ -447,11 +421,7 @@ impl actix::Handler<Drain> for Worker {
             }
             let _ = tokio::time::timeout(grace, rx).await;
             if let Some(link) = link {
-                // Held acks are written first; unacked deliveries (handlers
-                // past the grace) go back to the queue.
-                if let Some(acks) = &acks {
-                    acks.flush();
-                }
+                // Unacked deliveries (handlers past the grace) go back to the queue.
                 link.stop("shutdown").await;
             }
         })
@@ -461,7 +431,7 @@ impl actix::Handler<Drain> for Worker {
 /// Handles one delivery: expiry check, handler, reply, settlement.
 async fn process(
     shared: Arc<Shared>,
-    mut inflight: Tracked,
+    mut inflight: InFlight,
     channel: Option<lapin::Channel>,
 ) -> Outcome {
     let payload = inflight.take_payload();
@@ -486,13 +456,13 @@ async fn process(
         if wire::is_expired(props, wire::now_ms()) {
             debug!("deadline passed before work began: dropped");
             shared.stats.expired.fetch_add(1, Ordering::Relaxed);
-            inflight.ack();
+            settle(inflight.ack().await);
             return Outcome::GivenBack;
         }
         if !call_id.is_empty() && shared.cancels.is_cancelled(&call_id) {
             debug!("the call was cancelled before work began: dropped");
             shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            inflight.ack();
+            settle(inflight.ack().await);
             return Outcome::Answered;
         }
         let running = shared.cancels.running(&call_id);
@@ -516,6 +486,7 @@ async fn process(
             redelivered: d.redelivered,
             control: CallControl::new(reporter, running.token()),
         };
+        let traceparent = request.traceparent.clone();
         let handler = shared.handler.clone();
         let started = std::time::Instant::now();
         let outcome = AssertUnwindSafe(async move { handler.handle(request).await })
@@ -526,7 +497,7 @@ async fn process(
             // Whatever the handler answered, nobody wants it: the call ended.
             debug!("the call was cancelled while its handler ran: no reply");
             shared.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-            inflight.ack();
+            settle(inflight.ack().await);
             return Outcome::Answered;
         }
         drop(running);
@@ -535,27 +506,43 @@ async fn process(
             Ok(Err(e)) if !e.transient => e.to_reply(),
             Ok(Err(e)) => {
                 warn!(error = %e, "transient failure: left for redelivery");
-                return give_back(&shared, inflight);
+                return give_back(&shared, inflight).await;
             }
             Err(_) => {
                 error!("handler panicked: left for redelivery");
-                return give_back(&shared, inflight);
+                return give_back(&shared, inflight).await;
             }
         };
         let d = inflight.delivery();
         let caller_waits = wire::caller_waits(&d.properties);
         if let Some(reply_to) = d.properties.reply_to().as_ref() {
+            let props = wire::reply_properties_for(
+                d.properties.correlation_id().as_ref(),
+                reply.status,
+                &reply.content_type,
+                traceparent.as_deref(),
+                caller_waits,
+            );
             if caller_waits
                 && let Some(channel) = channel.as_ref().filter(|c| c.status().connected())
             {
-                return reply_unconfirmed(&shared, inflight, channel, &reply).await;
+                let reply_to = reply_to.clone();
+                return reply_unconfirmed(
+                    &shared,
+                    inflight,
+                    channel,
+                    reply_to.as_str(),
+                    &reply.body,
+                    props,
+                    reply.status,
+                )
+                .await;
             }
-            // Built for each attempt (not cloned: most replies need one).
-            let msg = || Outgoing {
+            let msg = Outgoing {
                 exchange: "",
                 routing_key: reply_to.as_str(),
                 payload: &reply.body,
-                properties: reply_properties(d, &reply, caller_waits),
+                properties: props,
                 // RabbitMQ returns mandatory publishes to direct reply-to
                 // addresses even when it delivers them: only ask for
                 // returns where they mean "the caller's queue is gone".
@@ -571,16 +558,16 @@ async fn process(
                     // Not the request's fault: handed back, not rejected.
                     warn!(error = %e, "reply not published: handed back for redelivery");
                     shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-                    settle(inflight.hand_back());
+                    settle(inflight.hand_back().await);
                     return Outcome::GivenBack;
                 }
             }
         }
         shared.stats.replied.fetch_add(1, Ordering::Relaxed);
         debug!(status = reply.status, "replied");
-        // Batched, not awaited: the reply is confirmed, and a copy of a
-        // request lost with its ack is settled by the `message_id` memory.
-        inflight.ack();
+        // Not awaited: the reply is confirmed, and a copy of a request lost
+        // with its ack is settled by the `message_id` memory.
+        settle(inflight.ack_now());
         Outcome::Answered
     }
     .instrument(span)
@@ -604,26 +591,25 @@ async fn process(
 /// second as late), so the handler never runs twice for it.
 async fn reply_unconfirmed(
     shared: &Shared,
-    mut inflight: Tracked,
+    inflight: InFlight,
     channel: &lapin::Channel,
-    reply: &Reply,
+    reply_to: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+    status: u16,
 ) -> Outcome {
-    let written = {
-        let d = inflight.delivery();
-        let to = d.properties.reply_to().as_ref().map_or("", |r| r.as_str());
-        channel
-            .basic_publish(
-                "".into(),
-                to.into(),
-                lapin::options::BasicPublishOptions {
-                    mandatory: false,
-                    immediate: false,
-                },
-                &reply.body,
-                reply_properties(d, reply, true),
-            )
-            .await
-    };
+    let written = channel
+        .basic_publish(
+            "".into(),
+            reply_to.into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: false,
+                immediate: false,
+            },
+            body,
+            props.clone(),
+        )
+        .await;
     let confirm = match written {
         Ok(confirm) => confirm,
         Err(e) => {
@@ -631,23 +617,20 @@ async fn reply_unconfirmed(
             // published (the channel is going; another worker answers).
             warn!(error = %e, "reply not written: handed back for redelivery");
             shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-            settle(inflight.hand_back());
+            settle(inflight.hand_back().await);
             return Outcome::GivenBack;
         }
     };
-    // Batched, not awaited: a lost ack brings a copy that waits for this
-    // task (or, once it is answered, is acked by the `message_id` memory).
-    // The delivery stays readable, should the reply be published again.
-    inflight.ack_keeping();
+    // Not awaited: a lost ack brings a copy that waits for this task.
+    settle(inflight.ack_now());
     let confirmed = tokio::time::timeout(shared.broker.confirm_timeout(), confirm).await;
     if !matches!(confirmed, Ok(Ok(lapin::Confirmation::Ack(_)))) {
         debug!("no confirm of the reply to a waiting caller; publishing it again through the pool");
-        let d = inflight.delivery();
         let again = Outgoing {
             exchange: "",
-            routing_key: d.properties.reply_to().as_ref().map_or("", |r| r.as_str()),
-            payload: &reply.body,
-            properties: reply_properties(d, reply, true),
+            routing_key: reply_to,
+            payload: body,
+            properties: props,
             mandatory: false,
         };
         if let Err(e) = shared.broker.publish(again).await {
@@ -656,28 +639,8 @@ async fn reply_unconfirmed(
         }
     }
     shared.stats.replied.fetch_add(1, Ordering::Relaxed);
-    debug!(
-        status = reply.status,
-        "replied (the caller waits: acked once written)"
-    );
+    debug!(status, "replied (the caller waits: acked once written)");
     Outcome::Answered
-}
-
-/// The properties of the reply to `d`: its correlation id and
-/// `traceparent`, the reply's status and content type; transient when its
-/// caller waits in memory.
-fn reply_properties(
-    d: &lapin::message::Delivery,
-    reply: &Reply,
-    caller_waits: bool,
-) -> lapin::BasicProperties {
-    wire::reply_properties_for(
-        d.properties.correlation_id().as_ref(),
-        reply.status,
-        &reply.content_type,
-        wire::header_str(&d.properties, wire::HEADER_TRACEPARENT),
-        caller_waits,
-    )
 }
 
 /// Publishes a reply, confirmed: on the channel its request came on (as a
@@ -686,16 +649,13 @@ fn reply_properties(
 /// through the broker's publishing pool, with its retries. A reply that made
 /// it on the first way as well reaches its caller twice: the second is
 /// counted there as late and dropped. The handler never runs twice for it.
-/// `msg` makes the message for each way (its properties are moved into the
-/// publish, not cloned).
-async fn publish_to_caller<'a>(
+async fn publish_to_caller(
     broker: &Broker,
     channel: Option<&lapin::Channel>,
-    msg: impl Fn() -> Outgoing<'a>,
+    msg: Outgoing<'_>,
 ) -> Result<()> {
     if let Some(channel) = channel.filter(|c| c.status().connected()) {
-        let sent =
-            tokio::time::timeout(broker.confirm_timeout(), publish_owned(channel, msg())).await;
+        let sent = tokio::time::timeout(broker.confirm_timeout(), publish_on(channel, &msg)).await;
         match sent {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e @ Error::NoRoute { .. })) => return Err(e),
@@ -705,7 +665,7 @@ async fn publish_to_caller<'a>(
             Err(_) => debug!("no confirm of the reply in time; publishing it through the pool"),
         }
     }
-    broker.publish(msg()).await
+    broker.publish(msg).await
 }
 
 /// Publishes a handler's progress reports on its call's `reply_to`, as its
@@ -726,7 +686,7 @@ impl handler::Reporter for ProgressReporter {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + '_>> {
         let note = wire::progress_note(note.as_bytes()).unwrap_or_default();
         Box::pin(async move {
-            let msg = || Outgoing {
+            let msg = Outgoing {
                 exchange: "",
                 routing_key: &self.reply_to,
                 payload: note.as_bytes(),
@@ -757,7 +717,7 @@ impl handler::Reporter for ProgressReporter {
 /// many deliveries failed before (`x-delivery-count`; the broker would
 /// dead-letter it itself on the next return); classic queues count
 /// nothing, so there a request that fails again once redelivered ends.
-fn give_back(shared: &Shared, inflight: Tracked) -> Outcome {
+async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
     let d = inflight.delivery();
     let failed_before = inflight.failed_deliveries();
     let last = match shared.settings.queue_type {
@@ -766,7 +726,7 @@ fn give_back(shared: &Shared, inflight: Tracked) -> Outcome {
     };
     if !last {
         shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
-        settle(inflight.retry());
+        settle(inflight.retry().await);
         return Outcome::GivenBack;
     }
     let message_id = d.properties.message_id().as_ref().map(|m| m.to_string());
@@ -779,6 +739,6 @@ fn give_back(shared: &Shared, inflight: Tracked) -> Outcome {
     );
     shared.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
     shared.stats.consumer.count_poison();
-    settle(inflight.dead_letter());
+    settle(inflight.dead_letter().await);
     Outcome::GivenBack
 }

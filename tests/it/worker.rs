@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use deadpool_lapin::lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use deadpool_lapin::lapin::types::FieldTable;
+use deadpool_lapin::lapin::options::BasicGetOptions;
 use switchboard::amqp::{Outgoing, wire};
 use switchboard::rpc::{Call, RpcOptions};
 use switchboard::worker::{HandlerError, Reply, Request};
@@ -96,126 +95,6 @@ async fn a_handler_that_always_panics_ends_in_the_dead_letter_queue_and_the_work
     assert_eq!(&reply.body[..], b"\"fine\"");
     drop(poisoned);
     c.cleanup(&["fragile"]).await;
-}
-
-#[actix_rt::test]
-async fn failures_among_concurrent_successes_are_redelivered_or_dead_lettered_never_acked_with_them()
- {
-    // Acks are batched (one `basic.ack(multiple)` for a run of finished
-    // deliveries): a request rejected for redelivery, or dead-lettered,
-    // among others that finish around it must never be covered by their
-    // ack. Covered, it would be gone without a reply (its call would time
-    // out) or missing from the dead-letter queue; acked twice, the broker
-    // would close the channel (the consumer would come back).
-    let c = ctx("batched").await;
-    let runs = Arc::new(AtomicU64::new(0));
-    let r = runs.clone();
-    let h = Arc::new(move |req: Request| {
-        let r = r.clone();
-        async move {
-            r.fetch_add(1, Ordering::Relaxed);
-            let n: u64 = serde_json::from_slice(&req.payload).unwrap();
-            // Finish out of order: handlers run concurrently.
-            tokio::time::sleep(Duration::from_millis(n % 7)).await;
-            if n % 16 == 3 {
-                panic!("request {n} always crashes the handler");
-            }
-            if n % 4 == 1 && !req.redelivered {
-                return Err(HandlerError::transient("fails on its first delivery"));
-            }
-            Ok(Reply::ok(req.content_type, req.payload))
-        }
-    });
-    let mut svc = c.service();
-    svc.delivery_limit = 2;
-    let handle = c.worker("batched", &svc, h).await.unwrap();
-    let client = c.client(RpcOptions::from(&c.settings.rpc)).await.unwrap();
-    let poison: Vec<u64> = (0..128u64).filter(|n| n % 16 == 3).collect();
-    let calls = (0..128u64).filter(|n| n % 16 != 3).map(|n| {
-        let client = client.clone();
-        async move {
-            let call =
-                Call::new("batched", n.to_string().into_bytes()).timeout(Duration::from_secs(60));
-            // Both ways a request is acked: once its reply is written (the
-            // caller waits), once its reply is confirmed (it may not).
-            let reply = if n % 2 == 0 {
-                client.call(call).await
-            } else {
-                match client.send(call).await {
-                    Ok(pending) => pending.wait().await,
-                    Err(e) => Err(e),
-                }
-            };
-            (n, reply)
-        }
-    });
-    let mut pending = Vec::new();
-    for &n in &poison {
-        let call =
-            Call::new("batched", n.to_string().into_bytes()).timeout(Duration::from_secs(120));
-        pending.push(client.send(call).await.unwrap());
-    }
-    for (n, reply) in futures_util::future::join_all(calls).await {
-        let reply = reply.unwrap_or_else(|e| panic!("call {n}: {e}"));
-        assert_eq!(reply.status, 200, "call {n}");
-        assert_eq!(&reply.body[..], n.to_string().as_bytes(), "call {n}");
-    }
-    let stats = &handle.stats;
-    // A caller may have its reply before the worker has its confirm (and
-    // counts the request answered, and acks it).
-    eventually(
-        Duration::from_secs(60),
-        "the worker dead-lettered every poison request and counted every reply acked",
-        || async {
-            stats.dead_lettered.load(Ordering::Relaxed) == poison.len() as u64
-                && stats.replied.load(Ordering::Relaxed) == 120
-                && stats.acks.acked.load(Ordering::Relaxed) == 120
-        },
-    )
-    .await;
-    // 30 of the 120 answered ones failed once: rejected, redelivered, answered.
-    assert!(stats.requeued.load(Ordering::Relaxed) >= 30);
-    assert!(runs.load(Ordering::Relaxed) >= 120 + 30 + 3 * poison.len() as u64);
-    assert_eq!(stats.consumer.reconnects(), 0, "the channel never failed");
-    // Every answered request was acked, by fewer frames or as many.
-    let acked = stats.acks.acked.load(Ordering::Relaxed);
-    let frames = stats.acks.frames.load(Ordering::Relaxed);
-    println!("{acked} requests acked by {frames} ack frames");
-    assert_eq!(acked, 120, "{frames} frames");
-    assert!((1..=acked).contains(&frames), "{frames} frames for {acked}");
-    // Once the worker is stopped (its connection closed), nothing it held
-    // unacked comes back: the service queue is empty, and the dead-letter
-    // queue holds each poison request once.
-    handle.drain(Duration::from_secs(5)).await;
-    let ch = c.broker.channel().await.unwrap();
-    let service_queue = c.broker.names().service_queue("batched");
-    let q = ch
-        .queue_declare(
-            service_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(q.message_count(), 0, "requests left in {service_queue}");
-    let dead_queue = c.broker.names().dead_queue("batched");
-    let mut dead = Vec::new();
-    while let Some(m) = ch
-        .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        dead.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
-    }
-    dead.sort();
-    let mut expected: Vec<String> = poison.iter().map(u64::to_string).collect();
-    expected.sort();
-    assert_eq!(dead, expected, "each poison request dead-lettered once");
-    drop(pending);
-    c.cleanup(&["batched"]).await;
 }
 
 #[actix_rt::test]
