@@ -209,9 +209,7 @@ async fn read(
             // Not from a stream: cannot happen on a stream queue.
             None => None,
         };
-        // On a stream an ack only moves the credit on: handed to lapin,
-        // not awaited (InFlight::ack_now).
-        settle(inflight.ack_now());
+        settle(inflight.ack().await);
         if let Some(ev) = parsed
             && tx.send(Arc::new(ev)).await.is_err()
         {
