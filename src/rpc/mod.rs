@@ -160,108 +160,107 @@ pub struct RpcClient {
 
 struct Inner {
     broker: Broker,
-    /// The router actor (a new one if it stopped or panicked).
-    router: Keeper<ReplyRouter>,
-    /// The reply consumer's status.
-    consumer: Arc<ConsumerStatus>,
-    /// The `reply_to` of every request.
-    reply_to: String,
-    /// Direct reply-to only: requests must be published on the channel that
-    /// consumes `amq.rabbitmq.reply-to`, or the broker refuses them. The
-    /// router puts the current one here (a new one after a reconnect).
-    direct_channel: router::ChannelSlot,
-    pending: Arc<PendingCalls>,
+    /// Where replies come back: the client's mode (the reply queue, or
+    /// direct reply-to).
+    main: ReplyPath,
     /// `auto` mode: the direct reply-to path of the calls whose caller
-    /// waits in memory (the others come back through the reply queue).
-    waiting: Option<DirectPath>,
+    /// waits in memory (the others come back by `main`, the reply queue).
+    waiting: Option<ReplyPath>,
     options: RpcOptions,
     stats: Arc<RpcStats>,
 }
 
-/// A reply consumer on `amq.rabbitmq.reply-to` (its own connection) and its
-/// router: in `auto` mode, where the replies of waiting callers come back.
-struct DirectPath {
+/// A reply consumer (a connection of its own), its router and its calls.
+struct ReplyPath {
+    /// The router actor (a new one if it stopped or panicked).
     router: Keeper<ReplyRouter>,
+    /// The reply consumer's status.
     consumer: Arc<ConsumerStatus>,
-    /// Where the requests of its calls are published (the consuming channel).
-    channel: router::ChannelSlot,
+    /// The `reply_to` of its requests.
+    reply_to: String,
+    /// Direct reply-to only: requests must be published on the channel that
+    /// consumes `amq.rabbitmq.reply-to`, or the broker refuses them. The
+    /// router puts the current one here (a new one after a reconnect).
+    /// `None` for the reply queue (requests go through the pool).
+    direct: Option<router::ChannelSlot>,
     pending: Arc<PendingCalls>,
 }
 
-/// Starts a reply router of `mode` on a supervised consumer of its own
-/// (named `name`), sharing `stats`: the router, its consumer's status, the
-/// direct channel slot and its pending calls.
-async fn start_router(
-    broker: &Broker,
-    name: &str,
-    mode: ReplyMode,
-    options: &RpcOptions,
-    stats: &Arc<RpcStats>,
-) -> Result<DirectPath> {
-    let supervisor = Supervisor::new(
-        broker,
-        ConsumerSpec {
-            name: name.into(),
-            tag: if mode == ReplyMode::Direct {
-                "direct-replies".into()
-            } else {
-                "replies".into()
+impl ReplyPath {
+    /// Starts a reply router of `mode` (queue or direct) on a supervised
+    /// consumer of its own named `name`, counting into `stats`, handing
+    /// what no caller of its takes to `orphans` and `progress`.
+    async fn start(
+        broker: &Broker,
+        name: &str,
+        mode: ReplyMode,
+        max_pending: usize,
+        stats: &Arc<RpcStats>,
+        orphans: Option<OrphanSink>,
+        progress: Option<ProgressSink>,
+    ) -> Result<Self> {
+        let direct = mode == ReplyMode::Direct;
+        let supervisor = Supervisor::new(
+            broker,
+            ConsumerSpec {
+                name: name.into(),
+                tag: if direct { "direct-replies" } else { "replies" }.into(),
+                // Direct reply-to requires no-ack consumption; the queue's
+                // bound is on the replies in this process's memory that
+                // are not yet acked.
+                prefetch: if direct { None } else { Some(4096) },
+                // Direct mode publishes its requests on the consuming channel.
+                confirm: direct,
             },
-            prefetch: match mode {
-                // Bounds the replies in this process's memory that are
-                // not yet acked.
-                ReplyMode::Direct => None,
-                // Direct reply-to requires no-ack consumption.
-                _ => Some(4096),
-            },
-            // Direct mode publishes its requests on the consuming channel.
-            confirm: mode == ReplyMode::Direct,
-        },
-        ReplyQueue { mode },
-    );
-    let link = match supervisor.open().await {
-        Ok(link) => link,
-        Err(e) => {
-            supervisor.status().set_stopped();
-            return Err(e);
+            ReplyQueue { mode },
+        );
+        let link = match supervisor.open().await {
+            Ok(link) => link,
+            Err(e) => {
+                supervisor.status().set_stopped();
+                return Err(e);
+            }
+        };
+        let slot = router::ChannelSlot::default();
+        if direct {
+            // Before the first call, not once the actor has started.
+            slot.set(Some(link.channel().clone()));
         }
-    };
-    let channel = router::ChannelSlot::default();
-    if mode == ReplyMode::Direct {
-        // Before the first call, not once the actor has started.
-        channel.set(Some(link.channel().clone()));
-    }
-    let pending = Arc::new(PendingCalls::new(options.max_pending, stats.clone()));
-    let consumer = supervisor.status().clone();
-    // The direct path of `auto` mode serves waiting callers only: nothing
-    // of theirs is ever detached to a sink.
-    let (orphans, progress) = if options.reply_mode == ReplyMode::Auto && mode == ReplyMode::Direct
-    {
-        (None, None)
-    } else {
-        (options.orphans.clone(), options.progress.clone())
-    };
-    let router = {
-        let (slot, pending, stats) = (channel.clone(), pending.clone(), stats.clone());
-        Keeper::start(supervisor, link, move |consumer| {
-            ReplyRouter::new(
-                mode,
-                consumer,
-                slot.clone(),
-                pending.clone(),
-                stats.clone(),
-                orphans.clone(),
-                progress.clone(),
-            )
-            .start()
+        let pending = Arc::new(PendingCalls::new(max_pending, stats.clone()));
+        let consumer = supervisor.status().clone();
+        let router = {
+            let (slot, pending, stats) = (slot.clone(), pending.clone(), stats.clone());
+            Keeper::start(supervisor, link, move |consumer| {
+                ReplyRouter::new(
+                    mode,
+                    consumer,
+                    slot.clone(),
+                    pending.clone(),
+                    stats.clone(),
+                    orphans.clone(),
+                    progress.clone(),
+                )
+                .start()
+            })
+        };
+        Ok(Self {
+            router,
+            consumer,
+            reply_to: if direct {
+                wire::DIRECT_REPLY_TO.to_owned()
+            } else {
+                broker.names().reply_queue(broker.instance_id())
+            },
+            direct: direct.then_some(slot),
+            pending,
         })
-    };
-    Ok(DirectPath {
-        router,
-        consumer,
-        channel,
-        pending,
-    })
+    }
+
+    /// Stops its router for good (its consumer and connection).
+    async fn close(&self) {
+        self.router.stop_restarting();
+        let _ = self.router.addr().send(router::Close).await;
+    }
 }
 
 /// The reply consumer's queue, declared on every (re-)open: the instance's
@@ -304,32 +303,43 @@ impl RpcClient {
             ReplyMode::Direct => ReplyMode::Direct,
             ReplyMode::Queue | ReplyMode::Auto => ReplyMode::Queue,
         };
-        let main = start_router(broker, "rpc", main_mode, &options, &stats).await?;
+        let main = ReplyPath::start(
+            broker,
+            "rpc",
+            main_mode,
+            options.max_pending,
+            &stats,
+            options.orphans.clone(),
+            options.progress.clone(),
+        )
+        .await?;
         let waiting = if options.reply_mode == ReplyMode::Auto {
-            match start_router(broker, "rpc-direct", ReplyMode::Direct, &options, &stats).await {
+            // Waiting callers only: nothing of theirs is ever detached to a sink.
+            let started = ReplyPath::start(
+                broker,
+                "rpc-direct",
+                ReplyMode::Direct,
+                options.max_pending,
+                &stats,
+                None,
+                None,
+            )
+            .await;
+            match started {
                 Ok(path) => Some(path),
                 Err(e) => {
-                    main.router.stop_restarting();
-                    let _ = main.router.addr().send(router::Close).await;
+                    main.close().await;
                     return Err(e);
                 }
             }
         } else {
             None
         };
-        let reply_to = match main_mode {
-            ReplyMode::Direct => wire::DIRECT_REPLY_TO.to_owned(),
-            _ => broker.names().reply_queue(broker.instance_id()),
-        };
         broker.metrics().register(metrics::RpcSource(stats.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 broker: broker.clone(),
-                router: main.router,
-                consumer: main.consumer,
-                reply_to,
-                direct_channel: main.channel,
-                pending: main.pending,
+                main,
                 waiting,
                 options,
                 stats,
@@ -339,7 +349,7 @@ impl RpcClient {
 
     /// The reply consumer's status (whether it consumes now).
     pub fn consumer(&self) -> &Arc<ConsumerStatus> {
-        &self.inner.consumer
+        &self.inner.main.consumer
     }
 
     /// `auto` mode: the status of the direct reply-to consumer that brings
@@ -355,17 +365,15 @@ impl RpcClient {
 
     /// The `reply_to` this client puts on its requests.
     pub fn reply_to(&self) -> &str {
-        &self.inner.reply_to
+        &self.inner.main.reply_to
     }
 
     /// Stops consuming replies and closes the client's connection; replies
     /// still on the way stay in the durable reply queue for the next start.
     pub async fn close(&self) {
-        self.inner.router.stop_restarting();
-        let _ = self.inner.router.addr().send(router::Close).await;
+        self.inner.main.close().await;
         if let Some(w) = &self.inner.waiting {
-            w.router.stop_restarting();
-            let _ = w.router.addr().send(router::Close).await;
+            w.close().await;
         }
     }
 
@@ -451,17 +459,12 @@ impl RpcClient {
         let timeout = call.timeout.unwrap_or(inner.options.default_timeout);
         let deadline = Instant::now() + timeout;
         // Where its reply comes back: in `auto` mode a waiting caller's by
-        // direct reply-to (its request published on that consumer's
-        // channel), every other by the client's own mode.
-        let (calls, direct, reply_to) = match &inner.waiting {
-            Some(w) if caller_waits => (&w.pending, Some(&w.channel), wire::DIRECT_REPLY_TO),
-            _ if inner.options.reply_mode == ReplyMode::Direct => (
-                &inner.pending,
-                Some(&inner.direct_channel),
-                wire::DIRECT_REPLY_TO,
-            ),
-            _ => (&inner.pending, None, inner.reply_to.as_str()),
+        // direct reply-to, every other by the client's own mode.
+        let path = match &inner.waiting {
+            Some(w) if caller_waits => w,
+            _ => &inner.main,
         };
+        let calls = &path.pending;
         let (tx, rx) = oneshot::channel();
         calls.register_with_progress(call_id.clone(), deadline, tx, progress)?;
         let pending = PendingReply {
@@ -481,7 +484,7 @@ impl RpcClient {
             service: &call.service,
             correlation_id: &pending.call_id,
             message_id: call.message_id.as_deref(),
-            reply_to: Some(reply_to),
+            reply_to: Some(&path.reply_to),
             content_type: &call.content_type,
             timeout: Some(timeout),
             traceparent: Some(&traceparent),
@@ -495,7 +498,7 @@ impl RpcClient {
             properties: wire::request_properties(&meta, inner.options.persistent),
             mandatory: true,
         };
-        let published = match direct {
+        let published = match &path.direct {
             Some(slot) => match slot.get() {
                 Some(ch) => {
                     // Bounded: a wedged reply connection must not hold the

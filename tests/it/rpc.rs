@@ -201,14 +201,18 @@ async fn a_slow_handler_times_out_and_its_late_reply_is_dropped() {
     c.cleanup(&["slow"]).await;
 }
 
-#[actix_rt::test]
-async fn the_pending_bound_refuses_calls_beyond_it() {
-    let c = ctx("bound").await;
+/// A worker of `held` whose handler says it started, then holds each
+/// request until the returned gate gives it a permit.
+async fn held_worker(
+    c: &crate::common::Ctx,
+) -> (Arc<Semaphore>, tokio::sync::mpsc::UnboundedReceiver<()>) {
     let gate = Arc::new(Semaphore::new(0));
+    let (started, started_rx) = tokio::sync::mpsc::unbounded_channel();
     let g = gate.clone();
     let held = Arc::new(move |req: Request| {
-        let g = g.clone();
+        let (g, started) = (g.clone(), started.clone());
         async move {
+            let _ = started.send(());
             let _p = g
                 .acquire()
                 .await
@@ -217,6 +221,13 @@ async fn the_pending_bound_refuses_calls_beyond_it() {
         }
     });
     c.worker("held", &c.service(), held).await.unwrap();
+    (gate, started_rx)
+}
+
+#[actix_rt::test]
+async fn the_pending_bound_refuses_calls_beyond_it() {
+    let c = ctx("bound").await;
+    let (gate, _started) = held_worker(&c).await;
     let mut opts = RpcOptions::from(&c.settings.rpc);
     opts.max_pending = 3;
     let client = c.client(opts).await.unwrap();
@@ -337,21 +348,7 @@ async fn in_auto_mode_a_waiting_call_comes_back_by_direct_reply_to_and_a_sent_on
 async fn in_auto_mode_a_waiting_call_whose_reply_connection_drops_fails_at_once_and_the_next_is_answered()
  {
     let c = ctx("auto-drop").await;
-    let gate = Arc::new(Semaphore::new(0));
-    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
-    let g = gate.clone();
-    let held = Arc::new(move |req: Request| {
-        let (g, held_tx) = (g.clone(), held_tx.clone());
-        async move {
-            let _ = held_tx.send(());
-            let _p = g
-                .acquire()
-                .await
-                .map_err(|_| worker::HandlerError::new(500, "closed"))?;
-            Ok(Reply::ok(req.content_type, req.payload))
-        }
-    });
-    c.worker("held", &c.service(), held).await.unwrap();
+    let (gate, mut held_rx) = held_worker(&c).await;
     let mut opts = RpcOptions::from(&c.settings.rpc);
     opts.reply_mode = ReplyMode::Auto;
     let client = c.client(opts).await.unwrap();
