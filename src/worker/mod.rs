@@ -119,27 +119,62 @@ struct Shared {
     cancels: Arc<cancels::CancelWatch>,
 }
 
+/// How many replies a worker keeps whose handler ran but which it could
+/// not publish (see [`Outcome::Unsent`]).
+const UNSENT_WINDOW: usize = 1_024;
+
 /// What became of one delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Outcome {
     /// Answered (the reply is confirmed, or nobody wanted one).
     Answered,
-    /// Left for redelivery or dead-lettered; not answered.
+    /// Left for redelivery or dead-lettered; not answered, and the handler
+    /// did not finish with a reply (it failed, or never ran).
     GivenBack,
+    /// The handler ran, but its reply could not be published (the
+    /// connection went with the channel and the pool failed too): the
+    /// request went back to the queue, and the reply is kept so that its
+    /// copy is answered with it instead of running the handler twice.
+    Unsent(Arc<UnsentReply>),
 }
 
-/// Message ids answered recently, and those being answered now with the
-/// redelivered copies that wait for them. Bounded by [`DEDUP_WINDOW`] and
-/// by the prefetch.
+/// A reply kept for the redelivered copy of its request.
+#[derive(Debug)]
+struct UnsentReply {
+    reply_to: String,
+    body: bytes::Bytes,
+    properties: lapin::BasicProperties,
+    mandatory: bool,
+}
+
+impl UnsentReply {
+    fn outgoing(&self) -> Outgoing<'_> {
+        Outgoing {
+            exchange: "",
+            routing_key: &self.reply_to,
+            payload: &self.body,
+            properties: self.properties.clone(),
+            mandatory: self.mandatory,
+        }
+    }
+}
+
+/// Message ids answered recently, those being answered now with the
+/// redelivered copies that wait for them, and those whose handler ran but
+/// whose reply is still to be published. Bounded by [`DEDUP_WINDOW`], by
+/// the prefetch and by [`UNSENT_WINDOW`].
 #[derive(Default)]
 struct Dedup {
     done: HashSet<String>,
     order: VecDeque<String>,
     running: HashMap<String, Vec<InFlight>>,
+    unsent: HashMap<String, Arc<UnsentReply>>,
+    unsent_order: VecDeque<String>,
 }
 
 impl Dedup {
     fn remember(&mut self, id: String) {
+        self.unsent.remove(&id);
         if self.order.len() >= DEDUP_WINDOW
             && let Some(old) = self.order.pop_front()
         {
@@ -147,6 +182,23 @@ impl Dedup {
         }
         if self.done.insert(id.clone()) {
             self.order.push_back(id);
+        }
+    }
+
+    fn keep_unsent(&mut self, id: String, reply: Arc<UnsentReply>) {
+        // Ids answered since stay in the order until it is swept here, or
+        // skipped as they come out of it.
+        if self.unsent_order.len() >= 2 * UNSENT_WINDOW {
+            let unsent = &self.unsent;
+            self.unsent_order.retain(|id| unsent.contains_key(id));
+        }
+        while self.unsent.len() >= UNSENT_WINDOW
+            && let Some(old) = self.unsent_order.pop_front()
+        {
+            self.unsent.remove(&old);
+        }
+        if self.unsent.insert(id.clone(), reply).is_none() {
+            self.unsent_order.push_back(id);
         }
     }
 }
@@ -301,16 +353,21 @@ impl Worker {
         self.in_flight -= 1;
         if let Some(key) = key {
             let parked = self.dedup.running.remove(&key).unwrap_or_default();
-            if outcome == Outcome::Answered {
-                self.dedup.remember(key);
+            let answered = matches!(outcome, Outcome::Answered);
+            match outcome {
+                Outcome::Answered => self.dedup.remember(key),
+                Outcome::Unsent(reply) => self.dedup.keep_unsent(key, reply),
+                Outcome::GivenBack => {}
             }
             for copy in parked {
                 actix::spawn(async move {
                     // A copy of an answered request is done; of one given
-                    // back, it goes back too, unprocessed (not a failure).
-                    let settled = match outcome {
-                        Outcome::Answered => copy.ack().await,
-                        Outcome::GivenBack => copy.hand_back().await,
+                    // back, it goes back too, unprocessed (not a failure),
+                    // and one whose reply is kept comes back to get it.
+                    let settled = if answered {
+                        copy.ack().await
+                    } else {
+                        copy.hand_back().await
                     };
                     settle(settled);
                 });
@@ -377,6 +434,20 @@ impl StreamHandler<Event> for Worker {
                 return;
             }
             self.dedup.running.insert(k.clone(), Vec::new());
+            if let Some(reply) = self.dedup.unsent.get(k).cloned() {
+                // Its handler ran here before, and its reply could not be
+                // published then: published now, without running it again.
+                self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                debug!(service = %self.shared.service, message_id = %k, "handled before, its reply unsent: publishing the kept reply");
+                self.in_flight += 1;
+                let channel = self.consumer.link().map(|l| l.channel().clone());
+                let fut = resend(self.shared.clone(), inflight, channel, reply);
+                ctx.spawn(
+                    fut.into_actor(self)
+                        .map(move |outcome, act, _| act.finish(key, outcome)),
+                );
+                return;
+            }
         }
         self.in_flight += 1;
         let channel = self.consumer.link().map(|l| l.channel().clone());
@@ -515,38 +586,53 @@ async fn process(
         };
         let d = inflight.delivery();
         let caller_waits = wire::caller_waits(&d.properties);
-        if let Some(reply_to) = d.properties.reply_to().as_ref() {
-            let props = wire::reply_properties_for(
-                d.properties.correlation_id().as_ref(),
-                reply.status,
-                &reply.content_type,
-                traceparent.as_deref(),
-                caller_waits,
-            );
+        if let Some(reply_to) = d.properties.reply_to().clone() {
+            // Owned: the delivery goes to whoever settles it.
+            let reply_to = reply_to.as_str();
+            let correlation_id = d.properties.correlation_id().clone();
+            let props = || {
+                wire::reply_properties_for(
+                    correlation_id.as_ref(),
+                    reply.status,
+                    &reply.content_type,
+                    traceparent.as_deref(),
+                    caller_waits,
+                )
+            };
+            // Kept only if it cannot be published now.
+            let unsent = |mandatory| {
+                Arc::new(UnsentReply {
+                    reply_to: reply_to.to_owned(),
+                    body: reply.body.clone(),
+                    properties: props(),
+                    mandatory,
+                })
+            };
             if caller_waits
                 && let Some(channel) = channel.as_ref().filter(|c| c.status().connected())
             {
-                let reply_to = reply_to.clone();
-                return reply_unconfirmed(
+                let written = reply_unconfirmed(
                     &shared,
                     inflight,
                     channel,
-                    reply_to.as_str(),
+                    reply_to,
                     &reply.body,
-                    props,
+                    props(),
                     reply.status,
                 )
                 .await;
+                return written.unwrap_or_else(|()| Outcome::Unsent(unsent(false)));
             }
+            // RabbitMQ returns mandatory publishes to direct reply-to
+            // addresses even when it delivers them: only ask for returns
+            // where they mean "the caller's queue is gone".
+            let mandatory = !reply_to.starts_with(wire::DIRECT_REPLY_TO);
             let msg = Outgoing {
                 exchange: "",
-                routing_key: reply_to.as_str(),
+                routing_key: reply_to,
                 payload: &reply.body,
-                properties: props,
-                // RabbitMQ returns mandatory publishes to direct reply-to
-                // addresses even when it delivers them: only ask for
-                // returns where they mean "the caller's queue is gone".
-                mandatory: !reply_to.as_str().starts_with(wire::DIRECT_REPLY_TO),
+                properties: props(),
+                mandatory,
             };
             let published = publish_to_caller(&shared.broker, channel.as_ref(), msg).await;
             match published {
@@ -555,11 +641,13 @@ async fn process(
                     debug!(%reply_to, "the caller's reply queue is gone: reply dropped")
                 }
                 Err(e) => {
-                    // Not the request's fault: handed back, not rejected.
-                    warn!(error = %e, "reply not published: handed back for redelivery");
+                    // Not the request's fault: handed back, not rejected,
+                    // and the reply kept for the copy that comes back.
+                    warn!(error = %e, "reply not published: request handed back, reply kept for its copy");
                     shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
+                    let kept = unsent(mandatory);
                     settle(inflight.hand_back().await);
-                    return Outcome::GivenBack;
+                    return Outcome::Unsent(kept);
                 }
             }
         }
@@ -588,7 +676,8 @@ async fn process(
 /// would be acked without a reply. Until then a redelivered copy waits
 /// (parked, [`Dedup`]); without a confirm the reply is published again
 /// through the pool, confirmed (a caller that got the first one drops the
-/// second as late), so the handler never runs twice for it.
+/// second as late), so the handler never runs twice for it. `Err` when the
+/// reply is not out either way: the caller keeps it for the request's copy.
 async fn reply_unconfirmed(
     shared: &Shared,
     inflight: InFlight,
@@ -597,7 +686,7 @@ async fn reply_unconfirmed(
     body: &[u8],
     props: lapin::BasicProperties,
     status: u16,
-) -> Outcome {
+) -> std::result::Result<Outcome, ()> {
     let written = channel
         .basic_publish(
             "".into(),
@@ -615,10 +704,10 @@ async fn reply_unconfirmed(
         Err(e) => {
             // Not written: handed back, as a reply that could not be
             // published (the channel is going; another worker answers).
-            warn!(error = %e, "reply not written: handed back for redelivery");
+            warn!(error = %e, "reply not written: request handed back, reply kept for its copy");
             shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
             settle(inflight.hand_back().await);
-            return Outcome::GivenBack;
+            return Err(());
         }
     };
     // Not awaited: a lost ack brings a copy that waits for this task.
@@ -634,13 +723,39 @@ async fn reply_unconfirmed(
             mandatory: false,
         };
         if let Err(e) = shared.broker.publish(again).await {
-            warn!(error = %e, "reply to a waiting caller not published: the call will time out");
-            return Outcome::GivenBack;
+            // Acked already: if the ack was lost too, the copy gets the
+            // kept reply.
+            warn!(error = %e, "reply to a waiting caller not published: kept for a copy of its request");
+            return Err(());
         }
     }
     shared.stats.replied.fetch_add(1, Ordering::Relaxed);
     debug!(status, "replied (the caller waits: acked once written)");
-    Outcome::Answered
+    Ok(Outcome::Answered)
+}
+
+/// Answers a copy of a request whose handler ran here before with the
+/// reply kept then ([`Outcome::Unsent`]), as [`process`] would have, and
+/// without running the handler again.
+async fn resend(
+    shared: Arc<Shared>,
+    inflight: InFlight,
+    channel: Option<lapin::Channel>,
+    reply: Arc<UnsentReply>,
+) -> Outcome {
+    match publish_to_caller(&shared.broker, channel.as_ref(), reply.outgoing()).await {
+        Ok(()) | Err(Error::NoRoute { .. }) => {
+            shared.stats.replied.fetch_add(1, Ordering::Relaxed);
+            settle(inflight.ack().await);
+            Outcome::Answered
+        }
+        Err(e) => {
+            warn!(error = %e, "kept reply not published: request handed back again");
+            shared.stats.requeued.fetch_add(1, Ordering::Relaxed);
+            settle(inflight.hand_back().await);
+            Outcome::Unsent(reply)
+        }
+    }
 }
 
 /// Publishes a reply, confirmed: on the channel its request came on (as a
@@ -741,4 +856,60 @@ async fn give_back(shared: &Shared, inflight: InFlight) -> Outcome {
     shared.stats.consumer.count_poison();
     settle(inflight.dead_letter().await);
     Outcome::GivenBack
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(body: &'static str) -> Arc<UnsentReply> {
+        Arc::new(UnsentReply {
+            reply_to: "sb.reply".into(),
+            body: bytes::Bytes::from_static(body.as_bytes()),
+            properties: lapin::BasicProperties::default(),
+            mandatory: true,
+        })
+    }
+
+    #[test]
+    fn a_kept_reply_is_found_until_its_request_is_answered() {
+        let mut d = Dedup::default();
+        d.keep_unsent("a".into(), reply("1"));
+        assert_eq!(&d.unsent["a"].body[..], b"1");
+        assert!(!d.done.contains("a"));
+        d.remember("a".into());
+        assert!(d.unsent.is_empty());
+        assert!(d.done.contains("a"));
+    }
+
+    #[test]
+    fn kept_replies_are_bounded_and_the_oldest_goes_first() {
+        let mut d = Dedup::default();
+        for i in 0..UNSENT_WINDOW + 10 {
+            d.keep_unsent(i.to_string(), reply("x"));
+        }
+        assert_eq!(d.unsent.len(), UNSENT_WINDOW);
+        assert!(!d.unsent.contains_key("0"));
+        assert!(!d.unsent.contains_key("9"));
+        assert!(d.unsent.contains_key("10"));
+        assert!(d.unsent.contains_key(&(UNSENT_WINDOW + 9).to_string()));
+        // Answered ids leave their place in the order behind: skipped.
+        for i in 10..20 {
+            d.remember(i.to_string());
+        }
+        d.keep_unsent("new".into(), reply("y"));
+        assert!(d.unsent.contains_key("new"));
+        assert_eq!(d.unsent.len(), UNSENT_WINDOW - 9);
+    }
+
+    #[test]
+    fn the_order_of_kept_replies_does_not_grow_with_answered_ones() {
+        let mut d = Dedup::default();
+        for i in 0..10 * UNSENT_WINDOW {
+            d.keep_unsent(i.to_string(), reply("x"));
+            d.remember(i.to_string());
+        }
+        assert!(d.unsent.is_empty());
+        assert!(d.unsent_order.len() <= 2 * UNSENT_WINDOW);
+    }
 }
