@@ -22,7 +22,8 @@ Workloads:
   events   CloudEvents through a fanout to K subscribers, both variants
   http     the HTTP gateway in this process: sync POST, 202 + long-poll, GET
            of a finished call, a bare actix-web GET (reference), and an rpc
-           point with the same payload; ratios sync / rpc and get / bare
+           point with the same payload; ratios sync / rpc, accepted / sync
+           and get / bare
   sse      K SSE clients on the gateway's /v1/events next to an AMQP
            subscriber: SSE minus AMQP delivery latency per event, missing
   notify   a service that answers after a delay, called in each style (sync,
@@ -45,7 +46,7 @@ aware_max_us; sse adds minus_amqp_p50_us / minus_amqp_p99_us and missing;
 pending and results add rss_before_kib / rss_after_kib / rss_per_call_bytes.
 `compare`, `events` and `http` add lines of kind \"ratio\": switchboard / raw
 of calls/s (events: deliveries/s) and of p50 and p99; http's name what they
-divide in `of` (\"sync / rpc\", \"get / bare\"). `bench <workload> --help`
+divide in `of` (\"sync / rpc\", \"accepted / sync\", \"get / bare\"). `bench <workload> --help`
 says what each measures.
 
 Every run uses a prefix and instance id of its own (sbbench-<8 hex>), so it
@@ -106,8 +107,8 @@ pub enum Workload {
     /// POSTs (200), `accepted` POSTs (202, then long-poll), `get` of a
     /// finished call, and `bare` (the same GET from a bare actix-web
     /// handler, the reference of `get`); plus a `bench rpc` point with the
-    /// same payload and calls in flight, and ratio lines `sync / rpc` and
-    /// `get / bare`.
+    /// same payload and calls in flight, and ratio lines `sync / rpc`,
+    /// `accepted / sync` and `get / bare`.
     #[command(after_long_help = http::HTTP_HELP)]
     Http(HttpArgs),
     /// How soon a client learns that a call has ended, per style (sync,

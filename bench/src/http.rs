@@ -13,7 +13,8 @@
 //!
 //! With the rpc reference (on by default) each concurrency also gets a
 //! `bench rpc` point with the same payload and calls in flight, and a ratio
-//! line `sync / rpc`; with `get` and `bare`, a ratio line `get / bare`.
+//! line `sync / rpc`; with `accepted` and `sync`, a ratio line `accepted /
+//! sync`; with `get` and `bare`, a ratio line `get / bare`.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -56,7 +57,9 @@ prefix, without tokens, with --workers HTTP threads; the client runs on a
 thread of its own (`bench-client` in cpu_by_thread). With
 --with-rpc-reference true (the default) every concurrency also gets an rpc
 point (RpcClient, same payload, as many calls in flight), and ratio lines
-(kind ratio, `of`): sync / rpc and get / bare.";
+(kind ratio, `of`): sync / rpc, accepted / sync and get / bare. A variant
+listed more than once is measured that many times (alternate them to
+spread the machine's noise), and its ratio lines use all of its points.";
 
 /// Flags of `bench http`.
 #[derive(Debug, Clone, clap::Args)]
@@ -249,7 +252,7 @@ async fn measure(
         }
     }
     for &c in &args.concurrency {
-        for (num, den) in [("sync", "rpc"), ("get", "bare")] {
+        for (num, den) in [("sync", "rpc"), ("accepted", "sync"), ("get", "bare")] {
             if let (Some((n, like)), Some((d, _))) = (totals.get(&(c, num)), totals.get(&(c, den)))
             {
                 let mut r = report::ratio(like, 1, n, d);

@@ -309,7 +309,7 @@ async fn http_measures_every_variant_and_the_rpc_reference() {
     assert_eq!(pts[4]["workload"], "rpc");
     let rs = ratios(&lines);
     let of: Vec<&str> = rs.iter().map(|r| r["of"].as_str().unwrap()).collect();
-    assert_eq!(of, ["sync / rpc", "get / bare"]);
+    assert_eq!(of, ["sync / rpc", "accepted / sync", "get / bare"]);
     for r in &rs {
         check_ratio(r);
         assert_eq!(r["workload"], "http");

@@ -16,6 +16,10 @@
 //! asynchronous calls to a few hundred a second (BENCHMARKS.md, `bench
 //! http`). Writes that share a transaction share its pages and its flush.
 //!
+//! A write may also return the row it changed (`UPDATE … RETURNING`,
+//! [`Batcher::fetch`]): the tracker ends a call with one statement instead
+//! of a read then a write.
+//!
 //! A statement that fails in a batch (none should: each is a conditional
 //! update or an insert that tolerates a conflict) rolls the batch back,
 //! and each of its writes is run again alone, so that only the failing one
@@ -23,6 +27,7 @@
 //! the batch and runs none again (a commit whose answer was lost may have
 //! happened).
 
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AnyPool, Connection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,8 +53,15 @@ pub(crate) struct Stmt {
     pub(crate) args: Vec<Arg>,
 }
 
+/// What a write did: the rows it changed, and with [`Batcher::fetch`] the
+/// row its `RETURNING` gave, if any.
+struct Done {
+    rows: u64,
+    row: Option<AnyRow>,
+}
+
 impl Stmt {
-    async fn run(&self, conn: &mut AnyConnection) -> Result<u64, sqlx::Error> {
+    async fn run(&self, conn: &mut AnyConnection, fetch: bool) -> Result<Done, sqlx::Error> {
         let mut q = sqlx::query(self.sql);
         for a in &self.args {
             q = match a {
@@ -59,13 +71,26 @@ impl Stmt {
                 Arg::Blob(v) => q.bind(v.clone()),
             };
         }
-        Ok(q.execute(conn).await?.rows_affected())
+        if fetch {
+            let row = q.fetch_optional(conn).await?;
+            Ok(Done {
+                rows: u64::from(row.is_some()),
+                row,
+            })
+        } else {
+            Ok(Done {
+                rows: q.execute(conn).await?.rows_affected(),
+                row: None,
+            })
+        }
     }
 }
 
 struct Write {
     stmt: Stmt,
-    done: oneshot::Sender<Result<u64, sqlx::Error>>,
+    /// Whether the statement returns a row (`RETURNING`) to hand back.
+    fetch: bool,
+    done: oneshot::Sender<Result<Done, sqlx::Error>>,
 }
 
 /// The sending side of the group-commit task. Cheap to clone; the task
@@ -86,9 +111,19 @@ impl Batcher {
     /// Runs `stmt` in the next transaction; the rows it changed, once
     /// committed.
     pub(crate) async fn execute(&self, stmt: Stmt) -> Result<u64, sqlx::Error> {
+        Ok(self.send(stmt, false).await?.rows)
+    }
+
+    /// Runs `stmt`, which returns at most one row (`… RETURNING`), in the
+    /// next transaction; that row, once committed.
+    pub(crate) async fn fetch(&self, stmt: Stmt) -> Result<Option<AnyRow>, sqlx::Error> {
+        Ok(self.send(stmt, true).await?.row)
+    }
+
+    async fn send(&self, stmt: Stmt, fetch: bool) -> Result<Done, sqlx::Error> {
         let (done, answer) = oneshot::channel();
         self.tx
-            .send(Write { stmt, done })
+            .send(Write { stmt, fetch, done })
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
         // The task is gone (its runtime stopped, or the store was closed).
@@ -114,7 +149,7 @@ enum Failed {
 async fn commit(pool: &AnyPool, batch: &mut Vec<Write>) {
     if batch.len() == 1 {
         let w = batch.pop().expect("one write");
-        let r = alone(pool, &w.stmt).await;
+        let r = alone(pool, &w).await;
         let _ = w.done.send(r);
         return;
     }
@@ -126,7 +161,7 @@ async fn commit(pool: &AnyPool, batch: &mut Vec<Write>) {
         }
         Err(Failed::Statement) => {
             for w in batch.drain(..) {
-                let r = alone(pool, &w.stmt).await;
+                let r = alone(pool, &w).await;
                 let _ = w.done.send(r);
             }
         }
@@ -139,12 +174,12 @@ async fn commit(pool: &AnyPool, batch: &mut Vec<Write>) {
     }
 }
 
-async fn together(pool: &AnyPool, batch: &[Write]) -> Result<Vec<u64>, Failed> {
+async fn together(pool: &AnyPool, batch: &[Write]) -> Result<Vec<Done>, Failed> {
     let mut conn = pool.acquire().await.map_err(Failed::Commit)?;
     let mut tx = conn.begin().await.map_err(Failed::Commit)?;
     let mut counts = Vec::with_capacity(batch.len());
     for w in batch {
-        match w.stmt.run(&mut tx).await {
+        match w.stmt.run(&mut tx, w.fetch).await {
             Ok(n) => counts.push(n),
             Err(_) => {
                 let _ = tx.rollback().await;
@@ -156,7 +191,7 @@ async fn together(pool: &AnyPool, batch: &[Write]) -> Result<Vec<u64>, Failed> {
     Ok(counts)
 }
 
-async fn alone(pool: &AnyPool, stmt: &Stmt) -> Result<u64, sqlx::Error> {
+async fn alone(pool: &AnyPool, w: &Write) -> Result<Done, sqlx::Error> {
     let mut conn = pool.acquire().await?;
-    stmt.run(&mut conn).await
+    w.stmt.run(&mut conn, w.fetch).await
 }

@@ -751,6 +751,71 @@ impl CallStore {
         Ok(done == 1)
     }
 
+    /// Ends a pending call without a callback, as [`CallStore::complete`],
+    /// in one statement that also returns it (`UPDATE … RETURNING`): no read
+    /// first. The call as it now is; `None` (and nothing changed) when it is
+    /// unknown, not pending, or has a callback (whose delivery needs the
+    /// call's document before the end is stored: [`CallStore::complete`]).
+    pub async fn complete_plain(
+        &self,
+        id: &str,
+        status: CallStatus,
+        result: Option<StoredResult>,
+        completed_ms: i64,
+    ) -> Result<Option<CallRecord>> {
+        let row = self
+            .batch
+            .fetch(Stmt {
+                sql: "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+                      result_content_type = $4, result_body = $5 \
+                      WHERE id = $6 AND status = 'pending' AND callback_url IS NULL \
+                      RETURNING id, caller, service, created_ms, deadline_ms, published, \
+                      idem_key, body_hash, traceparent, progress, progress_note, progress_ms",
+                args: vec![
+                    Arg::Text(Some(status.as_str().to_owned())),
+                    Arg::Int(Some(completed_ms)),
+                    Arg::Int(result.as_ref().map(|r| i64::from(r.status))),
+                    Arg::Text(result.as_ref().map(|r| r.content_type.clone())),
+                    Arg::Blob(result.as_ref().map(|r| r.body.clone())),
+                    Arg::Text(Some(id.to_owned())),
+                ],
+            })
+            .await
+            .map_err(db)?;
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let get_os = |c: &str| r.try_get::<Option<String>, _>(c).map_err(db);
+        let get_i = |c: &str| r.try_get::<i64, _>(c).map_err(db);
+        let progress = match r.try_get::<Option<f64>, _>("progress").map_err(db)? {
+            Some(fraction) => Some(ProgressRecord {
+                fraction,
+                note: get_os("progress_note")?,
+                at_ms: r
+                    .try_get::<Option<i64>, _>("progress_ms")
+                    .map_err(db)?
+                    .unwrap_or_default(),
+            }),
+            None => None,
+        };
+        Ok(Some(CallRecord {
+            id: r.try_get::<String, _>("id").map_err(db)?,
+            caller: r.try_get::<String, _>("caller").map_err(db)?,
+            service: r.try_get::<String, _>("service").map_err(db)?,
+            status,
+            created_ms: get_i("created_ms")?,
+            completed_ms: Some(completed_ms),
+            deadline_ms: get_i("deadline_ms")?,
+            published: get_i("published")? != 0,
+            idem_key: get_os("idem_key")?,
+            body_hash: get_os("body_hash")?,
+            traceparent: get_os("traceparent")?,
+            result,
+            callback: None,
+            progress,
+        }))
+    }
+
     /// Records the latest progress of call `id` while it is pending;
     /// returns false (and changes nothing) when it is not.
     pub async fn record_progress(

@@ -21,7 +21,7 @@ use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::amqp::consumer::{Consuming, Declare, settle};
 use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, topology, wire};
@@ -70,15 +70,110 @@ struct Inner {
     source: String,
     callbacks: Option<DispatcherHandle>,
     /// Long-pollers waiting for a call to end, by call id.
-    watchers: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
-    /// Bound on `watchers` (senders in all lists).
+    watchers: Mutex<Watchers>,
+    /// Bound on the watches held ([`Watch::hold`]).
     max_watchers: usize,
+    /// Watches held now.
     watcher_count: AtomicUsize,
     /// Documents of finished calls, served without a store read.
     finished: super::finished::FinishedDocs,
     /// `gateway.inline_result_max_bytes`: larger results are left out of
     /// lifecycle events.
     inline_result_max_bytes: usize,
+    /// Calls whose `accepted` event is being published
+    /// ([`Tracker::publish_accepted`]): their end waits for it. Each
+    /// receiver's sender is dropped once the publish is over.
+    accepting: Mutex<HashMap<String, tokio::sync::watch::Receiver<()>>>,
+}
+
+impl Inner {
+    fn lock_watchers(&self) -> std::sync::MutexGuard<'_, Watchers> {
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The watches on calls' ends ([`Tracker::watch`]).
+#[derive(Default)]
+struct Watchers {
+    by_id: HashMap<String, Vec<Waiter>>,
+    /// The key of the last watch made.
+    next: u64,
+}
+
+/// One watch in [`Watchers`].
+struct Waiter {
+    key: u64,
+    tx: oneshot::Sender<()>,
+    /// Counted in `watcher_count` ([`Watch::hold`]).
+    held: bool,
+}
+
+/// A long-poll's watch on a call's end ([`Tracker::watch`]); removed from
+/// the tracker when dropped.
+pub(crate) struct Watch {
+    inner: Arc<Inner>,
+    id: String,
+    key: u64,
+    /// `None` once given up at the bound.
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Watch {
+    /// Counts the watch among the long-pollers, within their bound
+    /// (`gateway.max_streams`); false, and the watch is given up, at the
+    /// bound: the caller then answers with the current state.
+    pub(crate) fn hold(&mut self) -> bool {
+        let mut w = self.inner.lock_watchers();
+        let Some(mine) = w
+            .by_id
+            .get_mut(&self.id)
+            .and_then(|v| v.iter_mut().find(|x| x.key == self.key))
+        else {
+            // Woken already: waiting returns at once.
+            return true;
+        };
+        if mine.held {
+            return true;
+        }
+        if self.inner.watcher_count.load(Ordering::Relaxed) >= self.inner.max_watchers {
+            drop(w);
+            self.give_up();
+            return false;
+        }
+        mine.held = true;
+        self.inner.watcher_count.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Until the call ends or `limit` passes.
+    pub(crate) async fn wait(&mut self, limit: Duration) {
+        if let Some(rx) = self.rx.as_mut() {
+            let _ = tokio::time::timeout(limit, rx).await;
+        }
+    }
+
+    /// Removes the watch from the tracker (if its call has not ended yet).
+    fn give_up(&mut self) {
+        self.rx = None;
+        let mut w = self.inner.lock_watchers();
+        let Some(v) = w.by_id.get_mut(&self.id) else {
+            return;
+        };
+        if let Some(pos) = v.iter().position(|x| x.key == self.key) {
+            if v.swap_remove(pos).held {
+                self.inner.watcher_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if v.is_empty() {
+                w.by_id.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.give_up();
+    }
 }
 
 impl Tracker {
@@ -98,7 +193,7 @@ impl Tracker {
                 broker,
                 source,
                 callbacks,
-                watchers: Mutex::new(HashMap::new()),
+                watchers: Mutex::new(Watchers::default()),
                 max_watchers: g.max_streams,
                 watcher_count: AtomicUsize::new(0),
                 finished: super::finished::FinishedDocs::new(
@@ -106,6 +201,7 @@ impl Tracker {
                     g.finished_cache_bytes,
                 ),
                 inline_result_max_bytes: g.inline_result_max_bytes,
+                accepting: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -171,6 +267,46 @@ impl Tracker {
         }
     }
 
+    /// Publishes `event`, the `accepted` event of call `id`, in a task of its
+    /// own, waiting at most `limit` for its confirm: the `202` is not held
+    /// for it (the call is stored and its request confirmed already). The
+    /// call's end, whichever way it comes, publishes its own event only once
+    /// this publish is over, so that no subscriber sees a call end before it
+    /// began.
+    pub(crate) fn publish_accepted(&self, id: &str, event: CloudEvent, limit: Duration) {
+        let (done, rx) = tokio::sync::watch::channel(());
+        self.lock_accepting().insert(id.to_owned(), rx);
+        let tracker = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(
+            async move {
+                let _ = tokio::time::timeout(limit, tracker.publish_event(&event)).await;
+                tracker.lock_accepting().remove(&id);
+                drop(done);
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+
+    fn lock_accepting(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, tokio::sync::watch::Receiver<()>>> {
+        self.inner
+            .accepting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Until the `accepted` event of call `id` is published, if it is
+    /// being published.
+    async fn accepted_out(&self, id: &str) {
+        let publishing = self.lock_accepting().get(id).cloned();
+        if let Some(mut rx) = publishing {
+            // Err once the publishing task dropped its sender: over.
+            let _ = rx.changed().await;
+        }
+    }
+
     /// Ends a stored call with `outcome`, once: publishes the completed
     /// event, wakes its long-pollers and schedules its callback. Returns
     /// whether this call changed the call (false: unknown or already ended).
@@ -185,22 +321,9 @@ impl Tracker {
     }
 
     async fn end(&self, id: &str, outcome: Outcome, answered: bool) -> Result<bool> {
-        let Some(mut call) = self.inner.store.get(id).await? else {
-            return Ok(false);
-        };
-        if call.status.is_terminal() {
-            if call.status == CallStatus::Cancelled && matches!(outcome, Outcome::Reply(_)) {
-                info!(call_id = %id, service = %call.service, "reply of a cancelled call dropped");
-                self.inner
-                    .broker
-                    .metrics()
-                    .calls()
-                    .reply_after_cancel(&call.service);
-            }
-            return Ok(false);
-        }
         let now = wire::now_ms() as i64;
         let cancelled = matches!(outcome, Outcome::Cancelled);
+        let reply = matches!(outcome, Outcome::Reply(_));
         let (status, result) = match outcome {
             Outcome::Reply(r) => (
                 CallStatus::of_reply(r.status),
@@ -225,6 +348,36 @@ impl Tracker {
             ),
             Outcome::Cancelled => (CallStatus::Cancelled, None),
         };
+        // Most calls have no callback: ended by one statement that returns
+        // the call, no read first. `None`: unknown, ended, or with a
+        // callback, whose delivery body is made from the call before its
+        // end is stored.
+        if let Some(call) = self
+            .inner
+            .store
+            .complete_plain(id, status, result.clone(), now)
+            .await?
+        {
+            let doc = StatusDocument::of(&call);
+            let event = self.end_event(cancelled, &doc, &call);
+            self.ended(&call, &doc, event, cancelled, answered, now)
+                .await;
+            return Ok(true);
+        }
+        let Some(mut call) = self.inner.store.get(id).await? else {
+            return Ok(false);
+        };
+        if call.status.is_terminal() {
+            if call.status == CallStatus::Cancelled && reply {
+                info!(call_id = %id, service = %call.service, "reply of a cancelled call dropped");
+                self.inner
+                    .broker
+                    .metrics()
+                    .calls()
+                    .reply_after_cancel(&call.service);
+            }
+            return Ok(false);
+        }
         call.status = status;
         call.completed_ms = Some(now);
         call.result = result.clone();
@@ -232,16 +385,7 @@ impl Tracker {
             cb.state = crate::calls::CallbackState::Pending;
         }
         let doc = StatusDocument::of(&call);
-        let event = self.lifecycle_event(
-            if cancelled {
-                EVENT_CANCELLED
-            } else {
-                EVENT_COMPLETED
-            },
-            &doc,
-            &call.caller,
-            call.traceparent.as_deref(),
-        );
+        let event = self.end_event(cancelled, &doc, &call);
         // A callback carries the whole result (it is kept in the store, not
         // in memory); the event on the exchange only up to the inline bound.
         let body = match &call.callback {
@@ -260,17 +404,51 @@ impl Tracker {
         {
             return Ok(false);
         }
-        info!(call_id = %id, service = %call.service, status = status.as_str(), "call completed");
-        self.remember_finished(&call, &doc);
+        self.ended(&call, &doc, event, cancelled, answered, now)
+            .await;
+        Ok(true)
+    }
+
+    /// The event that tells of `call`'s end: completed, or cancelled.
+    fn end_event(&self, cancelled: bool, doc: &StatusDocument, call: &CallRecord) -> CloudEvent {
+        self.lifecycle_event(
+            if cancelled {
+                EVENT_CANCELLED
+            } else {
+                EVENT_COMPLETED
+            },
+            doc,
+            &call.caller,
+            call.traceparent.as_deref(),
+        )
+    }
+
+    /// After `call`'s end is stored (`doc` its document now, `event` the
+    /// event that tells of it): counts it, keeps its document, publishes
+    /// the event, wakes its long-pollers and its callback's dispatcher.
+    async fn ended(
+        &self,
+        call: &CallRecord,
+        doc: &StatusDocument,
+        event: CloudEvent,
+        cancelled: bool,
+        answered: bool,
+        now: i64,
+    ) {
+        let id = call.id.as_str();
+        info!(call_id = %id, service = %call.service, status = call.status.as_str(), "call completed");
+        self.remember_finished(call, doc);
         if cancelled {
             self.inner.broker.metrics().calls().cancelled(&call.service);
         }
-        let event = self.inline_bounded(event, &call);
+        let event = self.inline_bounded(event, call);
         if !answered {
-            count_finished(&self.inner.broker, &call, now);
+            count_finished(&self.inner.broker, call, now);
         }
         // The event first: whoever learns of the end by polling can count on
-        // it being on the events exchange already.
+        // it being on the events exchange already; after the call's
+        // `accepted`, if that is still being published.
+        self.accepted_out(id).await;
         self.publish_event(&event).await;
         self.wake_watchers(id);
         if call.callback.is_some()
@@ -278,7 +456,6 @@ impl Tracker {
         {
             cb.wake();
         }
-        Ok(true)
     }
 
     /// Takes over `pending`, whose HTTP request has been answered with a
@@ -376,34 +553,30 @@ impl Tracker {
         })
     }
 
-    /// A receiver that fires when `id` ends (or is dropped when the bound of
-    /// watchers is reached: the caller then answers with the current state).
-    pub(crate) fn watch(&self, id: &str) -> Option<oneshot::Receiver<()>> {
-        let mut map = self
-            .inner
-            .watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if self.inner.watcher_count.load(Ordering::Relaxed) >= self.inner.max_watchers {
-            // Prune waiters that gave up before refusing a new one.
-            let mut pruned = 0;
-            map.retain(|_, v| {
-                let before = v.len();
-                v.retain(|tx| !tx.is_closed());
-                pruned += before - v.len();
-                !v.is_empty()
-            });
-            self.inner
-                .watcher_count
-                .fetch_sub(pruned, Ordering::Relaxed);
-            if self.inner.watcher_count.load(Ordering::Relaxed) >= self.inner.max_watchers {
-                return None;
-            }
-        }
+    /// A watch on `id` that fires when it ends from now on. Not counted
+    /// among the long-pollers (nor bounded) until [`Watch::hold`]; removed
+    /// when dropped. Taken before the call is read, so that an end after the
+    /// read always reaches it: a long-poll reads its call once.
+    pub(crate) fn watch(&self, id: &str) -> Watch {
         let (tx, rx) = oneshot::channel();
-        map.entry(id.to_owned()).or_default().push(tx);
-        self.inner.watcher_count.fetch_add(1, Ordering::Relaxed);
-        Some(rx)
+        let mut w = self.lock_watchers();
+        w.next += 1;
+        let key = w.next;
+        w.by_id.entry(id.to_owned()).or_default().push(Waiter {
+            key,
+            tx,
+            held: false,
+        });
+        Watch {
+            inner: self.inner.clone(),
+            id: id.to_owned(),
+            key,
+            rx: Some(rx),
+        }
+    }
+
+    fn lock_watchers(&self) -> std::sync::MutexGuard<'_, Watchers> {
+        self.inner.lock_watchers()
     }
 
     /// Long-pollers waiting now.
@@ -412,19 +585,11 @@ impl Tracker {
     }
 
     fn wake_watchers(&self, id: &str) {
-        let waiters = {
-            let mut map = self
-                .inner
-                .watchers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            map.remove(id).unwrap_or_default()
-        };
-        self.inner
-            .watcher_count
-            .fetch_sub(waiters.len(), Ordering::Relaxed);
-        for tx in waiters {
-            let _ = tx.send(());
+        let waiters = self.lock_watchers().by_id.remove(id).unwrap_or_default();
+        let held = waiters.iter().filter(|w| w.held).count();
+        self.inner.watcher_count.fetch_sub(held, Ordering::Relaxed);
+        for w in waiters {
+            let _ = w.tx.send(());
         }
     }
 

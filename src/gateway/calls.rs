@@ -483,18 +483,19 @@ impl CallContext<'_> {
             st.tracker.store().insert(&new_call).await?;
         }
         let doc = StatusDocument::of(&new_call.to_record());
-        // `accepted` goes out before the call is followed, so that no
-        // subscriber sees a call end before it began. The reply waits in
-        // `pending` meanwhile.
         let event = st.tracker.lifecycle_event(
             EVENT_ACCEPTED,
             &doc,
             &self.caller.name,
             Some(&self.traceparent),
         );
-        // Bounded: a broker in trouble must not hold the 202 (and the reply
-        // already in hand) past the call's deadline.
-        let _ = tokio::time::timeout(ACCEPTED_EVENT_WAIT, st.tracker.publish_event(&event)).await;
+        // The 202 is not held for the event's confirm: the call is stored
+        // and its request confirmed, which is what a 202 promises. The call's
+        // end publishes its own event only after this one (the tracker sees
+        // to it), so no subscriber sees a call end before it began. Bounded:
+        // a broker in trouble must not hold the call's end past its deadline.
+        st.tracker
+            .publish_accepted(&self.call_id, event, ACCEPTED_EVENT_WAIT);
         st.tracker.adopt(pending);
         tracing::info!(status = "pending", "call accepted");
         Ok(accepted(st, &doc, applied))
@@ -637,24 +638,26 @@ pub(super) async fn get_call(
     if let Some(res) = finished_response(&st, &caller, &id) {
         return res;
     }
+    if wait == 0 {
+        let call = caller_call(&st, &caller, &id).await?;
+        return Ok(document_response(&st, &call));
+    }
+    // Watched before the read, so that an end after the read wakes this
+    // request: one store read. The watch is not counted among the
+    // long-polls until it waits, and is removed when this request ends: an
+    // id that names no call (of any length) leaves nothing behind.
+    let mut watch = st.tracker.watch(&id);
     let call = caller_call(&st, &caller, &id).await?;
-    if call.status.is_terminal() || wait == 0 {
+    if call.status.is_terminal() {
         return Ok(document_response(&st, &call));
     }
     // Held until the answer: one caller's long-polls cannot take every
     // watcher of the gateway.
     let _slot = st.limits.long_poll(&caller)?;
-    // Only a pending call of this caller is watched: an id that names no
-    // call (of any length) leaves no watcher behind. Watch, then read
-    // again, so an end between the first read and the watch is seen.
-    let watch = st.tracker.watch(&id);
-    let call = caller_call(&st, &caller, &id).await?;
-    if call.status.is_terminal() {
-        return Ok(document_response(&st, &call));
+    if watch.hold() {
+        watch.wait(Duration::from_secs(wait)).await;
     }
-    if let Some(rx) = watch {
-        let _ = tokio::time::timeout(Duration::from_secs(wait), rx).await;
-    }
+    drop(watch);
     // Woken by the call's end: the tracker kept its document before it
     // woke the watchers, so most long-polls end without a store read.
     if let Some(res) = finished_response(&st, &caller, &id) {

@@ -405,3 +405,56 @@ async fn an_outside_worker_hears_the_cancellation_and_its_late_reply_is_dropped_
     let _ = conn.close(200, "done".into()).await;
     gw.cleanup_with(&["ext"]).await;
 }
+
+/// The `202` is not held for the `accepted` event's confirm: a call
+/// cancelled the moment its `202` arrives is still told of on the events
+/// exchange in order, `accepted` before `cancelled` (the end waits for the
+/// `accepted` publish), and the same for calls that end at once.
+#[actix_rt::test]
+async fn a_call_ended_right_after_its_202_is_told_of_after_its_accepted_event() {
+    let gw = gateway("cx-order", |_| {}).await;
+    let mut sub = switchboard::events::Subscription::start(
+        &gw.ctx.broker,
+        switchboard::events::SubscribeOptions {
+            durable_name: None,
+            type_prefix: Some("switchboard.call.".into()),
+        },
+    )
+    .await
+    .unwrap();
+    const CALLS: usize = 20;
+    let mut ids = Vec::new();
+    for i in 0..CALLS {
+        if i % 2 == 0 {
+            // Held by its worker: cancelled as soon as it is accepted.
+            let id = start_async(gw.post("slow")).await;
+            let res = cancel(&gw, &id).send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            ids.push((id, "switchboard.call.cancelled"));
+        } else {
+            // Echoed at once: its reply is usually in before the 202.
+            let id = start_async(gw.post("echo")).await;
+            ids.push((id, "switchboard.call.completed"));
+        }
+    }
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while seen.len() < 2 * CALLS {
+        let event = tokio::time::timeout(Duration::from_secs(20), sub.recv())
+            .await
+            .expect("the calls' events within 20 s")
+            .expect("the subscription goes on")
+            .unwrap();
+        seen.push((event.subject.unwrap_or_default(), event.ty));
+    }
+    for (id, end) in &ids {
+        let of: Vec<&str> = seen
+            .iter()
+            .filter(|(s, _)| s == id)
+            .map(|(_, t)| t.as_str())
+            .collect();
+        assert_eq!(of, ["switchboard.call.accepted", *end], "events of {id}");
+    }
+    sub.stop().await;
+    gw.gate.add_permits(CALLS);
+    gw.cleanup().await;
+}

@@ -377,6 +377,107 @@ async fn a_call_completes_only_once() {
 }
 
 #[actix_rt::test]
+async fn a_call_without_a_callback_ends_in_one_statement_that_returns_it() {
+    for b in backends().await {
+        let p = prefix("plain");
+        let caller = format!("{p}-caller");
+        let plain = format!("{p}-plain");
+        let with_cb = format!("{p}-cb");
+        insert_new(
+            &b.store,
+            &NewCall {
+                idem_key: Some(format!("{p}-key")),
+                body_hash: Some("hash".into()),
+                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                ..call(&plain, &caller, 100, 200)
+            },
+        )
+        .await;
+        insert_new(
+            &b.store,
+            &NewCall {
+                callback_url: Some("https://example.com/hook".into()),
+                ..call(&with_cb, &caller, 100, 200)
+            },
+        )
+        .await;
+        assert!(
+            b.store
+                .record_progress(&plain, 0.5, Some("half"), 120)
+                .await
+                .unwrap()
+        );
+
+        let ended = b
+            .store
+            .complete_plain(&plain, CallStatus::Failed, Some(reply(b"no")), 150)
+            .await
+            .unwrap()
+            .expect("a pending call without a callback is ended");
+        // What it returns is the call as the store now holds it.
+        let stored = b.store.get(&plain).await.unwrap().unwrap();
+        assert_eq!(ended, stored, "{}", b.name);
+        assert_eq!(stored.status, CallStatus::Failed);
+        assert_eq!(stored.completed_ms, Some(150));
+        assert_eq!(stored.result, Some(reply(b"no")));
+        assert_eq!(
+            stored.progress.as_ref().unwrap().note.as_deref(),
+            Some("half")
+        );
+
+        // Once only: an ended call is not ended again, nor changed.
+        let again = b
+            .store
+            .complete_plain(&plain, CallStatus::Expired, None, 160)
+            .await
+            .unwrap();
+        assert!(again.is_none(), "{}: ended twice", b.name);
+        assert_eq!(b.store.get(&plain).await.unwrap().unwrap(), stored);
+        // A call with a callback is left to `complete` (its delivery body
+        // is made from the call first): untouched.
+        let cb = b
+            .store
+            .complete_plain(&with_cb, CallStatus::Succeeded, Some(reply(b"{}")), 150)
+            .await
+            .unwrap();
+        assert!(cb.is_none(), "{}: a call with a callback", b.name);
+        let got = b.store.get(&with_cb).await.unwrap().unwrap();
+        assert_eq!((got.status, got.result), (CallStatus::Pending, None));
+        // An unknown call.
+        let unknown = b
+            .store
+            .complete_plain(&format!("{p}-none"), CallStatus::Succeeded, None, 150)
+            .await
+            .unwrap();
+        assert!(unknown.is_none());
+
+        // Many at once (they share transactions): each gets its own call.
+        let ids: Vec<String> = (0..64).map(|i| format!("{p}-many-{i}")).collect();
+        for id in &ids {
+            insert_new(&b.store, &call(id, &caller, 100, 200)).await;
+        }
+        let ends = futures_util::future::join_all(ids.iter().enumerate().map(|(i, id)| {
+            b.store.complete_plain(
+                id,
+                CallStatus::Succeeded,
+                Some(reply(id.as_bytes())),
+                1_000 + i as i64,
+            )
+        }))
+        .await;
+        for ((i, id), end) in ids.iter().enumerate().zip(ends) {
+            let end = end.unwrap().expect("ended");
+            assert_eq!(&end.id, id);
+            assert_eq!(end.result, Some(reply(id.as_bytes())));
+            assert_eq!(end.completed_ms, Some(1_000 + i as i64));
+            assert_eq!(b.store.get(id).await.unwrap().unwrap(), end, "{}", b.name);
+        }
+
+        b.done().await;
+    }
+}
+
+#[actix_rt::test]
 async fn overdue_lists_pending_calls_past_their_deadline() {
     for b in backends().await {
         let p = prefix("overdue");
