@@ -38,6 +38,7 @@ impl Source for WorkerSource {
         v.duplicates += get(&s.duplicates);
         v.replies += get(&s.replied);
         v.requeues += get(&s.requeued);
+        v.replies_kept += get(&s.replies_kept);
         v.dead_letters += get(&s.dead_lettered);
         v.expired += get(&s.expired);
         v.cancelled += get(&s.cancelled);
@@ -60,6 +61,9 @@ pub(crate) struct ServiceValues {
     pub(crate) replies: u64,
     /// Deliveries given back for redelivery.
     pub(crate) requeues: u64,
+    /// Replies kept for a copy of their request: the handler ran, the
+    /// reply could not be published.
+    pub(crate) replies_kept: u64,
     /// Deliveries the worker itself dead-lettered.
     pub(crate) dead_letters: u64,
     /// Requests dropped because their deadline had passed.
@@ -106,7 +110,7 @@ impl Values for WorkerValues {
                 .map(move |(s, v)| (s.as_str(), f(v)))
                 .collect::<Vec<_>>()
         };
-        let families: [WorkerFamily; 9] = [
+        let families: [WorkerFamily; 10] = [
             (
                 "switchboard_worker_deliveries",
                 "Requests delivered to the service's workers.",
@@ -131,6 +135,11 @@ impl Values for WorkerValues {
                 "switchboard_worker_requeues",
                 "Deliveries given back for redelivery after a panic, a transient failure or a reply that could not be published.",
                 |v| v.requeues,
+            ),
+            (
+                "switchboard_worker_replies_kept",
+                "Replies whose handler ran but which could not be published (connection and publishing pool both failed): the request went back to the queue and its copy gets the kept reply instead of running the handler again.",
+                |v| v.replies_kept,
             ),
             (
                 "switchboard_worker_dead_letters",

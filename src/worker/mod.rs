@@ -71,6 +71,10 @@ pub struct WorkerStats {
     /// Deliveries of a request already answered (or being answered) here,
     /// settled without running the handler again.
     pub duplicates: AtomicU64,
+    /// Replies whose handler ran but which could not be published (the
+    /// channel and the publishing pool both failed): kept for the copy of
+    /// their request, which gets them without running the handler again.
+    pub replies_kept: AtomicU64,
     /// The worker's consumer: whether it consumes now, since when it does
     /// not, how often it came back, the poison it dead-lettered.
     pub consumer: Arc<ConsumerStatus>,
@@ -95,6 +99,7 @@ impl WorkerStats {
             dead_lettered: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            replies_kept: AtomicU64::new(0),
             consumer,
             deliveries: AtomicU64::new(0),
             redelivered: AtomicU64::new(0),
@@ -356,7 +361,13 @@ impl Worker {
             let answered = matches!(outcome, Outcome::Answered);
             match outcome {
                 Outcome::Answered => self.dedup.remember(key),
-                Outcome::Unsent(reply) => self.dedup.keep_unsent(key, reply),
+                Outcome::Unsent(reply) => {
+                    self.shared
+                        .stats
+                        .replies_kept
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.dedup.keep_unsent(key, reply)
+                }
                 Outcome::GivenBack => {}
             }
             for copy in parked {

@@ -180,12 +180,17 @@ async fn connections_closed_by_the_broker_under_load_lose_no_call_and_process_no
         .iter()
         .map(|(_, w)| w.stats.consumer.reconnects())
         .sum();
+    let replies_kept: u64 = gw
+        .workers
+        .iter()
+        .map(|(_, w)| w.stats.replies_kept.load(Ordering::Relaxed))
+        .sum();
     assert!(reconnects >= 1, "the workers never had to reconnect");
     // Still serving normally afterwards.
     let res = gw.post("echo").body("{}").send().await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     println!(
-        "FAULT-REPORT connection-kill calls={calls} answered={answered} accepted={} refused={refused} connections_closed={killed} worker_reconnects={reconnects} lost=0 processed_twice=0 redeliveries_deduplicated={duplicates_settled}",
+        "FAULT-REPORT connection-kill calls={calls} answered={answered} accepted={} refused={refused} connections_closed={killed} worker_reconnects={reconnects} lost=0 processed_twice=0 redeliveries_deduplicated={duplicates_settled} replies_kept={replies_kept}",
         accepted.len()
     );
     gw.cleanup().await;
