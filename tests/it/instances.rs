@@ -70,19 +70,28 @@ async fn a_gateway_that_stops_has_its_pending_calls_finished_by_another_on_the_s
     .await;
     assert_eq!(status, "succeeded");
     // B took it from A's queue, then deleted A's queues (drained, nothing
-    // of A pending).
-    let metrics = http
-        .get(format!("{base_b}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("switchboard_rpc_adopted_replies_total 1"),
-        "{metrics}"
-    );
+    // of A pending). The adopter counts the reply once the store has taken
+    // it, and the store shows it ended a moment before that.
+    poll_until(
+        Duration::from_secs(15),
+        "B counts the adopted reply",
+        || async {
+            let metrics = http
+                .get(format!("{base_b}/metrics"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            if metrics.contains("switchboard_rpc_adopted_replies_total 1") {
+                Ok(())
+            } else {
+                Err(metrics)
+            }
+        },
+    )
+    .await;
     eventually(
         Duration::from_secs(15),
         "A's queues are deleted",
