@@ -230,6 +230,10 @@ fn serve_env(
         ("SWITCHBOARD__AMQP__PREFIX".into(), c.prefix.clone()),
         ("SWITCHBOARD__AMQP__INSTANCE_ID".into(), instance.to_owned()),
         ("SWITCHBOARD__LOG__FILTER".into(), "warn".into()),
+        // Without the gateway, `serve` would answer /metrics on the default
+        // 127.0.0.1:9464, which two of these tests running at once (or any
+        // other process) would contend for: the loser exits at start.
+        ("SWITCHBOARD__METRICS__BIND".into(), String::new()),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     env
