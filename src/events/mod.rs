@@ -205,23 +205,26 @@ impl Subscription {
     }
 
     /// Stops consuming and closes the subscription's connection (a
-    /// temporary queue goes with it); an event taken but not yet acked goes
-    /// back to a durable queue.
+    /// temporary queue goes with it), once the acks of the events handled
+    /// are written (bounded); an event taken but not yet acked (the last
+    /// one `recv` returned) goes back to a durable queue.
     pub async fn stop(mut self) {
         self.unacked = None;
         self.consuming.stop("unsubscribed").await;
     }
 
     /// Acks are handed to lapin without waiting for them to be written
-    /// ([`InFlight::ack_now`]): the next event is not held up by a round
-    /// trip to the connection's I/O thread, and a timer per event. Nothing
-    /// is weakened: an ack only ever went out after its event was handled
-    /// (durable: when the next one is asked for), and one lost with its
-    /// connection brings the event back to a durable queue either way (a
-    /// temporary queue goes with its connection).
+    /// ([`Consuming::ack`]): the next event is not held up by a round trip
+    /// to the connection's I/O thread, and a timer per event. Nothing is
+    /// weakened: an ack only ever goes out after its event was handled
+    /// (durable: when the next one is asked for); stopping or dropping the
+    /// subscription waits for the acks handed over to be written before
+    /// closing its connection; and one lost with its connection brings the
+    /// event back to a durable queue either way (a temporary queue goes
+    /// with its connection).
     async fn next_event(&mut self) -> Option<Result<CloudEvent>> {
         if let Some(previous) = self.unacked.take() {
-            settle(previous.ack_now());
+            settle(self.consuming.ack(previous));
         }
         loop {
             let delivery = self.consuming.next().await;
@@ -233,7 +236,7 @@ impl Subscription {
                         .quarantine(inflight, "an event that is not a CloudEvent")
                         .await;
                 } else {
-                    settle(inflight.ack_now());
+                    settle(self.consuming.ack(inflight));
                 }
                 continue;
             };
@@ -242,13 +245,13 @@ impl Subscription {
                 .as_deref()
                 .is_none_or(|p| event.ty.starts_with(p));
             if !wanted {
-                settle(inflight.ack_now());
+                settle(self.consuming.ack(inflight));
                 continue;
             }
             if self.durable {
                 self.unacked = Some(inflight);
             } else {
-                settle(inflight.ack_now());
+                settle(self.consuming.ack(inflight));
             }
             return Some(Ok(event));
         }
