@@ -115,8 +115,9 @@ impl InFlight {
     /// before it closes its channel. One allocation, no task or timer.
     pub(crate) fn ack_handed(self) -> Result<Option<HandedAck>> {
         let acker = self.delivery.acker;
-        let mut ack =
-            HandedAck(Box::pin(async move { acker.ack(BasicAckOptions { multiple: false }).await }));
+        let mut ack = HandedAck(Box::pin(async move {
+            acker.ack(BasicAckOptions { multiple: false }).await
+        }));
         match ack.poll_now() {
             Some(Err(e)) => Err(Error::from(e)),
             Some(Ok(_)) => Ok(None),
