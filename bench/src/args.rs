@@ -19,7 +19,9 @@ Workloads:
   compare  rpc (switchboard, switchboard-waits), raw and the tutorials' plain
            loop (plain, plain-guarantees) alternating in one run, plus ratio
            lines (--variants to choose)
-  events   CloudEvents through a fanout to K subscribers, both variants
+  events   CloudEvents through a fanout to K subscribers, paced or
+           --saturated: switchboard, raw (lapin with its guarantees) and
+           plain (tutorial 3), ratios switchboard / raw and / plain
   http     the HTTP gateway in this process: sync POST, 202 + long-poll, GET
            of a finished call, a bare actix-web GET (reference), and an rpc
            point with the same payload; ratios sync / rpc, accepted / sync
@@ -97,10 +99,12 @@ pub enum Workload {
     /// switchboard's guarantees).
     #[command(after_long_help = rpc::RPC_HELP)]
     Compare(CompareArgs),
-    /// CloudEvents published at a paced rate to the events fanout, received
-    /// by K subscribers (events::Subscription); delivered events/s and
-    /// publish-to-delivery latency, next to a raw-lapin fanout in the same
-    /// run, plus a ratio line.
+    /// CloudEvents published at a paced rate (or `--saturated`) to the
+    /// events fanout, received by K subscribers (events::Subscription);
+    /// delivered events/s and publish-to-delivery latency, next to a
+    /// raw-lapin fanout with the same guarantees and RabbitMQ's tutorial 3
+    /// (plain) in the same run, plus ratio lines (switchboard / raw, and
+    /// `of` "switchboard / plain").
     Events(EventsArgs),
     /// The HTTP gateway in this process with an echo worker, driven over
     /// keep-alive connections by a client on a thread of its own: `sync`

@@ -1,14 +1,26 @@
-//! `bench events`: CloudEvents published to a fanout at a paced rate and
-//! received by K subscribers; delivered events/s and publish-to-delivery
-//! latency (the send time travels in the event's data).
+//! `bench events`: CloudEvents published to a fanout and received by K
+//! subscribers, paced (`--rate`) or saturated (`--saturated`: as fast as
+//! [`MAX_IN_FLIGHT`] unconfirmed publishes allow); delivered events/s and
+//! publish-to-delivery latency (the send time travels in the event's data).
 //!
-//! The switchboard variant publishes with [`events::publish`] and receives
-//! through [`Subscription`]s on the run's events exchange. The raw variant
-//! does the same on bare lapin, the straightforward way, on an exchange of
-//! its own ([`raw_events_exchange`]): one publishing connection with
-//! a confirm-mode channel, and per subscriber a connection, a server-named
-//! exclusive queue bound to the fanout, prefetch 256 and one ack per event,
-//! as [`Subscription`] does.
+//! The variants ([`EventsVariant`]), each on an exchange of its own so that
+//! none sees another's events:
+//! - `switchboard` publishes with [`events::publish`] and receives through
+//!   [`Subscription`]s on the run's events exchange;
+//! - `raw` does the same on bare lapin, the straightforward way, with
+//!   switchboard's guarantees: one publishing connection with a
+//!   confirm-mode channel, persistent events with switchboard's properties;
+//!   per subscriber a connection, a server-named exclusive queue bound to
+//!   the fanout, prefetch 256 and one ack per event, as [`Subscription`]
+//!   does;
+//! - `plain` is RabbitMQ's tutorial 3 (publish/subscribe) as written:
+//!   transient events with no properties, no confirms, subscribers that
+//!   consume with automatic acks (no prefetch bound).
+//!
+//! `--events-log` binds an events log (a stream queue with the arguments of
+//! `<prefix>.events.log`) to the switchboard variant's exchange (as `serve`,
+//! `declare` and the gateway's hub do in a deployment), or to every
+//! variant's, so that its cost per event is measured on its own.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -18,7 +30,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::json;
-use switchboard::amqp::{Broker, Names, wire};
+use switchboard::amqp::{Broker, Names, topology, wire};
 use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
 use switchboard::lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
@@ -32,7 +44,6 @@ use switchboard::lapin::{
 use tokio::sync::Semaphore;
 
 use crate::Out;
-use crate::compare::Variant;
 use crate::env::Env;
 use crate::error::{BenchError, Result};
 use crate::probe::Probe;
@@ -43,9 +54,12 @@ use crate::report::{Line, Point, Totals, histogram, per_s, ratio, record, round2
 pub(crate) const EVENT_TYPE: &str = "switchboard.bench.tick";
 /// How long a subscriber waits for the next event before the rest count as lost.
 const IDLE_LIMIT: Duration = Duration::from_secs(30);
-/// Publishes in flight at most; beyond it the pacer waits (and the achieved
-/// rate, `calls_per_s`, falls below the asked one).
+/// Publishes in flight at most; beyond it the publisher waits (and the
+/// achieved rate, `calls_per_s`, falls below the asked one). Saturated, the
+/// publisher keeps this many in flight.
 const MAX_IN_FLIGHT: usize = 4096;
+/// Prefetch of the `raw` subscribers: [`Subscription`]'s.
+const RAW_PREFETCH: u16 = 256;
 
 /// Flags of `bench events`.
 #[derive(Debug, Clone, clap::Args)]
@@ -54,7 +68,7 @@ pub struct EventsArgs {
     #[arg(long, default_value_t = 20_000)]
     pub events: u64,
     /// Publish for this many seconds instead (rate × duration events).
-    #[arg(long, conflicts_with = "events")]
+    #[arg(long, conflicts_with_all = ["events", "saturated"])]
     pub duration: Option<f64>,
     /// Events published before each point and not recorded.
     #[arg(long, default_value_t = 500)]
@@ -62,15 +76,80 @@ pub struct EventsArgs {
     /// Events published per second (paced; up to 4096 publishes in flight).
     #[arg(long, default_value_t = 2_000.0)]
     pub rate: f64,
+    /// Publish as fast as the publisher can, up to 4096 publishes in flight
+    /// (unconfirmed; `plain`: not yet written), instead of at `--rate`: the
+    /// variants' throughput.
+    #[arg(long, conflicts_with = "rate")]
+    pub saturated: bool,
     /// Subscribers, each with a queue (and a connection) of its own.
     #[arg(long, default_value_t = 4)]
     pub subscribers: usize,
     /// Bytes of padding in each event's data.
     #[arg(long, default_value_t = 256)]
     pub payload: usize,
-    /// Repetitions of raw and switchboard, alternating which goes first.
+    /// Repetitions of the variants, alternating which goes first.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
+    /// The variants to measure, in this order on odd rounds (reversed on
+    /// even ones).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "raw,switchboard,plain"
+    )]
+    pub variants: Vec<EventsVariant>,
+    /// Which exchanges an events log is bound to (a stream queue with the
+    /// arguments of `<prefix>.events.log`, which a deployment binds to its
+    /// events exchange): none, the switchboard variant's (as in a
+    /// deployment), or every variant's.
+    #[arg(long, value_enum, default_value = "none")]
+    pub events_log: EventsLogArg,
+}
+
+/// The variants of `bench events` (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum EventsVariant {
+    /// `events::publish` and `events::Subscription`.
+    Switchboard,
+    /// Bare lapin with switchboard's guarantees: persistent and confirmed;
+    /// manual acks under a prefetch of 256.
+    Raw,
+    /// RabbitMQ's tutorial 3 as written: transient, unconfirmed, automatic
+    /// acks.
+    Plain,
+}
+
+impl EventsVariant {
+    /// The point's `variant`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventsVariant::Switchboard => "switchboard",
+            EventsVariant::Raw => "raw",
+            EventsVariant::Plain => "plain",
+        }
+    }
+}
+
+/// `--events-log`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsLogArg {
+    /// No events log.
+    None,
+    /// On the switchboard variant's exchange only.
+    Switchboard,
+    /// On every variant's exchange.
+    All,
+}
+
+impl EventsLogArg {
+    fn on(self, variant: EventsVariant) -> bool {
+        match self {
+            EventsLogArg::None => false,
+            EventsLogArg::Switchboard => variant == EventsVariant::Switchboard,
+            EventsLogArg::All => true,
+        }
+    }
 }
 
 /// What a receiver reads from an event: its send time, µs since the run's epoch.
@@ -110,23 +189,31 @@ impl Receive for Subscription {
     }
 }
 
+/// The `raw` and `plain` publisher.
 #[derive(Clone)]
 struct RawPublisher {
     channel: Channel,
     exchange: Arc<str>,
+    /// `plain`: no properties, no confirms.
+    plain: bool,
 }
 
 impl Publish for RawPublisher {
     async fn publish(&self, event: CloudEvent) -> Result<(), String> {
         let body = serde_json::to_vec(&event).map_err(|e| e.to_string())?;
-        // The properties of events::publish.
-        let props = BasicProperties::default()
-            .with_content_type(wire::CONTENT_CLOUDEVENTS.into())
-            .with_message_id(event.id.as_str().into())
-            .with_type(event.ty.as_str().into())
-            .with_app_id(wire::APP_ID.into())
-            .with_timestamp(wire::now_ms() / 1000)
-            .with_delivery_mode(wire::PERSISTENT);
+        let props = if self.plain {
+            // The tutorial's publisher sets none.
+            BasicProperties::default()
+        } else {
+            // The properties of events::publish.
+            BasicProperties::default()
+                .with_content_type(wire::CONTENT_CLOUDEVENTS.into())
+                .with_message_id(event.id.as_str().into())
+                .with_type(event.ty.as_str().into())
+                .with_app_id(wire::APP_ID.into())
+                .with_timestamp(wire::now_ms() / 1000)
+                .with_delivery_mode(wire::PERSISTENT)
+        };
         let confirm = async {
             self.channel
                 .basic_publish(
@@ -146,14 +233,19 @@ impl Publish for RawPublisher {
         .map_err(|e| e.to_string())?;
         match confirm {
             Confirmation::Ack(_) => Ok(()),
+            // No confirms asked for (plain): written is done.
+            Confirmation::NotRequested if self.plain => Ok(()),
             other => Err(format!("not confirmed: {other:?}")),
         }
     }
 }
 
+/// The `raw` and `plain` subscriber.
 struct RawSubscriber {
     consumer: Consumer,
     conn: Connection,
+    /// `plain`: consumed with automatic acks.
+    auto_ack: bool,
 }
 
 impl Receive for RawSubscriber {
@@ -162,10 +254,12 @@ impl Receive for RawSubscriber {
             Ok(d) => d,
             Err(e) => return Some(Err(e.to_string())),
         };
-        let _ = delivery
-            .acker
-            .ack(BasicAckOptions { multiple: false })
-            .await;
+        if !self.auto_ack {
+            let _ = delivery
+                .acker
+                .ack(BasicAckOptions { multiple: false })
+                .await;
+        }
         Some(
             serde_json::from_slice::<CloudEvent>(&delivery.data)
                 .map_err(|e| e.to_string())
@@ -183,10 +277,48 @@ fn stamp(event: &CloudEvent) -> Result<Stamp, String> {
         .ok_or_else(|| format!("event {} carries no send time", event.id))
 }
 
-/// The exchange of the raw events reference: a fanout of its own, so the two
-/// variants never see each other's events. Bench-only, under the run's prefix.
-fn raw_events_exchange(names: &Names) -> String {
-    format!("{}.bench.raw-events", names.prefix())
+/// The exchange of the `raw` or `plain` reference: a fanout of its own, so
+/// the variants never see each other's events. Bench-only, under the run's
+/// prefix.
+fn reference_exchange(names: &Names, variant: EventsVariant) -> String {
+    format!("{}.bench.{}-events", names.prefix(), variant.name())
+}
+
+/// Declares an events log named `queue` (a stream with the arguments of
+/// `<prefix>.events.log`) bound to `exchange`, to be deleted at the end.
+async fn bind_events_log(env: &mut Env, queue: &str, exchange: &str) -> Result<()> {
+    let conn = Connection::connect(env.amqp.first_node(), ConnectionProperties::default()).await?;
+    let declared = async {
+        let ch = conn.create_channel().await?;
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: false,
+                durable: true,
+                exclusive: false,
+                auto_delete: false,
+                nowait: false,
+            },
+            topology::events_log_arguments(&env.amqp.events_log()),
+        )
+        .await?;
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+    .await;
+    let _ = conn.close(200, "declared".into()).await;
+    // The deployment's log is deleted at the end anyway (Env::cleanup).
+    if queue != env.names().events_log() && !env.queues.iter().any(|q| q == queue) {
+        env.queues.push(queue.to_owned());
+    }
+    declared?;
+    Ok(())
 }
 
 /// What every point of a run shares.
@@ -194,6 +326,8 @@ struct Plan<'a> {
     args: &'a EventsArgs,
     /// Events of each measured phase.
     events: u64,
+    /// Events per second asked for; infinite when saturated.
+    rate: f64,
     /// The clock of the send times in the events.
     epoch: Instant,
     /// The padding of each event's data.
@@ -202,8 +336,11 @@ struct Plan<'a> {
     progress: &'a Progress,
 }
 
-/// Runs both variants, alternating, and prints a point per variant and
-/// round plus the ratio line.
+/// The ratio lines: switchboard over each reference that ran.
+const RATIOS: &[EventsVariant] = &[EventsVariant::Raw, EventsVariant::Plain];
+
+/// Runs the variants, alternating, and prints a point per variant and
+/// round plus the ratio lines.
 pub(crate) async fn run(
     env: &mut Env,
     args: &EventsArgs,
@@ -211,83 +348,141 @@ pub(crate) async fn run(
     out: &mut Out<'_>,
 ) -> Result<()> {
     let progress = out.progress().clone();
+    let (events, rate) = if args.saturated {
+        (args.events, f64::INFINITY)
+    } else {
+        (
+            paced_count(args.rate, args.events, args.duration)?,
+            args.rate,
+        )
+    };
+    let mut variants = Vec::new();
+    for v in &args.variants {
+        if !variants.contains(v) {
+            variants.push(*v);
+        }
+    }
     let plan = Plan {
         args,
-        events: paced_count(args.rate, args.events, args.duration)?,
+        events,
+        rate,
         epoch: Instant::now(),
         pad: "x".repeat(args.payload),
         probe,
         progress: &progress,
     };
     let rounds = args.rounds.max(1);
-    let mut totals = [Totals::new(), Totals::new()];
+    let mut totals: Vec<(EventsVariant, Totals)> =
+        variants.iter().map(|&v| (v, Totals::new())).collect();
     let mut last = None;
     for round in 1..=rounds {
-        let order = if round % 2 == 1 {
-            [Variant::Raw, Variant::Switchboard]
-        } else {
-            [Variant::Switchboard, Variant::Raw]
-        };
+        let mut order = variants.clone();
+        if round % 2 == 0 {
+            order.reverse();
+        }
         for variant in order {
-            let p = match variant {
-                Variant::Switchboard => {
-                    let mut amqp = env.amqp.clone();
-                    amqp.instance_id = env.instance("events");
-                    let broker = Broker::connect(&amqp).await?;
-                    let mut subs = Vec::new();
-                    for _ in 0..args.subscribers {
-                        subs.push(Subscription::start(&broker, SubscribeOptions::default()).await?);
-                    }
-                    let publisher = SbPublisher(broker.clone());
-                    let result = measure(&plan, publisher, subs, variant, round).await;
-                    // Dropping the subscriptions closes their connections.
-                    broker.close().await;
-                    result?.0
-                }
-                // Raw: `order` holds no other variant.
-                _ => {
-                    let (conn, publisher, subs) = raw_side(env, args.subscribers).await?;
-                    let (p, subs) = match measure(&plan, publisher, subs, variant, round).await {
-                        Ok(x) => x,
-                        Err(e) => {
-                            let _ = conn.close(200, "bench done".into()).await;
-                            return Err(e);
-                        }
-                    };
-                    for s in subs {
-                        let _ = s.conn.close(200, "bench done".into()).await;
-                    }
-                    let _ = conn.close(200, "bench done".into()).await;
-                    p
+            let (mut point, hist) = match variant {
+                EventsVariant::Switchboard => switchboard_point(env, &plan, round).await?,
+                EventsVariant::Raw | EventsVariant::Plain => {
+                    reference_point(env, &plan, variant, round).await?
                 }
             };
-            let (mut point, hist) = p;
             point.round = round;
-            let slot = usize::from(variant == Variant::Switchboard);
-            totals[slot].add(point.deliveries.unwrap_or(0), point.seconds, &hist);
+            if let Some((_, t)) = totals.iter_mut().find(|(v, _)| *v == variant) {
+                t.add(point.deliveries.unwrap_or(0), point.seconds, &hist);
+            }
             out.emit(Line::Point(point.clone()));
             last = Some(point);
         }
     }
-    if let Some(like) = last {
-        out.emit(Line::Ratio(ratio(&like, rounds, &totals[1], &totals[0])));
+    let total = |variant| totals.iter().find(|(v, _)| *v == variant).map(|(_, t)| t);
+    if let (Some(like), Some(sb)) = (last, total(EventsVariant::Switchboard)) {
+        for (i, &reference) in RATIOS.iter().enumerate() {
+            let Some(r) = total(reference) else { continue };
+            let mut line = ratio(&like, rounds, sb, r);
+            // The first reference's line has no `of` (as before `plain`).
+            if i > 0 {
+                line.of = Some(format!("switchboard / {}", reference.name()));
+            }
+            out.emit(Line::Ratio(line));
+        }
     }
     Ok(())
 }
 
-/// The raw side: a publisher connection and channel on the raw exchange,
-/// and `k` subscribers on connections of their own.
-async fn raw_side(
+/// One point of the switchboard variant: a broker handle of its own, its
+/// subscriptions, measured, closed.
+async fn switchboard_point(
     env: &mut Env,
-    k: usize,
+    plan: &Plan<'_>,
+    round: u32,
+) -> Result<(Point, Histogram<u64>)> {
+    let names = env.names();
+    if plan.args.events_log.on(EventsVariant::Switchboard) {
+        bind_events_log(env, &names.events_log(), &names.events_exchange()).await?;
+    }
+    let mut amqp = env.amqp.clone();
+    amqp.instance_id = env.instance("events");
+    let broker = Broker::connect(&amqp).await?;
+    let mut subs = Vec::new();
+    for _ in 0..plan.args.subscribers {
+        match Subscription::start(&broker, SubscribeOptions::default()).await {
+            Ok(s) => subs.push(s),
+            Err(e) => {
+                broker.close().await;
+                return Err(e.into());
+            }
+        }
+    }
+    let publisher = SbPublisher(broker.clone());
+    let result = measure(plan, publisher, subs, EventsVariant::Switchboard, round).await;
+    // Dropping the subscriptions closes their connections.
+    broker.close().await;
+    Ok(result?.0)
+}
+
+/// One point of the `raw` or `plain` reference: set up, measured, closed.
+async fn reference_point(
+    env: &mut Env,
+    plan: &Plan<'_>,
+    variant: EventsVariant,
+    round: u32,
+) -> Result<(Point, Histogram<u64>)> {
+    let (conn, publisher, subs) = reference_side(env, plan.args, variant).await?;
+    let measured = measure(plan, publisher, subs, variant, round).await;
+    let p = match measured {
+        Ok((p, subs)) => {
+            for s in subs {
+                let _ = s.conn.close(200, "bench done".into()).await;
+            }
+            Ok(p)
+        }
+        Err(e) => Err(e),
+    };
+    let _ = conn.close(200, "bench done".into()).await;
+    p
+}
+
+/// The `raw` or `plain` side: a publisher connection and channel on the
+/// variant's exchange, and `--subscribers` subscribers on connections of
+/// their own.
+async fn reference_side(
+    env: &mut Env,
+    args: &EventsArgs,
+    variant: EventsVariant,
 ) -> Result<(Connection, RawPublisher, Vec<RawSubscriber>)> {
-    let instance = env.instance("raw-events");
-    let exchange = raw_events_exchange(&env.names());
+    let plain = variant == EventsVariant::Plain;
+    let instance = env.instance(&format!("{}-events", variant.name()));
+    let exchange = reference_exchange(&env.names(), variant);
     let props = |role: &str| {
         ConnectionProperties::default()
             .with_connection_name(wire::connection_name(&instance, role).into())
     };
-    let conn = Connection::connect(env.amqp.first_node(), props("raw-publisher")).await?;
+    let conn = Connection::connect(
+        env.amqp.first_node(),
+        props(&format!("{}-publisher", variant.name())),
+    )
+    .await?;
     let channel = conn.create_channel().await?;
     channel
         .exchange_declare(
@@ -295,7 +490,9 @@ async fn raw_side(
             ExchangeKind::Fanout,
             ExchangeDeclareOptions {
                 passive: false,
-                durable: true,
+                // The tutorial's exchange is not durable; the cost per
+                // event is the same.
+                durable: !plain,
                 auto_delete: false,
                 internal: false,
                 nowait: false,
@@ -303,13 +500,24 @@ async fn raw_side(
             FieldTable::default(),
         )
         .await?;
-    env.exchanges.push(exchange.clone());
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    if !env.exchanges.contains(&exchange) {
+        env.exchanges.push(exchange.clone());
+    }
+    if args.events_log.on(variant) {
+        bind_events_log(env, &format!("{exchange}.log"), &exchange).await?;
+    }
+    if !plain {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+    }
     let mut subs = Vec::new();
-    for _ in 0..k {
-        let sconn = Connection::connect(env.amqp.first_node(), props("raw-subscriber")).await?;
+    for _ in 0..args.subscribers {
+        let sconn = Connection::connect(
+            env.amqp.first_node(),
+            props(&format!("{}-subscriber", variant.name())),
+        )
+        .await?;
         let ch = sconn.create_channel().await?;
         let q = ch
             .queue_declare(
@@ -332,14 +540,17 @@ async fn raw_side(
             FieldTable::default(),
         )
         .await?;
-        ch.basic_qos(256, BasicQosOptions { global: false }).await?;
+        if !plain {
+            ch.basic_qos(RAW_PREFETCH, BasicQosOptions { global: false })
+                .await?;
+        }
         let consumer = ch
             .basic_consume(
                 q.name().clone(),
-                wire::consumer_tag(&instance, "raw-events").into(),
+                wire::consumer_tag(&instance, &format!("{}-events", variant.name())).into(),
                 BasicConsumeOptions {
                     no_local: false,
-                    no_ack: false,
+                    no_ack: plain,
                     exclusive: false,
                     nowait: false,
                 },
@@ -349,11 +560,13 @@ async fn raw_side(
         subs.push(RawSubscriber {
             consumer,
             conn: sconn,
+            auto_ack: plain,
         });
     }
     let publisher = RawPublisher {
         channel,
         exchange: exchange.into(),
+        plain,
     };
     Ok((conn, publisher, subs))
 }
@@ -363,7 +576,7 @@ async fn measure<P: Publish, R: Receive>(
     plan: &Plan<'_>,
     publisher: P,
     subs: Vec<R>,
-    variant: Variant,
+    variant: EventsVariant,
     round: u32,
 ) -> Result<((Point, Histogram<u64>), Vec<R>)> {
     let Plan {
@@ -396,7 +609,7 @@ async fn measure<P: Publish, R: Receive>(
         subs,
         &publisher,
         args.warmup,
-        args.rate,
+        plan.rate,
         epoch,
         &make,
         warmup.tally(),
@@ -409,7 +622,7 @@ async fn measure<P: Publish, R: Receive>(
         subs,
         &publisher,
         events,
-        args.rate,
+        plan.rate,
         epoch,
         &make,
         measured.tally(),
@@ -439,7 +652,8 @@ async fn measure<P: Publish, R: Receive>(
         round: 1,
         deliveries: Some(ph.delivered),
         delivered_per_s: Some(round2(per_s(ph.delivered, seconds))),
-        rate: Some(args.rate),
+        // Saturated: none asked for.
+        rate: (!args.saturated).then_some(args.rate),
         ..Point::default()
     });
     Ok(((point, ph.hist), subs))
@@ -529,7 +743,8 @@ pub(crate) fn paced_count(rate: f64, events: u64, duration: Option<f64>) -> Resu
 }
 
 /// Publishes `n` events made by `make` at `rate` per second from `start`
-/// (up to [`MAX_IN_FLIGHT`] unconfirmed), counting each on `tally`, and
+/// (up to [`MAX_IN_FLIGHT`] unconfirmed; an infinite `rate`: as fast as
+/// that bound allows), counting each on `tally`, and
 /// returns once every publish is confirmed or failed, with the number that
 /// failed.
 pub(crate) async fn publish_paced<P: Publish>(
@@ -543,8 +758,10 @@ pub(crate) async fn publish_paced<P: Publish>(
     let errors = Rc::new(Cell::new(0u64));
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     for seq in 0..n {
-        let due = start + Duration::from_secs_f64(seq as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
+        if rate.is_finite() {
+            let due = start + Duration::from_secs_f64(seq as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
         // The semaphore is never closed: acquiring cannot fail.
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;

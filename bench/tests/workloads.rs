@@ -269,21 +269,47 @@ async fn compare_runs_the_plain_loop_in_a_process_of_its_own_and_gives_its_ratio
 }
 
 #[actix_rt::test]
-async fn events_reach_every_subscriber_in_both_variants() {
+async fn events_reach_every_subscriber_in_every_variant() {
     let lines = run("events --events 20 --warmup 2 --rate 500 --subscribers 3").await;
     let pts = points(&lines);
-    assert_eq!(pts.len(), 2);
+    assert_eq!(pts.len(), 3);
     for p in &pts {
         check_point(p, 20);
         assert_eq!(p["workload"], "events");
         assert_eq!(p["concurrency"], 3);
         assert_eq!(p["deliveries"], 60, "{p}");
+        assert_eq!(p["rate"], 500.0, "{p}");
     }
     let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
-    assert_eq!(variants, ["raw", "switchboard"]);
+    assert_eq!(variants, ["raw", "switchboard", "plain"]);
+    let rs = ratios(&lines);
+    assert_eq!(rs.len(), 2);
+    for r in &rs {
+        check_ratio(r);
+    }
+    assert!(rs[0].get("of").is_none(), "{}", rs[0]);
+    assert_eq!(rs[1]["of"], "switchboard / plain");
+}
+
+#[actix_rt::test]
+async fn events_saturated_with_an_events_log_on_every_exchange() {
+    let lines = run(
+        "events --saturated --events 50 --warmup 2 --subscribers 2 --rounds 2 \
+         --variants switchboard,raw --events-log all",
+    )
+    .await;
+    let pts = points(&lines);
+    let variants: Vec<&str> = pts.iter().map(|p| p["variant"].as_str().unwrap()).collect();
+    assert_eq!(variants, ["switchboard", "raw", "raw", "switchboard"]);
+    for p in &pts {
+        check_point(p, 50);
+        assert_eq!(p["deliveries"], 100, "{p}");
+        assert!(p.get("rate").is_none(), "saturated: no rate asked for: {p}");
+    }
     let rs = ratios(&lines);
     assert_eq!(rs.len(), 1);
     check_ratio(rs[0]);
+    assert_eq!(rs[0]["round_ratios"].as_array().unwrap().len(), 2);
 }
 
 #[actix_rt::test]

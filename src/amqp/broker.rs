@@ -272,11 +272,26 @@ impl Broker {
     /// `PUBLISH_ATTEMPTS` times (consumers deduplicate by `message_id`);
     /// nacked every time, it is [`Error::Nacked`].
     pub async fn publish(&self, msg: Outgoing<'_>) -> Result<()> {
+        self.publish_via(msg, None).await
+    }
+
+    /// [`Broker::publish`], always on the first of the shared channels
+    /// instead of the next one round-robin: for messages that a fanout
+    /// copies to many queues (events), which cost the broker more when they
+    /// come over several channels (each channel process confirms with every
+    /// queue; docs/BENCHMARKS.md, "Events against the raw fanout").
+    pub(crate) async fn publish_pinned(&self, msg: Outgoing<'_>) -> Result<()> {
+        self.publish_via(msg, Some(0)).await
+    }
+
+    /// [`Broker::publish`] on the shared channel `slot` (`None`: the next).
+    async fn publish_via(&self, msg: Outgoing<'_>, slot: Option<usize>) -> Result<()> {
         let mut attempt = 1;
         loop {
-            let opened = tokio::time::timeout(self.inner.confirm_timeout, self.publish_channel())
-                .await
-                .unwrap_or_else(|_| Err(self.no_answer("channel", self.inner.confirm_timeout)));
+            let opened =
+                tokio::time::timeout(self.inner.confirm_timeout, self.publish_channel(slot))
+                    .await
+                    .unwrap_or_else(|_| Err(self.no_answer("channel", self.inner.confirm_timeout)));
             let (slot, channel) = match opened {
                 Ok(c) => c,
                 Err(e) if attempt < PUBLISH_ATTEMPTS && e.is_recoverable() => {
@@ -312,9 +327,10 @@ impl Broker {
     }
 
     /// One of the shared confirm-mode channels (and its slot), reopened if
-    /// it was closed.
-    async fn publish_channel(&self) -> Result<(usize, Channel)> {
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.channels.len();
+    /// it was closed: `slot`, or the next one round-robin.
+    async fn publish_channel(&self, slot: Option<usize>) -> Result<(usize, Channel)> {
+        let i = slot.unwrap_or_else(|| self.inner.next.fetch_add(1, Ordering::Relaxed))
+            % self.inner.channels.len();
         let slot = &self.inner.channels[i];
         // The common case: an open channel, under a lock held for a clone.
         if let Some(ch) = slot.open_channel() {

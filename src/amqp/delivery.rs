@@ -22,6 +22,8 @@ use deadpool_lapin::lapin::{
 };
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use super::wire;
@@ -107,6 +109,22 @@ impl InFlight {
         }
     }
 
+    /// Done, without waiting, as [`InFlight::ack_now`], but the ack's
+    /// writing is kept to be awaited later ([`HandedAcks`]) when it has not
+    /// finished already: for a consumer whose acks must be on the wire
+    /// before it closes its channel. One allocation, no task or timer.
+    pub(crate) fn ack_handed(self) -> Result<Option<HandedAck>> {
+        let acker = self.delivery.acker;
+        let mut ack = HandedAck(Box::pin(async move {
+            acker.ack(BasicAckOptions { multiple: false }).await
+        }));
+        match ack.poll_now() {
+            Some(Err(e)) => Err(Error::from(e)),
+            Some(Ok(_)) => Ok(None),
+            None => Ok(Some(ack)),
+        }
+    }
+
     /// Not processed, through no fault of the message: a request prefetched
     /// when the worker began to drain, a request whose reply could not be
     /// published, a redelivered copy parked behind one handed back. Sent as
@@ -135,5 +153,84 @@ impl InFlight {
     pub async fn dead_letter(self) -> Result<()> {
         let reject = BasicRejectOptions { requeue: false };
         bounded("reject", self.delivery.acker.reject(reject)).await
+    }
+}
+
+/// An ack handed to lapin ([`InFlight::ack_handed`]) whose frame may not be
+/// written yet: it completes once lapin has written it (or failed to: the
+/// channel is gone, and its deliveries with it).
+pub(crate) struct HandedAck(
+    Pin<Box<dyn Future<Output = deadpool_lapin::lapin::Result<bool>> + Send + Sync>>,
+);
+
+impl HandedAck {
+    /// Polls once without a waker to be told: `None` while still on its way.
+    fn poll_now(&mut self) -> Option<deadpool_lapin::lapin::Result<bool>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.0.as_mut().poll(&mut cx) {
+            Poll::Ready(done) => Some(done),
+            Poll::Pending => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for HandedAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HandedAck")
+    }
+}
+
+/// The acks a consumer handed to lapin without waiting
+/// ([`InFlight::ack_handed`]) that may not be written yet, so that it can
+/// wait for them before it closes its channel or connection
+/// ([`HandedAcks::flush`]): lapin hands an ack over to its connection's
+/// I/O loop through a queue and a task of its own, so a close issued right
+/// after an ack can reach the broker first, and the acked message comes
+/// back to the queue for the next consumer. No task or timer per ack:
+/// those already written are pruned as the next is handed over (a poll
+/// each), so it holds about one; at most the prefetch, as the broker sends
+/// no more than that while acks are not out.
+#[derive(Debug, Default)]
+pub(crate) struct HandedAcks {
+    pending: Vec<HandedAck>,
+}
+
+impl HandedAcks {
+    /// Hands `inflight`'s ack to lapin and keeps it while it is on its way.
+    pub(crate) fn ack(&mut self, inflight: InFlight) -> Result<()> {
+        self.pending.retain_mut(|a| a.poll_now().is_none());
+        if let Some(on_its_way) = inflight.ack_handed()? {
+            self.pending.push(on_its_way);
+        }
+        Ok(())
+    }
+
+    /// Forgets the acks on their way: their channel is gone (its
+    /// deliveries go back to the queue whatever happens to them).
+    pub(crate) fn forget(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Whether any ack may still be on its way.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Waits until every ack handed over is written (or failed with its
+    /// channel), at most `within`: the bound for a connection that no
+    /// longer writes anything (the acks are lost with it either way).
+    /// Returns how many were still on their way when the bound ran out.
+    pub(crate) async fn flush(&mut self, within: Duration) -> usize {
+        let pending = std::mem::take(&mut self.pending);
+        let total = pending.len();
+        let mut done = 0;
+        let all = async {
+            for ack in pending {
+                let _ = ack.0.await;
+                done += 1;
+            }
+        };
+        let finished = tokio::time::timeout(within, all).await.is_ok();
+        if finished { 0 } else { total - done }
     }
 }

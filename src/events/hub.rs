@@ -647,8 +647,9 @@ impl StreamHandler<Event> for EventHub {
             }
         }
         // Acked once relayed (or skipped): on a stream an ack only moves the
-        // consumer's credit on.
-        ctx.spawn(async move { settle(inflight.ack().await) }.into_actor(self));
+        // consumer's credit on, so it is handed to lapin without a task or a
+        // timer per event (InFlight::ack_now).
+        settle(inflight.ack_now());
     }
 
     fn finished(&mut self, _: &mut Self::Context) {

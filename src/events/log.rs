@@ -209,7 +209,9 @@ async fn read(
             // Not from a stream: cannot happen on a stream queue.
             None => None,
         };
-        settle(inflight.ack().await);
+        // On a stream an ack only moves the credit on: handed to lapin,
+        // not awaited (InFlight::ack_now).
+        settle(inflight.ack_now());
         if let Some(ev) = parsed
             && tx.send(Arc::new(ev)).await.is_err()
         {

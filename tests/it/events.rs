@@ -71,3 +71,52 @@ async fn a_durable_subscriber_gets_what_was_published_while_it_was_away_and_filt
     let _ = ch.queue_delete(queue.into(), Default::default()).await;
     c.cleanup(&[]).await;
 }
+
+/// A durable subscription acks an event when the next one is asked for
+/// (handed to lapin without waiting for it to be written): an event taken
+/// but not followed by a `recv` comes back to the next subscriber, one
+/// followed by a `recv` never does, even when the subscription stops right
+/// after.
+#[actix_rt::test]
+async fn a_durable_subscriber_acks_an_event_once_it_asks_for_the_next_and_not_before() {
+    let c = ctx("durable-acks").await;
+    let name = format!("{}-ledger", c.prefix);
+    let opts = SubscribeOptions {
+        durable_name: Some(name.clone()),
+        type_prefix: None,
+    };
+    let recv = async |sub: &mut Subscription| {
+        tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap()
+    };
+    let mut sub = Subscription::start(&c.broker, opts.clone()).await.unwrap();
+    let queue = sub.queue.clone();
+    let sent: Vec<CloudEvent> = (0..3)
+        .map(|i| CloudEvent::new("ledger.entry", "test", serde_json::json!({ "n": i })))
+        .collect();
+    for e in &sent {
+        events::publish(&c.broker, e).await.unwrap();
+    }
+    // Taken, never followed by another recv: not acked.
+    assert_eq!(recv(&mut sub).await, sent[0]);
+    sub.stop().await;
+    let mut sub = Subscription::start(&c.broker, opts.clone()).await.unwrap();
+    assert_eq!(
+        recv(&mut sub).await,
+        sent[0],
+        "an event not yet handled comes back"
+    );
+    // Asking for the next acks it: stopped right after, it is gone for good.
+    assert_eq!(recv(&mut sub).await, sent[1]);
+    sub.stop().await;
+    let mut sub = Subscription::start(&c.broker, opts).await.unwrap();
+    assert_eq!(recv(&mut sub).await, sent[1], "taken last, not acked");
+    assert_eq!(recv(&mut sub).await, sent[2], "the one before was acked");
+    sub.stop().await;
+    let ch = c.broker.channel().await.unwrap();
+    let _ = ch.queue_delete(queue.into(), Default::default()).await;
+    c.cleanup(&[]).await;
+}

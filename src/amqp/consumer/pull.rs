@@ -6,17 +6,22 @@ use futures_util::StreamExt;
 use tracing::warn;
 
 use super::{Deliveries, Event, Link, Supervisor};
+use crate::amqp::InFlight;
+use crate::amqp::delivery::{HandedAcks, SETTLE_TIMEOUT};
 use crate::error::Result;
 
 /// A supervised consumer pulled by one task. [`Consuming::next`] hides every
 /// loss: it re-establishes the consumer (with backoff) and goes on.
 /// Dropped, the consumer stops on purpose; dropped by a panic, its status
-/// says so.
+/// says so. Acks given to [`Consuming::ack`] are on the wire before the
+/// connection closes, whether it is stopped or dropped.
 #[derive(Debug)]
 pub struct Consuming {
     supervisor: Supervisor,
     /// The link now, with its deliveries; `None` while re-establishing.
     link: Option<(Link, Deliveries)>,
+    /// Acks handed to lapin on the link's channel, not yet known written.
+    acks: HandedAcks,
 }
 
 impl Consuming {
@@ -38,7 +43,19 @@ impl Consuming {
         Self {
             supervisor,
             link: deliveries.map(|d| (link, d)),
+            acks: HandedAcks::default(),
         }
+    }
+
+    /// Acks a delivery taken from [`Consuming::next`] without waiting for
+    /// the ack to be written (no task or timer per delivery): it is handed
+    /// to lapin, and [`Consuming::stop`] (or the drop) waits for it, bounded
+    /// by the settle timeout, before closing the connection, so an ack
+    /// given here is not lost to a close that overtakes it. An ack lost
+    /// with its connection (a lost link) brings the delivery back to its
+    /// queue, as for any consumer.
+    pub fn ack(&mut self, inflight: InFlight) -> Result<()> {
+        self.acks.ack(inflight)
     }
 
     /// The supervisor (for [`Supervisor::quarantine`]).
@@ -76,15 +93,21 @@ impl Consuming {
             };
             warn!(consumer = %self.supervisor.name(), queue = %link.queue(), lost = %why, "consumer lost; re-establishing");
             if let Some((link, _)) = self.link.take() {
+                // Its channel's acks are moot now: its unacked deliveries go
+                // back to the queue with it.
+                self.acks.forget();
                 link.lost(why.reason());
             }
         }
     }
 
-    /// Stops consuming on purpose and closes the connection (bounded);
-    /// deliveries not acked go back to the queue.
+    /// Stops consuming on purpose and closes the connection (bounded):
+    /// first waits for the acks handed over by [`Consuming::ack`] to be
+    /// written (bounded by the settle timeout); deliveries not acked go
+    /// back to the queue.
     pub async fn stop(mut self, why: &str) {
         if let Some((link, _)) = self.link.take() {
+            flush(&mut self.acks, &self.supervisor).await;
             link.stop(why).await;
         }
         self.supervisor.status().set_stopped();
@@ -100,6 +123,31 @@ impl Drop for Consuming {
                 link.mark_stopped();
             }
             self.supervisor.status().set_stopped();
+            // Acks still on their way: the link (whose drop closes the
+            // connection) is dropped once they are written.
+            if !self.acks.is_empty()
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+                && let Some((link, _)) = self.link.take()
+            {
+                let mut acks = std::mem::take(&mut self.acks);
+                let supervisor = self.supervisor.clone();
+                rt.spawn(async move {
+                    flush(&mut acks, &supervisor).await;
+                    drop(link);
+                });
+            }
         }
+    }
+}
+
+/// Waits for `acks` to be written before their connection closes, at most
+/// the settle timeout; says so if some were not.
+async fn flush(acks: &mut HandedAcks, supervisor: &Supervisor) {
+    if acks.is_empty() {
+        return;
+    }
+    let unwritten = acks.flush(SETTLE_TIMEOUT).await;
+    if unwritten > 0 {
+        warn!(consumer = %supervisor.name(), unwritten, after = ?SETTLE_TIMEOUT, "acks not written before the connection closed; their deliveries come back to the queue");
     }
 }
