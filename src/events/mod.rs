@@ -77,7 +77,8 @@ impl CloudEvent {
     }
 }
 
-/// Publishes an event to the events fanout, persistent and confirmed.
+/// Publishes an event to the events fanout, persistent and confirmed, with
+/// its type as routing key ([`wire::event_routing_key`]).
 pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
     let body = serde_json::to_vec(event).map_err(|source| Error::Encode {
         what: "an event",
@@ -101,7 +102,8 @@ pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
     broker
         .publish(Outgoing {
             exchange: &broker.names().events_exchange(),
-            routing_key: "",
+            // The type: ignored by the fanout, routed on by `<p>.events.types`.
+            routing_key: wire::event_routing_key(&event.ty),
             payload: &body,
             properties: props,
             // A fanout with no subscriber drops events by design: not an error.
