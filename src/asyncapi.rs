@@ -770,6 +770,17 @@ pub fn document(settings: &Settings) -> Value {
             "bindings": exchange_binding(&events.0, &events.1, &vhost),
         }),
     );
+    let (by_type, by_type_kind) = topology::events_types_exchange(&names);
+    channels.insert(
+        "eventsByType".into(),
+        json!({
+            "address": by_type,
+            "title": "Events by type",
+            "description": format!("The direct exchange `{by_type}`, bound to `{}` (an exchange-to-exchange binding), so every event reaches it with its routing key, its CloudEvent type: a queue bound to it with a type as key receives only the events of that type. Events published without their type as key reach it with the empty key. Declared, with its binding, by switchboard's workers, whose cancellation watch binds `{}` here.", events.0, wire::EVENT_CALL_CANCELLED),
+            "messages": channel_messages(event_keys.iter().map(|m| m.key.as_str())),
+            "bindings": exchange_binding(&by_type, &by_type_kind, &vhost),
+        }),
+    );
     let log = names.events_log();
     channels.insert(
         "eventsLog".into(),
@@ -789,6 +800,10 @@ pub fn document(settings: &Settings) -> Value {
     let event_refs: Vec<Value> = event_keys
         .iter()
         .map(|m| reference(&format!("#/channels/events/messages/{}", m.key)))
+        .collect();
+    let by_type_refs: Vec<Value> = event_keys
+        .iter()
+        .map(|m| reference(&format!("#/channels/eventsByType/messages/{}", m.key)))
         .collect();
     let log_refs: Vec<Value> = event_keys
         .iter()
@@ -810,7 +825,7 @@ pub fn document(settings: &Settings) -> Value {
         json!({
             "action": "send",
             "title": "Publish events",
-            "summary": "Publish a CloudEvent to the events exchange (persistent, confirmed). Services publish their own domain events; the gateway publishes the calls' lifecycle.",
+            "summary": "Publish a CloudEvent to the events exchange (persistent, confirmed), with its type as routing key: the fanout ignores the key, and the events-by-type exchange routes on it (an event published without it reaches only the queues bound there with the empty key). Services publish their own domain events; the gateway publishes the calls' lifecycle.",
             "channel": reference("#/channels/events"),
             "messages": event_refs,
             "tags": [{"name": "events"}],
@@ -824,6 +839,17 @@ pub fn document(settings: &Settings) -> Value {
             "summary": "Bind a queue of your own to the events exchange and consume it.",
             "channel": reference("#/channels/events"),
             "messages": event_refs,
+            "tags": [{"name": "events"}],
+        }),
+    );
+    operations.insert(
+        "events.subscribeByType".into(),
+        json!({
+            "action": "receive",
+            "title": "Subscribe to events of some types",
+            "summary": "Bind a queue of your own to the events-by-type exchange with each type you want as key, and consume it: the other events are not sent to it.",
+            "channel": reference("#/channels/eventsByType"),
+            "messages": by_type_refs,
             "tags": [{"name": "events"}],
         }),
     );
@@ -861,7 +887,7 @@ pub fn document(settings: &Settings) -> Value {
 }
 
 /// What every worker must do, whatever its language (DESIGN.md).
-pub(crate) const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed; for a request with `x-sb-caller-waits`, it may send the reply transient and ack once it is written), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch the events exchange for `switchboard.call.cancelled` (`subject` = the call id) to drop a request not yet begun (ack, no reply) and stop a running one.";
+pub(crate) const WORKER_CONVENTIONS: &str = "A worker of a service: consumes its queue (never declares it: switchboard does, with its arguments) with manual acks and a prefetch; for each request, drops it (ack, no reply) when `x-sb-deadline-ms` (else `timestamp` + `expiration`) has passed; otherwise answers to `reply_to` through the default exchange with the same `correlation_id`, its content type, the header `x-status` (200 when absent; 400 and above with an `application/problem+json` body for errors) and the request's `traceparent`; acks only once the reply is published (confirmed; for a request with `x-sb-caller-waits`, it may send the reply transient and ack once it is written), so a worker that dies mid-request leaves it to be delivered again. A request it cannot handle now is rejected with requeue (a quorum queue counts it towards the delivery limit, then dead-letters it); one it never can is answered with an error status. While it works it may send progress reports to `reply_to` (header `x-sb-progress`, 0 to 1, and a text note) when the request carries `x-sb-accepts-progress`; and it may watch for `switchboard.call.cancelled` (`subject` = the call id), through a queue bound to the events-by-type exchange with that key (or to the events exchange, receiving every event), to drop a request not yet begun (ack, no reply) and stop a running one.";
 
 #[cfg(test)]
 mod tests {

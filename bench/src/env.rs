@@ -200,6 +200,8 @@ impl Env {
                 names.requests_exchange(),
                 names.dead_exchange(),
                 names.events_exchange(),
+                // Declared by the workers' cancellation watch.
+                names.events_types_exchange(),
             ]);
         }
         let mut channel = self.admin.channel().await.ok();

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use deadpool_lapin::lapin::{
     self, Channel, Connection, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable},
 };
@@ -334,16 +334,7 @@ pub(crate) async fn declare_subscription(
 ) -> Result<String> {
     let (name, options) = match durable_name {
         Some(n) => (names.subscriber_queue(n), durable_queue()),
-        None => (
-            String::new(),
-            QueueDeclareOptions {
-                passive: false,
-                durable: false,
-                exclusive: true,
-                auto_delete: true,
-                nowait: false,
-            },
-        ),
+        None => (String::new(), temporary_queue()),
     };
     let queue = ch
         .queue_declare(name.as_str().into(), options, FieldTable::default())
@@ -352,6 +343,96 @@ pub(crate) async fn declare_subscription(
     let queue = queue.name().as_str().to_owned();
     bind_to_events(ch, names, &queue).await?;
     Ok(queue)
+}
+
+/// Server-named, exclusive to its connection and auto-deleted: a temporary
+/// subscription's queue.
+fn temporary_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: false,
+        durable: false,
+        exclusive: true,
+        auto_delete: true,
+        nowait: false,
+    }
+}
+
+/// `<p>.events.types` ([`Names::events_types_exchange`]): direct, routing
+/// key = the CloudEvent type.
+pub(crate) fn events_types_exchange(names: &Names) -> (String, ExchangeKind) {
+    (names.events_types_exchange(), ExchangeKind::Direct)
+}
+
+/// Declares `<p>.events.types` (durable) and binds it to the events fanout
+/// (an exchange-to-exchange binding): the fanout ignores the binding's key
+/// and passes every event on with its own routing key, its type
+/// ([`wire::event_routing_key`](super::wire::event_routing_key)), on which
+/// the direct exchange routes. Nothing changes for the fanout's other
+/// bindings. Needs `configure` and `write` on `<p>.events.types` and `read`
+/// on `<p>.events`.
+pub(crate) async fn declare_events_types(ch: &Channel, names: &Names) -> Result<()> {
+    let (name, kind) = events_types_exchange(names);
+    ch.exchange_declare(
+        name.as_str().into(),
+        kind,
+        durable_exchange(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| mismatch(Entity::Exchange, &name, e))?;
+    ch.exchange_bind(
+        name.as_str().into(),
+        names.events_exchange().into(),
+        "".into(),
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A temporary queue on `ch` (server-named, exclusive, auto-deleted) that
+/// receives only the events of `types`: bound to `<p>.events.types` (declared
+/// first, [`declare_events_types`]) with each type as key, and with the
+/// empty key, for the events published without their type as key (by other
+/// clients, by a switchboard older than this binding, or of a type longer
+/// than a routing key may be): whoever reads it still checks the type.
+/// Returns the queue's name.
+pub(crate) async fn declare_typed_subscription(
+    ch: &Channel,
+    names: &Names,
+    types: &[&str],
+) -> Result<String> {
+    declare_events_types(ch, names).await?;
+    let queue = ch
+        .queue_declare("".into(), temporary_queue(), FieldTable::default())
+        .await?;
+    let queue = queue.name().as_str().to_owned();
+    let exchange = names.events_types_exchange();
+    for key in types.iter().copied().chain([""]) {
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(queue)
+}
+
+/// Whether the broker refused an operation with 403 ACCESS_REFUSED (the
+/// user's permissions do not cover a name), by lapin's error kind.
+pub(crate) fn is_access_refused(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Amqp(e) if matches!(
+            e.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+        )
+    )
 }
 
 /// The retention of the events log (`<p>.events.log`, a stream queue):

@@ -154,6 +154,14 @@ impl Names {
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
     }
+    /// `<p>.events.types`: direct exchange bound to the events fanout (an
+    /// exchange-to-exchange binding), so every event reaches it with its
+    /// routing key, the CloudEvent type ([`event_routing_key`]): a queue
+    /// bound to it with a type's key receives the events of that type only
+    /// (the workers' cancellation watch). Declared by that watch.
+    pub fn events_types_exchange(&self) -> String {
+        format!("{}.events.types", self.prefix)
+    }
     /// `<p>.events.log`: the events log, a stream queue bound to the events
     /// fanout. Its offsets are the positions of `/v1/events` (SSE `id`,
     /// `Last-Event-ID`), the same on every instance; any AMQP client may
@@ -183,6 +191,16 @@ impl Names {
     pub fn poison_queue(&self) -> String {
         format!("{}.poison", self.prefix)
     }
+}
+
+/// The routing key an event is published with: its CloudEvent type, which
+/// the events fanout ignores and `<p>.events.types` routes on
+/// ([`Names::events_types_exchange`]). A type longer than AMQP's 255-byte
+/// short string is published with the empty key (as events were before
+/// types were routed): every fanout subscriber still gets it, and only
+/// queues of `<p>.events.types` bound with the empty key do.
+pub fn event_routing_key(ty: &str) -> &str {
+    if ty.len() <= 255 { ty } else { "" }
 }
 
 /// `switchboard/<instance>/<role>`: the connection name operators see.
@@ -520,6 +538,13 @@ mod tests {
         assert_eq!(n.dead_queue("echo"), "sb.svc.echo.dead");
         assert_eq!(n.events_exchange(), "sb.events");
         assert_eq!(n.events_log(), "sb.events.log");
+        assert_eq!(n.events_types_exchange(), "sb.events.types");
+        assert_eq!(
+            event_routing_key(EVENT_CALL_CANCELLED),
+            EVENT_CALL_CANCELLED
+        );
+        assert_eq!(event_routing_key(&"t".repeat(255)).len(), 255);
+        assert_eq!(event_routing_key(&"t".repeat(256)), "");
         assert_eq!(n.reply_queue("host1"), "sb.reply.host1");
         assert_eq!(n.deadwatch_queue("host1"), "sb.deadwatch.host1");
         assert_eq!(n.poison_queue(), "sb.poison");

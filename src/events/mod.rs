@@ -78,9 +78,10 @@ impl CloudEvent {
 }
 
 /// Publishes an event to the events fanout, persistent and confirmed
-/// (sent again if not, as [`Broker::publish`] does), always on the same
-/// shared publishing channel: the broker spends less per event delivered
-/// when a fanout's messages come over one channel than spread over several.
+/// (sent again if not, as [`Broker::publish`] does), with its type as
+/// routing key ([`wire::event_routing_key`]), always on the same shared
+/// publishing channel: the broker spends less per event delivered when a
+/// fanout's messages come over one channel than spread over several.
 pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
     let body = serde_json::to_vec(event).map_err(|source| Error::Encode {
         what: "an event",
@@ -104,7 +105,8 @@ pub async fn publish(broker: &Broker, event: &CloudEvent) -> Result<()> {
     broker
         .publish_pinned(Outgoing {
             exchange: &broker.names().events_exchange(),
-            routing_key: "",
+            // The type: ignored by the fanout, routed on by `<p>.events.types`.
+            routing_key: wire::event_routing_key(&event.ty),
             payload: &body,
             properties: props,
             // A fanout with no subscriber drops events by design: not an error.

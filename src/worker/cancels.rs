@@ -3,8 +3,10 @@
 //!
 //! A caller cancels a call through the gateway (`DELETE /v1/calls/{id}`),
 //! which publishes `switchboard.call.cancelled` (`subject` = call id) on
-//! the events exchange. The watch is one temporary subscription to that
-//! exchange per process (shared by its workers through
+//! the events exchange, with its type as routing key. The watch is one
+//! temporary queue per process bound to `<prefix>.events.types` (which the
+//! events fanout passes every event to) for that key only, so it is not
+//! sent the other events (shared by its workers through
 //! [`Broker::shared_part`]): it remembers the last [`RECENT_CANCELLED`]
 //! cancelled ids, so a request delivered later is dropped unprocessed, and
 //! it cancels the token of a handler running for one now.
@@ -15,26 +17,78 @@
 //! and counted.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use deadpool_lapin::lapin::Connection;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::amqp::{Broker, wire};
+use crate::amqp::consumer::{Consuming, Declare, settle};
+use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, close_channel, topology, wire};
 use crate::error::Result;
-use crate::events::{SubscribeOptions, Subscription};
+use crate::events::CloudEvent;
 
 /// How many cancelled call ids a process remembers. Bounded: a request
 /// cancelled longer ago than that many cancellations runs (and its reply is
 /// dropped by the gateway).
 pub(super) const RECENT_CANCELLED: usize = 16_384;
 
+/// Events buffered unacked by the watch (as a subscription's).
+const PREFETCH: u16 = 256;
+
+/// The watch's queue, declared on each (re-)open of its consumer: a
+/// temporary queue bound to `<prefix>.events.types` with the key
+/// `switchboard.call.cancelled` (and the empty key,
+/// [`topology::declare_typed_subscription`]), so that the process is not
+/// sent every event of the fanout to keep the cancellations. A user whose
+/// permissions do not cover `<prefix>.events.types` (refused: 403) gets a
+/// queue bound to the whole fanout instead, as before that exchange
+/// existed: cancellations are heard either way.
+struct CancellationsQueue {
+    filtered: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Declare for CancellationsQueue {
+    async fn declare(&self, broker: &Broker, conn: &Connection) -> Result<String> {
+        let names = broker.names();
+        let ch = conn.create_channel().await?;
+        let typed =
+            topology::declare_typed_subscription(&ch, names, &[wire::EVENT_CALL_CANCELLED]).await;
+        match typed {
+            Ok(queue) => {
+                close_channel(&ch, "declared").await;
+                self.filtered.store(true, Ordering::Relaxed);
+                Ok(queue)
+            }
+            Err(e) if topology::is_access_refused(&e) => {
+                warn!(
+                    exchange = %names.events_types_exchange(),
+                    error = %e,
+                    "cancellation watch: the exchange of events by type was refused to this user; reading every event of the events exchange instead"
+                );
+                // The refusal closed that channel.
+                let ch = conn.create_channel().await?;
+                let queue = topology::declare_subscription(&ch, names, None).await?;
+                close_channel(&ch, "declared").await;
+                self.filtered.store(false, Ordering::Relaxed);
+                Ok(queue)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// The cancelled calls a process has heard of, and the handlers running.
 pub struct CancelWatch {
     state: Arc<Mutex<State>>,
     /// Cancellations heard (for tests and metrics).
     heard: Arc<AtomicU64>,
+    /// Events delivered, of any type (for tests).
+    received: Arc<AtomicU64>,
+    /// Whether the queue is bound for cancellations only.
+    filtered: Arc<AtomicBool>,
     /// Stops the subscription's task when the last worker lets go.
     _stop: DropGuard,
 }
@@ -105,25 +159,40 @@ impl CancelWatch {
     }
 
     async fn start(broker: &Broker) -> Result<Self> {
-        let mut sub = Subscription::start(
+        let filtered = Arc::new(AtomicBool::new(false));
+        let supervisor = Supervisor::new(
             broker,
-            SubscribeOptions {
-                durable_name: None,
-                type_prefix: Some(wire::EVENT_CALL_CANCELLED.into()),
+            ConsumerSpec {
+                // As every temporary subscription's, for operators and metrics.
+                name: "subscriber".into(),
+                tag: "events".into(),
+                // Manual acks, so that the prefetch bounds what is in flight.
+                prefetch: Some(PREFETCH),
+                confirm: false,
             },
-        )
-        .await?;
+            CancellationsQueue {
+                filtered: filtered.clone(),
+            },
+        );
+        let mut consuming = Consuming::start(supervisor).await?;
         let state = Arc::new(Mutex::new(State::default()));
         let heard = Arc::new(AtomicU64::new(0));
+        let received = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
-        let (st, count, done) = (state.clone(), heard.clone(), stop.clone());
+        let (st, count, all, done) = (state.clone(), heard.clone(), received.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let event = tokio::select! {
+                let delivery = tokio::select! {
                     _ = done.cancelled() => break,
-                    e = sub.recv() => e,
+                    d = consuming.next() => d,
                 };
-                let Some(Ok(event)) = event else { continue };
+                let inflight = InFlight::new(delivery);
+                let event = serde_json::from_slice::<CloudEvent>(&inflight.delivery().data);
+                settle(inflight.ack().await);
+                all.fetch_add(1, Ordering::Relaxed);
+                let Ok(event) = event else { continue };
+                // Events published without their type as routing key come
+                // too (by other clients, or an older switchboard).
                 if event.ty != wire::EVENT_CALL_CANCELLED {
                     continue;
                 }
@@ -132,11 +201,13 @@ impl CancelWatch {
                 st.lock().unwrap_or_else(|p| p.into_inner()).hear(id);
                 count.fetch_add(1, Ordering::Relaxed);
             }
-            sub.stop().await;
+            consuming.stop("unsubscribed").await;
         });
         Ok(Self {
             state,
             heard,
+            received,
+            filtered,
             _stop: stop.drop_guard(),
         })
     }
@@ -171,6 +242,22 @@ impl CancelWatch {
     /// Cancellations heard since the watch started.
     pub fn heard(&self) -> u64 {
         self.heard.load(Ordering::Relaxed)
+    }
+
+    /// Events the watch's queue delivered since it started, of any type:
+    /// the cancellations, and the events published without their type as
+    /// routing key; every event when it reads the whole fanout
+    /// ([`CancelWatch::filtered`] false).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Whether the watch's queue (its latest) is bound to
+    /// `<prefix>.events.types` for cancellations only; false when the
+    /// broker refused that exchange to this user, and the queue is bound to
+    /// the whole events fanout instead.
+    pub fn filtered(&self) -> bool {
+        self.filtered.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

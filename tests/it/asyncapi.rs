@@ -175,6 +175,10 @@ async fn the_document_says_what_switchboard_declares_on_the_broker() {
         doc["channels"]["events"]["bindings"]["amqp"]["exchange"]["type"],
         "fanout"
     );
+    let by_type = &doc["channels"]["eventsByType"];
+    assert_eq!(by_type["address"], names.events_types_exchange().as_str());
+    assert_eq!(by_type["bindings"]["amqp"]["exchange"]["type"], "direct");
+    assert!(by_type["messages"][wire::EVENT_CALL_CANCELLED].is_object());
     // Every header of the wire conventions, where it belongs.
     let messages = &doc["components"]["messages"];
     let request = &messages["invoice.request"]["headers"]["properties"];

@@ -458,3 +458,116 @@ async fn a_call_ended_right_after_its_202_is_told_of_after_its_accepted_event() 
     gw.gate.add_permits(CALLS);
     gw.cleanup().await;
 }
+
+/// The bindings whose source is `exchange` (management API):
+/// `(destination, destination_type, routing_key)`.
+async fn bindings_from(exchange: &str) -> Vec<(String, String, String)> {
+    let url = format!(
+        "{}/api/exchanges/%2F/{exchange}/bindings/source",
+        crate::common::management_url()
+    );
+    let list: Vec<Value> = reqwest::Client::new()
+        .get(url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let s = |b: &Value, k: &str| b[k].as_str().unwrap().to_owned();
+    list.iter()
+        .map(|b| {
+            (
+                s(b, "destination"),
+                s(b, "destination_type"),
+                s(b, "routing_key"),
+            )
+        })
+        .collect()
+}
+
+#[actix_rt::test]
+async fn the_watch_is_sent_cancellations_only_and_fanout_subscribers_everything() {
+    use switchboard::amqp::wire;
+    use switchboard::events::{self, CloudEvent, SubscribeOptions, Subscription};
+
+    let c = crate::common::ctx("cx-only").await;
+    let names = c.broker.names().clone();
+    let watch = CancelWatch::shared(&c.broker).await.unwrap();
+    assert!(watch.filtered(), "the watch reads the whole fanout");
+    // A subscriber of the fanout, as every existing one binds.
+    let mut sub = Subscription::start(&c.broker, SubscribeOptions::default())
+        .await
+        .unwrap();
+
+    // The watch's queue is bound to the events by type, for cancellations
+    // (and events published without their type as key), not to the fanout.
+    let by_type = bindings_from(&names.events_types_exchange()).await;
+    let watch_queues: Vec<&String> = by_type.iter().map(|(d, _, _)| d).collect();
+    assert!(!watch_queues.is_empty());
+    let mut keys: Vec<&str> = by_type.iter().map(|(_, _, k)| k.as_str()).collect();
+    keys.sort();
+    assert_eq!(keys, ["", wire::EVENT_CALL_CANCELLED], "{by_type:?}");
+    let fanout = bindings_from(&names.events_exchange()).await;
+    assert!(
+        fanout.contains(&(
+            names.events_types_exchange(),
+            "exchange".into(),
+            String::new()
+        )),
+        "{fanout:?}"
+    );
+    for (d, kind, _) in &fanout {
+        assert!(
+            kind == "exchange" || *d == sub.queue,
+            "a queue other than the subscriber's on the fanout: {fanout:?}"
+        );
+        assert!(!watch_queues.contains(&d), "{fanout:?}");
+    }
+
+    // Other events, each confirmed (so in every queue it is routed to)
+    // before the next is published, then a cancellation: the watch is sent
+    // the cancellation alone; the fanout's subscriber gets them all.
+    let (received, heard) = (watch.received(), watch.heard());
+    let types = [
+        wire::EVENT_CALL_ACCEPTED,
+        wire::EVENT_CALL_PROGRESS,
+        wire::EVENT_CALL_COMPLETED,
+        "com.example.invoice.paid",
+        wire::EVENT_CALL_CANCELLED,
+    ];
+    for ty in types {
+        let subject = if ty == wire::EVENT_CALL_CANCELLED {
+            "gone"
+        } else {
+            "other"
+        };
+        let event = CloudEvent::new(ty, "test", serde_json::json!({})).with_subject(subject);
+        events::publish(&c.broker, &event).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), "the watch heard it", || async {
+        watch.heard() > heard
+    })
+    .await;
+    assert!(watch.is_cancelled("gone"));
+    assert!(!watch.is_cancelled("other"));
+    assert_eq!(
+        watch.received() - received,
+        1,
+        "the watch was sent events other than the cancellation"
+    );
+    for ty in types {
+        let event = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("the fanout's subscriber gets every event")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.ty, ty);
+    }
+    sub.stop().await;
+    drop(watch);
+    c.cleanup(&[]).await;
+}

@@ -150,6 +150,8 @@ impl Ctx {
             names.requests_exchange(),
             names.dead_exchange(),
             names.events_exchange(),
+            // Declared by the workers' cancellation watch.
+            names.events_types_exchange(),
         ] {
             let _ = ch
                 .exchange_delete(x.into(), ExchangeDeleteOptions::default())

@@ -411,3 +411,82 @@ async fn with_gateway(vhost: &str, tag: &str, password: &str, base: &str) -> Res
         Err(format!("not refused: {allowed:?}"))
     }
 }
+
+/// A deployment whose users were given permissions before
+/// `sb.events.types` existed (the gateway's line as it was): a process
+/// running workers is refused that exchange, and its cancellation watch
+/// reads the whole events fanout instead, hearing cancellations as before.
+#[actix_rt::test]
+async fn a_worker_refused_the_events_by_type_exchange_still_hears_cancellations() {
+    use switchboard::amqp::wire;
+    use switchboard::events::{self, CloudEvent};
+    use switchboard::worker::CancelWatch;
+
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let vhost = format!("t-sec-types-{tag}");
+    let admin = Admin {
+        http: reqwest::Client::new(),
+    };
+    admin
+        .put(&format!("vhosts/{}", enc(&vhost)), serde_json::json!({}))
+        .await;
+    let all = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
+    admin
+        .put(&format!("permissions/{}/guest", enc(&vhost)), all)
+        .await;
+    let user = format!("sb-old-{tag}");
+    let password = format!("pw-{tag}");
+    admin
+        .put(
+            &format!("users/{}", enc(&user)),
+            serde_json::json!({"password": password, "tags": ""}),
+        )
+        .await;
+    let old =
+        r"^(sb\.(requests|dead|events|events\.log|svc\..+|reply\.w-1|deadwatch\.w-1)|amq\.gen-.*)$";
+    admin
+        .put(
+            &format!("permissions/{}/{}", enc(&vhost), enc(&user)),
+            serde_json::json!({"configure": old, "write": old, "read": old}),
+        )
+        .await;
+    let result = async {
+        let mut s = Settings::load_from(None, None, Vec::new()).unwrap();
+        s.amqp.url = url_of(&user, &password, &vhost);
+        s.amqp.instance_id = "w-1".into();
+        s.amqp.connect_timeout_ms = 5000;
+        let broker = Broker::connect(&s.amqp)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let watch = CancelWatch::shared(&broker)
+            .await
+            .map_err(|e| format!("the watch does not start: {e}"))?;
+        let filtered = watch.filtered();
+        let event = CloudEvent::new(wire::EVENT_CALL_CANCELLED, "test", serde_json::json!({}))
+            .with_subject("gone");
+        events::publish(&broker, &event)
+            .await
+            .map_err(|e| format!("cannot publish: {e}"))?;
+        // Polled with a deadline, not `eventually`: a panic here would
+        // leave the user and the vhost behind.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !watch.is_cancelled("gone") && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let heard = watch.is_cancelled("gone");
+        drop(watch);
+        broker.close().await;
+        match (filtered, heard) {
+            (false, true) => Ok(()),
+            (true, _) => Err("the watch says it is bound by type, which was refused".to_owned()),
+            (false, false) => Err("the cancellation was not heard".to_owned()),
+        }
+    }
+    .await;
+    admin.delete(&format!("users/{}", enc(&user))).await;
+    // Its queues and exchanges go with it.
+    admin.delete(&format!("vhosts/{}", enc(&vhost))).await;
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
