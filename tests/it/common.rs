@@ -326,7 +326,14 @@ pub async fn gateway(name: &str, tweak: impl FnOnce(&mut Settings)) -> Gw {
     let mut gw = Gw {
         ctx: c,
         base: String::new(),
-        http: reqwest::Client::new(),
+        // Idle connections dropped well before the gateway's keep-alive
+        // (actix-web's 5 s) ends them: a request sent on a connection as
+        // the server closes it fails with "error sending request" (a race
+        // of every HTTP/1.1 client), which is not what these tests test.
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build()
+            .unwrap(),
         gateway: None,
         gate,
         counted,
