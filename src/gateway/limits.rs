@@ -6,7 +6,9 @@
 //! - **rate**: requests per second with a burst, a GCRA cell per request
 //!   ([`governor`]), taken when the request names its caller;
 //! - **pending**: calls answered 202 and not ended yet, counted in the call
-//!   store when a call is started (so calls resumed after a restart count);
+//!   store when a call is started (so calls resumed after a restart count),
+//!   but not again while the last count, with the calls stored here since,
+//!   is fresh and below half the bound ([`PENDING_RECOUNT`]);
 //! - **streams**: SSE and WebSocket sessions open at once;
 //! - **long-polls**: `GET /v1/calls/{id}?wait=N` held at once.
 //!
