@@ -278,11 +278,18 @@ async fn check_pending(st: &AppState, caller: &Caller, own: usize) -> Result<(),
     else {
         return Ok(());
     };
+    // Far below the bound as counted a moment ago: no store read (a
+    // synchronous call then touches no store at all).
+    if own == 0 && st.limits.pending_surely_within(caller) {
+        return Ok(());
+    }
+    let start = st.limits.pending_count_start(caller);
     let pending = st
         .tracker
         .store()
         .count_pending(&caller.name, max.saturating_add(own))
         .await?;
+    st.limits.pending_counted(caller, start, pending);
     st.limits.pending(
         caller,
         pending.saturating_sub(own),
@@ -337,6 +344,7 @@ impl CallContext<'_> {
         if stored_early {
             match store.insert(&self.new_call(created_ms, false)).await? {
                 Inserted::New => {
+                    st.limits.pending_stored(&self.caller);
                     // A new call, not a repeat: within the caller's bound
                     // (this one, stored already, aside), or it is undone.
                     if let Err(e) = check_pending(st, &self.caller, 1).await {
@@ -481,6 +489,7 @@ impl CallContext<'_> {
         let new_call = self.new_call(created_ms, true);
         if !stored_early {
             st.tracker.store().insert(&new_call).await?;
+            st.limits.pending_stored(&self.caller);
         }
         let doc = StatusDocument::of(&new_call.to_record());
         let event = st.tracker.lifecycle_event(

@@ -6,7 +6,9 @@
 //! - **rate**: requests per second with a burst, a GCRA cell per request
 //!   ([`governor`]), taken when the request names its caller;
 //! - **pending**: calls answered 202 and not ended yet, counted in the call
-//!   store when a call is started (so calls resumed after a restart count);
+//!   store when a call is started (so calls resumed after a restart count),
+//!   but not again while the last count, with the calls stored here since,
+//!   is fresh and below half the bound ([`PENDING_RECOUNT`]);
 //! - **streams**: SSE and WebSocket sessions open at once;
 //! - **long-polls**: `GET /v1/calls/{id}?wait=N` held at once.
 //!
@@ -20,9 +22,9 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -78,6 +80,34 @@ impl Limit {
     }
 }
 
+/// How long a caller's pending calls counted in the store stand in for a
+/// new count, while they (with the calls this gateway stored for the caller
+/// since) stay below half its `max_pending`: a caller far from its bound
+/// costs no store read per POST, one near it a read per POST as before.
+/// Calls stored by other gateways on the same store meanwhile are seen at
+/// the next count (limits are per gateway process: docs/SECURITY.md).
+pub(super) const PENDING_RECOUNT: Duration = Duration::from_millis(250);
+
+/// A count of a caller's pending calls read from the store.
+#[derive(Debug, Clone, Copy)]
+struct PendingSeen {
+    /// When the read began.
+    at: Instant,
+    /// What it counted.
+    count: usize,
+    /// [`CallerState::stored`] when the read began: the calls stored here
+    /// since are those above it.
+    stored: usize,
+}
+
+/// Taken before a count of pending calls is read, handed back with it
+/// ([`Limits::pending_counted`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CountStart {
+    at: Instant,
+    stored: usize,
+}
+
 /// One caller's limits and what it holds now.
 struct CallerState {
     name: String,
@@ -86,6 +116,11 @@ struct CallerState {
     rate: Option<DefaultDirectRateLimiter>,
     streams: AtomicUsize,
     long_polls: AtomicUsize,
+    /// The last count of its pending calls read from the store.
+    pending_seen: Mutex<Option<PendingSeen>>,
+    /// Calls this gateway has stored for it (pending when stored); only
+    /// grows.
+    stored: AtomicUsize,
     /// Refusals by [`Limit`] (in `Limit::ALL` order).
     limited: [Counter; 4],
 }
@@ -98,6 +133,8 @@ impl CallerState {
             rate: rate_limiter(&limits),
             streams: AtomicUsize::new(0),
             long_polls: AtomicUsize::new(0),
+            pending_seen: Mutex::new(None),
+            stored: AtomicUsize::new(0),
             limited: Limit::ALL.map(|l| metrics.gateway().limited(name, l.as_str())),
         }
     }
@@ -230,6 +267,63 @@ impl Limits {
         ))
     }
 
+    /// Whether `caller` is surely below its `max_pending` without counting
+    /// in the store: its last count is younger than [`PENDING_RECOUNT`] and,
+    /// with the calls stored here since, below half the bound.
+    pub(crate) fn pending_surely_within(&self, caller: &Caller) -> bool {
+        let Some(c) = self.of(caller) else {
+            return true;
+        };
+        let max = c.limits.max_pending;
+        if max == 0 {
+            return true;
+        }
+        let seen = *c
+            .pending_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        seen.is_some_and(|s| {
+            let since = c.stored.load(Ordering::Acquire).saturating_sub(s.stored);
+            s.at.elapsed() < PENDING_RECOUNT && s.count.saturating_add(since) < max / 2
+        })
+    }
+
+    /// Taken before reading a count of `caller`'s pending calls.
+    pub(crate) fn pending_count_start(&self, caller: &Caller) -> CountStart {
+        CountStart {
+            at: Instant::now(),
+            stored: self
+                .of(caller)
+                .map_or(0, |c| c.stored.load(Ordering::Acquire)),
+        }
+    }
+
+    /// Notes `count`, `caller`'s pending calls as read from the store since
+    /// `start` (kept unless a later read is kept already).
+    pub(crate) fn pending_counted(&self, caller: &Caller, start: CountStart, count: usize) {
+        let Some(c) = self.of(caller) else {
+            return;
+        };
+        let mut seen = c
+            .pending_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.is_none_or(|s| s.at <= start.at) {
+            *seen = Some(PendingSeen {
+                at: start.at,
+                count,
+                stored: start.stored,
+            });
+        }
+    }
+
+    /// This gateway stored a pending call of `caller`.
+    pub(crate) fn pending_stored(&self, caller: &Caller) {
+        if let Some(c) = self.of(caller) {
+            c.stored.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// A stream slot of `caller`, held until the slot is dropped; 429 when
     /// it holds its `max_streams`.
     pub(crate) fn stream(&self, caller: &Caller) -> Result<Option<Slot>, ApiError> {
@@ -342,6 +436,42 @@ mod tests {
             other => panic!("{other:?}"),
         }
         l.request(&b).unwrap();
+    }
+
+    #[test]
+    fn a_pending_count_stands_only_while_fresh_and_far_from_the_bound() {
+        let (l, a, b) = limits(|g| g.limits.max_pending = 8);
+        assert!(!l.pending_surely_within(&a), "never counted");
+        let start = l.pending_count_start(&a);
+        l.pending_counted(&a, start, 2);
+        assert!(l.pending_surely_within(&a), "2 of 8");
+        assert!(!l.pending_surely_within(&b), "another caller's count");
+        l.pending_stored(&a);
+        assert!(l.pending_surely_within(&a), "3 of 8");
+        l.pending_stored(&a);
+        assert!(!l.pending_surely_within(&a), "4 of 8: counted again");
+        // A count that began before the calls were stored includes them
+        // only if the store had them: the ones stored after its start are
+        // added to it.
+        let start = l.pending_count_start(&a);
+        l.pending_counted(&a, start, 1);
+        assert!(l.pending_surely_within(&a), "1 of 8");
+        l.pending_counted(
+            &a,
+            CountStart {
+                at: start.at - Duration::from_millis(1),
+                stored: 0,
+            },
+            0,
+        );
+        assert!(l.pending_surely_within(&a), "an older count is not kept");
+        let stale = CountStart {
+            at: Instant::now() - PENDING_RECOUNT,
+            stored: start.stored,
+        };
+        let (l2, a2, _) = limits(|g| g.limits.max_pending = 8);
+        l2.pending_counted(&a2, stale, 0);
+        assert!(!l2.pending_surely_within(&a2), "too old: counted again");
     }
 
     #[test]

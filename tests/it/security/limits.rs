@@ -209,6 +209,43 @@ async fn a_caller_at_its_pending_calls_gets_429_while_another_starts_calls() {
     gw.cleanup().await;
 }
 
+/// A POST far below the bound skips the store count (gateway::limits,
+/// PENDING_RECOUNT): calls made back to back, faster than a recount, must
+/// still be stopped exactly at the bound.
+#[actix_rt::test]
+async fn calls_made_back_to_back_stop_exactly_at_the_pending_bound() {
+    let gw = gateway(
+        "sec-lim-burst",
+        callers(CallerLimitsOverride {
+            max_pending: Some(6),
+            ..Default::default()
+        }),
+    )
+    .await;
+    let start = || {
+        gw.post("slow")
+            .bearer_auth(ALICE)
+            .header("prefer", "respond-async")
+            .body(r#""held""#)
+            .send()
+    };
+    for n in 0..6 {
+        let res = start().await.unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED, "call {n}");
+    }
+    too_many(start().await.unwrap(), "max_pending", 1).await;
+    let sync = gw
+        .post("echo")
+        .bearer_auth(ALICE)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    too_many(sync, "max_pending", 1).await;
+    gw.gate.add_permits(100);
+    gw.cleanup().await;
+}
+
 #[actix_rt::test]
 async fn a_caller_at_its_streams_gets_429_while_another_opens_streams() {
     use tokio_tungstenite::tungstenite::Error as WsError;
