@@ -63,16 +63,17 @@ pub(crate) fn shared_exchanges(names: &Names) -> [(String, ExchangeKind); 3] {
 /// Declares [`shared_exchanges`], durable.
 pub(crate) async fn declare_shared(ch: &Channel, names: &Names) -> Result<()> {
     for (name, kind) in shared_exchanges(names) {
-        ch.exchange_declare(
-            name.as_str().into(),
-            kind,
-            durable_exchange(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| mismatch(Entity::Exchange, &name, e))?;
+        declare_durable_exchange(ch, &name, kind).await?;
     }
     Ok(())
+}
+
+/// Declares exchange `name` of `kind`, durable; one declared before with
+/// other properties is a [`mismatch`].
+async fn declare_durable_exchange(ch: &Channel, name: &str, kind: ExchangeKind) -> Result<()> {
+    ch.exchange_declare(name.into(), kind, durable_exchange(), FieldTable::default())
+        .await
+        .map_err(|e| mismatch(Entity::Exchange, name, e))
 }
 
 /// The arguments of a service queue: queue type, dead-letter wiring and, for
@@ -372,14 +373,7 @@ pub(crate) fn events_types_exchange(names: &Names) -> (String, ExchangeKind) {
 /// on `<p>.events`.
 pub(crate) async fn declare_events_types(ch: &Channel, names: &Names) -> Result<()> {
     let (name, kind) = events_types_exchange(names);
-    ch.exchange_declare(
-        name.as_str().into(),
-        kind,
-        durable_exchange(),
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|e| mismatch(Entity::Exchange, &name, e))?;
+    declare_durable_exchange(ch, &name, kind).await?;
     ch.exchange_bind(
         name.as_str().into(),
         names.events_exchange().into(),
