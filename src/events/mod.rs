@@ -162,6 +162,8 @@ pub struct Subscription {
     /// an event is acked only after its subscriber has handled it.
     unacked: Option<InFlight>,
     durable: bool,
+    /// Deliveries taken from the queue, of any type.
+    delivered: u64,
     /// The queue's name (server-named for temporary subscriptions: the
     /// first one's).
     pub queue: String,
@@ -171,6 +173,21 @@ impl Subscription {
     /// Subscribes on a connection of its own (`switchboard/<instance>/subscriber`).
     pub async fn start(broker: &Broker, opts: SubscribeOptions) -> Result<Self> {
         let durable = opts.durable_name.is_some();
+        let queue = FanoutQueue {
+            durable_name: opts.durable_name,
+        };
+        Self::start_on(broker, queue, durable, opts.type_prefix).await
+    }
+
+    /// [`Subscription::start`] on a queue that `queue` declares (on each
+    /// (re-)open of the consumer) and binds as it sees fit: the worker's
+    /// cancellation watch binds by type.
+    pub(crate) async fn start_on(
+        broker: &Broker,
+        queue: impl Declare,
+        durable: bool,
+        type_prefix: Option<String>,
+    ) -> Result<Self> {
         let supervisor = Supervisor::new(
             broker,
             ConsumerSpec {
@@ -180,19 +197,24 @@ impl Subscription {
                 prefetch: Some(SUBSCRIPTION_PREFETCH),
                 confirm: false,
             },
-            FanoutQueue {
-                durable_name: opts.durable_name,
-            },
+            queue,
         );
         let consuming = Consuming::start(supervisor).await?;
         let queue = consuming.queue().unwrap_or_default().to_owned();
         Ok(Self {
             consuming,
-            type_prefix: opts.type_prefix,
+            type_prefix,
             unacked: None,
             durable,
+            delivered: 0,
             queue,
         })
+    }
+
+    /// Deliveries taken from the queue since the start, of any type (those
+    /// skipped as not wanted, or not CloudEvents, included).
+    pub(crate) fn delivered(&self) -> u64 {
+        self.delivered
     }
 
     /// The next event; `None` never (a lost consumer is re-established
@@ -230,6 +252,7 @@ impl Subscription {
         }
         loop {
             let delivery = self.consuming.next().await;
+            self.delivered += 1;
             let inflight = InFlight::new(delivery);
             let Ok(event) = serde_json::from_slice::<CloudEvent>(&inflight.delivery().data) else {
                 if self.durable {

@@ -24,18 +24,15 @@ use deadpool_lapin::lapin::Connection;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, warn};
 
-use crate::amqp::consumer::{Consuming, Declare, settle};
-use crate::amqp::{Broker, ConsumerSpec, InFlight, Supervisor, close_channel, topology, wire};
+use crate::amqp::consumer::Declare;
+use crate::amqp::{Broker, close_channel, topology, wire};
 use crate::error::Result;
-use crate::events::CloudEvent;
+use crate::events::Subscription;
 
 /// How many cancelled call ids a process remembers. Bounded: a request
 /// cancelled longer ago than that many cancellations runs (and its reply is
 /// dropped by the gateway).
 pub(super) const RECENT_CANCELLED: usize = 16_384;
-
-/// Events buffered unacked by the watch (as a subscription's).
-const PREFETCH: u16 = 256;
 
 /// The watch's queue, declared on each (re-)open of its consumer: a
 /// temporary queue bound to `<prefix>.events.types` with the key
@@ -160,21 +157,18 @@ impl CancelWatch {
 
     async fn start(broker: &Broker) -> Result<Self> {
         let filtered = Arc::new(AtomicBool::new(false));
-        let supervisor = Supervisor::new(
+        let queue = CancellationsQueue {
+            filtered: filtered.clone(),
+        };
+        // A temporary subscription (parsing, acks, events not wanted skipped)
+        // on a queue bound by type.
+        let mut sub = Subscription::start_on(
             broker,
-            ConsumerSpec {
-                // As every temporary subscription's, for operators and metrics.
-                name: "subscriber".into(),
-                tag: "events".into(),
-                // Manual acks, so that the prefetch bounds what is in flight.
-                prefetch: Some(PREFETCH),
-                confirm: false,
-            },
-            CancellationsQueue {
-                filtered: filtered.clone(),
-            },
-        );
-        let mut consuming = Consuming::start(supervisor).await?;
+            queue,
+            false,
+            Some(wire::EVENT_CALL_CANCELLED.into()),
+        )
+        .await?;
         let state = Arc::new(Mutex::new(State::default()));
         let heard = Arc::new(AtomicU64::new(0));
         let received = Arc::new(AtomicU64::new(0));
@@ -182,17 +176,15 @@ impl CancelWatch {
         let (st, count, all, done) = (state.clone(), heard.clone(), received.clone(), stop.clone());
         tokio::spawn(async move {
             loop {
-                let delivery = tokio::select! {
+                let event = tokio::select! {
                     _ = done.cancelled() => break,
-                    d = consuming.next() => d,
+                    e = sub.recv() => e,
                 };
-                let inflight = InFlight::new(delivery);
-                let event = serde_json::from_slice::<CloudEvent>(&inflight.delivery().data);
-                settle(inflight.ack().await);
-                all.fetch_add(1, Ordering::Relaxed);
-                let Ok(event) = event else { continue };
-                // Events published without their type as routing key come
-                // too (by other clients, or an older switchboard).
+                all.store(sub.delivered(), Ordering::Relaxed);
+                // The subscription's prefix is the whole type: events
+                // published without their type as routing key (by other
+                // clients, or an older switchboard) are skipped there.
+                let Some(Ok(event)) = event else { continue };
                 if event.ty != wire::EVENT_CALL_CANCELLED {
                     continue;
                 }
@@ -201,7 +193,7 @@ impl CancelWatch {
                 st.lock().unwrap_or_else(|p| p.into_inner()).hear(id);
                 count.fetch_add(1, Ordering::Relaxed);
             }
-            consuming.stop("unsubscribed").await;
+            sub.stop().await;
         });
         Ok(Self {
             state,
