@@ -628,7 +628,7 @@ async fn process(
                     channel,
                     reply_to,
                     &reply.body,
-                    props(),
+                    &props,
                     reply.status,
                 )
                 .await;
@@ -695,7 +695,7 @@ async fn reply_unconfirmed(
     channel: &lapin::Channel,
     reply_to: &str,
     body: &[u8],
-    props: lapin::BasicProperties,
+    props: &dyn Fn() -> lapin::BasicProperties,
     status: u16,
 ) -> std::result::Result<Outcome, ()> {
     let written = channel
@@ -707,7 +707,7 @@ async fn reply_unconfirmed(
                 immediate: false,
             },
             body,
-            props.clone(),
+            props(),
         )
         .await;
     let confirm = match written {
@@ -730,7 +730,8 @@ async fn reply_unconfirmed(
             exchange: "",
             routing_key: reply_to,
             payload: body,
-            properties: props,
+            // Built again only here: no copy kept per reply for this case.
+            properties: props(),
             mandatory: false,
         };
         if let Err(e) = shared.broker.publish(again).await {
