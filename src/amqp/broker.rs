@@ -465,11 +465,42 @@ pub(crate) async fn publish_on(channel: &Channel, msg: &Outgoing<'_>) -> Result<
         )
         .await?
         .await?;
+    confirmed(msg.exchange, msg.routing_key, confirm)
+}
+
+/// [`publish_on`] for a message sent once (no retry that would need its
+/// properties again): they are moved into the frame instead of copied.
+pub(crate) async fn publish_once_on(channel: &Channel, msg: Outgoing<'_>) -> Result<()> {
+    let Outgoing {
+        exchange,
+        routing_key,
+        payload,
+        properties,
+        mandatory,
+    } = msg;
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory,
+                immediate: false,
+            },
+            payload,
+            properties,
+        )
+        .await?
+        .await?;
+    confirmed(exchange, routing_key, confirm)
+}
+
+/// What a publisher confirm says of a message to `exchange` and `routing_key`.
+fn confirmed(exchange: &str, routing_key: &str, confirm: Confirmation) -> Result<()> {
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         Confirmation::Ack(Some(_)) => Err(Error::NoRoute {
-            exchange: msg.exchange.to_owned(),
-            routing_key: msg.routing_key.to_owned(),
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
         }),
         Confirmation::Nack(_) => Err(Error::Nacked),
     }

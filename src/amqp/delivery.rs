@@ -17,12 +17,14 @@
 //! which is why `delivery_limit` should leave room for a few restarts.
 
 use deadpool_lapin::lapin::{
+    Channel,
     message::Delivery,
     options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions},
 };
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -54,12 +56,30 @@ async fn bounded(
 #[derive(Debug)]
 pub struct InFlight {
     delivery: Delivery,
+    /// The channel it came on, when its holder said so ([`InFlight::on`]).
+    channel: Option<Arc<Channel>>,
 }
 
 impl InFlight {
     /// Wraps a delivery taken from a consumer with manual acks.
     pub fn new(delivery: Delivery) -> Self {
-        Self { delivery }
+        Self {
+            delivery,
+            channel: None,
+        }
+    }
+
+    /// Says which channel the delivery came on (the consumer's, which must
+    /// be that very channel), so that [`InFlight::ack_now`] writes its ack
+    /// there directly.
+    pub fn on(mut self, channel: Option<&Arc<Channel>>) -> Self {
+        self.channel = channel.cloned();
+        self
+    }
+
+    /// The channel it came on, when known ([`InFlight::on`]).
+    pub fn channel(&self) -> Option<&Arc<Channel>> {
+        self.channel.as_ref()
     }
 
     /// Takes the body out (without copying it); the delivery keeps the rest.
@@ -95,8 +115,28 @@ impl InFlight {
     /// a request whose reply is out (a copy is settled by the worker's
     /// `message_id` memory). A channel already closed is not an error: its
     /// deliveries go back to their queue anyway.
+    ///
+    /// With the channel the delivery came on ([`InFlight::on`]) the ack
+    /// frame is queued on it here, and lapin's I/O thread woken once.
+    /// Through the delivery's `Acker` (without it), lapin sends the ack to
+    /// its connection's internal task, which spawns a task that queues the
+    /// frame: a task, a queue hop and a second wake-up of the I/O thread
+    /// per ack (docs/BENCHMARKS.md, "Library calls against the plain loop").
     pub fn ack_now(self) -> Result<()> {
         use futures_util::FutureExt;
+        if let Some(channel) = &self.channel {
+            if !channel.status().connected() {
+                return Ok(());
+            }
+            let ack = BasicAckOptions { multiple: false };
+            return match channel
+                .basic_ack(self.delivery.delivery_tag, ack)
+                .now_or_never()
+            {
+                Some(Err(e)) => Err(Error::from(e)),
+                _ => Ok(()),
+            };
+        }
         match self
             .delivery
             .acker

@@ -35,7 +35,9 @@ pub(crate) use router::to_reply;
 pub use router::{OrphanSink, PROGRESS_BUFFER, ProgressSink, ReplyRouter, Routed, RpcStats};
 
 use crate::amqp::consumer::{ConsumerStatus, Declare, Keeper};
-use crate::amqp::{Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_on, topology, wire};
+use crate::amqp::{
+    Broker, ConsumerSpec, Outgoing, Supervisor, broker::publish_once_on, topology, wire,
+};
 use crate::error::{Error, Result, Unreachable};
 use crate::message::Progress;
 use crate::message::Reply;
@@ -224,7 +226,7 @@ impl ReplyPath {
         let slot = router::ChannelSlot::default();
         if direct {
             // Before the first call, not once the actor has started.
-            slot.set(Some(link.channel().clone()));
+            slot.set(Some(link.shared_channel().clone()));
         }
         let pending = Arc::new(PendingCalls::new(max_pending, stats.clone()));
         let consumer = supervisor.status().clone();
@@ -504,7 +506,7 @@ impl RpcClient {
                     // Bounded: a wedged reply connection must not hold the
                     // caller (its watchdog replaces it meanwhile).
                     let confirm = inner.broker.confirm_timeout();
-                    tokio::time::timeout(confirm, publish_on(&ch, &msg))
+                    tokio::time::timeout(confirm, publish_once_on(&ch, msg))
                         .await
                         .map_err(|_| Error::BrokerUnavailable {
                             url: inner.broker.url_redacted(),

@@ -329,14 +329,15 @@ impl PendingCalls {
 /// Where the router puts the channel that direct-mode requests must be
 /// published on; empty while it is being re-established.
 #[derive(Clone, Default)]
-pub(super) struct ChannelSlot(std::sync::Arc<std::sync::RwLock<Option<Channel>>>);
+pub(super) struct ChannelSlot(std::sync::Arc<std::sync::RwLock<Option<Arc<Channel>>>>);
 
 impl ChannelSlot {
-    /// The current channel.
-    pub(super) fn get(&self) -> Option<Channel> {
+    /// The current channel (shared: a `Channel` clone per call costs a
+    /// reference count per field).
+    pub(super) fn get(&self) -> Option<Arc<Channel>> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
-    pub(super) fn set(&self, ch: Option<Channel>) {
+    pub(super) fn set(&self, ch: Option<Arc<Channel>>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = ch;
     }
 }
@@ -480,7 +481,7 @@ impl Consumes for ReplyRouter {
 
     fn linked(&mut self, link: &Link, _: &mut Context<Self>) {
         if self.mode == ReplyMode::Direct {
-            self.slot.set(Some(link.channel().clone()));
+            self.slot.set(Some(link.shared_channel().clone()));
         }
         info!(pending = self.pending.len(), queue = %link.queue(), "reply consumer ready");
     }
@@ -607,7 +608,9 @@ impl StreamHandler<Event> for ReplyRouter {
         }
         let body = Bytes::from(std::mem::take(&mut delivery.data));
         let reply = to_reply(&delivery, body, &id);
-        let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
+        // Acked on the channel it came on (InFlight::ack_now).
+        let channel = self.consumer.link().map(|l| l.shared_channel());
+        let inflight = (!self.no_ack).then(|| InFlight::new(delivery).on(channel));
         // Routed: its caller settles it once it holds the reply for good.
         let Some((orphan, inflight)) = self.route(id, reply, inflight) else {
             return;

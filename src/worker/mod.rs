@@ -413,7 +413,10 @@ impl StreamHandler<Event> for Worker {
         if delivery.redelivered {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
-        let inflight = InFlight::new(delivery);
+        // The channel it came on: its reply is published there, and its
+        // ack written there directly (InFlight::ack_now).
+        let channel = self.consumer.link().map(|l| l.shared_channel().clone());
+        let inflight = InFlight::new(delivery).on(channel.as_ref());
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
             // unprocessed, for another worker. In flight until the nack is
@@ -451,7 +454,6 @@ impl StreamHandler<Event> for Worker {
                 self.shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 debug!(service = %self.shared.service, message_id = %k, "handled before, its reply unsent: publishing the kept reply");
                 self.in_flight += 1;
-                let channel = self.consumer.link().map(|l| l.channel().clone());
                 let fut = resend(self.shared.clone(), inflight, channel, reply);
                 ctx.spawn(
                     fut.into_actor(self)
@@ -461,7 +463,6 @@ impl StreamHandler<Event> for Worker {
             }
         }
         self.in_flight += 1;
-        let channel = self.consumer.link().map(|l| l.channel().clone());
         let fut = process(self.shared.clone(), inflight, channel);
         ctx.spawn(
             fut.into_actor(self)
@@ -514,7 +515,7 @@ impl actix::Handler<Drain> for Worker {
 async fn process(
     shared: Arc<Shared>,
     mut inflight: InFlight,
-    channel: Option<lapin::Channel>,
+    channel: Option<Arc<lapin::Channel>>,
 ) -> Outcome {
     let payload = inflight.take_payload();
     let d = inflight.delivery();
@@ -551,7 +552,7 @@ async fn process(
         let reporter: Option<Arc<dyn handler::Reporter>> = match props.reply_to().as_ref() {
             Some(reply_to) if wire::accepts_progress(props) => Some(Arc::new(ProgressReporter {
                 shared: shared.clone(),
-                channel: channel.clone(),
+                channel: channel.as_deref().cloned(),
                 reply_to: reply_to.to_string(),
                 correlation_id: props.correlation_id().clone(),
                 traceparent: wire::header_str(props, wire::HEADER_TRACEPARENT).map(str::to_owned),
@@ -645,7 +646,7 @@ async fn process(
                 properties: props(),
                 mandatory,
             };
-            let published = publish_to_caller(&shared.broker, channel.as_ref(), msg).await;
+            let published = publish_to_caller(&shared.broker, channel.as_deref(), msg).await;
             match published {
                 Ok(()) => {}
                 Err(Error::NoRoute { .. }) => {
@@ -752,10 +753,10 @@ async fn reply_unconfirmed(
 async fn resend(
     shared: Arc<Shared>,
     inflight: InFlight,
-    channel: Option<lapin::Channel>,
+    channel: Option<Arc<lapin::Channel>>,
     reply: Arc<UnsentReply>,
 ) -> Outcome {
-    match publish_to_caller(&shared.broker, channel.as_ref(), reply.outgoing()).await {
+    match publish_to_caller(&shared.broker, channel.as_deref(), reply.outgoing()).await {
         Ok(()) | Err(Error::NoRoute { .. }) => {
             shared.stats.replied.fetch_add(1, Ordering::Relaxed);
             settle(inflight.ack().await);

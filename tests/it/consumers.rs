@@ -898,3 +898,122 @@ fn an_instance_queue_expiry_shorter_than_a_deadline_is_refused_naming_both_setti
         "0: never expires"
     );
 }
+
+/// `<prefix>.directack`, declared by the test (passive here, as
+/// [`FragileQueue`]).
+struct DirectAckQueue;
+
+#[async_trait::async_trait]
+impl Declare for DirectAckQueue {
+    async fn declare(&self, broker: &Broker, conn: &Connection) -> switchboard::Result<String> {
+        let queue = format!("{}.directack", broker.names().prefix());
+        let ch = conn.create_channel().await?;
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(queue)
+    }
+}
+
+/// `InFlight::ack_now` on the channel a delivery came on (`InFlight::on`,
+/// as the worker and the reply router ack) writes the ack there directly:
+/// the acked messages are gone once the consumer's connection is closed
+/// right after, the others come back; and acking on a channel already
+/// closed is no error (its delivery went back to the queue).
+#[actix_rt::test]
+async fn acks_written_on_the_delivery_channel_settle_exactly_the_acked_messages() {
+    use futures_util::StreamExt;
+    let c = ctx("direct-ack").await;
+    let queue = format!("{}.directack", c.broker.names().prefix());
+    let ch = c.broker.channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..20 {
+        let body = i.to_string();
+        c.broker
+            .publish(Outgoing {
+                exchange: "",
+                routing_key: &queue,
+                payload: body.as_bytes(),
+                properties: Default::default(),
+                mandatory: true,
+            })
+            .await
+            .unwrap();
+    }
+    let supervisor = Supervisor::new(
+        &c.broker,
+        ConsumerSpec {
+            name: "directack".into(),
+            tag: "directack".into(),
+            prefetch: Some(50),
+            confirm: false,
+        },
+        DirectAckQueue,
+    );
+    let mut link = supervisor.open().await.unwrap();
+    let mut deliveries = link.take_deliveries().unwrap();
+    let mut kept = Vec::new();
+    for _ in 0..20 {
+        let event = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("20 deliveries within 10 s");
+        let Some(Event::Delivery(d)) = event else {
+            panic!("the consumer was lost");
+        };
+        let n: u32 = std::str::from_utf8(&d.data).unwrap().parse().unwrap();
+        let inflight = InFlight::new(d).on(Some(link.shared_channel()));
+        if n.is_multiple_of(2) {
+            inflight.ack_now().unwrap();
+        } else {
+            kept.push(inflight);
+        }
+    }
+    // Closed right after the acks: they were queued before the close.
+    link.stop("test").await;
+    // One of the unacked, acked now on the closed channel: not an error.
+    let late = kept.pop().unwrap();
+    assert!(late.ack_now().is_ok());
+    drop(kept);
+    eventually(Duration::from_secs(10), "the unacked messages back", || {
+        let (broker, queue) = (c.broker.clone(), queue.clone());
+        async move { depth(&broker, &queue).await == 10 }
+    })
+    .await;
+    let mut back: Vec<u32> = drain_queue(&c.broker, &queue)
+        .await
+        .iter()
+        .map(|m| {
+            std::str::from_utf8(&m.delivery.data)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    back.sort_unstable();
+    assert_eq!(
+        back,
+        (0..20u32)
+            .filter(|n| !n.is_multiple_of(2))
+            .collect::<Vec<u32>>()
+    );
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    c.cleanup(&[]).await;
+}

@@ -211,7 +211,7 @@ impl Supervisor {
         self.inner.status.set_up(&queue);
         Ok(Link {
             conn: Some(conn),
-            channel,
+            channel: Arc::new(channel),
             queue,
             tag,
             deliveries: Some(Deliveries {
@@ -398,7 +398,9 @@ pub(crate) fn settle(result: Result<()>) {
 pub struct Link {
     /// Taken out by `Drop` to close it in the background.
     conn: Option<Connection>,
-    channel: Channel,
+    /// Shared (an `Arc`): handed to each delivery for its ack, where a
+    /// `Channel` clone costs a reference count per field.
+    channel: Arc<Channel>,
     queue: String,
     tag: String,
     /// Until the holder takes them.
@@ -422,6 +424,12 @@ impl fmt::Debug for Link {
 impl Link {
     /// The consuming channel (in confirm mode when the spec asks for it).
     pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// The consuming channel, shared: what a delivery keeps to be acked on
+    /// ([`InFlight::on`]).
+    pub fn shared_channel(&self) -> &Arc<Channel> {
         &self.channel
     }
 
