@@ -121,7 +121,7 @@ impl InFlight {
     /// Through the delivery's `Acker` (without it), lapin sends the ack to
     /// its connection's internal task, which spawns a task that queues the
     /// frame: a task, a queue hop and a second wake-up of the I/O thread
-    /// per ack (docs/BENCHMARKS.md, "Library calls against the plain loop").
+    /// per ack (docs/BENCHMARKS.md, "Library calls: acks on the delivery's channel").
     pub fn ack_now(self) -> Result<()> {
         use futures_util::FutureExt;
         if let Some(channel) = &self.channel {
