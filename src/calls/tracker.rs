@@ -343,7 +343,10 @@ impl Tracker {
     /// before its event was confirmed (a message is acked only after both).
     /// Then a call found ended with this very outcome gets its end event
     /// published again, rebuilt from the stored call: the same id
-    /// ([`events::lifecycle_event_id`]), so a consumer that had it drops the copy.
+    /// ([`events::lifecycle_event_id`]), so a consumer that had it drops
+    /// the copy. A reply does so whether redelivered or not (the orphan
+    /// sink does not know): a call found ended with exactly that reply was
+    /// ended by it, or by a copy of it.
     pub(crate) async fn complete_again(
         &self,
         id: &str,
@@ -407,9 +410,14 @@ impl Tracker {
             return Ok(false);
         };
         if call.status.is_terminal() {
-            // Its end event may not be out: told again by the broker, or its
-            // publish failed here.
-            let maybe_unpublished = again || self.take_unpublished(id);
+            // Its end event may not be out: the reply that ended it comes
+            // again (a reply is acked only once its call's end is stored and
+            // its event published: a gateway killed in between leaves it in
+            // the queue, for its adopter or itself once back), a dead
+            // letter is redelivered, or its publish failed here. Dead
+            // letters only when redelivered: every gateway gets a copy of
+            // each, and all but one find the call ended.
+            let maybe_unpublished = reply || again || self.take_unpublished(id);
             if maybe_unpublished && call.status == status && call.result == result {
                 self.publish_end_again(&call).await;
             }
