@@ -896,6 +896,31 @@ mod tests {
     }
 
     #[test]
+    fn copies_of_call_lifecycle_events_are_known_within_the_bound() {
+        let ev = |ty: &str| HubEvent {
+            seq: 1,
+            position: "1".into(),
+            ty: ty.into(),
+            subject: None,
+            caller: None,
+            json: Bytes::new(),
+        };
+        let completed = ev("switchboard.call.completed");
+        let mut recent = RecentIds::new(2);
+        assert!(recent.first_time(&completed, "a"));
+        assert!(!recent.first_time(&completed, "a"), "a copy");
+        // Other types are never copies, whatever their ids.
+        assert!(recent.first_time(&ev("orders.created"), "a"));
+        assert!(recent.first_time(&ev("orders.created"), "a"));
+        assert!(recent.first_time(&completed, "b"));
+        assert!(recent.first_time(&completed, "c"));
+        // Two remembered: "a" is forgotten, "c" is not.
+        assert!(recent.first_time(&completed, "a"));
+        assert!(!recent.first_time(&completed, "a"));
+        assert!(!recent.first_time(&completed, "c"));
+    }
+
+    #[test]
     fn filters_match_type_prefix_and_subject() {
         let ev = HubEvent {
             seq: 1,
