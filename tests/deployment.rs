@@ -407,6 +407,15 @@ async fn run(prefix: String, store_url: String) {
     // The replies waiting in A's reply queue were taken by its adopter,
     // which then deleted A's queues.
     let mut adopted = 0.0;
+    // Told, not asserted (the kill may or may not fall in the window): end
+    // events published again, copies dropped by the survivors' hubs.
+    let (mut republished, mut copies_dropped) = (0.0, 0.0);
+    let sum = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+            .sum()
+    };
     for g in survivors {
         let text = http
             .get(format!("{g}/metrics"))
@@ -416,6 +425,8 @@ async fn run(prefix: String, store_url: String) {
             .text()
             .await
             .unwrap();
+        republished += sum(&text, "switchboard_gateway_end_events_republished_total");
+        copies_dropped += sum(&text, "switchboard_event_hub_duplicates_dropped_total");
         adopted += text
             .lines()
             .find_map(|l| l.strip_prefix("switchboard_rpc_adopted_replies_total "))
@@ -455,7 +466,7 @@ async fn run(prefix: String, store_url: String) {
     }
     let callbacks: usize = accepted.iter().map(|id| count(id)).sum();
     println!(
-        "calls: {}, kills: {kills}, lost: {}, duplicates: {} (and {across_kill} resent across the kill), callbacks: {callbacks}, adopted replies: {adopted}, load seconds: {:.1}",
+        "calls: {}, kills: {kills}, lost: {}, duplicates: {} (and {across_kill} resent across the kill), callbacks: {callbacks}, adopted replies: {adopted}, end events published again: {republished}, copies dropped by hubs: {copies_dropped}, load seconds: {:.1}",
         accepted.len(),
         lost.len(),
         duplicates.len(),

@@ -422,9 +422,16 @@ async fn take_reply(
         settle(inflight.ack().await);
         return;
     }
+    // The dead gateway may have died between the call's `202` and the
+    // confirm of its `accepted` event: published again (the same id)
+    // before the call's end, which a subscriber must not see first.
+    if let Err(e) = tracker.publish_accepted_again(&id).await {
+        warn!(call_id = %id, error = %e, "accepted event of an adopted call not published again");
+    }
+    let again = inflight.delivery().redelivered;
     let body: Bytes = inflight.take_payload();
     let reply = crate::rpc::to_reply(inflight.delivery(), body, &id);
-    if tracker.record_end(&id, Outcome::Reply(reply)).await {
+    if tracker.record_end(&id, Outcome::Reply(reply), again).await {
         stats.replies.fetch_add(1, Ordering::Relaxed);
         settle(inflight.ack().await);
     } else {

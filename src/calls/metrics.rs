@@ -88,6 +88,9 @@ pub(crate) struct CallsMetrics {
     cancelled: Family<ServiceLabels, Counter>,
     /// Replies that arrived for calls already cancelled, dropped.
     after_cancel: Family<ServiceLabels, Counter>,
+    /// End events published again for calls found ended by a redelivered
+    /// reply or dead letter.
+    end_events_again: Family<ServiceLabels, Counter>,
 }
 
 impl fmt::Debug for CallsMetrics {
@@ -105,6 +108,7 @@ impl CallsMetrics {
         let dead_letters = Family::<ServiceLabels, Counter>::default();
         let cancelled = Family::<ServiceLabels, Counter>::default();
         let after_cancel = Family::<ServiceLabels, Counter>::default();
+        let end_events_again = Family::<ServiceLabels, Counter>::default();
         registry.register(
             "switchboard_gateway_calls_started",
             "Calls the gateway published, by service and the mode the caller asked for",
@@ -136,6 +140,11 @@ impl CallsMetrics {
             "Replies that arrived for calls their caller had cancelled, dropped, by service",
             after_cancel.clone(),
         );
+        registry.register(
+            "switchboard_gateway_end_events_republished",
+            "End events of calls published again (same id), by service: the call was found ended by a redelivered reply or dead letter, or its first publish failed",
+            end_events_again.clone(),
+        );
         Self {
             started,
             finished,
@@ -144,6 +153,7 @@ impl CallsMetrics {
             dead_letters,
             cancelled,
             after_cancel,
+            end_events_again,
         }
     }
 
@@ -198,6 +208,15 @@ impl CallsMetrics {
     /// was dropped.
     pub(crate) fn reply_after_cancel(&self, service: &str) {
         self.after_cancel
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The end event of a call of `service` was published again.
+    pub(crate) fn end_event_republished(&self, service: &str) {
+        self.end_events_again
             .get_or_create(&ServiceLabels {
                 service: service.to_owned(),
             })

@@ -84,6 +84,9 @@ struct Inner {
     /// ([`Tracker::publish_accepted`]): their end waits for it. Each
     /// receiver's sender is dropped once the publish is over.
     accepting: Mutex<HashMap<String, tokio::sync::watch::Receiver<()>>>,
+    /// Calls whose end event could not be published here: published when
+    /// their reply or dead letter comes back ([`Tracker::end`]).
+    unpublished: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Inner {
@@ -202,6 +205,7 @@ impl Tracker {
                 ),
                 inline_result_max_bytes: g.inline_result_max_bytes,
                 accepting: Mutex::new(HashMap::new()),
+                unpublished: Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -248,6 +252,21 @@ impl Tracker {
     ) -> CloudEvent {
         let data = serde_json::to_value(doc).unwrap_or(Value::Null);
         let mut event = CloudEvent::new(ty, self.inner.source.clone(), data).with_subject(&doc.id);
+        // A call's `accepted` and its end happen once each: their id and
+        // time are the call's, so that an event published again (by the
+        // adopter of a gateway killed before its publish was confirmed) is
+        // the same event, and consumers drop the copy by id.
+        let at = match ty {
+            EVENT_ACCEPTED => Some(doc.created_at.as_str()),
+            EVENT_COMPLETED | EVENT_CANCELLED => doc.completed_at.as_deref(),
+            _ => None,
+        };
+        if let Some(at) = at {
+            event.id = events::lifecycle_event_id(&doc.id, ty);
+            if let Ok(t) = chrono::DateTime::parse_from_rfc3339(at) {
+                event.time = Some(t.with_timezone(&chrono::Utc));
+            }
+        }
         event
             .extensions
             .insert(EXT_CALLER.into(), Value::String(caller.to_owned()));
@@ -260,10 +279,14 @@ impl Tracker {
     }
 
     /// Publishes a lifecycle event; a failure is logged, not returned: the
-    /// call itself is already safe in the store.
-    pub(crate) async fn publish_event(&self, event: &CloudEvent) {
-        if let Err(e) = events::publish(&self.inner.broker, event).await {
-            warn!(error = %e, event_type = %event.ty, subject = ?event.subject, "lifecycle event not published");
+    /// call itself is already safe in the store. Whether it was confirmed.
+    pub(crate) async fn publish_event(&self, event: &CloudEvent) -> bool {
+        match events::publish(&self.inner.broker, event).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, event_type = %event.ty, subject = ?event.subject, "lifecycle event not published");
+                false
+            }
         }
     }
 
@@ -311,16 +334,35 @@ impl Tracker {
     /// event, wakes its long-pollers and schedules its callback. Returns
     /// whether this call changed the call (false: unknown or already ended).
     pub(crate) async fn complete(&self, id: &str, outcome: Outcome) -> Result<bool> {
-        self.end(id, outcome, false).await
+        self.end(id, outcome, false, false).await
+    }
+
+    /// [`Tracker::complete`] from a message (a reply, a dead letter) that
+    /// the broker delivers `again`: it was delivered before and not acked,
+    /// so whoever took it first may have stored the call's end and died
+    /// before its event was confirmed (a message is acked only after both).
+    /// Then a call found ended with this very outcome gets its end event
+    /// published again, rebuilt from the stored call: the same id
+    /// ([`events::lifecycle_event_id`]), so a consumer that had it drops
+    /// the copy. A reply does so whether redelivered or not (the orphan
+    /// sink does not know): a call found ended with exactly that reply was
+    /// ended by it, or by a copy of it.
+    pub(crate) async fn complete_again(
+        &self,
+        id: &str,
+        outcome: Outcome,
+        again: bool,
+    ) -> Result<bool> {
+        self.end(id, outcome, false, again).await
     }
 
     /// [`Tracker::complete`] for a call whose reply was the HTTP answer (it
     /// was stored only for its idempotency key): the gateway counted it.
     pub(crate) async fn complete_answered(&self, id: &str, outcome: Outcome) -> Result<bool> {
-        self.end(id, outcome, true).await
+        self.end(id, outcome, true, false).await
     }
 
-    async fn end(&self, id: &str, outcome: Outcome, answered: bool) -> Result<bool> {
+    async fn end(&self, id: &str, outcome: Outcome, answered: bool, again: bool) -> Result<bool> {
         let now = wire::now_ms() as i64;
         let cancelled = matches!(outcome, Outcome::Cancelled);
         let reply = matches!(outcome, Outcome::Reply(_));
@@ -368,6 +410,17 @@ impl Tracker {
             return Ok(false);
         };
         if call.status.is_terminal() {
+            // Its end event may not be out: the reply that ended it comes
+            // again (a reply is acked only once its call's end is stored and
+            // its event published: a gateway killed in between leaves it in
+            // the queue, for its adopter or itself once back), a dead
+            // letter is redelivered, or its publish failed here. Dead
+            // letters only when redelivered: every gateway gets a copy of
+            // each, and all but one find the call ended.
+            let maybe_unpublished = reply || again || self.take_unpublished(id);
+            if maybe_unpublished && call.status == status && call.result == result {
+                self.publish_end_again(&call).await;
+            }
             if call.status == CallStatus::Cancelled && reply {
                 info!(call_id = %id, service = %call.service, "reply of a cancelled call dropped");
                 self.inner
@@ -423,6 +476,88 @@ impl Tracker {
         )
     }
 
+    /// Publishes the end event of `call`, ended already, again: rebuilt
+    /// from the stored call, with the id and time of the first
+    /// ([`Tracker::lifecycle_event`]). After its `accepted`, if that is
+    /// being published here.
+    async fn publish_end_again(&self, call: &CallRecord) {
+        let doc = StatusDocument::of(call);
+        let event = self.end_event(call.status == CallStatus::Cancelled, &doc, call);
+        let event = self.inline_bounded(event, call);
+        self.accepted_out(&call.id).await;
+        if self.publish_event(&event).await {
+            info!(call_id = %call.id, event_id = %event.id, "end event of a call ended before published again");
+            self.inner
+                .broker
+                .metrics()
+                .calls()
+                .end_event_republished(&call.service);
+        } else {
+            self.note_unpublished(&call.id);
+        }
+    }
+
+    /// Publishes the `accepted` event of stored call `id` again, as it was
+    /// first made (its document when it was accepted; the same id and
+    /// time): the adopter of a dead gateway does so before it ends one of
+    /// its calls, as that gateway may have died between the `202` and the
+    /// event's confirm. Nothing when the call is unknown.
+    pub(crate) async fn publish_accepted_again(&self, id: &str) -> Result<()> {
+        let Some(mut call) = self.inner.store.get(id).await? else {
+            return Ok(());
+        };
+        call.status = CallStatus::Pending;
+        call.completed_ms = None;
+        call.result = None;
+        call.progress = None;
+        if let Some(cb) = call.callback.as_mut() {
+            *cb = crate::calls::CallbackRecord {
+                url: std::mem::take(&mut cb.url),
+                state: crate::calls::CallbackState::Waiting,
+                attempts: 0,
+                next_ms: None,
+                last_error: None,
+                event_id: None,
+                body: None,
+                history: Vec::new(),
+            };
+        }
+        let doc = StatusDocument::of(&call);
+        let event = self.lifecycle_event(
+            EVENT_ACCEPTED,
+            &doc,
+            &call.caller,
+            call.traceparent.as_deref(),
+        );
+        self.publish_event(&event).await;
+        Ok(())
+    }
+
+    /// Remembers that the end event of call `id` could not be published
+    /// (bounded: all are forgotten once [`UNPUBLISHED_KEPT`] are held).
+    fn note_unpublished(&self, id: &str) {
+        let mut u = self
+            .inner
+            .unpublished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if u.len() >= UNPUBLISHED_KEPT {
+            u.clear();
+        }
+        u.insert(id.to_owned());
+    }
+
+    /// Whether the end event of call `id` could not be published here (and
+    /// forgets it).
+    fn take_unpublished(&self, id: &str) -> bool {
+        let mut u = self
+            .inner
+            .unpublished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        !u.is_empty() && u.remove(id)
+    }
+
     /// After `call`'s end is stored (`doc` its document now, `event` the
     /// event that tells of it): counts it, keeps its document, publishes
     /// the event, wakes its long-pollers and its callback's dispatcher.
@@ -449,7 +584,11 @@ impl Tracker {
         // it being on the events exchange already; after the call's
         // `accepted`, if that is still being published.
         self.accepted_out(id).await;
-        self.publish_event(&event).await;
+        if !self.publish_event(&event).await {
+            // Its reply (or dead letter) comes back if its ack is lost too:
+            // the event goes out then ([`Tracker::end`]).
+            self.note_unpublished(id);
+        }
         self.wake_watchers(id);
         if call.callback.is_some()
             && let Some(cb) = &self.inner.callbacks
@@ -505,7 +644,7 @@ impl Tracker {
     /// callback, long-pollers and streams are told as for any end). False
     /// when it had already ended.
     pub(crate) async fn cancel(&self, id: &str) -> Result<bool> {
-        self.end(id, Outcome::Cancelled, false).await
+        self.end(id, Outcome::Cancelled, false, false).await
     }
 
     /// Records a progress report on its stored call, while it is pending,
@@ -757,7 +896,8 @@ impl Tracker {
             settle(inflight.ack().await);
             return;
         };
-        if self.record_dead_letter(&id).await {
+        let again = inflight.delivery().redelivered;
+        if self.record_end(&id, Outcome::DeadLettered, again).await {
             settle(inflight.ack().await);
         } else {
             from.supervisor()
@@ -766,21 +906,16 @@ impl Tracker {
         }
     }
 
-    /// Ends call `id` as dead-lettered, trying again while the store fails,
-    /// for at most [`DEAD_LETTER_PATIENCE`]; false when it failed all that time.
-    pub(crate) async fn record_dead_letter(&self, id: &str) -> bool {
-        self.record_end(id, Outcome::DeadLettered).await
-    }
-
-    /// Ends call `id` with `outcome` ([`Tracker::complete`]), trying again
-    /// while the store fails, for at most [`DEAD_LETTER_PATIENCE`]; false
-    /// when it failed all that time (the message that told is then
-    /// quarantined by its consumer).
-    pub(crate) async fn record_end(&self, id: &str, outcome: Outcome) -> bool {
+    /// Ends call `id` with `outcome` ([`Tracker::complete_again`]: `again`
+    /// when the message that tells is a redelivery), trying again while the
+    /// store fails, for at most [`DEAD_LETTER_PATIENCE`]; false when it
+    /// failed all that time (the message that told is then quarantined by
+    /// its consumer).
+    pub(crate) async fn record_end(&self, id: &str, outcome: Outcome, again: bool) -> bool {
         let give_up = tokio::time::Instant::now() + DEAD_LETTER_PATIENCE;
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.complete(id, outcome.clone()).await {
+            match self.complete_again(id, outcome.clone(), again).await {
                 Ok(_) => return true,
                 Err(e) if tokio::time::Instant::now() + pause < give_up => {
                     warn!(call_id = %id, error = %e, retry_in = ?pause, "call's end not recorded yet");
@@ -795,6 +930,10 @@ impl Tracker {
         }
     }
 }
+
+/// Calls whose end event failed to publish, remembered at most
+/// ([`Tracker::note_unpublished`]).
+const UNPUBLISHED_KEPT: usize = 4096;
 
 /// How long a dead letter whose call the store fails to record is kept in
 /// hand and tried again before it is settled as poison.

@@ -88,6 +88,10 @@ use crate::error::Result;
 /// in memory between the socket and the actor.
 pub const PREFETCH: u16 = 256;
 
+/// The least number of lifecycle event ids a hub remembers to drop copies
+/// ([`RecentIds`]); more with a longer history.
+pub const RECENT_IDS_MIN: usize = 4096;
+
 /// How often sessions whose receiver is gone are swept out, so that a client
 /// that left is not counted against `max_sessions` until the next matching
 /// event happens to reach it.
@@ -134,12 +138,19 @@ pub struct HubEvent {
 impl HubEvent {
     /// The event at `offset` in the log, from a delivery's body; `None` when
     /// the body is not a CloudEvent.
+    #[cfg(test)]
     pub(crate) fn parse(offset: u64, body: &[u8]) -> Option<Self> {
+        Self::parse_with_id(offset, body).map(|(ev, _)| ev)
+    }
+
+    /// The event at `offset`, as `parse` makes it, with the CloudEvent's id.
+    pub(crate) fn parse_with_id(offset: u64, body: &[u8]) -> Option<(Self, String)> {
         let event: CloudEvent = serde_json::from_slice(body).ok()?;
         // Re-encoded rather than passed through: compact JSON has no raw
         // newline, so it is one SSE `data:` line and one WebSocket frame.
         let json = serde_json::to_vec(&event).ok()?;
-        Some(Self {
+        let id = event.id;
+        let ev = Self {
             seq: offset,
             position: offset.to_string(),
             caller: event
@@ -150,7 +161,58 @@ impl HubEvent {
             ty: event.ty,
             subject: event.subject,
             json: Bytes::from(json),
-        })
+        };
+        Some((ev, id))
+    }
+}
+
+/// The ids of the last call lifecycle events relayed (`switchboard.call.*`),
+/// so that a copy of one is dropped: such an event may be published twice
+/// with the same id (at least once across a gateway's death, see
+/// RELIABILITY.md). Kept as 64-bit hashes, at most a bound of them, the
+/// oldest forgotten first.
+#[derive(Debug)]
+pub(crate) struct RecentIds {
+    set: std::collections::HashSet<u64>,
+    order: VecDeque<u64>,
+    bound: usize,
+}
+
+/// The type prefix of the events [`RecentIds`] deduplicates.
+const DEDUPLICATED: &str = "switchboard.call.";
+
+impl RecentIds {
+    /// Remembers at most `bound` ids (at least one).
+    pub(crate) fn new(bound: usize) -> Self {
+        let bound = bound.max(1);
+        Self {
+            set: std::collections::HashSet::with_capacity(bound.min(16_384)),
+            order: VecDeque::with_capacity(bound.min(16_384)),
+            bound,
+        }
+    }
+
+    /// False when `ev`, whose CloudEvent id is `id`, is a call lifecycle
+    /// event whose id is among the last ones seen (a copy); else true, and
+    /// its id is remembered.
+    pub(crate) fn first_time(&mut self, ev: &HubEvent, id: &str) -> bool {
+        if !ev.ty.starts_with(DEDUPLICATED) {
+            return true;
+        }
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        let key = h.finish();
+        if !self.set.insert(key) {
+            return false;
+        }
+        if self.order.len() >= self.bound
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(key);
+        true
     }
 }
 
@@ -258,6 +320,9 @@ pub struct HubStats {
     /// Sessions served by a reader of the log of their own (resumed from a
     /// position the history did not cover), opened so far.
     pub log_readers: AtomicU64,
+    /// Call lifecycle events dropped as copies of one relayed a moment
+    /// before (the same CloudEvent id, [`RecentIds`]).
+    pub duplicates: AtomicU64,
     /// The hub's consumer: whether it consumes now, since when it does not,
     /// how often it came back.
     pub consumer: Arc<ConsumerStatus>,
@@ -372,6 +437,8 @@ pub struct EventHub {
     history: VecDeque<Arc<HubEvent>>,
     /// The sum of [`HubEvent::size`] over `history`.
     history_bytes: usize,
+    /// The ids of the last lifecycle events relayed: copies are dropped.
+    recent: RecentIds,
     sessions: HashMap<u64, Session>,
     next_session: u64,
     stats: Arc<HubStats>,
@@ -415,6 +482,7 @@ impl EventHub {
             dropped_slow: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
             log_readers: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             consumer: supervisor.status().clone(),
         });
         broker.metrics().register(stats.clone());
@@ -432,6 +500,7 @@ impl EventHub {
                 readers: CancellationToken::new(),
                 history: VecDeque::with_capacity(opts.history.min(4096)),
                 history_bytes: 0,
+                recent: RecentIds::new(opts.history.max(RECENT_IDS_MIN)),
                 sessions: HashMap::new(),
                 next_session: 1,
                 stats: hub_stats.clone(),
@@ -622,7 +691,8 @@ impl StreamHandler<Event> for EventHub {
                 None
             }
         };
-        let parsed = arrived.map(|(offset, hole)| (hole, HubEvent::parse(offset, &delivery.data)));
+        let parsed =
+            arrived.map(|(offset, hole)| (hole, HubEvent::parse_with_id(offset, &delivery.data)));
         match parsed {
             // Seen already, or no offset.
             None => {}
@@ -635,7 +705,13 @@ impl StreamHandler<Event> for EventHub {
                     self.offer(&Arc::new(super::log::lost(first, last)), true);
                 }
                 match ev {
-                    Some(ev) => self.relay(ev),
+                    Some((ev, id)) if !self.recent.first_time(&ev, &id) => {
+                        // A copy (published again across a gateway's death):
+                        // its offset is seen, it is neither kept nor relayed.
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        debug!(position = %ev.position, event_id = %id, "copy of an event relayed already: dropped");
+                    }
+                    Some((ev, _)) => self.relay(ev),
                     None => {
                         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                         debug!(
@@ -817,6 +893,31 @@ mod tests {
     fn non_cloudevents_are_refused() {
         assert!(HubEvent::parse(1, b"not json").is_none());
         assert!(HubEvent::parse(1, br#"{"type": "x"}"#).is_none());
+    }
+
+    #[test]
+    fn copies_of_call_lifecycle_events_are_known_within_the_bound() {
+        let ev = |ty: &str| HubEvent {
+            seq: 1,
+            position: "1".into(),
+            ty: ty.into(),
+            subject: None,
+            caller: None,
+            json: Bytes::new(),
+        };
+        let completed = ev("switchboard.call.completed");
+        let mut recent = RecentIds::new(2);
+        assert!(recent.first_time(&completed, "a"));
+        assert!(!recent.first_time(&completed, "a"), "a copy");
+        // Other types are never copies, whatever their ids.
+        assert!(recent.first_time(&ev("orders.created"), "a"));
+        assert!(recent.first_time(&ev("orders.created"), "a"));
+        assert!(recent.first_time(&completed, "b"));
+        assert!(recent.first_time(&completed, "c"));
+        // Two remembered: "a" is forgotten, "c" is not.
+        assert!(recent.first_time(&completed, "a"));
+        assert!(!recent.first_time(&completed, "a"));
+        assert!(!recent.first_time(&completed, "c"));
     }
 
     #[test]

@@ -189,6 +189,8 @@ async fn read(
         )
         .await?;
     let mut first = true;
+    // Copies of lifecycle events are dropped here too, as the hub does.
+    let mut recent = super::hub::RecentIds::new(super::hub::RECENT_IDS_MIN);
     loop {
         let Some(delivery) = consumer.next().await else {
             return Ok("consumer ended");
@@ -204,7 +206,10 @@ async fn read(
                     let _ = tx.send(Arc::new(lost(from, o - 1))).await;
                 }
                 first = false;
-                HubEvent::parse(o, &inflight.delivery().data).filter(|ev| filter.matches(ev))
+                HubEvent::parse_with_id(o, &inflight.delivery().data)
+                    .filter(|(ev, id)| recent.first_time(ev, id))
+                    .map(|(ev, _)| ev)
+                    .filter(|ev| filter.matches(ev))
             }
             // Not from a stream: cannot happen on a stream queue.
             None => None,

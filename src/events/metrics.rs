@@ -15,6 +15,7 @@ impl Source for Arc<HubStats> {
         v.relayed += HubStats::get(&self.relayed);
         v.dropped_slow += HubStats::get(&self.dropped_slow);
         v.malformed += HubStats::get(&self.malformed);
+        v.duplicates += HubStats::get(&self.duplicates);
     }
 }
 
@@ -27,6 +28,8 @@ pub(crate) struct HubValues {
     pub(crate) dropped_slow: u64,
     /// Messages on the events exchange that were not CloudEvents.
     pub(crate) malformed: u64,
+    /// Copies of call lifecycle events dropped (an id relayed already).
+    pub(crate) duplicates: u64,
 }
 
 impl Values for HubValues {
@@ -51,6 +54,12 @@ impl Values for HubValues {
             "switchboard_event_hub_malformed",
             "Messages on the events exchange that were not CloudEvents (skipped).",
             h.malformed,
+        )?;
+        counter(
+            enc,
+            "switchboard_event_hub_duplicates_dropped",
+            "Call lifecycle events dropped as copies of one relayed shortly before (the same CloudEvent id: published again across a gateway's death).",
+            h.duplicates,
         )?;
         Ok(())
     }

@@ -77,6 +77,28 @@ impl CloudEvent {
     }
 }
 
+/// The CloudEvent id of call `call_id`'s lifecycle event of type `ty`
+/// (`switchboard.call.accepted`, `.completed`, `.cancelled`: each happens
+/// once per call): a UUID (version 8) made of the first 16 bytes of a
+/// SHA-256 of both, the same wherever and however often it is made. An
+/// event published again (at least once: see RELIABILITY.md) carries the
+/// id of the first, so that a consumer drops the copy by its id; a
+/// callback's `webhook-id` is the id of its call's end event.
+pub fn lifecycle_event_id(call_id: &str, ty: &str) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"switchboard lifecycle event\0");
+    h.update(call_id.as_bytes());
+    h.update(b"\0");
+    h.update(ty.as_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes)
+        .into_uuid()
+        .to_string()
+}
+
 /// Publishes an event to the events fanout, persistent and confirmed
 /// (sent again if not, as [`Broker::publish`] does), with its type as
 /// routing key ([`wire::event_routing_key`]), always on the same shared

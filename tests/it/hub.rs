@@ -733,3 +733,55 @@ async fn a_pretty_printed_event_from_any_client_is_relayed_as_one_line() {
     assert!(!got.json.contains(&b'\n'), "stored as one line");
     finish(c, h).await;
 }
+
+/// A call lifecycle event published twice with the same id (at least once
+/// across a gateway's death) reaches a session once, live, from the
+/// history and from a reader of the log; events of other types are never
+/// taken for copies.
+#[actix_rt::test]
+async fn a_copy_of_a_call_lifecycle_event_reaches_a_session_once() {
+    let c = ctx("hub-dedup").await;
+    let h = hub(&c, opts(100, 10, 64)).await;
+    let mut live = subscribe(&h, all(), None).await;
+    let before = event("x", 0);
+    publish(&c, &before).await;
+    let first_position = next(&mut live).await.position.clone();
+    let mut completed = event("switchboard.call.completed", 1).with_subject("call-1");
+    completed.id = events::lifecycle_event_id("call-1", "switchboard.call.completed");
+    // A foreign event reusing an id, twice: not a call lifecycle event.
+    let mut foreign = event("orders.created", 2);
+    foreign.id = "7".into();
+    let after = event("x", 3);
+    for e in [&completed, &completed, &foreign, &foreign, &after] {
+        publish(&c, e).await;
+    }
+    let expected = [&completed, &foreign, &foreign, &after];
+    for e in expected {
+        assert_eq!(&cloud(next(&mut live).await), e);
+    }
+    assert_eq!(stat(&h.stats.duplicates), 1);
+    // Resumed from the history, then from the log (a history of 100 covers
+    // it; a hub of history 1 does not), the copy is not there either.
+    let mut from_history = subscribe(&h, all(), Some(&first_position)).await;
+    for e in expected {
+        assert_eq!(&cloud(next(&mut from_history).await), e);
+    }
+    let h1 = hub(&c, opts(1, 10, 64)).await;
+    let mut watch = subscribe(&h1, all(), None).await;
+    let marker = event("x", 4);
+    publish(&c, &marker).await;
+    for e in [&marker] {
+        assert_eq!(&cloud(next(&mut live).await), e);
+        assert_eq!(&cloud(next(&mut watch).await), e);
+    }
+    let mut from_log = subscribe(&h1, all(), Some(&first_position)).await;
+    for e in [&completed, &foreign, &foreign, &after, &marker] {
+        assert_eq!(&cloud(next(&mut from_log).await), e);
+    }
+    assert!(
+        matches!(live.rx.try_recv(), Err(TryRecvError::Empty)),
+        "nothing more"
+    );
+    h1.stop().await;
+    finish(c, h).await;
+}

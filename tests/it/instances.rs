@@ -114,3 +114,274 @@ async fn a_gateway_that_stops_has_its_pending_calls_finished_by_another_on_the_s
     broker_b.close().await;
     gw.cleanup().await;
 }
+
+const ACCEPTED: &str = "switchboard.call.accepted";
+const COMPLETED: &str = "switchboard.call.completed";
+
+/// A subscriber to every call lifecycle event on the events exchange.
+async fn lifecycle_subscriber(broker: &switchboard::Broker) -> switchboard::Subscription {
+    switchboard::Subscription::start(
+        broker,
+        switchboard::SubscribeOptions {
+            durable_name: None,
+            type_prefix: Some("switchboard.call.".into()),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// The events `sub` gets until the completion of `call`, in order.
+async fn until_completed(
+    sub: &mut switchboard::Subscription,
+    call: &str,
+) -> Vec<switchboard::CloudEvent> {
+    let mut got = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no completion of {call} within 30 s; got {got:?}"))
+            .unwrap()
+            .unwrap();
+        let done = e.ty == COMPLETED && e.subject.as_deref() == Some(call);
+        got.push(e);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// `(type, id)` of the events of `got` about `call`.
+fn about(got: &[switchboard::CloudEvent], call: &str) -> Vec<(String, String)> {
+    got.iter()
+        .filter(|e| e.subject.as_deref() == Some(call))
+        .map(|e| (e.ty.clone(), e.id.clone()))
+        .collect()
+}
+
+/// What a live gateway publishes about `call`: its `accepted`, then its
+/// completion, with ids made of its id.
+fn published_once(call: &str) -> Vec<(String, String)> {
+    use switchboard::events::lifecycle_event_id;
+    vec![
+        (ACCEPTED.into(), lifecycle_event_id(call, ACCEPTED)),
+        (COMPLETED.into(), lifecycle_event_id(call, COMPLETED)),
+    ]
+}
+
+/// A 202 call to `echo` through `gw`; its id.
+async fn call_202(gw: &crate::common::Gw, n: u32) -> String {
+    let res = gw
+        .post("echo")
+        .header("Prefer", "respond-async")
+        .body(format!("{{\"n\":{n}}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    res.headers()["Call-Id"].to_str().unwrap().to_owned()
+}
+
+/// What a gateway killed in the window leaves: a call of its (instance
+/// `store`'s) ended in the store, its completion never published, and its
+/// reply in `reply_queue`, taken by the gateway and not acked (so
+/// redelivered). The call's id and the time it ended.
+async fn ended_in_the_window(
+    broker: &switchboard::Broker,
+    store: &switchboard::calls::CallStore,
+    reply_queue: &str,
+) -> (String, i64) {
+    use deadpool_lapin::lapin::BasicProperties;
+    use deadpool_lapin::lapin::options::{BasicGetOptions, BasicPublishOptions};
+    use switchboard::calls::{CallStatus, NewCall, StoredResult};
+
+    let id = uuid::Uuid::now_v7().to_string();
+    let body = b"{\"n\":1}".to_vec();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store
+        .insert(&NewCall {
+            id: id.clone(),
+            caller: "anonymous".into(),
+            service: "echo".into(),
+            created_ms: now - 1000,
+            deadline_ms: now + 60_000,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: None,
+            callback_url: None,
+        })
+        .await
+        .unwrap();
+    let result = StoredResult {
+        status: 200,
+        content_type: "application/json".into(),
+        body: body.clone(),
+    };
+    store
+        .complete_plain(&id, CallStatus::Succeeded, Some(result), now)
+        .await
+        .unwrap()
+        .expect("the call ends");
+    let ch = broker.channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        reply_queue.into(),
+        BasicPublishOptions::default(),
+        &body,
+        BasicProperties::default()
+            .with_correlation_id(id.as_str().into())
+            .with_content_type("application/json".into()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // The gateway's consumer had it, unacked: its channel goes with it.
+    let taken = poll_until(Duration::from_secs(10), "the reply is taken", || async {
+        ch.basic_get(reply_queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "not yet".to_string())
+    })
+    .await;
+    assert!(!taken.delivery.redelivered);
+    ch.close(320, "killed".into()).await.unwrap();
+    (id, now)
+}
+
+/// The window of RELIABILITY.md: a gateway killed after storing a call's
+/// end and before its `switchboard.call.completed` was confirmed. Its
+/// reply, never acked, is back in its reply queue, marked redelivered; the
+/// gateway that adopts the queue finds the call ended and publishes its
+/// completion (and its `accepted`) again, with the ids a live gateway gives
+/// them: a subscriber on the events exchange sees each once.
+#[actix_rt::test]
+async fn a_call_whose_gateway_died_before_its_completion_was_published_gets_it_from_the_adopter() {
+    use deadpool_lapin::lapin::options::QueueDeclareOptions;
+    use deadpool_lapin::lapin::types::FieldTable;
+
+    let gw = gateway("adopt-event", |_| {}).await;
+    let broker = gw.ctx.broker.clone();
+    let mut sub = lifecycle_subscriber(&broker).await;
+
+    // A call ended by a live gateway: its events' ids are made of its id.
+    let live = call_202(&gw, 0).await;
+    assert_eq!(
+        about(&until_completed(&mut sub, &live).await, &live),
+        published_once(&live)
+    );
+
+    // Gateway D, on the same store, killed in the window.
+    let dead = format!("{}-dead", gw.ctx.prefix);
+    let names = broker.names();
+    let (reply_q, dead_q) = (names.reply_queue(&dead), names.deadwatch_queue(&dead));
+    let ch = broker.channel().await.unwrap();
+    for q in [&reply_q, &dead_q] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let store = switchboard::calls::CallStore::open(&gw.ctx.settings.gateway.store_url)
+        .await
+        .unwrap()
+        .for_instance(&dead);
+    let (id, ended_ms) = ended_in_the_window(&broker, &store, &reply_q).await;
+    // D's row, silent: the live gateway adopts its queues.
+    store.heartbeat(&reply_q, &dead_q).await.unwrap();
+    store.mark_gone().await.unwrap();
+
+    let adopted = until_completed(&mut sub, &id).await;
+    assert_eq!(
+        about(&adopted, &id),
+        published_once(&id),
+        "the accepted event, then the completion"
+    );
+    let completion = adopted.last().unwrap();
+    let data = completion.data.as_ref().unwrap();
+    assert_eq!(data["status"], "succeeded");
+    assert_eq!(data["result"]["body"]["n"], 1, "{data}");
+    assert_eq!(
+        completion.time.map(|t| t.timestamp_millis()),
+        Some(ended_ms),
+        "the time the call ended"
+    );
+
+    // Nothing more about it: once D's queues are gone (drained, nothing of
+    // D pending), the events of one more call come next.
+    eventually(
+        Duration::from_secs(30),
+        "D's queues are deleted",
+        || async {
+            queue_consumers(&broker, &reply_q).await.is_none()
+                && queue_consumers(&broker, &dead_q).await.is_none()
+        },
+    )
+    .await;
+    let marker = call_202(&gw, 2).await;
+    let rest = until_completed(&mut sub, &marker).await;
+    assert_eq!(about(&rest, &marker), published_once(&marker));
+    assert_eq!(rest.len(), 2, "events after the adoption: {rest:?}");
+    let metrics = gw
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchboard_gateway_end_events_republished_total{service=\"echo\"} 1"),
+        "{metrics}"
+    );
+
+    sub.stop().await;
+    store.close().await;
+    for q in [&reply_q, &dead_q] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    gw.cleanup().await;
+}
+
+/// The same window with one gateway, started again under its instance id:
+/// it finds the reply in its own reply queue and publishes the completion
+/// it had not.
+#[actix_rt::test]
+async fn a_gateway_killed_before_a_completion_was_published_publishes_it_when_back() {
+    let mut gw = gateway("restart-event", |_| {}).await;
+    let broker = gw.ctx.broker.clone();
+    let mut sub = lifecycle_subscriber(&broker).await;
+    gw.stop_gateway().await;
+    let me = broker.instance_id().to_owned();
+    let store = switchboard::calls::CallStore::open(&gw.ctx.settings.gateway.store_url)
+        .await
+        .unwrap()
+        .for_instance(&me);
+    let (id, _) = ended_in_the_window(&broker, &store, &broker.names().reply_queue(&me)).await;
+    gw.start_gateway().await;
+    let got = until_completed(&mut sub, &id).await;
+    assert_eq!(
+        about(&got, &id),
+        [(
+            COMPLETED.to_string(),
+            switchboard::events::lifecycle_event_id(&id, COMPLETED)
+        )]
+    );
+    let marker = call_202(&gw, 2).await;
+    let rest = until_completed(&mut sub, &marker).await;
+    assert_eq!(about(&rest, &marker), published_once(&marker));
+    assert_eq!(rest.len(), 2, "events after the restart: {rest:?}");
+    sub.stop().await;
+    store.close().await;
+    gw.cleanup().await;
+}
