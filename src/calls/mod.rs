@@ -495,6 +495,12 @@ impl CallStore {
             Backend::Postgres => 8,
         });
         if backend == Backend::Sqlite {
+            // An SQLite connection is a file opened by this process: nothing
+            // between can break it, and the ping sqlx makes on every
+            // acquire by default is a round trip to the connection's worker
+            // thread for each statement (BENCHMARKS.md, "202 calls and
+            // synchronous calls: what each costs").
+            opts = opts.test_before_acquire(false);
             opts = opts.after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL: readers never wait for the writer. NORMAL: a commit
