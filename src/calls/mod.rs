@@ -17,6 +17,7 @@
 //! - `tracker`: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
 //! - `finished`: the documents of recently finished calls, kept in memory.
+//! - `here`: the calls this gateway accepted and has not seen end.
 //! - [`instances`]: the gateways sharing the store (liveness, adoption of a
 //!   silent one's queues) and the leases on callback deliveries.
 //! - `adopt`: a live gateway draining the queues of a dead one.
@@ -25,6 +26,7 @@ pub(crate) mod adopt;
 mod batch;
 pub mod document;
 mod finished;
+mod here;
 pub mod instances;
 pub(crate) mod metrics;
 pub(crate) mod tracker;

@@ -77,6 +77,8 @@ struct Inner {
     watcher_count: AtomicUsize,
     /// Documents of finished calls, served without a store read.
     finished: super::finished::FinishedDocs,
+    /// Calls accepted here and not ended yet ([`Tracker::note_accepted`]).
+    here: super::here::PendingHere,
     /// `gateway.inline_result_max_bytes`: larger results are left out of
     /// lifecycle events.
     inline_result_max_bytes: usize,
@@ -200,6 +202,7 @@ impl Tracker {
                     g.finished_cache_entries,
                     g.finished_cache_bytes,
                 ),
+                here: super::here::PendingHere::default(),
                 inline_result_max_bytes: g.inline_result_max_bytes,
                 accepting: Mutex::new(HashMap::new()),
             }),
@@ -214,6 +217,24 @@ impl Tracker {
     /// The kept document of a finished call (see [`super::finished`]).
     pub(crate) fn finished(&self, id: &str) -> Option<Arc<super::finished::FinishedDoc>> {
         self.inner.finished.get(id, wire::now_ms() as i64)
+    }
+
+    /// Notes call `id` of `caller`, about to be answered with a `202`, as
+    /// pending here until the tracker ends it (or `deadline_ms` passes): a
+    /// long-poll of it then reads no store ([`Tracker::pending_here`]).
+    pub(crate) fn note_accepted(&self, id: &str, caller: &str, deadline_ms: i64) {
+        self.inner
+            .here
+            .note(id, caller, deadline_ms, wire::now_ms() as i64);
+    }
+
+    /// Whether call `id` of `caller` was accepted here and has not ended
+    /// (as far as this gateway knows: see [`super::here`]). Asked after
+    /// taking a [`Watch`] on it: an end not seen here wakes that watch.
+    pub(crate) fn pending_here(&self, id: &str, caller: &str) -> bool {
+        self.inner
+            .here
+            .is_pending(id, caller, wire::now_ms() as i64)
     }
 
     /// Keeps `doc`, `call`'s document, if it can no longer change.
@@ -585,6 +606,9 @@ impl Tracker {
     }
 
     fn wake_watchers(&self, id: &str) {
+        // No longer pending here, before anyone is woken: a long-poll that
+        // still finds it here has its watch in place already.
+        self.inner.here.forget(id);
         let waiters = self.lock_watchers().by_id.remove(id).unwrap_or_default();
         let held = waiters.iter().filter(|w| w.held).count();
         self.inner.watcher_count.fetch_sub(held, Ordering::Relaxed);
@@ -645,6 +669,7 @@ impl Tracker {
                 }
                 n += 1;
                 let now = wire::now_ms() as i64;
+                tracker.inner.here.prune(now);
                 match tracker.inner.store.overdue(now, 1000).await {
                     Ok(ids) => {
                         for id in ids {
