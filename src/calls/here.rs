@@ -11,14 +11,15 @@
 //! of it here answers when its `wait` runs out (from the store), as a
 //! long-poll already did for an end elsewhere while it waited. Past its
 //! deadline an entry is not trusted (the store is read) and the sweeper
-//! drops it. Bounded: at [`MAX_ENTRIES`], calls are not noted and their
+//! drops it. Bounded: at [`MAX_ENTRIES`] (an entry is the call's id, its
+//! caller and its deadline: about 150 bytes), calls are not noted and their
 //! long-polls read the store as before.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 /// Calls noted at most.
-pub(super) const MAX_ENTRIES: usize = 65_536;
+pub(super) const MAX_ENTRIES: usize = 16_384;
 
 struct Entry {
     caller: String,

@@ -482,9 +482,10 @@ impl Tracker {
     /// Takes over `pending`, whose HTTP request has been answered with a
     /// 202: the call is detached from the RPC client, so its reply goes to
     /// the orphan sink ([`Tracker::orphan_sink`]) and its deadline to the
-    /// sweeper. Nothing is held in memory per pending call: a pending call
-    /// costs a row in the store. A reply that arrived before the detach is
-    /// stored here.
+    /// sweeper. No task or waiter is held per pending call: a pending call
+    /// costs a row in the store (and, within its bound, an entry of
+    /// [`super::here`]). A reply that arrived before the detach is stored
+    /// here.
     pub(crate) fn adopt(&self, pending: crate::rpc::PendingReply) {
         let id = pending.call_id().to_owned();
         let Some(routed) = pending.detach() else {
@@ -512,7 +513,8 @@ impl Tracker {
     /// The sink for replies the RPC client does not wait for: the replies of
     /// every call answered with a 202 (and of calls from before a restart)
     /// finish their stored call here. No task or waiter is held per pending
-    /// call: a pending call costs a row in the store, not memory.
+    /// call: a pending call costs a row in the store (and, within its
+    /// bound, an entry of [`super::here`]: its id, caller and deadline).
     pub(crate) fn orphan_sink(&self) -> OrphanSink {
         let tracker = self.clone();
         Arc::new(move |id: String, reply: Reply| {
