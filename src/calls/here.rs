@@ -5,13 +5,13 @@
 //! A call is noted before its `202` is sent and forgotten when the tracker
 //! ends it, before its long-pollers are woken ([`super::tracker`]); a
 //! long-poll takes its watch before it looks here, so an end it does not
-//! see here always wakes it. Only this gateway's ends are seen: a call
-//! ended by another gateway of the same store (cancelled through it, or
-//! expired by its sweeper) stays noted until its deadline, and a long-poll
-//! of it here answers when its `wait` runs out (from the store), as a
-//! long-poll already did for an end elsewhere while it waited. Past its
-//! deadline an entry is not trusted (the store is read) and the sweeper
-//! drops it. Bounded: at [`MAX_ENTRIES`] (an entry is the call's id, its
+//! see here always wakes it. A call ended by another gateway of the same
+//! store (cancelled through it, expired by its sweeper) is forgotten when
+//! the event hub reads its end event ([`super::tracker::Tracker::end_seen`]);
+//! if that event never comes, it stays noted until its deadline, and a
+//! long-poll of it here answers when its `wait` runs out (from the store).
+//! Past its deadline an entry is not trusted (the store is read) and the
+//! sweeper drops it. Bounded: at [`MAX_ENTRIES`] (an entry is the call's id, its
 //! caller and its deadline: about 150 bytes), calls are not noted and their
 //! long-polls read the store as before.
 

@@ -237,6 +237,17 @@ impl Tracker {
             .is_pending(id, caller, wire::now_ms() as i64)
     }
 
+    /// Told by the event hub of a lifecycle event of type `ty` about call
+    /// `subject`: an end, made by any gateway of the store, forgets the call
+    /// here and wakes its long-polls, which read it from the store (written
+    /// before its event is published). An end made here comes back too:
+    /// its watchers are gone already, so that costs two map lookups.
+    pub(crate) fn end_seen(&self, ty: &str, subject: Option<&str>) {
+        if let (EVENT_COMPLETED | EVENT_CANCELLED, Some(id)) = (ty, subject) {
+            self.wake_watchers(id);
+        }
+    }
+
     /// Keeps `doc`, `call`'s document, if it can no longer change.
     pub(crate) fn remember_finished(&self, call: &CallRecord, doc: &StatusDocument) {
         self.inner.finished.remember(call, doc);
