@@ -17,6 +17,7 @@
 //! - `tracker`: the life of a stored call (completion, events, callbacks,
 //!   the dead-letter watch and the deadline sweeper).
 //! - `finished`: the documents of recently finished calls, kept in memory.
+//! - `here`: the calls this gateway accepted and has not seen end.
 //! - [`instances`]: the gateways sharing the store (liveness, adoption of a
 //!   silent one's queues) and the leases on callback deliveries.
 //! - `adopt`: a live gateway draining the queues of a dead one.
@@ -25,6 +26,7 @@ pub(crate) mod adopt;
 mod batch;
 pub mod document;
 mod finished;
+mod here;
 pub mod instances;
 pub(crate) mod metrics;
 pub(crate) mod tracker;
@@ -495,6 +497,12 @@ impl CallStore {
             Backend::Postgres => 8,
         });
         if backend == Backend::Sqlite {
+            // An SQLite connection is a file opened by this process: nothing
+            // between can break it, and the ping sqlx makes on every
+            // acquire by default is a round trip to the connection's worker
+            // thread for each statement (BENCHMARKS.md, "202 calls and
+            // synchronous calls: what each costs").
+            opts = opts.test_before_acquire(false);
             opts = opts.after_connect(|conn, _| {
                 Box::pin(async move {
                     // WAL: readers never wait for the writer. NORMAL: a commit

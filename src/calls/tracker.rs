@@ -77,6 +77,8 @@ struct Inner {
     watcher_count: AtomicUsize,
     /// Documents of finished calls, served without a store read.
     finished: super::finished::FinishedDocs,
+    /// Calls accepted here and not ended yet ([`Tracker::note_accepted`]).
+    here: super::here::PendingHere,
     /// `gateway.inline_result_max_bytes`: larger results are left out of
     /// lifecycle events.
     inline_result_max_bytes: usize,
@@ -203,6 +205,7 @@ impl Tracker {
                     g.finished_cache_entries,
                     g.finished_cache_bytes,
                 ),
+                here: super::here::PendingHere::default(),
                 inline_result_max_bytes: g.inline_result_max_bytes,
                 accepting: Mutex::new(HashMap::new()),
                 unpublished: Mutex::new(std::collections::HashSet::new()),
@@ -218,6 +221,35 @@ impl Tracker {
     /// The kept document of a finished call (see [`super::finished`]).
     pub(crate) fn finished(&self, id: &str) -> Option<Arc<super::finished::FinishedDoc>> {
         self.inner.finished.get(id, wire::now_ms() as i64)
+    }
+
+    /// Notes call `id` of `caller`, about to be answered with a `202`, as
+    /// pending here until the tracker ends it (or `deadline_ms` passes): a
+    /// long-poll of it then reads no store ([`Tracker::pending_here`]).
+    pub(crate) fn note_accepted(&self, id: &str, caller: &str, deadline_ms: i64) {
+        self.inner
+            .here
+            .note(id, caller, deadline_ms, wire::now_ms() as i64);
+    }
+
+    /// Whether call `id` of `caller` was accepted here and has not ended
+    /// (as far as this gateway knows: see [`super::here`]). Asked after
+    /// taking a [`Watch`] on it: an end not seen here wakes that watch.
+    pub(crate) fn pending_here(&self, id: &str, caller: &str) -> bool {
+        self.inner
+            .here
+            .is_pending(id, caller, wire::now_ms() as i64)
+    }
+
+    /// Told by the event hub of a lifecycle event of type `ty` about call
+    /// `subject`: an end, made by any gateway of the store, forgets the call
+    /// here and wakes its long-polls, which read it from the store (written
+    /// before its event is published). An end made here comes back too:
+    /// its watchers are gone already, so that costs two map lookups.
+    pub(crate) fn end_seen(&self, ty: &str, subject: Option<&str>) {
+        if let (EVENT_COMPLETED | EVENT_CANCELLED, Some(id)) = (ty, subject) {
+            self.wake_watchers(id);
+        }
     }
 
     /// Keeps `doc`, `call`'s document, if it can no longer change.
@@ -600,9 +632,10 @@ impl Tracker {
     /// Takes over `pending`, whose HTTP request has been answered with a
     /// 202: the call is detached from the RPC client, so its reply goes to
     /// the orphan sink ([`Tracker::orphan_sink`]) and its deadline to the
-    /// sweeper. Nothing is held in memory per pending call: a pending call
-    /// costs a row in the store. A reply that arrived before the detach is
-    /// stored here.
+    /// sweeper. No task or waiter is held per pending call: a pending call
+    /// costs a row in the store (and, within its bound, an entry of
+    /// [`super::here`]). A reply that arrived before the detach is stored
+    /// here.
     pub(crate) fn adopt(&self, pending: crate::rpc::PendingReply) {
         let id = pending.call_id().to_owned();
         let Some(routed) = pending.detach() else {
@@ -630,7 +663,8 @@ impl Tracker {
     /// The sink for replies the RPC client does not wait for: the replies of
     /// every call answered with a 202 (and of calls from before a restart)
     /// finish their stored call here. No task or waiter is held per pending
-    /// call: a pending call costs a row in the store, not memory.
+    /// call: a pending call costs a row in the store (and, within its
+    /// bound, an entry of [`super::here`]: its id, caller and deadline).
     pub(crate) fn orphan_sink(&self) -> OrphanSink {
         let tracker = self.clone();
         Arc::new(move |id: String, reply: Reply| {
@@ -724,6 +758,9 @@ impl Tracker {
     }
 
     fn wake_watchers(&self, id: &str) {
+        // No longer pending here, before anyone is woken: a long-poll that
+        // still finds it here has its watch in place already.
+        self.inner.here.forget(id);
         let waiters = self.lock_watchers().by_id.remove(id).unwrap_or_default();
         let held = waiters.iter().filter(|w| w.held).count();
         self.inner.watcher_count.fetch_sub(held, Ordering::Relaxed);
@@ -784,6 +821,7 @@ impl Tracker {
                 }
                 n += 1;
                 let now = wire::now_ms() as i64;
+                tracker.inner.here.prune(now);
                 match tracker.inner.store.overdue(now, 1000).await {
                     Ok(ids) => {
                         for id in ids {

@@ -335,6 +335,11 @@ impl HubStats {
     }
 }
 
+/// Told of every event the hub relays, in the hub's actor: must not
+/// block. Crate-private: how the gateway's tracker learns of calls ended
+/// by other gateways of its store (`gateway::start`).
+pub(crate) type Observer = Arc<dyn Fn(&HubEvent) + Send + Sync>;
+
 /// A subscription granted by the hub.
 #[derive(Debug)]
 pub struct Subscribed {
@@ -444,6 +449,8 @@ pub struct EventHub {
     stats: Arc<HubStats>,
     /// The supervised consumer of the hub's queue.
     consumer: ActorConsumer,
+    /// Told of each event relayed ([`EventHub::start_observed`]).
+    observer: Option<Observer>,
 }
 
 impl EventHub {
@@ -453,6 +460,16 @@ impl EventHub {
     /// actor on the current Actix arbiter, so it must be called inside an
     /// Actix system (`actix_rt`, `#[actix_web::main]`).
     pub async fn start(broker: &Broker, opts: HubOptions) -> Result<HubHandle> {
+        Self::start_observed(broker, opts, None).await
+    }
+
+    /// [`EventHub::start`], telling `observer` of each event it relays,
+    /// those this process published included.
+    pub(crate) async fn start_observed(
+        broker: &Broker,
+        opts: HubOptions,
+        observer: Option<Observer>,
+    ) -> Result<HubHandle> {
         let resume_at = Arc::new(Mutex::new(None));
         let supervisor = Supervisor::new(
             broker,
@@ -505,6 +522,7 @@ impl EventHub {
                 next_session: 1,
                 stats: hub_stats.clone(),
                 consumer,
+                observer: observer.clone(),
             }
             .start()
         });
@@ -609,6 +627,9 @@ impl EventHub {
 
     /// Keeps `ev` in the history and offers it to every matching session.
     fn relay(&mut self, ev: HubEvent) {
+        if let Some(observer) = &self.observer {
+            observer(&ev);
+        }
         let ev = Arc::new(ev);
         self.keep(&ev);
         self.offer(&ev, false);

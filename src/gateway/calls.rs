@@ -491,6 +491,10 @@ impl CallContext<'_> {
             st.tracker.store().insert(&new_call).await?;
             st.limits.pending_stored(&self.caller);
         }
+        // Pending here until the tracker ends it: its long-polls read no
+        // store. Noted before the detach below, which may end it at once.
+        st.tracker
+            .note_accepted(&self.call_id, &self.caller.name, new_call.deadline_ms);
         let doc = StatusDocument::of(&new_call.to_record());
         let event = st.tracker.lifecycle_event(
             EVENT_ACCEPTED,
@@ -652,13 +656,17 @@ pub(super) async fn get_call(
         return Ok(document_response(&st, &call));
     }
     // Watched before the read, so that an end after the read wakes this
-    // request: one store read. The watch is not counted among the
+    // request: one store read at most. The watch is not counted among the
     // long-polls until it waits, and is removed when this request ends: an
     // id that names no call (of any length) leaves nothing behind.
     let mut watch = st.tracker.watch(&id);
-    let call = caller_call(&st, &caller, &id).await?;
-    if call.status.is_terminal() {
-        return Ok(document_response(&st, &call));
+    // A call this gateway accepted and has not seen end is pending: no
+    // store read (its end, from now on, wakes the watch).
+    if !st.tracker.pending_here(&id, &caller.name) {
+        let call = caller_call(&st, &caller, &id).await?;
+        if call.status.is_terminal() {
+            return Ok(document_response(&st, &call));
+        }
     }
     // Held until the answer: one caller's long-polls cannot take every
     // watcher of the gateway.

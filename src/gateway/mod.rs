@@ -53,7 +53,7 @@ use crate::calls::CallStore;
 use crate::calls::metrics::CallMetrics;
 use crate::calls::tracker::Tracker;
 use crate::error::{Error, Result};
-use crate::events::hub::{EventHub, HubHandle, HubOptions};
+use crate::events::hub::{EventHub, HubEvent, HubHandle, HubOptions};
 use crate::rpc::{RpcClient, RpcOptions};
 use crate::settings::{GatewaySettings, ReplyMode, ServiceSettings, Settings};
 use auth::Auth;
@@ -231,7 +231,10 @@ pub async fn start(
     tracker
         .start_dead_letter_watch(&services, cancel.child_token())
         .await?;
-    let hub = EventHub::start(
+    // Calls ended by another gateway of the store wake their long-polls
+    // here too (`Tracker::end_seen`).
+    let ends = tracker.clone();
+    let hub = EventHub::start_observed(
         broker,
         HubOptions {
             history: g.event_history,
@@ -240,6 +243,9 @@ pub async fn start(
             session_buffer: g.stream_buffer,
             log: settings.amqp.events_log(),
         },
+        Some(Arc::new(move |ev: &HubEvent| {
+            ends.end_seen(&ev.ty, ev.subject.as_deref())
+        })),
     )
     .await?;
     let metrics = broker.metrics();

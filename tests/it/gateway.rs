@@ -856,3 +856,74 @@ async fn private_callback_urls_are_refused_and_callbacks_need_a_secret() {
     assert!(doc["detail"].as_str().unwrap().contains("not enabled"));
     gw.cleanup().await;
 }
+
+/// A long-poll of a call this gateway accepted: answered from what the
+/// gateway knows of its own calls, it still answers at once once the call
+/// has ended, also when the ended document is not kept in memory (a result
+/// too large for the finished-call cache), and a call ended behind the
+/// gateway's back (through the store, as another gateway of the store would)
+/// is answered as ended at the latest when the wait runs out.
+#[actix_rt::test]
+async fn a_long_poll_of_a_call_accepted_here_answers_its_end_from_the_store_when_not_kept() {
+    let gw = gateway("gw-lp-here", |s| s.gateway.max_wait_s = 60).await;
+    let accept = |body: Vec<u8>| {
+        gw.post("slow")
+            .header("prefer", "respond-async")
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+    };
+    // A result of 100 KiB: its document is larger than the cache keeps.
+    let big = vec![b'x'; 100 * 1024];
+    let res = accept(big.clone()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    gw.gate.add_permits(1);
+    poll_until(Duration::from_secs(10), "the call ended", || async {
+        let doc = gw.json(&format!("/v1/calls/{id}")).await;
+        if doc["status"] == "succeeded" {
+            Ok(())
+        } else {
+            Err(doc["status"].to_string())
+        }
+    })
+    .await;
+    // Ended: a long-poll of 60 s answers at once (a client that gives up
+    // after 20 s fails the test).
+    let res = gw
+        .get(&format!("/v1/calls/{id}?wait=60"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .expect("the long-poll of an ended call answered at once");
+    let doc = json(res).await;
+    assert_eq!(doc["status"], "succeeded");
+    assert_eq!(doc["result"]["status"], 200);
+
+    // Ended through the store, not by this gateway: a long-poll of 2 s
+    // answers `cancelled` (from the store) when its wait runs out.
+    let res = accept(b"\"y\"".to_vec()).await.unwrap();
+    let id = json(res).await["id"].as_str().unwrap().to_owned();
+    let outside = switchboard::calls::CallStore::open(&gw.ctx.settings.gateway.store_url)
+        .await
+        .unwrap();
+    assert!(
+        outside
+            .complete(
+                &id,
+                switchboard::calls::CallStatus::Cancelled,
+                None,
+                switchboard::amqp::wire::now_ms() as i64,
+                None,
+            )
+            .await
+            .unwrap()
+    );
+    outside.close().await;
+    let doc = gw.json(&format!("/v1/calls/{id}?wait=2")).await;
+    assert_eq!(doc["status"], "cancelled");
+    assert_eq!(gw.gateway.as_ref().unwrap().call_watchers(), 0);
+    // The slow handler of the second call is let go.
+    gw.gate.add_permits(1);
+    gw.cleanup().await;
+}
