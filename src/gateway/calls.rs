@@ -766,6 +766,9 @@ pub(super) async fn cancel_call(
     let ended = || ApiError::Conflict(format!("call {id:?} has already ended"));
     let call = caller_call(&st, &caller, &id).await?;
     if call.status.is_terminal() {
+        // Its end event, if still owed (its gateway died before the
+        // confirm), goes out now; nothing when it is out already.
+        st.tracker.publish_owed_end(&id).await?;
         return Err(ended());
     }
     if !st.tracker.cancel(&id).await? {
