@@ -555,3 +555,73 @@ async fn a_call_cancelled_through_a_gateway_that_died_before_its_event_was_publi
     )
     .await;
 }
+
+/// A cancellation whose gateway died before its event's confirm, asked
+/// again by its caller through another gateway: the answer is `409` (the
+/// call has ended), and the owed `switchboard.call.cancelled` goes out
+/// with it, once; a third `DELETE` publishes no copy.
+#[actix_rt::test]
+async fn a_delete_of_a_cancelled_call_whose_event_is_owed_publishes_it_once() {
+    use switchboard::calls::{CallStatus, NewCall};
+
+    let gw = gateway("owed-delete", |_| {}).await;
+    let broker = gw.ctx.broker.clone();
+    let mut sub = lifecycle_subscriber(&broker).await;
+    // Cancelled through gateway D, which died before the event's confirm
+    // (alive in nobody's eyes: not adopted).
+    let store = switchboard::calls::CallStore::open(&gw.ctx.settings.gateway.store_url)
+        .await
+        .unwrap()
+        .for_instance(&format!("{}-dead", gw.ctx.prefix));
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store
+        .insert(&NewCall {
+            id: id.clone(),
+            caller: "anonymous".into(),
+            service: "echo".into(),
+            created_ms: now - 1000,
+            deadline_ms: now + 60_000,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: None,
+            callback_url: None,
+        })
+        .await
+        .unwrap();
+    store
+        .complete_plain(&id, CallStatus::Cancelled, None, now)
+        .await
+        .unwrap()
+        .expect("the call ends");
+
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let res = http
+            .delete(gw.url(&format!("/v1/calls/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 409);
+    }
+    let marker = call_202(&gw, 2).await;
+    let got = until_completed(&mut sub, &marker).await;
+    assert_eq!(
+        about(&got, &id),
+        [(
+            CANCELLED.to_string(),
+            switchboard::events::lifecycle_event_id(&id, CANCELLED)
+        )],
+        "{got:?}"
+    );
+    assert_eq!(about(&got, &marker), published_once(&marker));
+    assert_eq!(got.len(), 3, "{got:?}");
+
+    sub.stop().await;
+    store.close().await;
+    gw.cleanup().await;
+}
