@@ -228,6 +228,9 @@ async fn adopt(tracker: &Tracker, silent: &Silent, stats: &AdoptStats, cancel: &
     // Whether a message came since the last check: the queues' counts do
     // not include what is on its way to this consumer.
     let mut quiet = false;
+    // The end events the dead gateway owed (calls it expired or cancelled,
+    // their event not confirmed): published here before it is let go.
+    let mut owed_out = publish_owed(tracker, silent).await;
     loop {
         let Some(d) = drains.as_mut() else {
             tokio::select! {
@@ -285,8 +288,12 @@ async fn adopt(tracker: &Tracker, silent: &Silent, stats: &AdoptStats, cancel: &
                         continue;
                     }
                 }
+                if !owed_out {
+                    owed_out = publish_owed(tracker, silent).await;
+                }
                 let was_quiet = std::mem::replace(&mut quiet, true);
                 if was_quiet
+                    && owed_out
                     && drained(broker, silent).await
                     && let Some(d) = drains.take()
                 {
@@ -296,6 +303,25 @@ async fn adopt(tracker: &Tracker, silent: &Silent, stats: &AdoptStats, cancel: &
                     }
                 }
             }
+        }
+    }
+}
+
+/// Publishes the end events dead gateway `silent` owes
+/// ([`Tracker::publish_owed_ends`]); whether none is left.
+async fn publish_owed(tracker: &Tracker, silent: &Silent) -> bool {
+    match tracker
+        .publish_owed_ends(&silent.id, wire::now_ms() as i64 + 1)
+        .await
+    {
+        Ok(0) => true,
+        Ok(left) => {
+            warn!(dead = %silent.id, left, "end events owed by the adopted instance not all published yet");
+            false
+        }
+        Err(e) => {
+            warn!(dead = %silent.id, error = %e, "end events owed by the adopted instance not published");
+            false
         }
     }
 }

@@ -370,7 +370,7 @@ const COLUMNS: &str = "id, caller, service, status, created_ms, completed_ms, de
 
 /// Columns added after the first release, with their type: added to a
 /// store made before them when it opens.
-fn added_columns(backend: Backend) -> [(&'static str, &'static str); 6] {
+fn added_columns(backend: Backend) -> [(&'static str, &'static str); 7] {
     let real = match backend {
         Backend::Sqlite => "REAL",
         Backend::Postgres => "DOUBLE PRECISION",
@@ -386,6 +386,10 @@ fn added_columns(backend: Backend) -> [(&'static str, &'static str); 6] {
         // [`CallStore::claim_due_callbacks`]).
         ("lease_owner", "TEXT"),
         ("lease_until", "BIGINT"),
+        // The instance that ended the call in a way no message tells again
+        // (expired, cancelled) and has not yet seen its end event
+        // confirmed; NULL otherwise (see [`CallStore::owed_end_events`]).
+        ("end_event_pending", "TEXT"),
     ]
 }
 
@@ -446,9 +450,13 @@ fn schema(backend: Backend) -> Vec<String> {
 }
 
 /// Indexes on columns of [`added_columns`], made once they exist.
-const ADDED_INDEXES: [&str; 1] = [
+const ADDED_INDEXES: [&str; 2] = [
     // An instance's pending calls, counted before its adopter lets it go.
     "CREATE INDEX IF NOT EXISTS sb_calls_instance ON sb_calls (instance, status)",
+    // End events owed, by instance. Partial: a call stored or ended by a
+    // reply (NULL) adds no index entry.
+    "CREATE INDEX IF NOT EXISTS sb_calls_end_event_pending ON sb_calls (end_event_pending) \
+     WHERE end_event_pending IS NOT NULL",
 ];
 
 /// The PostgreSQL advisory lock key held while the schema is created
@@ -733,29 +741,37 @@ impl CallStore {
         completed_ms: i64,
         callback: Option<(&str, &[u8])>,
     ) -> Result<bool> {
-        let done = self
-            .batch
-            .execute(Stmt {
-                sql: "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
-                      result_content_type = $4, result_body = $5, \
-                      callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
-                      callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
-                      callback_event_id = $7, callback_body = $8 \
-                      WHERE id = $9 AND status = 'pending'",
-                args: vec![
-                    Arg::Text(Some(status.as_str().to_owned())),
-                    Arg::Int(Some(completed_ms)),
-                    Arg::Int(result.map(|r| i64::from(r.status))),
-                    Arg::Text(result.map(|r| r.content_type.clone())),
-                    Arg::Blob(result.map(|r| r.body.clone())),
-                    Arg::Text(Some(CallbackState::Pending.as_str().to_owned())),
-                    Arg::Text(callback.map(|c| c.0.to_owned())),
-                    Arg::Blob(callback.map(|c| c.1.to_vec())),
-                    Arg::Text(Some(id.to_owned())),
-                ],
-            })
-            .await
-            .map_err(db)?;
+        let owes = self.owes(status);
+        let sql = if owes.is_some() {
+            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+             result_content_type = $4, result_body = $5, \
+             callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
+             callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
+             callback_event_id = $7, callback_body = $8, end_event_pending = $10 \
+             WHERE id = $9 AND status = 'pending'"
+        } else {
+            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+             result_content_type = $4, result_body = $5, \
+             callback_state = CASE WHEN callback_url IS NULL THEN NULL ELSE $6 END, \
+             callback_next_ms = CASE WHEN callback_url IS NULL THEN NULL ELSE $2 END, \
+             callback_event_id = $7, callback_body = $8 \
+             WHERE id = $9 AND status = 'pending'"
+        };
+        let mut args = vec![
+            Arg::Text(Some(status.as_str().to_owned())),
+            Arg::Int(Some(completed_ms)),
+            Arg::Int(result.map(|r| i64::from(r.status))),
+            Arg::Text(result.map(|r| r.content_type.clone())),
+            Arg::Blob(result.map(|r| r.body.clone())),
+            Arg::Text(Some(CallbackState::Pending.as_str().to_owned())),
+            Arg::Text(callback.map(|c| c.0.to_owned())),
+            Arg::Blob(callback.map(|c| c.1.to_vec())),
+            Arg::Text(Some(id.to_owned())),
+        ];
+        if let Some(me) = owes {
+            args.push(Arg::Text(Some(me.to_owned())));
+        }
+        let done = self.batch.execute(Stmt { sql, args }).await.map_err(db)?;
         Ok(done == 1)
     }
 
@@ -771,25 +787,32 @@ impl CallStore {
         result: Option<StoredResult>,
         completed_ms: i64,
     ) -> Result<Option<CallRecord>> {
-        let row = self
-            .batch
-            .fetch(Stmt {
-                sql: "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
-                      result_content_type = $4, result_body = $5 \
-                      WHERE id = $6 AND status = 'pending' AND callback_url IS NULL \
-                      RETURNING id, caller, service, created_ms, deadline_ms, published, \
-                      idem_key, body_hash, traceparent, progress, progress_note, progress_ms",
-                args: vec![
-                    Arg::Text(Some(status.as_str().to_owned())),
-                    Arg::Int(Some(completed_ms)),
-                    Arg::Int(result.as_ref().map(|r| i64::from(r.status))),
-                    Arg::Text(result.as_ref().map(|r| r.content_type.clone())),
-                    Arg::Blob(result.as_ref().map(|r| r.body.clone())),
-                    Arg::Text(Some(id.to_owned())),
-                ],
-            })
-            .await
-            .map_err(db)?;
+        let owes = self.owes(status);
+        let sql = if owes.is_some() {
+            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+             result_content_type = $4, result_body = $5, end_event_pending = $7 \
+             WHERE id = $6 AND status = 'pending' AND callback_url IS NULL \
+             RETURNING id, caller, service, created_ms, deadline_ms, published, \
+             idem_key, body_hash, traceparent, progress, progress_note, progress_ms"
+        } else {
+            "UPDATE sb_calls SET status = $1, completed_ms = $2, result_status = $3, \
+             result_content_type = $4, result_body = $5 \
+             WHERE id = $6 AND status = 'pending' AND callback_url IS NULL \
+             RETURNING id, caller, service, created_ms, deadline_ms, published, \
+             idem_key, body_hash, traceparent, progress, progress_note, progress_ms"
+        };
+        let mut args = vec![
+            Arg::Text(Some(status.as_str().to_owned())),
+            Arg::Int(Some(completed_ms)),
+            Arg::Int(result.as_ref().map(|r| i64::from(r.status))),
+            Arg::Text(result.as_ref().map(|r| r.content_type.clone())),
+            Arg::Blob(result.as_ref().map(|r| r.body.clone())),
+            Arg::Text(Some(id.to_owned())),
+        ];
+        if let Some(me) = owes {
+            args.push(Arg::Text(Some(me.to_owned())));
+        }
+        let row = self.batch.fetch(Stmt { sql, args }).await.map_err(db)?;
         let Some(r) = row else {
             return Ok(None);
         };
@@ -822,6 +845,78 @@ impl CallStore {
             callback: None,
             progress,
         }))
+    }
+
+    /// The instance that owes the end event of a call ended with `status`,
+    /// if it owes one: an end that no message tells again (expired,
+    /// cancelled) is flagged with this handle's instance by the very
+    /// `UPDATE` that stores it (`end_event_pending`), until the event is
+    /// confirmed ([`CallStore::end_event_published`]). An end told by a
+    /// reply or a dead letter is not: its message is acked only after its
+    /// event, and it is the one written on the hot path.
+    fn owes(&self, status: CallStatus) -> Option<&str> {
+        match status {
+            CallStatus::Expired | CallStatus::Cancelled => self.instance(),
+            _ => None,
+        }
+    }
+
+    /// Ended calls whose end event instance `of` owes (flagged by
+    /// [`CallStore::complete`] or [`CallStore::complete_plain`], not
+    /// confirmed yet), ended before `ended_before_ms`, at most `limit`;
+    /// each with whether `of` also stored it (its `accepted` was `of`'s to
+    /// publish).
+    pub async fn owed_end_events(
+        &self,
+        of: &str,
+        ended_before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<(CallRecord, bool)>> {
+        let sql = format!(
+            "SELECT {COLUMNS}, instance FROM sb_calls WHERE end_event_pending = $1 \
+             AND completed_ms < $2 ORDER BY completed_ms LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(of)
+            .bind(ended_before_ms)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let stored_by = r.try_get::<Option<String>, _>("instance").map_err(db)?;
+                Ok((record(r)?, stored_by.as_deref() == Some(of)))
+            })
+            .collect()
+    }
+
+    /// Call `id` if its end event is owed (by any instance): see
+    /// [`CallStore::owed_end_events`].
+    pub async fn owed_end_event(&self, id: &str) -> Result<Option<CallRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM sb_calls WHERE id = $1 AND end_event_pending IS NOT NULL"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| record(&r)).transpose()
+    }
+
+    /// Records that call `id`'s end event was confirmed: nobody owes it
+    /// any more (a grouped write).
+    pub async fn end_event_published(&self, id: &str) -> Result<()> {
+        self.batch
+            .execute(Stmt {
+                sql: "UPDATE sb_calls SET end_event_pending = NULL \
+                      WHERE id = $1 AND end_event_pending IS NOT NULL",
+                args: vec![Arg::Text(Some(id.to_owned()))],
+            })
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     /// Records the latest progress of call `id` while it is pending;

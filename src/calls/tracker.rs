@@ -512,7 +512,7 @@ impl Tracker {
     /// from the stored call, with the id and time of the first
     /// ([`Tracker::lifecycle_event`]). After its `accepted`, if that is
     /// being published here.
-    async fn publish_end_again(&self, call: &CallRecord) {
+    async fn publish_end_again(&self, call: &CallRecord) -> bool {
         let doc = StatusDocument::of(call);
         let event = self.end_event(call.status == CallStatus::Cancelled, &doc, call);
         let event = self.inline_bounded(event, call);
@@ -524,9 +524,57 @@ impl Tracker {
                 .metrics()
                 .calls()
                 .end_event_republished(&call.service);
+            true
         } else {
             self.note_unpublished(&call.id);
+            false
         }
+    }
+
+    /// Publishes the end events that instance `of` owes (calls it ended in
+    /// a way no message tells again, expired or cancelled, and whose event
+    /// it did not see confirmed: [`CallStore::owed_end_events`]) of calls
+    /// ended before `ended_before_ms`, rebuilt from the stored calls (the
+    /// same id and time), each after the call's `accepted` when `of` stored
+    /// the call too (it may have died before that one's confirm); then
+    /// clears their flag. Run by the adopter of a dead gateway, by a
+    /// gateway at its start for its own instance id, and now and then by
+    /// a live gateway for its own ends whose publish failed. Returns how
+    /// many are still owed (their publish failed, or more than a round).
+    pub(crate) async fn publish_owed_ends(&self, of: &str, ended_before_ms: i64) -> Result<usize> {
+        let owed = self
+            .inner
+            .store
+            .owed_end_events(of, ended_before_ms, OWED_ROUND)
+            .await?;
+        let full = owed.len() as i64 >= OWED_ROUND;
+        let mut left = usize::from(full);
+        for (call, stored_here) in owed {
+            if stored_here && let Err(e) = self.publish_accepted_again(&call.id).await {
+                warn!(call_id = %call.id, error = %e, "accepted event of a call not published again");
+            }
+            if self.publish_end_again(&call).await {
+                self.inner.store.end_event_published(&call.id).await?;
+            } else {
+                left += 1;
+            }
+        }
+        Ok(left)
+    }
+
+    /// Publishes the end event of ended call `id` again if it is still
+    /// owed ([`CallStore::owed_end_events`]: its ender did not see it
+    /// confirmed), and clears that: a `DELETE` of a call that has ended
+    /// does so (its caller may ask again after a cancellation whose answer
+    /// it never got). Nothing when nobody owes it: repeated requests
+    /// publish no copies.
+    pub(crate) async fn publish_owed_end(&self, id: &str) -> Result<()> {
+        if let Some(call) = self.inner.store.owed_end_event(id).await?
+            && self.publish_end_again(&call).await
+        {
+            self.inner.store.end_event_published(id).await?;
+        }
+        Ok(())
     }
 
     /// Publishes the `accepted` event of stored call `id` again, as it was
@@ -618,8 +666,17 @@ impl Tracker {
         self.accepted_out(id).await;
         if !self.publish_event(&event).await {
             // Its reply (or dead letter) comes back if its ack is lost too:
-            // the event goes out then ([`Tracker::end`]).
+            // the event goes out then ([`Tracker::end`]); an end no message
+            // tells is flagged in the store ([`Tracker::publish_owed_ends`]).
             self.note_unpublished(id);
+        } else if matches!(call.status, CallStatus::Expired | CallStatus::Cancelled)
+            && self.inner.store.instance().is_some()
+        {
+            // Flagged by the end's `UPDATE` (no message tells it again):
+            // confirmed, nobody owes it any more.
+            if let Err(e) = self.inner.store.end_event_published(id).await {
+                warn!(call_id = %id, error = %e, "end event's flag not cleared; it may be published again");
+            }
         }
         self.wake_watchers(id);
         if call.callback.is_some()
@@ -773,6 +830,18 @@ impl Tracker {
     /// (nobody got a 202 for them) and returns how many calls are pending.
     pub(crate) async fn resume(&self) -> Result<usize> {
         self.drop_unsent().await?;
+        // Ends this instance id stored before this start (an earlier process,
+        // killed) whose events it did not see confirmed.
+        if let Some(me) = self.inner.store.instance().map(str::to_owned) {
+            match self.publish_owed_ends(&me, wire::now_ms() as i64 + 1).await {
+                Ok(0) => {}
+                Ok(left) => warn!(
+                    left,
+                    "end events owed by this instance not all published yet"
+                ),
+                Err(e) => warn!(error = %e, "end events owed by this instance not published"),
+            }
+        }
         let pending = self.inner.store.pending().await?;
         if let Some(cb) = &self.inner.callbacks {
             cb.wake();
@@ -835,6 +904,14 @@ impl Tracker {
                 if n % 60 == 1 {
                     if let Err(e) = tracker.drop_unsent().await {
                         warn!(error = %e, "unsent calls not dropped");
+                    }
+                    // Its own ends whose event's publish failed here.
+                    if let Some(me) = tracker.inner.store.instance().map(str::to_owned)
+                        && let Err(e) = tracker
+                            .publish_owed_ends(&me, now - OWED_GRACE.as_millis() as i64)
+                            .await
+                    {
+                        warn!(error = %e, "owed end events not published");
                     }
                     let before = now - retention.as_millis() as i64;
                     match tracker.inner.store.purge(before).await {
@@ -968,6 +1045,14 @@ impl Tracker {
         }
     }
 }
+
+/// End events owed by an instance published in one round
+/// ([`Tracker::publish_owed_ends`]).
+const OWED_ROUND: i64 = 1000;
+
+/// How long ago a live gateway's own end must have been stored for it to
+/// publish its owed event again: its first publish is over by then.
+const OWED_GRACE: Duration = Duration::from_secs(60);
 
 /// Calls whose end event failed to publish, remembered at most
 /// ([`Tracker::note_unpublished`]).

@@ -412,16 +412,16 @@ impl CallContext<'_> {
             .min(st.gateway.max_wait_s);
         let applied = self.prefs.wait.map(|_| format!("wait={wait}"));
         match pending
-            .wait_until(Instant::now() + Duration::from_secs(wait))
+            .wait_until_held(Instant::now() + Duration::from_secs(wait))
             .await
         {
             None => {
                 self.accept(pending, created_ms, stored_early, applied.as_deref())
                     .await
             }
-            Some(Ok(reply)) => {
-                self.count_answered(reply.status);
-                self.answer(reply, created_ms, stored_early, applied).await
+            Some(Ok(routed)) => {
+                self.count_answered(routed.reply().status);
+                self.answer(routed, created_ms, stored_early, applied).await
             }
             Some(Err(crate::Error::Timeout { .. })) => {
                 // The service's deadline passed within the wait.
@@ -517,7 +517,7 @@ impl CallContext<'_> {
     /// The reply came in time: answer with it.
     async fn answer(
         self,
-        reply: Reply,
+        routed: crate::rpc::Routed,
         created_ms: i64,
         stored_early: bool,
         applied: Option<String>,
@@ -525,10 +525,22 @@ impl CallContext<'_> {
         let st = self.st;
         if stored_early {
             // Kept so that a repeat with the same key gets the same answer.
-            st.tracker
-                .complete_answered(&self.call_id, Outcome::Reply(reply.clone()))
-                .await?;
-        } else if self.sync_events {
+            // The reply is acked only once its end is stored and its event
+            // published: a gateway killed in between leaves it in its reply
+            // queue, and whoever takes it again publishes the event (the
+            // same id); one the store failed to take goes back there too.
+            let reply = routed.reply().clone();
+            if let Err(e) = st
+                .tracker
+                .complete_answered(&self.call_id, Outcome::Reply(reply))
+                .await
+            {
+                routed.hand_back().await;
+                return Err(e.into());
+            }
+        }
+        let reply = routed.done();
+        if !stored_early && self.sync_events {
             self.publish_sync_events(&reply, created_ms).await;
         }
         tracing::info!(status = reply.status, "call answered");
@@ -774,6 +786,9 @@ pub(super) async fn cancel_call(
     let ended = || ApiError::Conflict(format!("call {id:?} has already ended"));
     let call = caller_call(&st, &caller, &id).await?;
     if call.status.is_terminal() {
+        // Its end event, if still owed (its gateway died before the
+        // confirm), goes out now; nothing when it is out already.
+        st.tracker.publish_owed_end(&id).await?;
         return Err(ended());
     }
     if !st.tracker.cancel(&id).await? {

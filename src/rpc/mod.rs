@@ -560,14 +560,25 @@ impl PendingReply {
     /// Waits for the reply until `until` or the call's deadline, whichever
     /// comes first; `None` when `until` came first and the call goes on.
     pub async fn wait_until(&mut self, until: Instant) -> Option<Result<Reply>> {
+        self.wait_until_held(until)
+            .await
+            .map(|r| r.map(Routed::done))
+    }
+
+    /// [`PendingReply::wait_until`], the reply not settled yet: the caller
+    /// settles it once it holds it for good ([`Routed::done`], or
+    /// [`Routed::hand_back`]), so that a process killed in between leaves
+    /// it in the reply queue (a synchronous call kept in the store: until
+    /// its end is stored and its event published).
+    pub async fn wait_until_held(&mut self, until: Instant) -> Option<Result<Routed>> {
         if until >= self.deadline {
-            return Some(self.wait_inner().await);
+            return Some(self.wait_held().await);
         }
         let rx = self.rx.as_mut()?;
         match tokio::time::timeout_at(until, rx).await {
             Ok(Ok(routed)) => {
                 self.rx = None;
-                Some(Ok(routed.done()))
+                Some(Ok(routed))
             }
             Ok(Err(_)) => {
                 self.rx = None;
@@ -624,13 +635,17 @@ impl PendingReply {
     }
 
     async fn wait_inner(&mut self) -> Result<Reply> {
+        self.wait_held().await.map(Routed::done)
+    }
+
+    async fn wait_held(&mut self) -> Result<Routed> {
         let Some(rx) = self.rx.as_mut() else {
             return Err(Error::RouterStopped);
         };
         match tokio::time::timeout_at(self.deadline, rx).await {
             Ok(Ok(routed)) => {
                 self.rx = None;
-                Ok(routed.done())
+                Ok(routed)
             }
             Ok(Err(_)) => {
                 self.rx = None;

@@ -491,3 +491,243 @@ async fn a_long_poll_on_the_accepting_gateway_answers_an_end_made_through_anothe
     broker_b.close().await;
     gw.cleanup().await;
 }
+
+const CANCELLED: &str = "switchboard.call.cancelled";
+
+/// The events `sub` gets until one of type `ty` about `call`, in order.
+async fn until_event(
+    sub: &mut switchboard::Subscription,
+    ty: &str,
+    call: &str,
+) -> Vec<switchboard::CloudEvent> {
+    let mut got = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no {ty} of {call} within 30 s; got {got:?}"))
+            .unwrap()
+            .unwrap();
+        let done = e.ty == ty && e.subject.as_deref() == Some(call);
+        got.push(e);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// Declares dead gateway `dead`'s two queues, records its row in the
+/// store and marks it gone at once: a live gateway adopts it.
+async fn declare_dead(
+    broker: &switchboard::Broker,
+    store: &switchboard::calls::CallStore,
+    dead: &str,
+) -> (String, String) {
+    use deadpool_lapin::lapin::options::QueueDeclareOptions;
+    use deadpool_lapin::lapin::types::FieldTable;
+    let names = broker.names();
+    let (reply_q, dead_q) = (names.reply_queue(dead), names.deadwatch_queue(dead));
+    let ch = broker.channel().await.unwrap();
+    for q in [&reply_q, &dead_q] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    store.heartbeat(&reply_q, &dead_q).await.unwrap();
+    store.mark_gone().await.unwrap();
+    (reply_q, dead_q)
+}
+
+/// A gateway that ended one of its calls in a way no message tells again
+/// (`status`: expired at its deadline, or cancelled) and was killed before
+/// the event's confirm: the store row says it owes that event
+/// (`end_event_pending`). The gateway that adopts it publishes the event
+/// once, with the id and time a live gateway gives it, then clears the
+/// flag: a second adoption of the same instance publishes nothing.
+async fn an_owed_end_event_is_published_by_the_adopter(
+    name: &str,
+    status: switchboard::calls::CallStatus,
+    ty: &str,
+) {
+    use switchboard::calls::NewCall;
+
+    let gw = gateway(name, |_| {}).await;
+    let broker = gw.ctx.broker.clone();
+    let mut sub = lifecycle_subscriber(&broker).await;
+
+    let dead = format!("{}-dead", gw.ctx.prefix);
+    let store = switchboard::calls::CallStore::open(&gw.ctx.settings.gateway.store_url)
+        .await
+        .unwrap()
+        .for_instance(&dead);
+    // A call of D's, ended by D (the tracker's own statement), its event
+    // never published.
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store
+        .insert(&NewCall {
+            id: id.clone(),
+            caller: "anonymous".into(),
+            service: "echo".into(),
+            created_ms: now - 2000,
+            deadline_ms: now - 1000,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: None,
+            callback_url: None,
+        })
+        .await
+        .unwrap();
+    store
+        .complete_plain(&id, status, None, now)
+        .await
+        .unwrap()
+        .expect("the call ends");
+    let (reply_q, dead_q) = declare_dead(&broker, &store, &dead).await;
+
+    let got = until_event(&mut sub, ty, &id).await;
+    let (accepted, end) = (
+        switchboard::events::lifecycle_event_id(&id, ACCEPTED),
+        switchboard::events::lifecycle_event_id(&id, ty),
+    );
+    assert_eq!(
+        about(&got, &id),
+        [(ACCEPTED.to_string(), accepted), (ty.to_string(), end)],
+        "D stored the call: its accepted event again, then its end, once each"
+    );
+    let event = got.last().unwrap();
+    assert_eq!(event.data.as_ref().unwrap()["status"], status.as_str());
+    assert_eq!(
+        event.time.map(|t| t.timestamp_millis()),
+        Some(now),
+        "the time the call ended"
+    );
+    let gone = || async {
+        queue_consumers(&broker, &reply_q).await.is_none()
+            && queue_consumers(&broker, &dead_q).await.is_none()
+    };
+    eventually(Duration::from_secs(30), "D's queues are deleted", gone).await;
+
+    // D seen again and gone again: adopted a second time, nothing owed.
+    declare_dead(&broker, &store, &dead).await;
+    eventually(
+        Duration::from_secs(30),
+        "D's queues are deleted again",
+        gone,
+    )
+    .await;
+    let marker = call_202(&gw, 2).await;
+    let rest = until_completed(&mut sub, &marker).await;
+    assert_eq!(about(&rest, &marker), published_once(&marker));
+    assert_eq!(rest.len(), 2, "events after the adoptions: {rest:?}");
+
+    sub.stop().await;
+    store.close().await;
+    let ch = broker.channel().await.unwrap();
+    for q in [&reply_q, &dead_q] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+    gw.cleanup().await;
+}
+
+#[actix_rt::test]
+async fn a_call_expired_by_a_gateway_that_died_before_its_event_was_published_gets_it_from_the_adopter()
+ {
+    an_owed_end_event_is_published_by_the_adopter(
+        "owed-expired",
+        switchboard::calls::CallStatus::Expired,
+        COMPLETED,
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn a_call_cancelled_through_a_gateway_that_died_before_its_event_was_published_gets_it_from_the_adopter()
+ {
+    an_owed_end_event_is_published_by_the_adopter(
+        "owed-cancelled",
+        switchboard::calls::CallStatus::Cancelled,
+        CANCELLED,
+    )
+    .await;
+}
+
+/// A cancellation whose gateway died before its event's confirm, asked
+/// again by its caller through another gateway: the answer is `409` (the
+/// call has ended), and the owed `switchboard.call.cancelled` goes out
+/// with it, once; a third `DELETE` publishes no copy.
+#[actix_rt::test]
+async fn a_delete_of_a_cancelled_call_whose_event_is_owed_publishes_it_once() {
+    use switchboard::calls::{CallStatus, NewCall};
+
+    let gw = gateway("owed-delete", |_| {}).await;
+    let broker = gw.ctx.broker.clone();
+    let mut sub = lifecycle_subscriber(&broker).await;
+    // Cancelled through gateway D, which died before the event's confirm
+    // (alive in nobody's eyes: not adopted).
+    let store = switchboard::calls::CallStore::open(&gw.ctx.settings.gateway.store_url)
+        .await
+        .unwrap()
+        .for_instance(&format!("{}-dead", gw.ctx.prefix));
+    let id = uuid::Uuid::now_v7().to_string();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store
+        .insert(&NewCall {
+            id: id.clone(),
+            caller: "anonymous".into(),
+            service: "echo".into(),
+            created_ms: now - 1000,
+            deadline_ms: now + 60_000,
+            published: true,
+            idem_key: None,
+            body_hash: None,
+            traceparent: None,
+            callback_url: None,
+        })
+        .await
+        .unwrap();
+    store
+        .complete_plain(&id, CallStatus::Cancelled, None, now)
+        .await
+        .unwrap()
+        .expect("the call ends");
+
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let res = http
+            .delete(gw.url(&format!("/v1/calls/{id}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status().as_u16(), 409);
+    }
+    let marker = call_202(&gw, 2).await;
+    let got = until_completed(&mut sub, &marker).await;
+    assert_eq!(
+        about(&got, &id),
+        [(
+            CANCELLED.to_string(),
+            switchboard::events::lifecycle_event_id(&id, CANCELLED)
+        )],
+        "{got:?}"
+    );
+    assert_eq!(about(&got, &marker), published_once(&marker));
+    assert_eq!(got.len(), 3, "{got:?}");
+
+    sub.stop().await;
+    store.close().await;
+    gw.cleanup().await;
+}

@@ -918,3 +918,112 @@ async fn the_adoptions_of_an_adopter_that_dies_are_claimed_again() {
         b.done().await;
     }
 }
+
+/// The URL of backend `b`'s store.
+fn url_of(b: &Backend) -> String {
+    match (&b.database, &b.dir) {
+        (Some(db), _) => db.url.clone(),
+        (None, Some(dir)) => format!("sqlite://{}/calls.db?mode=rwc", dir.path().display()),
+        (None, None) => unreachable!("every backend is a file or a database"),
+    }
+}
+
+/// An end that no message tells again (expired, cancelled) is flagged as
+/// owed by the instance that stored it, until its event is recorded as
+/// published; an end by a reply is not; a store made before the flag's
+/// column gets it when it opens, its calls kept.
+#[actix_rt::test]
+async fn an_end_no_message_tells_again_is_owed_by_its_instance_until_published() {
+    for b in backends().await {
+        let p = prefix("owed");
+        // A store as made before the column: dropped, with its index.
+        sqlx::any::install_default_drivers();
+        let raw = sqlx::AnyPool::connect(&url_of(&b)).await.unwrap();
+        sqlx::query("DROP INDEX IF EXISTS sb_calls_end_event_pending")
+            .execute(&raw)
+            .await
+            .unwrap();
+        sqlx::query("ALTER TABLE sb_calls DROP COLUMN end_event_pending")
+            .execute(&raw)
+            .await
+            .unwrap();
+        let old = call(&format!("{p}-old"), "c", 1, 10_000);
+        insert_new(&b.store, &old).await;
+        raw.close().await;
+        let me = format!("{p}-a");
+        let store = same_store(&b).await.for_instance(&me);
+        assert_eq!(
+            store.get(&old.id).await.unwrap().unwrap().status,
+            CallStatus::Pending,
+            "{}: the older store's call is kept",
+            b.name
+        );
+
+        let ids: Vec<String> = (0..4).map(|i| format!("{p}-{i}")).collect();
+        for id in &ids {
+            insert_new(&store, &call(id, "c", 1, 10_000)).await;
+        }
+        store
+            .complete_plain(&ids[0], CallStatus::Expired, None, 100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .complete(&ids[1], CallStatus::Cancelled, None, 200, None)
+                .await
+                .unwrap()
+        );
+        store
+            .complete_plain(&ids[2], CallStatus::Succeeded, Some(reply(b"{}")), 300)
+            .await
+            .unwrap()
+            .unwrap();
+        // Without an instance (a tool): nobody to owe it.
+        b.store
+            .complete_plain(&ids[3], CallStatus::Expired, None, 400)
+            .await
+            .unwrap()
+            .unwrap();
+        let owed = |before| {
+            let store = store.clone();
+            let me = me.clone();
+            async move {
+                store
+                    .owed_end_events(&me, before, 100)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|(c, stored_here)| (c.id, c.status, stored_here))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            owed(1000).await,
+            [
+                (ids[0].clone(), CallStatus::Expired, true),
+                (ids[1].clone(), CallStatus::Cancelled, true)
+            ],
+            "{}",
+            b.name
+        );
+        assert_eq!(owed(150).await.len(), 1, "{}: ended before", b.name);
+        assert!(
+            store
+                .owed_end_events("another", 1000, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.owed_end_event(&ids[1]).await.unwrap().is_some());
+        assert!(store.owed_end_event(&ids[2]).await.unwrap().is_none());
+
+        store.end_event_published(&ids[1]).await.unwrap();
+        assert_eq!(owed(1000).await.len(), 1, "{}", b.name);
+        assert!(store.owed_end_event(&ids[1]).await.unwrap().is_none());
+        store.end_event_published(&ids[0]).await.unwrap();
+        assert!(owed(1000).await.is_empty(), "{}", b.name);
+        store.close().await;
+        b.done().await;
+    }
+}
