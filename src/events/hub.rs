@@ -89,7 +89,7 @@ use crate::error::Result;
 pub const PREFETCH: u16 = 256;
 
 /// The least number of lifecycle event ids a hub remembers to drop copies
-/// ([`RecentIds`]); more with a longer history.
+/// (`RecentIds`); more with a longer history.
 pub const RECENT_IDS_MIN: usize = 4096;
 
 /// How often sessions whose receiver is gone are swept out, so that a client
@@ -321,7 +321,7 @@ pub struct HubStats {
     /// position the history did not cover), opened so far.
     pub log_readers: AtomicU64,
     /// Call lifecycle events dropped as copies of one relayed a moment
-    /// before (the same CloudEvent id, [`RecentIds`]).
+    /// before (the same CloudEvent id, `RecentIds`).
     pub duplicates: AtomicU64,
     /// The hub's consumer: whether it consumes now, since when it does not,
     /// how often it came back.
