@@ -210,8 +210,9 @@ impl AckBatch {
     }
 
     /// Asks for the ack of `tag`, written at the end of this turn by a
-    /// flush task (spawned once per batch of acks). False when the batch
-    /// does not know the tag: the caller acks it itself.
+    /// flush task (spawned once per batch of acks; outside a Tokio runtime,
+    /// written at once). False when the batch does not know the tag: the
+    /// caller acks it itself.
     pub(crate) fn ack(self: &Arc<Self>, tag: u64) -> bool {
         let mut s = self.lock();
         if !s.finish(tag) {
@@ -221,11 +222,16 @@ impl AckBatch {
             s.flushing = true;
             drop(s);
             let batch = self.clone();
-            tokio::spawn(async move {
+            let flush = move || {
                 if let Err(e) = batch.flush() {
                     warn!(error = %e, "could not write acks");
                 }
-            });
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(async move { flush() })),
+                // Outside a runtime: nothing to wait for, written now.
+                Err(_) => flush(),
+            }
         }
         true
     }
