@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use deadpool_lapin::lapin::{Channel, options::BasicAckOptions};
 use futures_util::FutureExt;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 
@@ -57,6 +57,21 @@ impl std::fmt::Debug for AckBatch {
             .field("outstanding", &s.outstanding.len())
             .field("finished", &s.finished)
             .finish()
+    }
+}
+
+impl Drop for AckBatch {
+    fn drop(&mut self) {
+        let s = self.lock();
+        if s.counts.acks > 0 {
+            debug!(
+                channel = self.channel.id(),
+                acks = s.counts.acks,
+                frames = s.counts.frames,
+                multiples = s.counts.multiples,
+                "acks of a channel written"
+            );
+        }
     }
 }
 
