@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use super::wire;
+use super::{AckBatch, wire};
 use crate::error::{Error, Result};
 
 /// The longest a settlement may wait for lapin to take it. On a healthy
@@ -58,6 +58,9 @@ pub struct InFlight {
     delivery: Delivery,
     /// The channel it came on, when its holder said so ([`InFlight::on`]).
     channel: Option<Arc<Channel>>,
+    /// The acks of that channel's deliveries, when its holder batches them
+    /// ([`InFlight::batched`]).
+    batch: Option<Arc<AckBatch>>,
 }
 
 impl InFlight {
@@ -66,7 +69,33 @@ impl InFlight {
         Self {
             delivery,
             channel: None,
+            batch: None,
         }
+    }
+
+    /// Tells `batch` (of the channel the delivery came on, which it must
+    /// be) of the delivery: [`InFlight::ack_now`] then asks the batch for
+    /// its ack, written at the end of the turn with the others finished
+    /// in it, and its other settlements tell the batch once written (so
+    /// that no multiple ack covers it before). Every delivery of the
+    /// channel must be told to the batch, from its first, for multiples
+    /// to be used ([`AckBatch`]).
+    pub fn batched(mut self, batch: &Arc<AckBatch>) -> Self {
+        batch.register(self.delivery.delivery_tag);
+        self.channel = Some(batch.channel().clone());
+        self.batch = Some(batch.clone());
+        self
+    }
+
+    /// After a settlement other than a batched ack: tells the batch, when
+    /// written, that the delivery no longer holds back multiples. One that
+    /// failed (or timed out: its frame may still be on its way) stays a
+    /// hole in the batch.
+    fn told(batch: Option<Arc<AckBatch>>, tag: u64, settled: Result<()>) -> Result<()> {
+        if let (Some(batch), Ok(())) = (batch, &settled) {
+            batch.settled(tag);
+        }
+        settled
     }
 
     /// Says which channel the delivery came on (the consumer's, which must
@@ -104,7 +133,8 @@ impl InFlight {
     /// Done: the broker forgets the message.
     pub async fn ack(self) -> Result<()> {
         let acker = &self.delivery.acker;
-        bounded("ack", acker.ack(BasicAckOptions { multiple: false })).await
+        let acked = bounded("ack", acker.ack(BasicAckOptions { multiple: false })).await;
+        Self::told(self.batch, self.delivery.delivery_tag, acked)
     }
 
     /// Done, without waiting: the ack is handed to lapin at once (as the
@@ -122,8 +152,17 @@ impl InFlight {
     /// its connection's internal task, which spawns a task that queues the
     /// frame: a task, a queue hop and a second wake-up of the I/O thread
     /// per ack (docs/BENCHMARKS.md, "Library calls: acks on the delivery's channel").
+    ///
+    /// Batched ([`InFlight::batched`]), the ack is written by the batch at
+    /// the end of the turn, with those of the channel's other deliveries
+    /// finished in it (one `multiple` frame for a contiguous run).
     pub fn ack_now(self) -> Result<()> {
         use futures_util::FutureExt;
+        if let Some(batch) = &self.batch
+            && batch.ack(self.delivery.delivery_tag)
+        {
+            return Ok(());
+        }
         if let Some(channel) = &self.channel {
             if !channel.status().connected() {
                 return Ok(());
@@ -153,6 +192,8 @@ impl InFlight {
     /// writing is kept to be awaited later ([`HandedAcks`]) when it has not
     /// finished already: for a consumer whose acks must be on the wire
     /// before it closes its channel. One allocation, no task or timer.
+    /// Not for batched deliveries: the batch is not told (the delivery
+    /// stays a hole in it).
     pub(crate) fn ack_handed(self) -> Result<Option<HandedAck>> {
         let acker = self.delivery.acker;
         let mut ack = HandedAck(Box::pin(async move {
@@ -177,7 +218,8 @@ impl InFlight {
             multiple: false,
             requeue: true,
         };
-        bounded("nack", self.delivery.acker.nack(nack)).await
+        let nacked = bounded("nack", self.delivery.acker.nack(nack)).await;
+        Self::told(self.batch, self.delivery.delivery_tag, nacked)
     }
 
     /// Processing failed (the handler panicked or failed transiently): sent
@@ -186,13 +228,15 @@ impl InFlight {
     /// fails ends in the dead-letter queue instead of looping.
     pub async fn retry(self) -> Result<()> {
         let reject = BasicRejectOptions { requeue: true };
-        bounded("reject", self.delivery.acker.reject(reject)).await
+        let rejected = bounded("reject", self.delivery.acker.reject(reject)).await;
+        Self::told(self.batch, self.delivery.delivery_tag, rejected)
     }
 
     /// Given up: the broker dead-letters it to the queue's dead-letter exchange.
     pub async fn dead_letter(self) -> Result<()> {
         let reject = BasicRejectOptions { requeue: false };
-        bounded("reject", self.delivery.acker.reject(reject)).await
+        let rejected = bounded("reject", self.delivery.acker.reject(reject)).await;
+        Self::told(self.batch, self.delivery.delivery_tag, rejected)
     }
 }
 

@@ -9,10 +9,13 @@
 //!   (rustls) for `amqps://`, never plain text for `amqps://`.
 //! - [`topology`]: idempotent declaration of exchanges and queues.
 //! - `delivery`: [`InFlight`], a delivery that is acked or rejected exactly once.
+//! - `acks`: [`AckBatch`], the acks of one channel's deliveries written at
+//!   the end of a turn, a contiguous run as one `multiple` ack.
 //! - [`consumer`]: supervised consumers (prefetch, acks, reconnect with
 //!   backoff, a watchdog, liveness for readiness and metrics), the one way
 //!   every part consumes.
 
+pub(crate) mod acks;
 pub(crate) mod broker;
 mod connector;
 pub mod consumer;
@@ -21,6 +24,7 @@ pub(crate) mod metrics;
 pub mod topology;
 pub mod wire;
 
+pub use acks::{AckBatch, AckCounts};
 pub use broker::{Broker, Outgoing};
 pub use connector::TlsError;
 pub use consumer::{ConsumerSpec, Supervisor};

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::amqp::consumer::{ActorConsumer, Consumes, Event, Link, settle};
 use crate::amqp::delivery::SETTLE_TIMEOUT;
-use crate::amqp::{InFlight, wire};
+use crate::amqp::{AckBatch, InFlight, wire};
 use crate::error::Error;
 use crate::message::Reply;
 use crate::settings::ReplyMode;
@@ -365,6 +365,9 @@ pub struct ReplyRouter {
     slot: ChannelSlot,
     /// Replies being settled (offered to the sink, quarantined).
     settling: Settling,
+    /// The acks of the current channel's replies, written at the end of a
+    /// turn of whoever acks them (a contiguous run as one `multiple` ack).
+    acks: Option<Arc<AckBatch>>,
 }
 
 impl ReplyRouter {
@@ -389,6 +392,7 @@ impl ReplyRouter {
             consumer,
             slot,
             settling: Settling::default(),
+            acks: None,
         }
     }
 
@@ -471,6 +475,21 @@ impl ReplyRouter {
                 delivery,
             )),
         }
+    }
+}
+
+impl ReplyRouter {
+    /// A delivery to settle (consumed with acks): told to the ack batch of
+    /// the channel it came on (a new batch for a new channel), so that its
+    /// ack is written with the others of the same turn.
+    fn inflight(&mut self, delivery: Delivery) -> InFlight {
+        let Some(channel) = self.consumer.link().map(|l| l.shared_channel().clone()) else {
+            return InFlight::new(delivery);
+        };
+        if !self.acks.as_ref().is_some_and(|b| b.is_for(&channel)) {
+            self.acks = Some(AckBatch::new(channel));
+        }
+        InFlight::new(delivery).batched(self.acks.as_ref().expect("set above"))
     }
 }
 
@@ -573,7 +592,7 @@ impl StreamHandler<Event> for ReplyRouter {
                 return;
             }
             let supervisor = self.consumer.supervisor().clone();
-            let inflight = InFlight::new(delivery);
+            let inflight = self.inflight(delivery);
             let settling = self.settling.start();
             ctx.spawn(
                 async move {
@@ -588,7 +607,7 @@ impl StreamHandler<Event> for ReplyRouter {
         };
         if let Some(fraction) = wire::progress_of(&delivery.properties) {
             let note = wire::progress_note(&delivery.data);
-            let inflight = (!self.no_ack).then(|| InFlight::new(delivery));
+            let inflight = (!self.no_ack).then(|| self.inflight(delivery));
             let Ok(fraction) = fraction else {
                 // A report that says nothing: dropped, never a reply.
                 warn!(call_id = %id, "progress report with a malformed x-sb-progress dropped");
@@ -608,9 +627,9 @@ impl StreamHandler<Event> for ReplyRouter {
         }
         let body = Bytes::from(std::mem::take(&mut delivery.data));
         let reply = to_reply(&delivery, body, &id);
-        // Acked on the channel it came on (InFlight::ack_now).
-        let channel = self.consumer.link().map(|l| l.shared_channel());
-        let inflight = (!self.no_ack).then(|| InFlight::new(delivery).on(channel));
+        // Acked on the channel it came on (InFlight::ack_now), by its ack
+        // batch.
+        let inflight = (!self.no_ack).then(|| self.inflight(delivery));
         // Routed: its caller settles it once it holds the reply for good.
         let Some((orphan, inflight)) = self.route(id, reply, inflight) else {
             return;
@@ -753,8 +772,13 @@ impl Handler<Close> for ReplyRouter {
         self.slot.set(None);
         let link = ActorConsumer::stop(self, ctx);
         let settling = self.settling.clone();
+        let acks = self.acks.clone();
         Box::pin(async move {
             settling.idle(SETTLE_TIMEOUT).await;
+            if let Some(acks) = acks {
+                // Acks asked for in this turn, written before the close.
+                settle(acks.flush());
+            }
             if let Some(link) = link {
                 link.stop("shutdown").await;
             }

@@ -49,7 +49,8 @@ use crate::amqp::consumer::{
     ActorConsumer, ConsumerStatus, Consumes, Declare, Event, Keeper, settle,
 };
 use crate::amqp::{
-    Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology, wire,
+    AckBatch, Broker, ConsumerSpec, InFlight, Outgoing, Supervisor, broker::publish_on, topology,
+    wire,
 };
 use crate::error::{Error, Result};
 use crate::settings::{QueueType, ServiceSettings};
@@ -225,6 +226,9 @@ pub struct Worker {
     stream_done: bool,
     /// Who waits for the drain to end.
     drained: Vec<oneshot::Sender<()>>,
+    /// The acks of the current channel's deliveries, written at the end of
+    /// each turn (a contiguous run as one `multiple` ack).
+    acks: Option<Arc<AckBatch>>,
 }
 
 impl Actor for Worker {
@@ -347,15 +351,31 @@ impl Worker {
                 draining: false,
                 stream_done: false,
                 drained: Vec::new(),
+                acks: None,
             }
             .start()
         });
         Ok(WorkerHandle { keeper, stats })
     }
 
+    /// The ack batch of `channel`: a new one for a new channel (the tags
+    /// of the last one's deliveries are not this one's).
+    fn ack_batch(&mut self, channel: &Arc<lapin::Channel>) -> &Arc<AckBatch> {
+        if !self.acks.as_ref().is_some_and(|b| b.is_for(channel)) {
+            self.acks = Some(AckBatch::new(channel.clone()));
+        }
+        self.acks.as_ref().expect("set above")
+    }
+
     /// Settles what waited for `key` and remembers it when answered.
     fn finish(&mut self, key: Option<String>, outcome: Outcome) {
         self.in_flight -= 1;
+        if self.draining
+            && let Some(acks) = &self.acks
+        {
+            // The channel closes once the drain ends: acks written first.
+            settle(acks.flush());
+        }
         if let Some(key) = key {
             let parked = self.dedup.running.remove(&key).unwrap_or_default();
             let answered = matches!(outcome, Outcome::Answered);
@@ -414,9 +434,15 @@ impl StreamHandler<Event> for Worker {
             stats.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         // The channel it came on: its reply is published there, and its
-        // ack written there directly (InFlight::ack_now).
+        // ack written there directly (InFlight::ack_now), by the channel's
+        // ack batch.
         let channel = self.consumer.link().map(|l| l.shared_channel().clone());
-        let inflight = InFlight::new(delivery).on(channel.as_ref());
+        let mut inflight = InFlight::new(delivery).on(channel.as_ref());
+        if let Some(channel) = &channel {
+            // Its ack written at the end of the turn, with the others
+            // finished in it (AckBatch).
+            inflight = inflight.batched(self.ack_batch(channel));
+        }
         if self.draining {
             // Taken before the cancel reached the broker: back to the queue,
             // unprocessed, for another worker. In flight until the nack is

@@ -1017,3 +1017,150 @@ async fn acks_written_on_the_delivery_channel_settle_exactly_the_acked_messages(
         .await;
     c.cleanup(&[]).await;
 }
+
+/// Acks batched per channel (`AckBatch`, issue 14), with deliveries
+/// finishing out of order, one handed back while its nack is not written
+/// yet and two never finished: a contiguous run of finished deliveries
+/// from the lowest unsettled one is acked with one `multiple` frame, the
+/// others singly in the same flush, and exactly the finished deliveries
+/// are settled: once the consumer is gone, the nacked and the unfinished
+/// ones are back, and only they. A multiple acking past a delivery not
+/// finished (or past the nack not yet written) would lose it here.
+#[actix_rt::test]
+async fn batched_acks_settle_exactly_the_finished_deliveries() {
+    use futures_util::StreamExt;
+    use switchboard::amqp::{AckBatch, AckCounts};
+    let c = ctx("batch-ack").await;
+    let queue = format!("{}.directack", c.broker.names().prefix());
+    let ch = c.broker.channel().await.unwrap();
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..30 {
+        let body = i.to_string();
+        c.broker
+            .publish(Outgoing {
+                exchange: "",
+                routing_key: &queue,
+                payload: body.as_bytes(),
+                properties: Default::default(),
+                mandatory: true,
+            })
+            .await
+            .unwrap();
+    }
+    let supervisor = Supervisor::new(
+        &c.broker,
+        ConsumerSpec {
+            name: "batchack".into(),
+            tag: "batchack".into(),
+            prefetch: Some(50),
+            confirm: false,
+        },
+        DirectAckQueue,
+    );
+    let mut link = supervisor.open().await.unwrap();
+    let mut deliveries = link.take_deliveries().unwrap();
+    let batch = AckBatch::new(link.shared_channel().clone());
+    let mut held: Vec<Option<InFlight>> = (0..30).map(|_| None).collect();
+    for _ in 0..30 {
+        let event = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("30 deliveries within 10 s");
+        let Some(Event::Delivery(d)) = event else {
+            panic!("the consumer was lost");
+        };
+        let n: usize = std::str::from_utf8(&d.data).unwrap().parse().unwrap();
+        held[n] = Some(InFlight::new(d).batched(&batch));
+    }
+    fn finish(held: &mut [Option<InFlight>], ns: impl IntoIterator<Item = usize>) {
+        for n in ns {
+            held[n].take().unwrap().ack_now().unwrap();
+        }
+    }
+    // Out of order, 3 still running: 0 to 2 are one multiple, 4 to 7
+    // singles, written by the batch's own flush at the end of the turn.
+    finish(&mut held, [7, 6, 5, 4, 2, 1, 0]);
+    eventually(Duration::from_secs(10), "the acks flushed", || {
+        let pending = batch.pending();
+        async move { pending == 0 }
+    })
+    .await;
+    assert_eq!(
+        batch.counts(),
+        AckCounts {
+            acks: 7,
+            frames: 5,
+            multiples: 1
+        }
+    );
+    // 9 is handed back, its nack not written yet (the future not polled):
+    // a hole. 3 and 8 finish (one multiple: 4 to 7 are settled), and every
+    // other but 17 and 29 (never finished) singly, out of order.
+    let nack = held[9].take().unwrap().hand_back();
+    let (n17, n29) = (held[17].take().unwrap(), held[29].take().unwrap());
+    finish(
+        &mut held,
+        [3, 8]
+            .into_iter()
+            .chain((18..29).rev())
+            .chain((10..17).rev()),
+    );
+    eventually(Duration::from_secs(10), "the acks flushed", || {
+        let pending = batch.pending();
+        async move { pending == 0 }
+    })
+    .await;
+    assert_eq!(
+        batch.counts(),
+        AckCounts {
+            acks: 27,
+            frames: 24,
+            multiples: 2
+        }
+    );
+    nack.await.unwrap();
+    // A round trip on the channel: every frame before it was taken (an ack
+    // of a tag already acked would have closed the channel).
+    link.shared_channel()
+        .basic_qos(50, Default::default())
+        .await
+        .expect("the channel still open after the acks");
+    drop(n29);
+    link.stop("test").await;
+    // Finished after the channel closed: no error (it goes back anyway).
+    n17.ack_now().unwrap();
+    batch.flush().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the unsettled messages back",
+        || {
+            let (broker, queue) = (c.broker.clone(), queue.clone());
+            async move { depth(&broker, &queue).await == 3 }
+        },
+    )
+    .await;
+    let mut back: Vec<u32> = drain_queue(&c.broker, &queue)
+        .await
+        .iter()
+        .map(|m| {
+            std::str::from_utf8(&m.delivery.data)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    back.sort_unstable();
+    assert_eq!(back, [9, 17, 29]);
+    let _ = ch
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    c.cleanup(&[]).await;
+}
