@@ -271,22 +271,50 @@ impl std::fmt::Debug for HandedAck {
 /// I/O loop through a queue and a task of its own, so a close issued right
 /// after an ack can reach the broker first, and the acked message comes
 /// back to the queue for the next consumer. No task or timer per ack:
-/// those already written are pruned as the next is handed over (a poll
-/// each), so it holds about one; at most the prefetch, as the broker sends
-/// no more than that while acks are not out.
+/// those already written are pruned from the oldest as the next is handed
+/// over, up to the first still on its way (lapin writes them in the order
+/// they were handed over), so each ack costs a poll or two however many
+/// are on their way. When lapin's I/O loop falls behind, a saturated
+/// subscriber holds up to its prefetch of them: polling every one on each
+/// ack made each ack cost O(prefetch) polls (a lapin promise poll
+/// registers a listener), the subscriber's thread then spending several
+/// times the CPU of the run per event (docs/BENCHMARKS.md, "Events: a
+/// subscriber's acks on their way"). A full prune runs only past
+/// [`HANDED_ACKS_PRUNE_ALL`], should an older ack stay on its way while
+/// newer ones are written.
 #[derive(Debug, Default)]
 pub(crate) struct HandedAcks {
-    pending: Vec<HandedAck>,
+    pending: std::collections::VecDeque<HandedAck>,
 }
+
+/// Acks on their way past which [`HandedAcks`] polls all of them, not only
+/// the oldest: a bound on what it holds, should an old one stay pending.
+const HANDED_ACKS_PRUNE_ALL: usize = 4096;
 
 impl HandedAcks {
     /// Hands `inflight`'s ack to lapin and keeps it while it is on its way.
     pub(crate) fn ack(&mut self, inflight: InFlight) -> Result<()> {
-        self.pending.retain_mut(|a| a.poll_now().is_none());
+        self.prune();
         if let Some(on_its_way) = inflight.ack_handed()? {
-            self.pending.push(on_its_way);
+            self.pending.push_back(on_its_way);
         }
         Ok(())
+    }
+
+    /// Drops the acks written already: from the oldest up to the first
+    /// still on its way; all of them once more than
+    /// [`HANDED_ACKS_PRUNE_ALL`] are held.
+    fn prune(&mut self) {
+        if self.pending.len() >= HANDED_ACKS_PRUNE_ALL {
+            self.pending.retain_mut(|a| a.poll_now().is_none());
+            return;
+        }
+        while let Some(oldest) = self.pending.front_mut() {
+            if oldest.poll_now().is_none() {
+                break;
+            }
+            self.pending.pop_front();
+        }
     }
 
     /// Forgets the acks on their way: their channel is gone (its
