@@ -175,6 +175,23 @@ pub struct CallbackRecord {
     pub history: Vec<AttemptRecord>,
 }
 
+impl CallbackRecord {
+    /// A callback to `url` not yet attempted: how a call's callback is
+    /// stored when the call is accepted.
+    pub(crate) fn waiting(url: String) -> Self {
+        Self {
+            url,
+            state: CallbackState::Waiting,
+            attempts: 0,
+            next_ms: None,
+            last_error: None,
+            event_id: None,
+            body: None,
+            history: Vec::new(),
+        }
+    }
+}
+
 /// How many of a callback's attempts [`CallStore::get`] reads back.
 pub const MAX_ATTEMPTS_SHOWN: i64 = 100;
 
@@ -283,16 +300,7 @@ impl NewCall {
             body_hash: self.body_hash.clone(),
             traceparent: self.traceparent.clone(),
             result: None,
-            callback: self.callback_url.as_ref().map(|url| CallbackRecord {
-                url: url.clone(),
-                state: CallbackState::Waiting,
-                attempts: 0,
-                next_ms: None,
-                last_error: None,
-                event_id: None,
-                body: None,
-                history: Vec::new(),
-            }),
+            callback: self.callback_url.clone().map(CallbackRecord::waiting),
             progress: None,
         }
     }

@@ -591,16 +591,7 @@ impl Tracker {
         call.result = None;
         call.progress = None;
         if let Some(cb) = call.callback.as_mut() {
-            *cb = crate::calls::CallbackRecord {
-                url: std::mem::take(&mut cb.url),
-                state: crate::calls::CallbackState::Waiting,
-                attempts: 0,
-                next_ms: None,
-                last_error: None,
-                event_id: None,
-                body: None,
-                history: Vec::new(),
-            };
+            *cb = crate::calls::CallbackRecord::waiting(std::mem::take(&mut cb.url));
         }
         let doc = StatusDocument::of(&call);
         let event = self.lifecycle_event(

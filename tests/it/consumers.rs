@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use deadpool_lapin::lapin::{
-    BasicProperties, Connection,
+    BasicProperties, Channel, Connection,
     options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
 };
@@ -45,7 +45,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{ctx, ctx_with, eventually, gateway, poll_until};
+use crate::common::{Ctx, ctx, ctx_with, eventually, gateway, poll_until};
 use crate::metrics::scrape_until;
 
 /// How long recovery may take: a wedge is noticed within two checks (300 ms
@@ -922,15 +922,9 @@ impl Declare for DirectAckQueue {
     }
 }
 
-/// `InFlight::ack_now` on the channel a delivery came on (`InFlight::on`,
-/// as the worker and the reply router ack) writes the ack there directly:
-/// the acked messages are gone once the consumer's connection is closed
-/// right after, the others come back; and acking on a channel already
-/// closed is no error (its delivery went back to the queue).
-#[actix_rt::test]
-async fn acks_written_on_the_delivery_channel_settle_exactly_the_acked_messages() {
-    use futures_util::StreamExt;
-    let c = ctx("direct-ack").await;
+/// A durable queue `<prefix>.directack` holding `n` messages whose bodies
+/// are `0` to `n - 1`, and a channel to delete it with.
+async fn numbered_messages(c: &Ctx, n: u32) -> (String, Channel) {
     let queue = format!("{}.directack", c.broker.names().prefix());
     let ch = c.broker.channel().await.unwrap();
     ch.queue_declare(
@@ -943,7 +937,7 @@ async fn acks_written_on_the_delivery_channel_settle_exactly_the_acked_messages(
     )
     .await
     .unwrap();
-    for i in 0..20 {
+    for i in 0..n {
         let body = i.to_string();
         c.broker
             .publish(Outgoing {
@@ -956,6 +950,19 @@ async fn acks_written_on_the_delivery_channel_settle_exactly_the_acked_messages(
             .await
             .unwrap();
     }
+    (queue, ch)
+}
+
+/// `InFlight::ack_now` on the channel a delivery came on (`InFlight::on`,
+/// as the worker and the reply router ack) writes the ack there directly:
+/// the acked messages are gone once the consumer's connection is closed
+/// right after, the others come back; and acking on a channel already
+/// closed is no error (its delivery went back to the queue).
+#[actix_rt::test]
+async fn acks_written_on_the_delivery_channel_settle_exactly_the_acked_messages() {
+    use futures_util::StreamExt;
+    let c = ctx("direct-ack").await;
+    let (queue, ch) = numbered_messages(&c, 20).await;
     let supervisor = Supervisor::new(
         &c.broker,
         ConsumerSpec {
@@ -1031,31 +1038,7 @@ async fn batched_acks_settle_exactly_the_finished_deliveries() {
     use futures_util::StreamExt;
     use switchboard::amqp::{AckBatch, AckCounts};
     let c = ctx("batch-ack").await;
-    let queue = format!("{}.directack", c.broker.names().prefix());
-    let ch = c.broker.channel().await.unwrap();
-    ch.queue_declare(
-        queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    for i in 0..30 {
-        let body = i.to_string();
-        c.broker
-            .publish(Outgoing {
-                exchange: "",
-                routing_key: &queue,
-                payload: body.as_bytes(),
-                properties: Default::default(),
-                mandatory: true,
-            })
-            .await
-            .unwrap();
-    }
+    let (queue, ch) = numbered_messages(&c, 30).await;
     let supervisor = Supervisor::new(
         &c.broker,
         ConsumerSpec {
