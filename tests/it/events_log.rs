@@ -352,15 +352,20 @@ async fn the_hub_misses_nothing_while_its_connection_comes_back() {
         .await
         .unwrap()
         .unwrap();
-    // The management API lists new connections with some delay: close them
-    // as soon as they show.
-    let instance = c.broker.instance_id().to_owned();
-    poll_until(Duration::from_secs(60), "a connection to close", || async {
-        match crate::common::kill_connections(&instance).await {
-            0 => Err("none listed yet"),
-            k => Ok(k),
-        }
-    })
+    // The management API lists new connections with some delay: close the
+    // hub's as soon as it shows (not whichever of the instance's shows
+    // first: closing only another left the hub connected).
+    let hub_connection = format!("switchboard/{}/hub", c.broker.instance_id());
+    poll_until(
+        Duration::from_secs(60),
+        "the hub's connection to close",
+        || async {
+            match crate::common::kill_connections_named(&hub_connection).await {
+                0 => Err("none listed yet"),
+                k => Ok(k),
+            }
+        },
+    )
     .await;
     // Right away, while the hub's consumer is (likely) still away.
     for n in 1..40 {
